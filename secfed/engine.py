@@ -237,12 +237,9 @@ class Engine:
             self.state["center"] = out.detach().clone()
         return out
 
-    def run_round(self, t: int, bar: Any = None) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        cohort = self.sample_cohort(t)
-        ctx = self.context(t, cohort)
-        if self.privacy is not None:
-            self.privacy.check(ctx)  # raises BudgetExhausted before any work
+    def collect(self, ctx: RoundContext, bar: Any = None) -> tuple[list[Any], dict[int, str]]:
+        """Run the cohort's clients: local training, client pipeline, adversary (transports override this)."""
+        t, cohort = ctx.round, ctx.cohort
         updates: list[ClientUpdate] = []
         dropped: dict[int, str] = {}
         for cid in cohort:
@@ -263,6 +260,21 @@ class Engine:
                 bad = self.adversary.poison_updates(bad, seen, ctx)
                 by_id = {u.client_id: u for u in bad}
                 updates = [by_id.get(u.client_id, u) for u in updates]
+        return updates, dropped
+
+    def secure_aggregate(self, updates: list[Any], ctx: RoundContext) -> SumResult:
+        """What the server learns from the collected updates (transports override this)."""
+        if self.cfg.server.group_size > 0:
+            return group_sums(self.secure_sum, updates, ctx, self.cfg.server.group_size, self.cfg.server.min_clients)
+        return self.secure_sum.aggregate(updates, ctx)
+
+    def run_round(self, t: int, bar: Any = None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        cohort = self.sample_cohort(t)
+        ctx = self.context(t, cohort)
+        if self.privacy is not None:
+            self.privacy.check(ctx)  # raises BudgetExhausted before any work
+        updates, dropped = self.collect(ctx, bar)
         # The privacy spend is made durable before anything computed from this round leaves the server.
         epsilon = None
         if self.privacy is not None:
@@ -271,10 +283,7 @@ class Engine:
         record: dict[str, Any] = {"round": t, "sampled": len(cohort), "malicious": len(set(cohort) & self.malicious)}
         before = self.global_w
         try:
-            if self.cfg.server.group_size > 0:
-                result = group_sums(self.secure_sum, updates, ctx, self.cfg.server.group_size, self.cfg.server.min_clients)
-            else:
-                result = self.secure_sum.aggregate(updates, ctx)
+            result = self.secure_aggregate(updates, ctx)
             result.dropped.update(dropped)
             if len(result.client_ids) < self.cfg.server.min_clients:
                 raise RoundAborted(f"{len(result.client_ids)} clients completed, server.min_clients is {self.cfg.server.min_clients}")
