@@ -62,6 +62,10 @@ def run(config: Path = typer.Argument(..., help="experiment TOML, e.g. experimen
 
 
 def main() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         app()
     except KeyboardInterrupt:

@@ -100,7 +100,9 @@ def build_text_model(name: str, num_classes: int, *, lora_r: int, lora_alpha: fl
                      target_modules: list[str], lora_layers: list[int] | None, train_embeddings: bool,
                      pooling: str, sha256: str | None, seed: int) -> nn.Module:
     from transformers import AutoConfig, AutoModel, BertConfig, BertModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()  # the load report lists the unused pooler; nothing a user must act on
     torch.manual_seed(seed)
     if name == "tiny-bert":
         cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -64,7 +64,7 @@ class SGDTrainer:
             loss = nn.functional.cross_entropy(task.forward(model, batch), batch["labels"])
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
             seen += len(idx)
             steps += 1
         return {"train_loss": total / max(seen, 1), "steps": steps, "examples_seen": seen}
