@@ -141,7 +141,16 @@ class AttackConfig(_Section):
 class FaultConfig(_Section):
     dropout_rate: float = Field(0.0, ge=0, lt=1)
     dropouts: dict[str, list[int]] = {}
-    transport: str | None = None  # reserved for deployment transports
+
+
+class DeployConfig(_Section):
+    """Where the clients run (secfed.flower); not part of the fingerprint: every transport gives the same run."""
+
+    transport: Literal["inprocess", "flower", "flower-ray"] = "inprocess"
+    round_timeout: float = Field(300.0, gt=0, description="seconds to wait for SuperNode replies; later = dropped")
+    connect_timeout: float = Field(120.0, gt=0, description="seconds to wait for SuperNodes to connect")
+    ray_num_cpus: int = Field(0, ge=0, description="CPUs Ray may use (0 = all)")
+    ray_client_cpus: float = Field(1.0, gt=0, description="CPUs per simulated client (Ray actor)")
 
 
 class ExperimentConfig(_Section):
@@ -152,12 +161,14 @@ class ExperimentConfig(_Section):
     server: ServerConfig = ServerConfig()
     attack: AttackConfig = AttackConfig()
     faults: FaultConfig = FaultConfig()
+    deploy: DeployConfig = DeployConfig()
 
     def fingerprint(self) -> str:
         """Hash of everything that determines the run's results (not ``run.rounds``/``out``)."""
         d = self.model_dump(mode="json")
         d["run"].pop("rounds", None)
         d["run"].pop("out", None)
+        d.pop("deploy", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
