@@ -61,6 +61,61 @@ def run(config: Path = typer.Argument(..., help="experiment TOML, e.g. experimen
     typer.echo(f"report: {engine.out / 'report.md'}")
 
 
+@app.command()
+def compare(grid: Path = typer.Argument(..., help="grid TOML, e.g. experiments/tradeoffs_digits.toml"),
+            out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: runs/compare/<grid name>)"),
+            retries: int = typer.Option(1, "--retries", help="times a crashed cell is retried"),
+            report_only: bool = typer.Option(False, "--report-only", help="rewrite the report from finished cells"),
+            quiet: bool = typer.Option(False, "--quiet", help="no progress bars")) -> None:
+    """Compare: run every cell of GRID (resumable; done cells are skipped) and write report.md with plots."""
+    try:
+        from secfed.compare import load_grid, run_grid
+        from secfed.compare.report import write_report
+
+        g = load_grid(grid)
+        dest = out or Path("runs/compare") / g.name
+        if report_only:
+            write_report(dest)
+            statuses = {}
+        else:
+            statuses = run_grid(g, dest, progress=not quiet, retries=retries)
+    except SecfedError as e:
+        _fail(e)
+        return
+    failed = [k for k, v in statuses.items() if v.get("status") == "failed"]
+    typer.echo(f"{len(statuses) - len(failed)} cells done, {len(failed)} failed" if statuses else "report rewritten")
+    typer.echo(f"report: {dest / 'report.md'}")
+
+
+@app.command()
+def audit(target: Path = typer.Argument(..., help="a finished run directory (runs/<name>) or an experiment TOML to run first"),
+          attacks: str = typer.Option("membership", "--attacks", help="comma-separated: membership, backdoor, "
+                                      "or observer names (dlg, text-inversion, dp-audit) replayed on the run's protocol"),
+          out: Optional[Path] = typer.Option(None, "--out", help="audit folder (default: RUN_DIR/audit)"),
+          quiet: bool = typer.Option(False, "--quiet", help="no progress bar")) -> None:
+    """Audit: run ATTACKS against what a run's server saw and its final model; write audit.md."""
+    try:
+        from secfed.compare.audit import audit_run
+
+        run_dir = target
+        if target.is_file():
+            from secfed.config import load_config
+            from secfed.engine import Engine
+
+            cfg = load_config(target)
+            engine = Engine(cfg, None, progress=not quiet)
+            engine.run()
+            run_dir = engine.out
+        names = [a.strip() for a in attacks.split(",") if a.strip()]
+        report = audit_run(run_dir, names, out, progress=not quiet)
+    except SecfedError as e:
+        _fail(e)
+        return
+    bad = [v for v in report["verdicts"] if v["verdict"] == "contradicts"]
+    dest = out or run_dir / "audit"
+    typer.echo(f"audit: {dest / 'audit.md'}" + (f" ({len(bad)} figure(s) contradict the claimed epsilon)" if bad else ""))
+
+
 def main() -> None:
     import warnings
 

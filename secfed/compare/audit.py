@@ -1,0 +1,317 @@
+"""``secfed audit``: attack a finished run and check its figures against its claimed epsilon.
+
+Three kinds of attack, chosen by name (``--attacks membership,dlg``):
+
+* ``membership`` -- loss-threshold membership inference on the run's final model
+  (Yeom et al. 2018, "Privacy risk in machine learning"): score = -loss; members are
+  the clients' training examples, non-members the held-out test split. Reports AUC,
+  TPR at 1% and 0.1% FPR (Carlini et al. 2022 ask for low-FPR figures), and an
+  empirical epsilon lower bound from hypothesis testing (Kairouz et al. 2015;
+  Jagielski et al. 2020): any (eps, delta)-DP mechanism has TPR <= e^eps FPR + delta,
+  so with a threshold picked on one half of the examples and Clopper-Pearson
+  bounds (95%) on the other half, eps_lb = log((TPR_lo - delta) / FPR_hi) (and the
+  same with the roles of members and non-members swapped). Member/non-member
+  status comes from the run's seeded split, not from a fresh coin per example, so
+  this is an audit *heuristic*; the rigorous one-run audit is the ``dp-audit``
+  observer (Steinke, Nasr & Jagielski 2023), whose figures are read as well.
+* ``backdoor`` -- the run's adversary's own ``evaluate`` (e.g. backdoor success) on the
+  final model.
+* any observer name of the registry (``dlg``, ``text-inversion``, ``dp-audit``, or
+  ``module:Class``) -- *replay*: one more round of the run's own protocol from its
+  final checkpoint, with the observer attached. The observer gets exactly what that
+  run's server sees (``ServerView``): individual updates under ``plain``, nothing per
+  client under SecAgg+ or CKKS. The replay writes to a scratch copy; the run's own
+  checkpoint and ledger are never touched.
+
+Figures that observers recorded *during* the run (``rounds.jsonl``) are always
+collected. ``audit.md`` marks in red every empirical epsilon lower bound that
+exceeds the claimed epsilon (a contradiction: the claim or its implementation is
+wrong), and says what the run did not claim.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from secfed.errors import ConfigError, SecfedError
+
+RED = "🔴"
+GREEN = "🟢"
+# Keys of a round record that the engine itself writes; everything else numeric came from a plug-in.
+ENGINE_KEYS = {"round", "sampled", "malicious", "status", "completed", "dropped", "rejected", "bytes_up", "bytes_down",
+               "train_loss", "accuracy", "loss", "epsilon", "seconds", "peak_rss_mb"}
+POST_RUN = ("membership", "backdoor")
+
+
+# ---------------------------------------------------------------------------- statistics
+def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Two-sided (1 - alpha) Clopper-Pearson interval for a binomial proportion k / n."""
+    from scipy.stats import beta
+
+    if n == 0:
+        return 0.0, 1.0
+    lo = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return lo, hi
+
+
+def epsilon_lower_bound(tp: int, n_pos: int, fp: int, n_neg: int, delta: float, alpha: float = 0.05) -> float:
+    """Largest eps the counts rule out at confidence 1 - alpha: TPR <= e^eps FPR + delta (and the swap)."""
+    tpr_lo, _ = clopper_pearson(tp, n_pos, alpha)
+    _, fpr_hi = clopper_pearson(fp, n_neg, alpha)
+    tnr_lo, _ = clopper_pearson(n_neg - fp, n_neg, alpha)
+    _, fnr_hi = clopper_pearson(n_pos - tp, n_pos, alpha)
+    best = 0.0
+    for num, den in ((tpr_lo - delta, fpr_hi), (tnr_lo - delta, fnr_hi)):
+        if num > 0 and den > 0:
+            best = max(best, math.log(num / den))
+    return best
+
+
+def membership_scores(model: torch.nn.Module, task: Any, data: Any, batch_size: int = 256) -> np.ndarray:
+    """Per-example score -loss (higher means 'more likely a member')."""
+    was = model.training
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for b in data.batches(batch_size, shuffle=False):
+            logits = task.forward(model, b)
+            out.append(-torch.nn.functional.cross_entropy(logits, b["labels"], reduction="none"))
+    model.train(was)
+    return torch.cat(out).numpy().astype(np.float64)
+
+
+def membership_attack(model: torch.nn.Module, task: Any, delta: float, max_examples: int = 1000,
+                      seed: int = 0) -> dict[str, float]:
+    """Loss-threshold membership inference (see the module docstring)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    rng = np.random.default_rng(seed)
+    n = min(len(task.train), len(task.test), max_examples)
+    members = task.train.subset(np.sort(rng.permutation(len(task.train))[:n]))
+    non = task.test.subset(np.sort(rng.permutation(len(task.test))[:n]))
+    s_in, s_out = membership_scores(model, task, members), membership_scores(model, task, non)
+    y = np.r_[np.ones(n), np.zeros(n)]
+    s = np.r_[s_in, s_out]
+    auc = float(roc_auc_score(y, s))
+    fpr, tpr, _ = roc_curve(y, s)
+    tpr_at = {f: float(np.interp(f, fpr, tpr)) for f in (0.01, 0.001)}
+    # threshold chosen on half A, counted on half B (no selection bias in the bound)
+    half = n // 2
+    a_in, b_in = s_in[:half], s_in[half:]
+    a_out, b_out = s_out[:half], s_out[half:]
+    best_t, best_e = None, -1.0
+    for t in np.unique(np.r_[a_in, a_out]):
+        e = epsilon_lower_bound(int((a_in >= t).sum()), len(a_in), int((a_out >= t).sum()), len(a_out), delta)
+        if e > best_e:
+            best_t, best_e = t, e
+    eps_lb = 0.0
+    if best_t is not None:
+        eps_lb = epsilon_lower_bound(int((b_in >= best_t).sum()), len(b_in), int((b_out >= best_t).sum()), len(b_out),
+                                     delta)
+    return {"membership_auc": auc, "membership_tpr_at_1pct_fpr": tpr_at[0.01],
+            "membership_tpr_at_0.1pct_fpr": tpr_at[0.001], "membership_eps_lower_bound": eps_lb,
+            "membership_examples": float(2 * n)}
+
+
+# ---------------------------------------------------------------------------- the run
+def load_run(run_dir: Path) -> tuple[Any, Any, torch.nn.Module, dict[str, Any]]:
+    """(config, task, model with the final global weights, checkpoint state) of a run directory."""
+    from secfed.checkpoint import load_checkpoint
+    from secfed.config import parse_config
+    from secfed.spec import ParamSpec
+    from secfed.task import Task
+
+    cj = run_dir / "config.json"
+    if not cj.is_file():
+        raise ConfigError(f"{run_dir}: no config.json; point 'secfed audit' at a run directory (runs/<name>)")
+    try:
+        cfg = parse_config(json.loads(cj.read_text()), str(cj))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cj}: not valid JSON: {e}") from None
+    tensors, state = load_checkpoint(run_dir)
+    task = Task(cfg)
+    model = task.build_model()
+    spec = ParamSpec.from_module(model)
+    w = tensors.get("global")
+    if w is None or w.dtype != torch.float32 or tuple(w.shape) != (spec.numel,) or not bool(torch.isfinite(w).all()):
+        raise ConfigError(f"{run_dir}/checkpoint: the global weights do not fit the model of config.json")
+    spec.assign(model, w)
+    return cfg, task, model, state
+
+
+def replay_round(run_dir: Path, observers: list[str], scratch: Path) -> dict[str, Any]:
+    """One more round of the run's protocol, from its final checkpoint, with ``observers`` attached."""
+    from secfed.checkpoint import load_checkpoint, save_checkpoint
+    from secfed.config import parse_config
+    from secfed.engine import Engine, read_rounds
+
+    raw = json.loads((run_dir / "config.json").read_text())
+    tensors, state = load_checkpoint(run_dir)
+    t = int(state["round"])
+    raw["server"]["observers"] = list(raw["server"].get("observers", [])) + [{"name": o} for o in observers]
+    raw["run"]["rounds"] = t + 1
+    cfg = parse_config(raw, f"audit replay of {run_dir}")
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    scratch.mkdir(parents=True)
+    save_checkpoint(scratch, tensors, {**state, "fingerprint": cfg.fingerprint()})
+    (scratch / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    if (run_dir / "privacy_ledger.jsonl").exists():
+        shutil.copy2(run_dir / "privacy_ledger.jsonl", scratch / "privacy_ledger.jsonl")
+    summary = Engine(cfg, scratch, resume=True, progress=False).run()
+    recs = [r for r in read_rounds(scratch) if r["round"] == t + 1]
+    if not recs:
+        return {"replay": f"no round was run ({summary.get('stopped') or 'unknown reason'})"}
+    rec = recs[-1]
+    out = {k: v for k, v in rec.items() if k not in ENGINE_KEYS}
+    out["replay_round"] = t + 1
+    return out
+
+
+def history(run_dir: Path) -> dict[str, dict[str, float]]:
+    """Plug-in figures recorded during the run: last, max and mean over rounds per numeric key."""
+    from secfed.engine import read_rounds
+
+    vals: dict[str, list[float]] = {}
+    for r in read_rounds(run_dir):
+        for k, v in r.items():
+            if k not in ENGINE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                vals.setdefault(k, []).append(float(v))
+    return {k: {"last": v[-1], "max": max(v), "mean": float(np.mean(v)), "rounds": len(v)} for k, v in vals.items()}
+
+
+def _claim(cfg: Any, summary: dict[str, Any]) -> dict[str, Any]:
+    s = cfg.server
+    return {"epsilon": summary.get("epsilon"), "delta": summary.get("delta"),
+            "privacy": s.privacy.name if s.privacy else None, "trainer": cfg.client.trainer.name,
+            "pipeline": [p.name for p in cfg.client.pipeline], "secure_sum": s.secure_sum.name,
+            "aggregator": s.aggregator.name, "stages": [p.name for p in s.stages],
+            "adversary": cfg.attack.adversary.name if cfg.attack.adversary else None}
+
+
+def audit_run(run_dir: str | Path, attacks: list[str], out: str | Path | None = None, *,
+              progress: bool = True) -> dict[str, Any]:
+    """Run ``attacks`` against the finished run in ``run_dir``; write ``audit.json`` and ``audit.md`` to ``out``."""
+    run_dir = Path(run_dir)
+    out = Path(out) if out else run_dir / "audit"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg, task, model, state = load_run(run_dir)
+    sp = run_dir / "summary.json"
+    summary = json.loads(sp.read_text()) if sp.exists() else {}
+    claim = _claim(cfg, summary)
+    delta = claim["delta"] if isinstance(claim["delta"], (int, float)) and claim["delta"] else 1e-5
+    results: dict[str, Any] = {}
+    observers = [a for a in attacks if a not in POST_RUN]
+    for a in attacks:
+        if a == "membership":
+            results[a] = membership_attack(model, task, delta, seed=cfg.run.seed)
+        elif a == "backdoor":
+            from secfed import registry
+
+            if cfg.attack.adversary is None:
+                results[a] = {"note": "the run had no adversary; nothing to evaluate"}
+            else:
+                adv = registry.build("adversary", cfg.attack.adversary, "attack.adversary",
+                                     num_clients=cfg.data.num_clients, seed=cfg.run.seed)
+                results[a] = dict(getattr(adv, "evaluate", lambda m, t: {})(model, task) or {})
+    if observers:
+        try:
+            results["replay"] = replay_round(run_dir, observers, out / "replay")
+        except SecfedError as e:
+            results["replay"] = {"error": str(e)}
+    hist = history(run_dir)
+    report = {"run": str(run_dir), "round": state.get("round"), "claimed": claim, "attacks_run": list(attacks),
+              "results": results, "during_run": hist, "final_accuracy": summary.get("final_accuracy")}
+    report["verdicts"] = verdicts(report)
+    (out / "audit.json").write_text(json.dumps(report, indent=2, default=float))
+    (out / "audit.md").write_text(audit_markdown(report))
+    return report
+
+
+def _lower_bounds(report: dict[str, Any]) -> list[tuple[str, float]]:
+    """Every empirical epsilon lower bound found in the audit (name, value)."""
+    lbs = []
+    for name, res in report["results"].items():
+        for k, v in res.items():
+            if isinstance(v, (int, float)) and ("eps_lower" in k or "epsilon_lower" in k or k.endswith("eps_lb")):
+                lbs.append((f"{name}: {k}", float(v)))
+    for k, v in report["during_run"].items():
+        if "eps_lower" in k or "epsilon_lower" in k or k.endswith("eps_lb"):
+            lbs.append((f"during run: {k} (max over rounds)", v["max"]))
+    return lbs
+
+
+def verdicts(report: dict[str, Any]) -> list[dict[str, Any]]:
+    eps = report["claimed"]["epsilon"]
+    out = []
+    for name, lb in _lower_bounds(report):
+        if eps is None:
+            out.append({"figure": name, "value": lb, "verdict": "no claim",
+                        "text": "the run claims no epsilon (no privacy guard): nothing to contradict"})
+        elif lb > eps:
+            out.append({"figure": name, "value": lb, "verdict": "contradicts",
+                        "text": f"empirical lower bound {lb:.3g} > claimed epsilon {eps:.3g}"})
+        else:
+            out.append({"figure": name, "value": lb, "verdict": "consistent",
+                        "text": f"empirical lower bound {lb:.3g} <= claimed epsilon {eps:.3g}"})
+    return out
+
+
+def _f(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+def audit_markdown(report: dict[str, Any]) -> str:
+    c = report["claimed"]
+    lines = [f"# Audit of `{report['run']}`", ""]
+    bad = [v for v in report["verdicts"] if v["verdict"] == "contradicts"]
+    if bad:
+        lines.append(f"{RED} **<span style=\"color:red\">{len(bad)} empirical figure(s) contradict the claimed epsilon"
+                     "</span>**: the guarantee or its implementation is wrong.")
+    elif c["epsilon"] is not None:
+        lines.append(f"{GREEN} No empirical figure contradicts the claimed epsilon = {c['epsilon']:.4g} "
+                     f"(delta = {_f(c['delta'])}). A lower bound below the claim does not prove the claim.")
+    else:
+        lines.append("The run claims **no formal privacy guarantee** (no `server.privacy` guard); the figures below "
+                     "measure what leaks.")
+    lines += ["", "## The claim", "",
+              f"- epsilon = {_f(c['epsilon'])}, delta = {_f(c['delta'])} (guard: {_f(c['privacy'])}, "
+              f"trainer: {c['trainer']})",
+              f"- client pipeline: {', '.join(c['pipeline']) or 'none'}; secure sum: {c['secure_sum']}; "
+              f"aggregator: {c['aggregator']}; server stages: {', '.join(c['stages']) or 'none'}",
+              f"- adversary in the run: {_f(c['adversary'])}; final accuracy {_f(report.get('final_accuracy'))} "
+              f"after round {report['round']}", ""]
+    if report["verdicts"]:
+        lines += ["## Empirical epsilon vs the claim", "", "| figure | value | verdict |", "|---|---|---|"]
+        for v in report["verdicts"]:
+            mark = {"contradicts": f"{RED} <span style=\"color:red\">**{v['text']}**</span>",
+                    "consistent": f"{GREEN} {v['text']}"}.get(v["verdict"], v["text"])
+            lines.append(f"| {v['figure']} | {v['value']:.4g} | {mark} |")
+        lines.append("")
+    lines += ["## What the attacks got", "", "| attack | figure | value |", "|---|---|---|"]
+    for name, res in report["results"].items():
+        for k, v in res.items():
+            lines.append(f"| {name} | {k} | {_f(v)} |")
+    for k, v in report["during_run"].items():
+        lines.append(f"| during run | {k} (last / max / mean over {v['rounds']} rounds) | "
+                     f"{_f(v['last'])} / {_f(v['max'])} / {_f(v['mean'])} |")
+    lines += ["", "## Limits", "",
+              "- `membership` is a loss-threshold attack (Yeom et al. 2018); stronger attacks (LiRA with shadow "
+              "models) can only raise the leakage it shows. Its epsilon lower bound treats the seeded train/test "
+              "split as the membership coin; it is a heuristic, not a one-run audit.",
+              "- A replayed observer sees one more round of this run's protocol from its final checkpoint, i.e. "
+              "what the server would see next; it does not see the rounds already run (their transcripts are "
+              "not stored).",
+              "- An empirical lower bound below the claim does not show the claim holds; only a contradiction "
+              "(red) is conclusive.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,142 @@
+"""Metrics of one grid cell, read from its run directory, and their aggregation over seeds.
+
+Utility: final ``accuracy`` and ``loss`` (``summary.json``). Privacy: claimed
+``epsilon``/``delta`` (the ledger, via the summary); empirical leakage from the
+attack observers' round records and the post-run audit (``audit/audit.json``):
+reconstruction ``psnr``/``ssim`` (the attacker's best round), ``token_recovery``,
+``membership_auc``, ``eps_lower_bound``. Robustness: ``accuracy`` of cells with an
+adversary is the accuracy under attack; ``backdoor_success``. Cost:
+``seconds_per_round``, ``bytes_up_per_client``/``bytes_down_per_client`` (per
+round, per participating client), ``peak_rss_mb`` of the cell's process.
+
+Plug-ins name their figures freely, so leakage figures are found by name: the
+first round-record key containing e.g. ``psnr`` is the PSNR. ``CANONICAL`` lists
+the patterns; every other numeric plug-in figure is kept in ``extra``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from secfed.compare.audit import ENGINE_KEYS
+
+# canonical name -> (substrings a plug-in key must contain (any), how to reduce over rounds, higher is worse?)
+CANONICAL: dict[str, tuple[tuple[str, ...], str]] = {
+    "psnr": (("psnr",), "max"),
+    "ssim": (("ssim",), "max"),
+    "token_recovery": (("token_recovery", "token_recall", "tokens_recovered", "token_f1", "token_rate"), "max"),
+    "membership_auc": (("membership_auc", "mia_auc", "member_auc"), "max"),
+    "eps_lower_bound": (("eps_lower", "epsilon_lower", "eps_lb"), "max"),
+    "backdoor_success": (("backdoor", "attack_success", "asr"), "last"),
+}
+INVERSION_OBSERVERS = ("dlg", "idlg", "inverting", "inversion", "text-inversion", "geiping")
+METRICS = ("accuracy", "loss", "epsilon", "delta", "psnr", "ssim", "token_recovery", "membership_auc",
+           "eps_lower_bound", "backdoor_success", "seconds_per_round", "bytes_up_per_client",
+           "bytes_down_per_client", "peak_rss_mb")
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def _canonical(key: str) -> str | None:
+    k = key.lower()
+    for name, (pats, _) in CANONICAL.items():
+        if any(p in k for p in pats):
+            return name
+    return None
+
+
+def cell_metrics(cell_dir: Path) -> dict[str, Any]:
+    """One row of ``results.jsonl``: axes, seed, status, canonical metrics and extras."""
+    spec = json.loads((cell_dir / "cell.json").read_text())
+    row: dict[str, Any] = {"cell": spec["id"], "setup": spec["setup"], **{f"axis.{k}": v for k, v in spec["axes"].items()},
+                           "seed": spec["seed"]}
+    st = cell_dir / "status.json"
+    status = json.loads(st.read_text()) if st.exists() else {"status": "not run"}
+    run = cell_dir / "run"
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else None
+    row["status"] = "done" if summary is not None and status.get("status") != "failed" else status.get("status", "not run")
+    if status.get("status") == "failed":
+        row["error"] = status.get("error")
+    cfg = spec["config"]
+    server = cfg.get("server", {})
+    row["adversary"] = _plugin_name(cfg.get("attack", {}).get("adversary"))
+    row["secure_sum"] = _plugin_name(server.get("secure_sum")) or "plain"
+    observers = [_plugin_name(o) or "" for o in server.get("observers", [])]
+    row["inversion_attack"] = any(any(p in o.lower() for p in INVERSION_OBSERVERS) for o in observers)
+    if summary is None:
+        return row
+    row.update({"accuracy": _num(summary.get("final_accuracy")), "loss": _num(summary.get("final_loss")),
+                "epsilon": _num(summary.get("epsilon")), "delta": _num(summary.get("delta")),
+                "seconds_per_round": _num(summary.get("seconds_per_round")), "peak_rss_mb": _num(summary.get("peak_rss_mb")),
+                "rounds_completed": summary.get("rounds_completed"), "stopped": summary.get("stopped"),
+                "majority_baseline": _num(summary.get("majority_baseline"))})
+    recs = [json.loads(l) for l in (run / "rounds.jsonl").read_text().splitlines() if l.strip()] \
+        if (run / "rounds.jsonl").exists() else []
+    up = [r["bytes_up"] / r["completed"] for r in recs if r.get("completed")]
+    down = [r["bytes_down"] / r["sampled"] for r in recs if r.get("sampled")]
+    row["bytes_up_per_client"] = float(np.mean(up)) if up else None
+    row["bytes_down_per_client"] = float(np.mean(down)) if down else None
+    row["aborted_rounds"] = sum(1 for r in recs if str(r.get("status", "ok")) != "ok")
+    extra: dict[str, list[float]] = {}
+    for r in recs:
+        for k, v in r.items():
+            if k not in ENGINE_KEYS and _num(v) is not None:
+                extra.setdefault(k, []).append(float(v))
+    row["extra"] = {k: {"last": v[-1], "max": max(v)} for k, v in extra.items()}
+    for k, v in extra.items():
+        name = _canonical(k)
+        if name and row.get(name) is None:
+            row[name] = v[-1] if CANONICAL[name][1] == "last" else max(v)
+            row[f"{name}_key"] = k
+    audit = run / "audit" / "audit.json"
+    if audit.exists():
+        a = json.loads(audit.read_text())
+        for res in a.get("results", {}).values():
+            for k, v in res.items():
+                name = _canonical(k)
+                if name and _num(v) is not None and row.get(name) is None:
+                    row[name] = float(v)
+                    row[f"{name}_key"] = f"audit:{k}"
+        row["audit_verdicts"] = [v["verdict"] for v in a.get("verdicts", [])]
+    row["inversion_blocked"] = bool(row["inversion_attack"] and row.get("psnr") is None
+                                    and row.get("token_recovery") is None)
+    return row
+
+
+def _plugin_name(v: Any) -> str | None:
+    if v is None:
+        return None
+    return v if isinstance(v, str) else v.get("name")
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Seeds of one setup -> mean, spread (sample std, ddof=1; 0 for one seed) and count per metric."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["setup"], []).append(r)
+    out = []
+    for setup, rs in groups.items():
+        done = [r for r in rs if r["status"] == "done"]
+        g: dict[str, Any] = {"setup": setup, **{k: v for k, v in rs[0].items() if k.startswith("axis.")},
+                             "seeds": len(rs), "done": len(done), "failed": sum(r["status"] == "failed" for r in rs),
+                             "errors": sorted({r["error"] for r in rs if r.get("error")}),
+                             "adversary": rs[0]["adversary"], "secure_sum": rs[0]["secure_sum"],
+                             "inversion_attack": rs[0]["inversion_attack"],
+                             "inversion_blocked": bool(done) and all(r.get("inversion_blocked") for r in done)}
+        for m in METRICS:
+            vals = [r[m] for r in done if r.get(m) is not None]
+            if vals:
+                g[m] = float(np.mean(vals))
+                g[f"{m}_sd"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+                g[f"{m}_n"] = len(vals)
+        out.append(g)
+    return out

@@ -1,0 +1,303 @@
+"""The grid's report: ``report.md`` (pick a setup from its first screen), PNG plots, CSV/JSONL.
+
+``results.jsonl`` and ``results.csv`` hold one row per cell (every seed);
+``summary.csv`` one row per setup (seeds aggregated: mean and sample std).
+Plots: ``pareto.png`` (utility vs leakage, marker size = time per round; the
+Pareto-optimal setups over accuracy, leakage and cost are starred),
+``utility_vs_epsilon.png`` (accuracy and leakage against the claimed epsilon,
+one line per defence family) and ``attack_vs_defence.png`` (each attack's
+figure per defence).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from secfed.compare.metrics import METRICS, aggregate, cell_metrics
+
+ATTACK_AXES = ("attack", "attacks", "adversary", "threat")
+LEAK_LABEL = {"psnr": "PSNR (dB)", "ssim": "SSIM", "token_recovery": "token recovery", "membership_auc": "MIA AUC"}
+
+
+def collect(out: Path) -> list[dict[str, Any]]:
+    grid = json.loads((out / "grid.json").read_text())
+    rows = []
+    for cid in grid["cells"]:
+        d = out / "cells" / cid
+        if (d / "cell.json").exists():
+            rows.append(cell_metrics(d))
+    return rows
+
+
+def _fmt(m: str, g: dict[str, Any] | None, sd: bool = True) -> str:
+    if g is None:
+        return "-"
+    if g.get(m) is None:
+        if g.get("failed") and not g.get("done"):
+            return "failed"
+        return "-"
+    v, s = g[m], g.get(f"{m}_sd", 0.0)
+    if m.startswith("bytes"):
+        v, s = v / 1024, s / 1024
+    if m == "epsilon" and v > 1e6:
+        return "inf"
+    if m.startswith("bytes") or m in ("peak_rss_mb", "psnr"):
+        txt = f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"
+    else:
+        txt = f"{v:.3g}" if abs(v) >= 100 or m == "epsilon" else f"{v:.3f}"
+    if sd and g.get(f"{m}_n", 1) > 1:
+        txt += f" ± {s:.2g}"
+    return txt
+
+
+def _split_axes(grid: dict[str, Any]) -> tuple[list[str], str | None]:
+    axes = list(grid["axes"])
+    attack = next((a for a in axes if a.lower() in ATTACK_AXES), None)
+    return [a for a in axes if a != attack], attack
+
+
+def pick_table(groups: list[dict[str, Any]], grid: dict[str, Any]) -> tuple[list[str], list[list[str]], list[dict]]:
+    """The first-screen table: one row per defence setup, one column per attack's headline figure."""
+    setup_axes, attack_axis = _split_axes(grid)
+    rows: dict[tuple, dict[str, Any]] = {}
+    for g in groups:
+        key = tuple(g.get(f"axis.{a}") for a in setup_axes)
+        rows.setdefault(key, {})[g.get(f"axis.{attack_axis}") if attack_axis else None] = g
+    attacks = grid["axes"].get(attack_axis, {}) if attack_axis else {}
+    cols = ["setup", "accuracy", "epsilon", "MIA AUC"]
+    attack_cols: list[tuple[str, str, str]] = []  # (attack label, metric, column title)
+    for lab in attacks:
+        cand = [g for r in rows.values() for a, g in r.items() if a == lab]
+        if any(g.get("inversion_attack") for g in cand):
+            m = "psnr" if any(g.get("psnr") is not None for g in cand) else "token_recovery" \
+                if any(g.get("token_recovery") is not None for g in cand) else "psnr"
+            attack_cols.append((lab, m, f"{lab}: {LEAK_LABEL[m]}"))
+        elif any(g.get("adversary") for g in cand):
+            attack_cols.append((lab, "accuracy", f"{lab}: accuracy"))
+            if any(g.get("backdoor_success") is not None for g in cand):
+                attack_cols.append((lab, "backdoor_success", f"{lab}: backdoor success"))
+    cols += [c[2] for c in attack_cols] + ["s/round", "KB up/client", "KB down/client", "peak MB"]
+    table, raw = [], []
+    for key, by_attack in rows.items():
+        clean = [g for a, g in by_attack.items() if not g.get("adversary")]
+        base = next((g for a, g in by_attack.items() if a in ("none", "no-attack", None) and not g.get("adversary")), None)
+        base = base or (clean[0] if clean else next(iter(by_attack.values())))
+        mia = next((g for g in [base] + clean if g.get("membership_auc") is not None), base)
+        label = ", ".join(f"{v}" for v in key) or "base"
+        if not any(g.get("done") for g in by_attack.values()):
+            errs = sorted({e for g in by_attack.values() for e in g.get("errors", [])})
+            line = [label, "failed: " + (errs[0][:90] if errs else "not run")] + ["-"] * (len(cols) - 2)
+            table.append(line)
+            raw.append({"setup": label, "attacks": {}})
+            continue
+        line = [label, _fmt("accuracy", base), _fmt("epsilon", base, sd=False), _fmt("membership_auc", mia)]
+        info = {"setup": label, "accuracy": base.get("accuracy"), "epsilon": base.get("epsilon"),
+                "membership_auc": mia.get("membership_auc"), "seconds_per_round": base.get("seconds_per_round"),
+                "bytes_up_per_client": base.get("bytes_up_per_client"), "attacks": {}}
+        for lab, m, title in attack_cols:
+            g = by_attack.get(lab)
+            if g is not None and m in ("psnr", "token_recovery") and g.get("inversion_blocked"):
+                line.append(f"blocked ({g['secure_sum']}: no per-client update)")
+                info["attacks"][title] = "blocked"
+            else:
+                line.append(_fmt(m, g))
+                info["attacks"][title] = g.get(m) if g else None
+        line += [_fmt("seconds_per_round", base), _fmt("bytes_up_per_client", base),
+                 _fmt("bytes_down_per_client", base), _fmt("peak_rss_mb", base, sd=False)]
+        table.append(line)
+        raw.append(info)
+    keep = [i for i in range(len(cols)) if i == 0 or any(r[i] not in ("-",) for r in table)]
+    return [cols[i] for i in keep], [[r[i] for i in keep] for r in table], raw
+
+
+# ---------------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def pareto_front(points: list[tuple[float, ...]]) -> list[int]:
+    """Indices of the non-dominated points; every coordinate is to be minimised."""
+    front = []
+    for i, p in enumerate(points):
+        dominated = any(all(q[k] <= p[k] for k in range(len(p))) and any(q[k] < p[k] for k in range(len(p)))
+                        for j, q in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def _leak_metric(raw: list[dict[str, Any]]) -> str | None:
+    if any(r.get("membership_auc") is not None for r in raw):
+        return "membership_auc"
+    return None
+
+
+def plot_pareto(raw: list[dict[str, Any]], path: Path) -> list[str]:
+    """Accuracy vs leakage (MIA AUC), marker size = s/round; returns the Pareto-optimal setups."""
+    leak = _leak_metric(raw)
+    pts = [r for r in raw if r.get("accuracy") is not None and r.get("seconds_per_round") is not None
+           and (leak is None or r.get(leak) is not None)]
+    if not pts:
+        return []
+    xs = [r[leak] if leak else r["seconds_per_round"] for r in pts]
+    objs = [(-r["accuracy"], r[leak] if leak else 0.0, r["seconds_per_round"]) for r in pts]
+    front = set(pareto_front(objs))
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    smax = max(r["seconds_per_round"] for r in pts) or 1.0
+    for i, (r, x) in enumerate(zip(pts, xs)):
+        on = i in front
+        ax.scatter(x, r["accuracy"], s=40 + 400 * r["seconds_per_round"] / smax, marker="*" if on else "o",
+                   color="tab:green" if on else "tab:gray", alpha=0.8, edgecolor="k", zorder=3)
+        ax.annotate(r["setup"], (x, r["accuracy"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("membership-inference AUC (lower = less leakage)" if leak else "seconds per round (lower = cheaper)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Pareto front: accuracy / leakage / time (star = not dominated; size = s/round)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [pts[i]["setup"] for i in sorted(front)]
+
+
+def _family(label: str) -> str:
+    return re.sub(r"(eps|epsilon|e)?[0-9][0-9.]*", "", label).strip("-_,. ") or label
+
+
+def plot_utility_vs_epsilon(raw: list[dict[str, Any]], inv_title: str | None, path: Path) -> bool:
+    dp = [r for r in raw if r.get("epsilon") is not None and r["epsilon"] < 1e6]
+    if not dp:
+        return False
+    nodp = [r for r in raw if r.get("epsilon") is None]
+    panels = [("accuracy", "test accuracy")]
+    if any(r.get("membership_auc") is not None for r in raw):
+        panels.append(("membership_auc", "membership AUC"))
+    if inv_title and any(isinstance(r["attacks"].get(inv_title), float) for r in raw):
+        panels.append((inv_title, inv_title))
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    fams: dict[str, list[dict[str, Any]]] = {}
+    for r in dp:
+        fams.setdefault(_family(r["setup"]), []).append(r)
+
+    def val(r: dict[str, Any], m: str) -> float | None:
+        v = r.get(m) if m in r else r["attacks"].get(m)
+        return v if isinstance(v, float) else None
+
+    for ax, (m, title) in zip(axes[0], panels):
+        for fam, rs in fams.items():
+            rs = sorted((r for r in rs if val(r, m) is not None), key=lambda r: r["epsilon"])
+            if rs:
+                ax.plot([r["epsilon"] for r in rs], [val(r, m) for r in rs], "o-", label=fam)
+        for r in nodp:
+            if val(r, m) is not None:
+                ax.axhline(val(r, m), ls="--", lw=1, color="gray")
+                ax.annotate(f"{r['setup']} (no DP)", (0.02, val(r, m)), xycoords=("axes fraction", "data"), fontsize=6)
+        ax.set_xscale("log")
+        ax.set_xlabel("claimed epsilon")
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_attack_vs_defence(raw: list[dict[str, Any]], path: Path) -> bool:
+    titles = sorted({t for r in raw for t, v in r["attacks"].items() if v is not None})
+    if not titles:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(titles), figsize=(4.2 * len(titles), 0.35 * len(raw) + 1.6), squeeze=False)
+    for ax, t in zip(axes[0], titles):
+        labels = [r["setup"] for r in raw]
+        vals = [r["attacks"].get(t) for r in raw]
+        ax.barh(labels, [v if isinstance(v, float) else 0 for v in vals], color="tab:red", alpha=0.7)
+        for i, v in enumerate(vals):
+            txt = "blocked" if v == "blocked" else ("-" if v is None else f"{v:.3g}")
+            ax.annotate(txt, (v if isinstance(v, float) else 0, i), fontsize=7, va="center", xytext=(3, 0),
+                        textcoords="offset points")
+        ax.set_title(t, fontsize=9)
+        ax.invert_yaxis()
+        ax.grid(alpha=0.3, axis="x")
+        ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------- files
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k, v in r.items() if k not in keys and not isinstance(v, (dict, list))]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in keys})
+
+
+def _md_table(cols: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def write_report(out: Path) -> Path:
+    """Read every cell under ``out`` and write report.md, the plots, results.{jsonl,csv}, summary.csv."""
+    out = Path(out)
+    grid = json.loads((out / "grid.json").read_text())
+    rows = collect(out)
+    groups = aggregate(rows)
+    with (out / "results.jsonl").open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    _write_csv(out / "results.csv", rows)
+    _write_csv(out / "summary.csv", groups)
+    cols, table, raw = pick_table(groups, grid)
+    inv = next((c for c in cols if c.endswith(("PSNR (dB)", "token recovery"))), None)
+    front = plot_pareto(raw, out / "pareto.png")
+    has_eps = plot_utility_vs_epsilon(raw, inv, out / "utility_vs_epsilon.png")
+    has_att = plot_attack_vs_defence(raw, out / "attack_vs_defence.png")
+    done = sum(r["status"] == "done" for r in rows)
+    failed = [r for r in rows if r["status"] == "failed"]
+    lines = [f"# Trade-offs: `{grid['name']}`", "",
+             f"{done} of {len(rows)} cells done, {len(failed)} failed; seeds {grid['seeds']} "
+             "(figures are mean ± sample std over seeds). Accuracy, epsilon, MIA AUC and cost come from the "
+             "setup's run without an adversary; an attack column is that attack's figure against the setup "
+             "(PSNR/SSIM: the curious server's best reconstruction over rounds; accuracy: final accuracy under "
+             "the poisoning attack).", ""]
+    lines += _md_table(cols, table)
+    lines.append("")
+    if front:
+        lines += [f"Not dominated on (accuracy, leakage, time per round): **{', '.join(front)}**.", "",
+                  "![Pareto front](pareto.png)", ""]
+    lines += ["## Plots", ""]
+    if has_eps:
+        lines += ["Utility and leakage against the claimed epsilon (dashed: setups without DP):", "",
+                  "![utility vs epsilon](utility_vs_epsilon.png)", ""]
+    if has_att:
+        lines += ["Each attack's figure per defence:", "", "![attack vs defence](attack_vs_defence.png)", ""]
+    lines += ["## All cells", ""]
+    detail_cols = ["cell", "status"] + [m for m in METRICS if any(r.get(m) is not None for r in rows)]
+    lines += _md_table(detail_cols, [[str(r["cell"]), str(r["status"])] + [_fmt(m, r, sd=False) for m in detail_cols[2:]]
+                                     for r in rows])
+    if failed:
+        lines += ["", "## Failed cells", ""]
+        lines += [f"- `{r['cell']}`: {r.get('error')} (log: `cells/{r['cell']}/log.txt`)" for r in failed]
+    lines += ["", "Files: `results.jsonl` / `results.csv` (one row per cell), `summary.csv` (per setup), "
+              "`cells/<cell>/run/` (each run's report, rounds.jsonl, checkpoint), `grid.json`.", ""]
+    p = out / "report.md"
+    p.write_text("\n".join(lines))
+    return p
