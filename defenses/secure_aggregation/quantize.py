@@ -1,0 +1,87 @@
+"""Fixed-point encoding of weighted updates into the ring Z_{2^b}.
+
+Client i sends the b-bit words of ``(W_i * z_i, W_i)`` where
+
+    z_i = floor(delta_i * s + U),  U ~ Uniform[0, 1)^d,   s = (2^(q-1) - 1) / R
+
+is stochastic rounding onto the grid of step 1/s (unbiased: E[z_i] = s * delta_i),
+R = ``clip_range`` bounds every coordinate (|delta_i|_inf <= R, so |z_i| <= 2^(q-1) - 1),
+and W_i is the client's integer aggregation weight (examples for FedAvg, 1 for
+uniform), 0 <= W_i <= ``max_weight``. The server reads the ring sum as signed b-bit
+integers: sum_i W_i z_i / s ~ sum_i W_i delta_i, and sum_i W_i exactly.
+
+No wrap-around: |sum_i W_i z_i| <= n * max_weight * (2^(q-1) - 1) < 2^(b-1) holds iff
+q + ceil(log2(n * max_weight)) <= b, which :func:`choose_bits` enforces.
+
+A client whose update leaves [-R, R] (or is not finite, or whose weight is not an
+integer in [0, max_weight]) is told so by :meth:`Quantizer.check` and the round
+reports it; nothing is clipped. Flower's SecAgg+ silently clips to +-8 instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from secfed.errors import ConfigError
+
+from .prg import RING_DTYPES
+
+_SIGNED = {32: np.int32, 64: np.int64}
+
+
+def choose_bits(n: int, max_weight: int, bits: int | str = "auto") -> tuple[int, int]:
+    """(q, b): quantisation bits and ring bits so that the sum of n clients cannot wrap."""
+    headroom = max(1, math.ceil(math.log2(max(2, n * max_weight))))
+    if bits == "auto":
+        if 32 - headroom >= 16:
+            return 32 - headroom, 32
+        if 64 - headroom < 16:
+            raise ConfigError(f"config key 'server.secure_sum.max_weight': {max_weight} x {n} clients leaves "
+                              "fewer than 16 quantisation bits in a 64-bit ring; lower max_weight")
+        return min(64 - headroom, 32), 64
+    q = int(bits)
+    for b in (32, 64):
+        if q + headroom <= b:
+            return q, b
+    raise ConfigError(f"config key 'server.secure_sum.bits': {q} bits + {headroom} bits of headroom for {n} clients "
+                      f"x max_weight {max_weight} exceed the 64-bit ring; lower bits or max_weight")
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    clip_range: float
+    bits: int
+    ring_bits: int
+
+    @property
+    def scale(self) -> float:
+        return (2 ** (self.bits - 1) - 1) / self.clip_range
+
+    def check(self, delta: np.ndarray, weight: float, max_weight: int) -> str | None:
+        """None if the update can be encoded, else the reason it cannot (told to the client)."""
+        if not np.isfinite(delta).all():
+            return "update has non-finite values"
+        m = float(np.abs(delta).max()) if delta.size else 0.0
+        if m > self.clip_range:
+            return f"max |delta| = {m:.4g} exceeds clip_range = {self.clip_range:.4g} (not clipped; raise clip_range or clip the update)"
+        if not (math.isfinite(weight) and weight >= 0 and abs(weight - round(weight)) < 1e-9 and round(weight) <= max_weight):
+            return f"weight {weight} is not an integer in [0, max_weight={max_weight}]"
+        return None
+
+    def encode(self, delta: np.ndarray, weight: int, generator: torch.Generator) -> np.ndarray:
+        """The (d + 1,) ring vector (W * z, W) of one client."""
+        u = torch.rand(delta.shape[0], generator=generator, dtype=torch.float64).numpy()
+        z = np.floor(delta.astype(np.float64) * self.scale + u).astype(np.int64)
+        out = np.empty(delta.shape[0] + 1, dtype=np.int64)
+        np.multiply(z, int(weight), out=out[:-1])
+        out[-1] = int(weight)
+        return out.astype(RING_DTYPES[self.ring_bits])  # two's complement wrap into Z_{2^b}
+
+    def decode(self, ring_sum: np.ndarray) -> tuple[np.ndarray, int]:
+        """(sum_i W_i delta_i as float64, sum_i W_i) from the unmasked ring sum."""
+        signed = ring_sum.view(_SIGNED[self.ring_bits])
+        return signed[:-1].astype(np.float64) / self.scale, int(signed[-1])
