@@ -116,6 +116,7 @@ class ServerConfig(_Section):
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)
     min_clients: int = Field(1, ge=1)
+    round_deadline_s: float = Field(0.0, ge=0, description="clients slower than this are dropped (0 = no deadline)")
     max_update_norm: float = Field(1e6, gt=0, description="decoded updates above this norm are rejected")
     secure_sum: PluginSpec = PluginSpec(name="plain")
     pre_aggregators: list[PluginSpec] = []
@@ -140,7 +141,8 @@ class AttackConfig(_Section):
 
 class FaultConfig(_Section):
     dropout_rate: float = Field(0.0, ge=0, lt=1)
-    dropouts: dict[str, list[int]] = {}
+    dropouts: dict[str, list[int]] = {}  # step -> client ids that vanish there (train, pipeline, upload, ...)
+    slow_clients: dict[str, float] = {}  # client id -> simulated extra seconds (round-deadline tests)
 
 
 class DeployConfig(_Section):

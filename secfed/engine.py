@@ -106,6 +106,7 @@ class Engine:
         objs = {"trainer": self.trainer, "secure_sum": self.secure_sum, "aggregator": self.aggregator,
                 "privacy": self.privacy, "adversary": self.adversary}
         objs.update({f"client_stage{i}": p for i, p in enumerate(self.pipeline)})
+        objs.update({f"pre_aggregator{i}": p for i, p in enumerate(self.pre_aggregators)})
         objs.update({f"server_stage{i}": p for i, p in enumerate(self.stages)})
         objs.update({f"observer{i}": p for i, p in enumerate(self.observers)})
         return {k: v for k, v in objs.items() if v is not None and _stateful(v)}
@@ -226,7 +227,7 @@ class Engine:
             return agg.from_sum(result.total, result.total_weight, expected_w)
         X, w = result.updates, result.weights
         for pre in self.pre_aggregators:
-            X = pre(X)
+            X, w = pre(X), None  # rows are mixed: the clients' weights no longer apply
         kwargs: dict[str, Any] = {}
         if getattr(agg, "uses_center", False):
             kwargs["center"] = self.state.get("center", torch.zeros(self.spec.numel))
@@ -246,9 +247,21 @@ class Engine:
             if ctx.dropouts.drops(cid, "train"):
                 dropped[cid] = "dropped during training"
                 continue
-            u = self.local_update(cid, ctx)
-            for stage in self.pipeline:
-                u = stage(u, ctx)
+            started = time.perf_counter()
+            try:
+                u = self.local_update(cid, ctx)
+                if ctx.dropouts.drops(cid, "pipeline"):
+                    raise RuntimeError("injected crash before the client pipeline")
+                for stage in self.pipeline:
+                    u = stage(u, ctx)
+            except (RuntimeError, ValueError, MemoryError, FloatingPointError) as e:  # a client's crash is its dropout
+                dropped[cid] = f"client crashed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                continue
+            took = time.perf_counter() - started + self.cfg.faults.slow_clients.get(str(cid), 0.0)
+            deadline = self.cfg.server.round_deadline_s
+            if deadline and took > deadline:
+                dropped[cid] = f"missed the round deadline ({took:.1f} s > {deadline} s)"
+                continue
             updates.append(u)
             if bar is not None:
                 bar.set_postfix_str(f"round {t}: client {len(updates)}/{len(cohort)}")
