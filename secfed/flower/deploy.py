@@ -1,0 +1,297 @@
+"""Deployment for real: TLS certificates, data partitions, the Flower App, and a local federation.
+
+``secfed deploy`` (``secfed/cli.py``) wraps these:
+
+* :func:`make_certs` - a CA plus a server certificate for the SuperLink (SANs
+  ``localhost``, ``127.0.0.1`` and any names given), with ``cryptography``; the
+  private keys are written with mode 0600;
+* :func:`write_partitions` - one ``partition-<i>.safetensors`` per client;
+* :func:`write_app` - the Flower App folder (``pyproject.toml`` naming
+  ``secfed.flower.server:app`` and ``secfed.flower.client:app``) that ``flwr run`` ships;
+* :class:`LocalFederation` - starts ``flower-superlink`` and N ``flower-supernode``
+  processes on this machine with TLS, submits the run with ``flwr run`` and
+  stops everything it started.
+
+Each SuperNode gets ``--node-config "partition-id=i config-file=... data-file=..."``
+and reads only its own partition file. Flower 1.41 serves the Fleet, Control and
+ServerAppIo APIs over HTTPS on one port (uvicorn); the SuperNodes verify the
+SuperLink's certificate against ``--root-certificates ca.crt``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from secfed.config import ExperimentConfig
+from secfed.errors import SecfedError
+from secfed.flower.client import write_partitions
+
+__all__ = ["make_certs", "write_partitions", "write_app", "free_port", "LocalFederation", "DeployError"]
+
+
+class DeployError(SecfedError):
+    """A Flower process failed to start or a run did not finish."""
+
+
+# ----------------------------------------------------------------------------- certificates
+
+def make_certs(out_dir: str | Path, names: tuple[str, ...] = ("localhost",), days: int = 30) -> dict[str, Path]:
+    """A self-signed CA and a server certificate/key it signs (ECDSA P-256, SHA-256).
+
+    ``names`` are DNS names or IP addresses of the SuperLink; ``localhost``,
+    ``127.0.0.1`` and ``::1`` are always included. Returns the paths
+    ``ca`` (``ca.crt``), ``cert`` (``server.pem``) and ``key`` (``server.key``).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "secfed test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                                       key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = []
+    for n in dict.fromkeys(("localhost", "127.0.0.1", "::1") + tuple(names)):
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            sans.append(x509.DNSName(n))
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = {"ca": out / "ca.crt", "cert": out / "server.pem", "key": out / "server.key", "ca_key": out / "ca.key"}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    for p, k in ((paths["key"], key), (paths["ca_key"], ca_key)):
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
+    return paths
+
+
+# ----------------------------------------------------------------------------- the Flower App
+
+APP_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "secfed-app"
+version = "1.0.0"
+description = "secfed's ServerApp and ClientApp (the code is the installed secfed package)"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "secfed"
+
+[tool.flwr.app.components]
+serverapp = "secfed.flower.server:app"
+clientapp = "secfed.flower.client:app"
+
+[tool.flwr.app.config]
+config = ""
+out = ""
+resume = false
+set = "{}"
+"""
+
+
+def write_app(app_dir: str | Path) -> Path:
+    """The Flower App folder ``flwr run`` packages (a FAB). It holds no code: both apps live in secfed."""
+    d = Path(app_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "pyproject.toml").write_text(APP_PYPROJECT)
+    (d / "README.md").write_text("secfed Flower App: see docs/deploy.md\n")
+    return d
+
+
+# ----------------------------------------------------------------------------- processes
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _bin(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        raise DeployError(f"'{name}' not found: pip install 'secfed[flower]'")
+    return found
+
+
+class LocalFederation:
+    """A SuperLink and one SuperNode per client on this machine, with TLS (loopback by default).
+
+    Use as a context manager: every process it starts is stopped (SIGTERM, then
+    SIGKILL) on exit. Logs go to ``work_dir/logs``. ``FLWR_HOME`` points into
+    ``work_dir`` so nothing is written to the user's ``~/.flwr``.
+    """
+
+    def __init__(self, cfg_path: str | Path, work_dir: str | Path, *, num_nodes: int | None = None,
+                 host: str = "127.0.0.1", port: int | None = None, certs: dict[str, Path] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        from secfed.config import load_config
+
+        self.cfg_path = Path(cfg_path).resolve()
+        self.cfg: ExperimentConfig = load_config(self.cfg_path)
+        self.work = Path(work_dir).resolve()
+        self.work.mkdir(parents=True, exist_ok=True)
+        (self.work / "logs").mkdir(exist_ok=True)
+        self.num_nodes = num_nodes if num_nodes is not None else self.cfg.data.num_clients
+        self.host = host
+        self.port = port or free_port()
+        self.certs = certs or make_certs(self.work / "certs")
+        self.env = {**os.environ, "FLWR_HOME": str(self.work / "flwr_home"),
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.superlink: subprocess.Popen | None = None
+        self.supernodes: dict[int, subprocess.Popen] = {}
+        self.app_dir = write_app(self.work / "app")
+        self._write_flower_config()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def _write_flower_config(self) -> None:
+        home = self.work / "flwr_home"
+        home.mkdir(exist_ok=True)
+        (home / "config.toml").write_text(
+            "[superlink]\ndefault = \"secfed-local\"\n\n[superlink.secfed-local]\n"
+            f"address = \"{self.address}\"\nroot-certificates = \"{self.certs['ca']}\"\n")
+
+    def _spawn(self, args: list[str], log: str) -> subprocess.Popen:
+        f = open(self.work / "logs" / log, "ab")
+        return subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=self.work,
+                                start_new_session=True)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start_superlink(self) -> None:
+        c = self.certs
+        self.superlink = self._spawn([_bin("flower-superlink"), "--ssl-ca-certfile", str(c["ca"]), "--ssl-certfile",
+                                      str(c["cert"]), "--ssl-keyfile", str(c["key"]), "--host", self.host, "--port",
+                                      str(self.port), "--database", str(self.work / "superlink.db"),
+                                      "--disable-runtime-dependency-installation"], "superlink.log")
+        self._wait_port()
+
+    def partitions(self) -> list[Path]:
+        d = self.work / "partitions"
+        paths = [d / f"partition-{i}.safetensors" for i in range(self.cfg.data.num_clients)]
+        if not all(p.exists() for p in paths):
+            paths = write_partitions(self.cfg, d)
+        return paths
+
+    def start_supernode(self, i: int) -> None:
+        part = self.partitions()[i]
+        node_config = f'partition-id={i} config-file="{self.cfg_path}" data-file="{part}"'
+        self.supernodes[i] = self._spawn([_bin("flower-supernode"), "--superlink", self.address, "--root-certificates",
+                                          str(self.certs["ca"]), "--node-config", node_config, "--host", "127.0.0.1",
+                                          "--port", str(free_port())], f"supernode-{i}.log")
+
+    def start(self) -> "LocalFederation":
+        self.partitions()
+        self.start_superlink()
+        for i in range(self.num_nodes):
+            self.start_supernode(i)
+        return self
+
+    def run(self, out_dir: str | Path, *, resume: bool = False, overrides: dict[str, Any] | None = None,
+            timeout: float = 1800) -> dict[str, Any]:
+        """Submit the experiment with ``flwr run`` and wait for its ``summary.json``."""
+        out = Path(out_dir).resolve()
+        summary = out / "summary.json"
+        started = time.time()
+        rc = [f'config="{self.cfg_path}"', f'out="{out}"', f"resume={'true' if resume else 'false'}",
+              f"set='{json.dumps(overrides or {})}'"]
+        args = [_bin("flwr"), "run", str(self.app_dir), "secfed-local"]
+        for r in rc:
+            args += ["--run-config", r]
+        proc = subprocess.run(args, env=self.env, cwd=self.work, capture_output=True, text=True, timeout=120)
+        (self.work / "logs" / "flwr-run.log").write_text(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            raise DeployError(f"flwr run failed ({proc.returncode}): {(proc.stdout + proc.stderr).strip()[-800:]}")
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if summary.exists() and summary.stat().st_mtime >= started - 1:
+                return json.loads(summary.read_text())
+            if self.superlink is not None and self.superlink.poll() is not None:
+                raise DeployError(f"the SuperLink exited ({self.superlink.returncode}); see {self.work / 'logs'}")
+            time.sleep(1.0)
+        raise DeployError(f"the run did not finish within {timeout:g} s; see {self.work / 'logs'}")
+
+    def kill_supernode(self, i: int) -> None:
+        """Kill SuperNode ``i`` and its ClientApp process group (SIGKILL: a crash, not a shutdown)."""
+        p = self.supernodes.pop(i, None)
+        if p is not None and p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+
+    def stop(self) -> None:
+        procs = list(self.supernodes.values()) + ([self.superlink] if self.superlink else [])
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)
+        self.supernodes.clear()
+        self.superlink = None
+
+    def _wait_port(self, timeout: float = 60) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.superlink is not None and self.superlink.poll() is not None:
+                raise DeployError(f"flower-superlink exited ({self.superlink.returncode}); see {self.work / 'logs' / 'superlink.log'}")
+            with socket.socket() as s:
+                s.settimeout(0.5)
+                if s.connect_ex((self.host, self.port)) == 0:
+                    return
+            time.sleep(0.3)
+        raise DeployError(f"flower-superlink did not open {self.address} within {timeout:g} s")
+
+    def __enter__(self) -> "LocalFederation":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

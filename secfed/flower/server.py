@@ -1,0 +1,233 @@
+"""The SuperLink side: secfed's server round as a Flower ``ServerApp`` (Message API).
+
+:class:`FlowerEngine` is the in-process :class:`~secfed.engine.Engine` with two
+pieces swapped: ``collect`` sends each sampled client's SuperNode a ``train``
+message (global weights as ``SFW`` bytes) and waits for the replies, and
+``secure_aggregate`` decodes the reply bytes (:class:`WirePlainSum`). Sampling,
+the privacy guard and its fsynced ledger, robust aggregation, server stages, the
+server optimizer, observers, evaluation and checkpoints are the engine's own
+code, so the same config and seed give the same model on either transport.
+
+Failures: a SuperNode that does not answer within ``deploy.round_timeout``
+seconds (killed, partitioned) or answers with a Flower error counts as dropped
+for that round; a reply that fails validation is rejected with
+:class:`~secfed.errors.MalformedMessage` and its client dropped; the round goes
+on if ``server.min_clients`` still holds. A restarted ServerApp with
+``resume = true`` continues from the checkpoint and the privacy ledger.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from secfed.config import ExperimentConfig
+from secfed.engine import Engine
+from secfed.errors import ConfigError, MalformedMessage
+from secfed.flower import codec
+from secfed.interfaces import RoundContext, SumResult, WireMessage
+from secfed.wire import decode_update
+
+SUPPORTED_SECURE_SUMS = ("plain",)
+
+
+@dataclass
+class Received:
+    """One client's reply as the server got it: the sender and its raw bytes."""
+
+    client_id: int
+    payload: bytes
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class WirePlainSum:
+    """Server side of :class:`secfed.secure_sum.PlainSum` over bytes that arrived from SuperNodes."""
+
+    name = "plain"
+    reveals_individual = True
+
+    def __init__(self, max_update_norm: float = float("inf")) -> None:
+        self.max_update_norm = max_update_norm
+
+    def aggregate(self, received: list[Received], ctx: RoundContext) -> SumResult:
+        d = ctx.spec.numel
+        rows, weights, ids, transcript = [], [], [], []
+        dropped: dict[int, str] = {}
+        bytes_up: dict[int, int] = {}
+        for r in received:
+            if ctx.dropouts.drops(r.client_id, "upload"):
+                dropped[r.client_id] = "dropped before upload"
+                continue
+            transcript.append(WireMessage(r.client_id, "update", r.payload))
+            bytes_up[r.client_id] = len(r.payload)
+            try:
+                dec = decode_update(r.payload, expected_dim=d, round_=ctx.round, sender=r.client_id,
+                                    max_norm=self.max_update_norm)
+            except MalformedMessage as e:
+                dropped[r.client_id] = f"malformed: {e}"
+                continue
+            rows.append(dec.delta)
+            weights.append(dec.weight)
+            ids.append(dec.client_id)
+        if rows:
+            X = torch.stack(rows)
+            w = torch.tensor(weights, dtype=torch.float32)
+            total = (w[:, None] * X).sum(0)
+        else:
+            X, w, total = torch.zeros(0, d), torch.zeros(0), torch.zeros(d)
+        return SumResult(client_ids=ids, total=total, total_weight=float(w.sum()), updates=X, weights=w, update_ids=ids,
+                         dropped=dropped, bytes_up=bytes_up, transcript=transcript)
+
+
+class FlowerEngine(Engine):
+    """The engine with its clients behind a Flower ``Grid`` (SuperLink or the simulation runtime)."""
+
+    def __init__(self, cfg: ExperimentConfig, out_dir: str | Path | None, grid: Any, **kw: Any) -> None:
+        super().__init__(cfg, out_dir, **kw)
+        name = cfg.server.secure_sum.name.lower()
+        if name not in SUPPORTED_SECURE_SUMS:
+            raise ConfigError(f"config key 'server.secure_sum': '{cfg.server.secure_sum.name}' does not run over "
+                              f"Flower yet (supported: {', '.join(SUPPORTED_SECURE_SUMS)}); use deploy.transport = "
+                              "'inprocess'")
+        if self.adversary is not None and getattr(self.adversary, "omniscient", False):
+            raise ConfigError("config key 'attack.adversary': an omniscient adversary reads honest clients' updates, "
+                              "which SuperNodes never share; run it with deploy.transport = 'inprocess'")
+        self.grid = grid
+        self.wire = WirePlainSum(cfg.server.max_update_norm)
+        self.nodes: dict[int, int] = {}  # client id -> Flower node id
+        self.round_timeout = cfg.deploy.round_timeout
+        self.connect_timeout = cfg.deploy.connect_timeout
+
+    def _log(self, msg: str) -> None:
+        print(f"secfed: {msg}", flush=True)  # the ServerApp's stdout is the Flower run log
+
+    # ------------------------------------------------------------------ nodes
+    def connect(self) -> None:
+        """Wait for SuperNodes, then ask each which client (partition) it plays and check its config."""
+        n = self.cfg.data.num_clients
+        deadline = time.monotonic() + self.connect_timeout
+        while True:
+            ids = list(self.grid.get_node_ids())
+            if len(ids) >= n or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        msgs = [self._message({"fingerprint": self.cfg.fingerprint()}, "query", nid, "connect")
+                for nid in ids]
+        replies = list(self.grid.send_and_receive(msgs, timeout=self.connect_timeout)) if msgs else []
+        fp = self.cfg.fingerprint()
+        for r in replies:
+            if r.has_error():
+                self._log(f"node {r.metadata.src_node_id}: {r.error.reason}")
+                continue
+            try:
+                rec = codec.record_of(r.content)
+                cid = codec.get(rec, "client", int)
+                other = codec.get(rec, "fingerprint", str, max_len=64)
+            except MalformedMessage as e:
+                self._log(f"node {r.metadata.src_node_id}: {e}")
+                continue
+            if other != fp:
+                self._log(f"node {r.metadata.src_node_id}: runs a different config ({other} != {fp}); ignored")
+            elif not 0 <= cid < n or cid in self.nodes:
+                self._log(f"node {r.metadata.src_node_id}: claims client {cid} (out of range or taken); ignored")
+            else:
+                self.nodes[cid] = r.metadata.src_node_id
+        missing = n - len(self.nodes)
+        self._log(f"{len(self.nodes)} of {n} clients connected" + (f" ({missing} missing: dropped when sampled)" if missing else ""))
+
+    def _message(self, values: dict[str, Any], kind: str, node_id: int, group: str) -> Any:
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        content = RecordDict({codec.RECORD: ConfigRecord({"v": codec.PROTOCOL, **values})})
+        return Message(content=content, message_type=kind, dst_node_id=node_id, group_id=group,
+                       ttl=max(self.round_timeout, self.connect_timeout) + 60)
+
+    # ------------------------------------------------------------------ one round
+    def run(self) -> dict[str, Any]:
+        if not self.nodes:
+            self.connect()
+        return super().run()
+
+    def collect(self, ctx: RoundContext, bar: Any = None) -> tuple[list[Received], dict[int, str]]:
+        t = ctx.round
+        dropped: dict[int, str] = {}
+        base = {"round": t, "fingerprint": self.cfg.fingerprint(), "cohort": codec.encode_ids(ctx.cohort),
+                "weights": codec.encode_weights(t, self.global_w), "state": codec.encode_state(self.state)}
+        msgs, node_of = [], {}
+        for cid in ctx.cohort:
+            if ctx.dropouts.drops(cid, "train"):
+                dropped[cid] = "dropped during training"
+            elif cid not in self.nodes:
+                dropped[cid] = "no SuperNode connected for this client"
+            else:
+                msgs.append(self._message({**base, "client": cid}, "train", self.nodes[cid], str(t)))
+                node_of[self.nodes[cid]] = cid
+        replies = list(self.grid.send_and_receive(msgs, timeout=self.round_timeout)) if msgs else []
+        got: dict[int, Received] = {}
+        for r in replies:
+            cid = node_of.get(r.metadata.src_node_id)
+            if cid is None or cid in got:
+                continue
+            if r.has_error():
+                dropped[cid] = f"client error: {r.error.reason[:200]}"
+                continue
+            try:
+                rec = codec.record_of(r.content)
+                if codec.get(rec, "round", int) != t or codec.get(rec, "client", int) != cid:
+                    raise MalformedMessage("reply for another round or client")
+                got[cid] = Received(cid, codec.get(rec, "payload", bytes),
+                                    codec.decode_metrics(codec.get(rec, "metrics", str)))
+            except MalformedMessage as e:
+                dropped[cid] = f"malformed: {e}"
+        for cid in node_of.values():
+            if cid not in got and cid not in dropped:
+                dropped[cid] = f"no reply within deploy.round_timeout = {self.round_timeout:g} s"
+        for cid, why in sorted(dropped.items()):
+            self._log(f"round {t}: client {cid} dropped: {why}")
+        return [got[c] for c in ctx.cohort if c in got], dropped
+
+    def secure_aggregate(self, received: list[Received], ctx: RoundContext) -> SumResult:
+        from secfed.secure_sum import group_sums
+
+        if self.cfg.server.group_size > 0:
+            return group_sums(self.wire, received, ctx, self.cfg.server.group_size, self.cfg.server.min_clients)
+        return self.wire.aggregate(received, ctx)
+
+
+def make_server_app(cfg: ExperimentConfig | None = None, out_dir: str | Path | None = None, *,
+                    resume: bool = False, result: dict[str, Any] | None = None) -> Any:
+    """The Flower ``ServerApp``. Given ``cfg`` for simulation; under ``flwr run`` it reads the run config
+    keys ``config`` (path of the experiment TOML on the SuperLink's machine), ``out``, ``resume`` and
+    ``set`` (a JSON object of dotted overrides)."""
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Any, context: Any) -> None:
+        run_cfg, out, res = cfg, out_dir, resume
+        if run_cfg is None:
+            import json
+
+            from secfed.config import load_config
+
+            rc = dict(context.run_config)
+            overrides = json.loads(str(rc.get("set") or "{}"))
+            run_cfg = load_config(str(rc["config"]), overrides)
+            out = str(rc.get("out") or "") or None
+            res = bool(rc.get("resume", False))
+        engine = FlowerEngine(run_cfg, out, grid, resume=res, progress=False)
+        summary = engine.run()
+        if result is not None:
+            result.update(summary)
+            result["out"] = str(engine.out)
+
+    return app
+
+
+# ``flwr run`` loads this (see secfed.flower.deploy.write_app).
+app = make_server_app()
