@@ -83,7 +83,8 @@ class KeyHolder:
             bound = n * p.max_value * 1.001 + 1e-3
             if not np.isfinite(vals).all() or np.abs(vals[:d]).max(initial=0) > bound:
                 raise RoundAborted("the decrypted sum is out of range: a ciphertext was not made with this round's key")
-            total, weight = vals[:d], float(vals[d])
+            # weights were sent on the 2^-weight_frac_bits grid; CKKS noise is far below half a step
+            total, weight = vals[:d], round(float(vals[d]) * 2 ** p.weight_frac_bits) / 2 ** p.weight_frac_bits
         if weight < 0:
             raise RoundAborted("the decrypted total weight is negative")
         return torch.from_numpy(total.astype(np.float32)), weight
@@ -114,7 +115,7 @@ class HEClient:
             vals = np.append(np.rint(x / p.step).astype(np.int64), np.int64(w))
             make = ts.bfv_vector
         else:
-            vals = np.append(x, float(update.weight))
+            vals = np.append(x, round(update.weight * 2 ** p.weight_frac_bits) / 2 ** p.weight_frac_bits)
             make = ts.ckks_vector
         blobs, pos = [], 0
         for size in chunk_sizes(len(x), p):
