@@ -114,6 +114,33 @@ def cell_done(cell_dir: Path, cell: Cell, audits: list[str]) -> bool:
 
 
 # ---------------------------------------------------------------------------- parent side
+def preflight(cell: Cell) -> str | None:
+    """The error line if one of the cell's plug-ins cannot be resolved (not importable, no such class)."""
+    import importlib
+
+    from secfed import registry
+
+    importlib.invalidate_caches()  # a plug-in may have landed while the grid ran
+    try:
+        cfg = cell.parse()
+        c, s = cfg.client, cfg.server
+        named = [("trainer", c.trainer, "client.trainer"), ("secure_sum", s.secure_sum, "server.secure_sum"),
+                 ("aggregator", s.aggregator, "server.aggregator")]
+        named += [("client_stage", p, f"client.pipeline[{i}]") for i, p in enumerate(c.pipeline)]
+        named += [("pre_aggregator", p, f"server.pre_aggregators[{i}]") for i, p in enumerate(s.pre_aggregators)]
+        named += [("server_stage", p, f"server.stages[{i}]") for i, p in enumerate(s.stages)]
+        named += [("observer", p, f"server.observers[{i}]") for i, p in enumerate(s.observers)]
+        if s.privacy is not None:
+            named.append(("privacy", s.privacy, "server.privacy"))
+        if cfg.attack.adversary is not None:
+            named.append(("adversary", cfg.attack.adversary, "attack.adversary"))
+        for kind, spec, key in named:
+            registry.resolve(kind, spec.name, key)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -201,6 +228,11 @@ class GridRunner:
     def _run_with_retry(self, cell: Cell, rbar: Any) -> dict[str, Any]:
         d = self.cell_dir(cell)
         attempts, err, t0 = 0, None, time.perf_counter()
+        missing = preflight(cell)
+        if missing:  # a plug-in that does not exist (yet): fail now, without a process
+            status = {"status": "failed", "error": missing, "attempts": 1, "seconds": time.perf_counter() - t0}
+            _write_json(d / "status.json", status)
+            return status
         while attempts <= self.retries:
             attempts += 1
             err = self._run_child(cell, d, rbar)

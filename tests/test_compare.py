@@ -1,0 +1,254 @@
+"""secfed compare / secfed audit: grid expansion, resumable runner (kill and rerun), report, audit."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from secfed.compare.audit import (audit_markdown, audit_run, clopper_pearson, epsilon_lower_bound, membership_attack,
+                                  verdicts)
+from secfed.compare.grid import apply_overrides, parse_grid
+from secfed.compare.metrics import aggregate
+from secfed.compare.report import pareto_front, write_report
+from secfed.compare.runner import GridRunner, run_cell
+from secfed.data import TensorData
+from secfed.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASE = {
+    "run": {"name": "t", "rounds": 1},
+    "data": {"source": "digits", "num_clients": 3, "test_size": 200},
+    "model": {"name": "cnn"},
+    "client": {"batch_size": 32, "lr": 1e-2, "local_steps": 2},
+}
+
+
+# ---------------------------------------------------------------------------- grid
+def test_overrides_dotted_nested_plugin_and_append():
+    cfg = {"server": {"observers": ["dp-audit"], "aggregator": {"name": "krum", "f": 1}}, "client": {"lr": 1.0}}
+    apply_overrides(cfg, {"server.aggregator": {"name": "median"}, "client": {"batch_size": 8},
+                          "+server.observers": ["dlg"], "run.seed": 3}, "t")
+    assert cfg["server"]["aggregator"] == {"name": "median"}  # a plug-in table replaces, no stale 'f'
+    assert cfg["client"] == {"lr": 1.0, "batch_size": 8}  # a plain table merges
+    assert cfg["server"]["observers"] == ["dp-audit", "dlg"]
+    assert cfg["run"]["seed"] == 3
+    with pytest.raises(ConfigError, match="appends to a list"):
+        apply_overrides(cfg, {"+client.lr": [1]}, "t")
+
+
+def test_studies_union_dedupe_order_and_ids():
+    g = parse_grid({"grid": {"name": "g", "seeds": [0, 1]}, "base": BASE,
+                    "axes": {"defence": {"none": {}, "med": {"server.aggregator": "median"}},
+                             "attack": {"none": {}, "alie": {"attack.adversary": {"name": "alie", "fraction": 0.2}}}},
+                    "study": [{"defence": ["none", "med"]}, {"defence": ["none"], "attack": ["none", "alie"]}]})
+    ids = [c.id for c in g.cells()]
+    assert ids == ["defence=none__attack=none__seed=0", "defence=none__attack=none__seed=1",
+                   "defence=med__attack=none__seed=0", "defence=med__attack=none__seed=1",
+                   "defence=none__attack=alie__seed=0", "defence=none__attack=alie__seed=1"]
+    c = g.cells()[-1]
+    assert c.config["attack"]["adversary"]["name"] == "alie" and c.config["run"]["seed"] == 1
+    assert c.setup == "defence=none,attack=alie"
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ({"axes": {"a": {"x": {}}}, "study": [{"b": ["x"]}]}, "no such axis"),
+    ({"axes": {"a": {"x": {}}}, "study": [{"a": ["y"]}]}, "not a value of axes.a"),
+    ({"axes": {"a": {"x__y": {}}}}, "names a folder"),
+    ({"axes": {"a": {"x": {"client.batch_sise": 3}}}}, "client.batch_sise"),
+    ({"grid": {"seeds": []}}, "grid.seeds"),
+    ({"grid": {"base": "/nonexistent.toml"}}, "not found"),
+])
+def test_grid_errors_are_one_line_config_errors(bad, msg):
+    data = {"base": BASE, **bad}
+    with pytest.raises(ConfigError, match=msg.replace(".", r"\.")):
+        parse_grid(data)
+
+
+def test_shipped_grids_parse():
+    from secfed.compare import load_grid
+
+    for name in ("tradeoffs_digits", "tradeoffs_text"):
+        g = load_grid(ROOT / "experiments" / f"{name}.toml")
+        assert len(g.cells()) >= 10
+
+
+# ---------------------------------------------------------------------------- statistics
+def test_clopper_pearson_and_epsilon_bound_by_hand():
+    # k = 0 of n = 10: upper end 1 - (alpha/2)^(1/n)
+    assert clopper_pearson(0, 10) == (0.0, pytest.approx(1 - 0.025 ** 0.1))
+    assert clopper_pearson(10, 10) == (pytest.approx(0.025 ** 0.1), 1.0)
+    # 100/100 members flagged, 0/100 non-members: log(TPR_lo / FPR_hi)
+    lo = 0.025 ** 0.01
+    assert epsilon_lower_bound(100, 100, 0, 100, 0.0) == pytest.approx(math.log(lo / (1 - lo)))
+    assert epsilon_lower_bound(50, 100, 50, 100, 1e-5) == 0.0  # a coin flip proves nothing
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 60), st.integers(0, 60), st.integers(1, 60))
+def test_epsilon_bound_monotone_in_true_positives(tp, fp, n):
+    tp, fp = min(tp, n), min(fp, n)
+    e = epsilon_lower_bound(tp, n, fp, n, 1e-5)
+    assert e >= 0
+    if tp < n:
+        assert epsilon_lower_bound(tp + 1, n, fp, n, 1e-5) >= e - 1e-12
+
+
+def test_pareto_front_by_hand():
+    pts = [(0, 0, 0), (1, 1, 1), (0, 1, -1), (0, 0, 0), (2, -1, 5)]
+    assert pareto_front(pts) == [0, 2, 3, 4]  # (1,1,1) is dominated by (0,0,0)
+
+
+def test_seed_aggregation_mean_and_sample_std():
+    rows = [{"setup": "s", "axis.d": "x", "status": "done", "accuracy": a, "adversary": None, "secure_sum": "plain",
+             "inversion_attack": False} for a in (0.5, 0.7)]
+    rows.append({"setup": "s", "axis.d": "x", "status": "failed", "error": "boom", "adversary": None,
+                 "secure_sum": "plain", "inversion_attack": False})
+    (g,) = aggregate(rows)
+    assert g["accuracy"] == pytest.approx(0.6) and g["accuracy_sd"] == pytest.approx(math.sqrt(0.02))
+    assert (g["done"], g["failed"], g["errors"]) == (2, 1, ["boom"])
+
+
+# ---------------------------------------------------------------------------- audit
+class _Lookup(torch.nn.Module):
+    """logits = [10 f, 0]: confident 'class 0' wherever f = 1."""
+
+    def forward(self, pixels):
+        return torch.stack([10 * pixels[:, 0], torch.zeros(len(pixels))], 1)
+
+
+def test_membership_attack_separates_a_memorising_model():
+    n = 200
+    members = TensorData({"pixels": torch.ones(n, 1), "labels": torch.zeros(n, dtype=torch.long)}, 2)
+    non = TensorData({"pixels": torch.ones(n, 1), "labels": torch.ones(n, dtype=torch.long)}, 2)
+    task = SimpleNamespace(train=members, test=non, forward=lambda m, b: m(pixels=b["pixels"]))
+    r = membership_attack(_Lookup(), task, delta=1e-5)
+    assert r["membership_auc"] == 1.0 and r["membership_tpr_at_1pct_fpr"] == 1.0
+    lo = 0.025 ** (1 / 100)  # 100 of 100 in the held-out half
+    assert r["membership_eps_lower_bound"] == pytest.approx(math.log((lo - 1e-5) / (1 - lo)), rel=1e-6)
+
+
+def test_verdict_red_when_lower_bound_exceeds_claim():
+    rep = {"run": "r", "round": 3, "claimed": {"epsilon": 1.0, "delta": 1e-5, "privacy": "dp-fedavg", "trainer": "sgd",
+                                               "pipeline": ["clip"], "secure_sum": "plain", "aggregator": "mean",
+                                               "stages": [], "adversary": None},
+           "results": {"membership": {"membership_eps_lower_bound": 2.5}},
+           "during_run": {"audit_eps_lower_bound": {"last": 0.4, "max": 0.5, "mean": 0.3, "rounds": 3}}}
+    rep["verdicts"] = verdicts(rep)
+    assert [v["verdict"] for v in rep["verdicts"]] == ["contradicts", "consistent"]
+    md = audit_markdown(rep)
+    assert "color:red" in md and "1 empirical figure(s) contradict" in md
+    rep["claimed"]["epsilon"] = None  # no guard: the observer's own claim is used
+    rep["during_run"]["audit_claimed_eps"] = {"last": 0.2, "max": 0.2, "mean": 0.2, "rounds": 3}
+    assert [v["verdict"] for v in verdicts(rep)] == ["contradicts", "contradicts"]
+
+
+def test_audit_a_finished_run_with_membership_and_replayed_observer(tmp_path):
+    from secfed.config import parse_config
+    from secfed.engine import Engine
+
+    cfg = parse_config({**BASE, "run": {"name": "a", "rounds": 2},
+                        "server": {"observers": [{"name": "dp-audit", "m": 50, "canary_dim": 64}]}})
+    run = tmp_path / "run"
+    Engine(cfg, run, progress=False).run()
+    ckpt = (run / "checkpoint" / "tensors.safetensors").read_bytes()
+    rep = audit_run(run, ["membership", "dp-audit"], progress=False)
+    assert 0.0 <= rep["results"]["membership"]["membership_auc"] <= 1.0
+    assert rep["results"]["replay"]["replay_round"] == 3  # one more round of the run's own protocol
+    assert "audit_eps_lower_bound" in rep["results"]["replay"]
+    assert "audit_eps_lower_bound" in rep["during_run"]
+    assert (run / "audit" / "audit.md").exists()
+    assert (run / "checkpoint" / "tensors.safetensors").read_bytes() == ckpt  # the run itself is untouched
+    assert len((run / "rounds.jsonl").read_text().splitlines()) == 2
+
+
+def test_audit_rejects_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(ConfigError, match="no config.json"):
+        audit_run(tmp_path, ["membership"])
+
+
+# ---------------------------------------------------------------------------- runner
+def test_cell_killed_mid_run_resumes_from_its_checkpoint(tmp_path):
+    from secfed.compare.grid import Cell
+    from secfed.config import parse_config
+    from secfed.engine import Engine
+
+    cfg = {**BASE, "run": {"name": "c", "rounds": 3}}
+    d = tmp_path / "cell"
+    (d / "run").mkdir(parents=True)
+    (d / "cell.json").write_text(json.dumps({"id": "c", "config": cfg, "audit": []}))
+
+    def crash(t):
+        if t == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Engine(parse_config(cfg), d / "run", progress=False, on_round_end=crash).run()
+    first = (d / "run" / "rounds.jsonl").read_text()
+    assert run_cell(d) == 0
+    recs = (d / "run" / "rounds.jsonl").read_text().splitlines()
+    assert [json.loads(r)["round"] for r in recs] == [1, 2, 3] and recs[0] + "\n" == first
+    assert not list(tmp_path.glob("cell/run.prev-*"))  # resumed, not restarted
+
+
+def _grid_file(tmp_path: Path) -> Path:
+    p = tmp_path / "grid.toml"
+    p.write_text("""
+[grid]
+name = "kill"
+seeds = [0]
+
+[base]
+run = {name = "k", rounds = 1}
+data = {source = "digits", num_clients = 2, test_size = 100}
+model = {name = "cnn"}
+client = {batch_size = 32, lr = 1e-2, local_steps = 1}
+
+[axes.defence]
+none = {}
+fedavgm = {"server.optimizer" = "fedavgm"}
+missing = {"server.aggregator" = "no_such_module:Agg"}
+""")
+    return p
+
+
+def test_kill_mid_grid_then_rerun_completes_only_missing_cells(tmp_path):
+    grid, out = _grid_file(tmp_path), tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "secfed.cli", "compare", str(grid), "--out", str(out), "--quiet"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "cells" / "defence=none__seed=0"
+    deadline = time.time() + 120
+    while not (first / "status.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads((first / "status.json").read_text())["status"] == "done"
+    assert not (out / "cells" / "defence=fedavgm__seed=0" / "run" / "summary.json").exists()
+    stamp = (first / "run" / "summary.json").stat().st_mtime_ns
+
+    from secfed.compare import load_grid
+
+    statuses = GridRunner(load_grid(grid), out, progress=False).run()
+    assert statuses["defence=none__seed=0"] == {"status": "done", "skipped": True}
+    assert statuses["defence=fedavgm__seed=0"]["status"] == "done"
+    bad = statuses["defence=missing__seed=0"]
+    assert bad["status"] == "failed" and bad["attempts"] == 1 and "no_such_module" in bad["error"]
+    assert (first / "run" / "summary.json").stat().st_mtime_ns == stamp
+    report = write_report(out).read_text()
+    assert "2 of 3 cells done, 1 failed" in report and "no_such_module" in report
+    rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["done", "done", "failed"]
+    assert all(r["accuracy"] > 0 and r["bytes_up_per_client"] > 0 for r in rows[:2])
+    assert (out / "results.csv").exists() and (out / "pareto.png").exists()
