@@ -230,3 +230,13 @@ def test_too_small_explicit_degree_is_refused_at_round_time():
         SecAggPlus(degree=4).parameters(100)
     k, t = SecAggPlus(degree="complete").parameters(100)
     assert (k, t) == (99, 51)
+
+
+def test_a_sum_of_one_client_is_refused():
+    d = 4
+    with pytest.raises(RoundAborted, match="at least 2"):
+        SecAggPlus().aggregate(make_updates(1, d), make_ctx(d))
+    ups = make_updates(2, d)
+    ups[0].delta[0] = 5.0  # out of range: left out, leaving one
+    with pytest.raises(RoundAborted, match="at least 2"):
+        SecAggPlus().aggregate(ups, make_ctx(d))

@@ -118,8 +118,8 @@ class SecAggPlus:
             else:
                 inputs[u.client_id] = (delta, int(round(u.weight)))
         ids = sorted(inputs)
-        if not ids:
-            raise RoundAborted("secagg+: no client could take part (see the dropped reasons)")
+        if len(ids) < 2:  # a "sum" of one update is the update itself
+            raise RoundAborted(f"secagg+: {len(ids)} client(s) could take part, a secure sum needs at least 2")
         k, t = self.parameters(len(ids))
         graph = neighbour_graph(ids, k, ctx.generator("secagg-graph"))
         setups = {u: msg.Setup(t, q, b, self.clip_range, d, sorted(graph[u])) for u in ids}
