@@ -44,21 +44,30 @@ def run(config: Path = typer.Argument(..., help="experiment TOML, e.g. experimen
         resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
         out: Optional[Path] = typer.Option(None, "--out", help="run directory (default: runs/<run.name>)"),
         set_: list[str] = typer.Option([], "--set", help="override a key, e.g. --set run.rounds=3"),
-        quiet: bool = typer.Option(False, "--quiet", help="no progress bar")) -> None:
+        quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+        transport: Optional[str] = typer.Option(None, "--transport", help="inprocess (default), flower-ray (Flower "
+                                                "simulation on Ray) or flower (local SuperLink + SuperNodes, TLS)")) -> None:
     """Train: run the federated experiment CONFIG and write rounds.jsonl, summary.json and report.md."""
     try:
         from secfed.config import load_config
         from secfed.engine import Engine
         from secfed.report import summary_line
 
-        cfg = load_config(config, _overrides(set_))
-        engine = Engine(cfg, out, resume=resume, progress=not quiet)
-        summary = engine.run()
+        cfg = load_config(config, {**_overrides(set_), **({"deploy.transport": transport} if transport else {})})
+        if cfg.deploy.transport != "inprocess":
+            from secfed.flower.transport import run_flower
+
+            summary = run_flower(cfg, out, resume=resume)
+            run_dir = Path(summary["out"])
+        else:
+            engine = Engine(cfg, out, resume=resume, progress=not quiet)
+            summary = engine.run()
+            run_dir = engine.out
     except SecfedError as e:
         _fail(e)
         return
     typer.echo(summary_line(summary))
-    typer.echo(f"report: {engine.out / 'report.md'}")
+    typer.echo(f"report: {run_dir / 'report.md'}")
 
 
 @app.command()
@@ -114,6 +123,17 @@ def audit(target: Path = typer.Argument(..., help="a finished run directory (run
     bad = [v for v in report["verdicts"] if v["verdict"] == "contradicts"]
     dest = out or run_dir / "audit"
     typer.echo(f"audit: {dest / 'audit.md'}" + (f" ({len(bad)} figure(s) contradict the claimed epsilon)" if bad else ""))
+
+
+def _add_deploy() -> None:
+    try:
+        from secfed.flower.cli import deploy_app
+    except ImportError:  # typer is all it needs; keep the main CLI working regardless
+        return
+    app.add_typer(deploy_app, name="deploy")
+
+
+_add_deploy()
 
 
 def main() -> None:

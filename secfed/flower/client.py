@@ -21,144 +21,24 @@ Node config (``flower-supernode --node-config``):
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from secfed import registry
-from secfed.config import ExperimentConfig, load_config
-from secfed.data import TensorData
-from secfed.engine import Engine
-from secfed.errors import ConfigError, DataError, MalformedMessage
+from secfed.config import ExperimentConfig, load_config, parse_config
+from secfed.errors import ConfigError
 from secfed.flower import codec
-from secfed.interfaces import ClientUpdate, RoundContext
-from secfed.models import torch_threads
-from secfed.spec import ParamSpec
-from secfed.task import Task
 
 
-def plugin_context(cfg: ExperimentConfig, dim: int) -> dict[str, Any]:
-    """The engine context arguments plug-ins receive (mirrors ``Engine._build_plugins``)."""
-    c, s, n = cfg.client, cfg.server, cfg.data.num_clients
-    return dict(num_clients=n, seed=cfg.run.seed, sample_rate=s.sample_rate if s.sampling == "poisson" else None,
-                rounds=cfg.run.rounds, local_epochs=c.local_epochs, local_steps=c.local_steps, batch_size=c.batch_size,
-                lr=c.lr, optimizer=c.optimizer, momentum=c.momentum, weight_decay=c.weight_decay, dim=dim,
-                max_update_norm=s.max_update_norm, min_clients=s.min_clients, cohort_size=s.cohort_size or n)
-
-
-class PartitionTask(Task):
-    """A task that holds one client's shard only, read from a safetensors partition file."""
-
-    def __init__(self, cfg: ExperimentConfig, path: str | Path, client_id: int) -> None:
-        self._path, self._client_id = Path(path), client_id
-        super().__init__(cfg)
-
-    def _load(self) -> None:
-        from safetensors import SafetensorError, safe_open
+def load_experiment(path: str) -> ExperimentConfig:
+    """An experiment config from TOML, or from the JSON that ``secfed deploy`` writes (overrides applied)."""
+    if str(path).endswith(".json"):
+        from pathlib import Path
 
         try:
-            with safe_open(str(self._path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (OSError, SafetensorError) as e:
-            raise DataError(f"node config 'data-file': cannot read {self._path}: {e}") from None
-        if meta.get("fingerprint") != self.cfg.fingerprint():
-            raise DataError(f"node config 'data-file': {self._path} was split from a different config")
-        if meta.get("client_id") != str(self._client_id):
-            raise DataError(f"node config 'data-file': {self._path} is partition {meta.get('client_id')}, "
-                            f"not partition-id {self._client_id}")
-        names = tuple(json.loads(meta.get("label_names", "[]")))
-        self.train = TensorData(tensors, int(meta["num_classes"]), names)
-        self.test = TensorData({k: v[:0] for k, v in tensors.items()}, self.train.num_classes, names)
-        self.root = None
-        self.shards = {self._client_id: np.arange(len(self.train))}  # type: ignore[assignment]
-
-
-def write_partitions(cfg: ExperimentConfig, out_dir: str | Path) -> list[Path]:
-    """Split the config's data into one safetensors file per client (``partition-<i>.safetensors``)."""
-    from safetensors.torch import save_file
-
-    task = Task(cfg)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(cfg.data.num_clients):
-        shard = task.client_data(i)
-        meta = {"client_id": str(i), "num_classes": str(task.num_classes), "fingerprint": cfg.fingerprint(),
-                "label_names": json.dumps(list(task.train.label_names))}
-        p = out / f"partition-{i}.safetensors"
-        save_file({k: v.contiguous() for k, v in shard.tensors.items()}, str(p), metadata=meta)
-        paths.append(p)
-    return paths
-
-
-class ClientRuntime:
-    """Everything one SuperNode needs to play client ``client_id``: model, trainer, pipeline, adversary."""
-
-    def __init__(self, cfg: ExperimentConfig, task: Task) -> None:
-        torch_threads(cfg.run.threads)
-        self.cfg, self.task = cfg, task
-        self.model = task.build_model()
-        self.spec = ParamSpec.from_module(self.model)
-        self.global_w = self.spec.flatten(self.model)
-        ctx = plugin_context(cfg, self.spec.numel)
-        self.trainer = registry.build("trainer", cfg.client.trainer, "client.trainer", **ctx)
-        self.pipeline = [registry.build("client_stage", p, f"client.pipeline[{i}]", **ctx)
-                         for i, p in enumerate(cfg.client.pipeline)]
-        self.secure_sum = registry.build("secure_sum", cfg.server.secure_sum, "server.secure_sum", **ctx)
-        a = cfg.attack.adversary
-        self.adversary = registry.build("adversary", a, "attack.adversary", **ctx) if a else None
-        self.malicious = set(self.adversary.malicious(cfg.data.num_clients, cfg.run.seed)) if self.adversary else set()
-        self.out, self.state = None, {}
-
-    # Engine.context / Engine.local_update only read attributes this object also has
-    # (cfg, spec, global_w, out, state, task, model, trainer, adversary, malicious),
-    # so the SuperNode runs the engine's own code for its client, not a copy of it.
-    def context(self, t: int, cohort: list[int]) -> RoundContext:
-        return Engine.context(self, t, cohort)  # type: ignore[arg-type]
-
-    def local_update(self, client_id: int, ctx: RoundContext) -> ClientUpdate:
-        return Engine.local_update(self, client_id, ctx)  # type: ignore[arg-type]
-
-    def train(self, rec: Any, client_id: int) -> tuple[bytes, dict[str, float]]:
-        """Handle one ``train`` record for ``client_id``: returns (payload bytes, metrics)."""
-        n = self.cfg.data.num_clients
-        if codec.get(rec, "fingerprint", str, max_len=64) != self.cfg.fingerprint():
-            raise MalformedMessage("train: the server runs a different config than this node (fingerprint)")
-        if codec.get(rec, "client", int) != client_id:
-            raise MalformedMessage(f"train: asked to play client {rec['client']}, this node is {client_id}")
-        t = codec.get(rec, "round", int)
-        if not 1 <= t <= 10_000_000:
-            raise MalformedMessage(f"train: round {t} out of range")
-        cohort = codec.decode_ids(codec.get(rec, "cohort", bytes), num_clients=n)
-        if client_id not in cohort:
-            raise MalformedMessage("train: this client is not in the cohort")
-        self.global_w = codec.decode_weights(codec.get(rec, "weights", bytes), expected_dim=self.spec.numel, round_=t)
-        self.state = codec.decode_state(codec.get(rec, "state", str))
-        ctx = self.context(t, cohort)
-        u = self.local_update(client_id, ctx)
-        for stage in self.pipeline:
-            u = stage(u, ctx)
-        if client_id in self.malicious and hasattr(self.adversary, "poison_updates"):
-            u = self.adversary.poison_updates([u], [], ctx)[0]
-        payload = self.secure_sum.encode(u, ctx)
-        metrics = {k: float(v) for k, v in u.metrics.items() if isinstance(v, (int, float))}
-        return payload, metrics
-
-
-_RUNTIMES: dict[tuple, ClientRuntime] = {}
-
-
-def runtime_for(cfg: ExperimentConfig, client_id: int, data_file: str | None) -> ClientRuntime:
-    """One runtime per (config, data) in this process (Ray actors and SuperNodes reuse it across rounds)."""
-    key = (cfg.fingerprint(), data_file, client_id if data_file else None)
-    if key not in _RUNTIMES:
-        task = PartitionTask(cfg, data_file, client_id) if data_file else Task(cfg)
-        _RUNTIMES.clear()  # one run per process at a time
-        _RUNTIMES[key] = ClientRuntime(cfg, task)
-    return _RUNTIMES[key]
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+        return parse_config(data, str(path))
+    return load_config(path)
 
 
 def _node_setup(node_config: dict[str, Any], cfg: ExperimentConfig | None) -> tuple[ExperimentConfig, int, str | None]:
@@ -168,7 +48,7 @@ def _node_setup(node_config: dict[str, Any], cfg: ExperimentConfig | None) -> tu
     if cfg is None:
         if "config-file" not in node_config:
             raise ConfigError("node config 'config-file' is required: the SuperNode runs only its own copy of the config")
-        cfg = load_config(str(node_config["config-file"]))
+        cfg = load_experiment(str(node_config["config-file"]))
     if not 0 <= cid < cfg.data.num_clients:
         raise ConfigError(f"node config 'partition-id' = {cid} is outside 0..{cfg.data.num_clients - 1} (data.num_clients)")
     data_file = node_config.get("data-file")
@@ -194,6 +74,8 @@ def make_client_app(cfg: ExperimentConfig | None = None) -> Any:
     def train(msg: Message, context: Any) -> Message:
         run_cfg, cid, data_file = _node_setup(dict(context.node_config), cfg)
         rec = codec.record_of(msg.content)
+        from secfed.flower.runtime import runtime_for  # torch & co. only for real work
+
         rt = runtime_for(run_cfg, cid, data_file)
         payload, metrics = rt.train(rec, cid)
         return reply(msg, {"round": int(rec["round"]), "client": cid, "payload": payload,

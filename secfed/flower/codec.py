@@ -34,10 +34,10 @@ import struct
 from typing import Any
 
 import numpy as np
-import torch
 
 from secfed.errors import MalformedMessage
-from secfed.wire import MAX_DIM
+
+MAX_DIM = 1 << 30  # as secfed.wire (not imported: this module must stay free of torch for fast queries)
 
 RECORD = "secfed"
 PROTOCOL = 1
@@ -48,13 +48,17 @@ _W_HEADER = struct.Struct("<3sBII")
 W_MAGIC = b"SFW"
 
 
-def encode_weights(round_: int, w: torch.Tensor) -> bytes:
+def encode_weights(round_: int, w: Any) -> bytes:
+    import torch
+
     v = w.detach().to(torch.float32).contiguous().numpy()
     return _W_HEADER.pack(W_MAGIC, 1, round_, v.size) + v.astype("<f4").tobytes()
 
 
-def decode_weights(buf: Any, *, expected_dim: int, round_: int) -> torch.Tensor:
-    """The global weights a client received; validated before anything is allocated."""
+def decode_weights(buf: Any, *, expected_dim: int, round_: int) -> Any:
+    """The global weights (a float32 torch tensor) a client received; validated before anything is allocated."""
+    import torch
+
     if not isinstance(buf, (bytes, bytearray)):
         raise MalformedMessage("weights: payload is not bytes")
     if len(buf) < _W_HEADER.size:
@@ -132,7 +136,7 @@ def decode_metrics(s: Any) -> dict[str, float]:
 def encode_state(state: dict[str, Any]) -> str:
     """The engine's JSON-able scalar state (what client stages may read, e.g. a clip bound)."""
     keep = {k: v for k, v in state.items()
-            if not k.startswith("_") and isinstance(v, (int, float, str, bool)) and not isinstance(v, torch.Tensor)}
+            if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
     return json.dumps(keep, sort_keys=True)
 
 

@@ -35,9 +35,8 @@ from typing import Any
 
 from secfed.config import ExperimentConfig
 from secfed.errors import SecfedError
-from secfed.flower.client import write_partitions
 
-__all__ = ["make_certs", "write_partitions", "write_app", "free_port", "LocalFederation", "DeployError"]
+__all__ = ["make_certs", "make_node_key", "write_partitions", "write_app", "free_port", "LocalFederation", "DeployError"]
 
 
 class DeployError(SecfedError):
@@ -96,6 +95,35 @@ def make_certs(out_dir: str | Path, names: tuple[str, ...] = ("localhost",), day
     return paths
 
 
+def make_node_key(out_dir: str | Path, name: str) -> tuple[Path, Path]:
+    """An ECDSA P-384 key pair (OpenSSH format) that authenticates one SuperNode to the SuperLink.
+
+    The private key (mode 0600) stays with the SuperNode (``--auth-supernode-private-key``);
+    the public key is registered with ``flwr supernode register``. The SuperLink, started
+    with ``--enable-supernode-auth``, refuses nodes whose key is not registered.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    priv, pub = out / f"{name}.key", out / f"{name}.pub"
+    fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                  serialization.NoEncryption()))
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return priv, pub
+
+
+def write_partitions(cfg: ExperimentConfig, out_dir: str | Path) -> list[Path]:
+    """One ``partition-<i>.safetensors`` per client (see :func:`secfed.flower.runtime.write_partitions`)."""
+    from secfed.flower import runtime
+
+    return runtime.write_partitions(cfg, out_dir)
+
+
 # ----------------------------------------------------------------------------- the Flower App
 
 APP_PYPROJECT = """\
@@ -124,7 +152,6 @@ clientapp = "secfed.flower.client:app"
 config = ""
 out = ""
 resume = false
-set = "{}"
 """
 
 
@@ -163,15 +190,16 @@ class LocalFederation:
     ``work_dir`` so nothing is written to the user's ``~/.flwr``.
     """
 
-    def __init__(self, cfg_path: str | Path, work_dir: str | Path, *, num_nodes: int | None = None,
+    def __init__(self, cfg: ExperimentConfig | str | Path, work_dir: str | Path, *, num_nodes: int | None = None,
                  host: str = "127.0.0.1", port: int | None = None, certs: dict[str, Path] | None = None,
-                 env: dict[str, str] | None = None) -> None:
-        from secfed.config import load_config
+                 env: dict[str, str] | None = None, node_auth: bool = True) -> None:
+        from secfed.flower.client import load_experiment
 
-        self.cfg_path = Path(cfg_path).resolve()
-        self.cfg: ExperimentConfig = load_config(self.cfg_path)
+        self.cfg: ExperimentConfig = cfg if isinstance(cfg, ExperimentConfig) else load_experiment(str(cfg))
         self.work = Path(work_dir).resolve()
         self.work.mkdir(parents=True, exist_ok=True)
+        self.cfg_path = self.work / "experiment.json"  # what the ServerApp and every SuperNode read
+        self.cfg_path.write_text(json.dumps(self.cfg.model_dump(mode="json"), indent=2))
         (self.work / "logs").mkdir(exist_ok=True)
         self.num_nodes = num_nodes if num_nodes is not None else self.cfg.data.num_clients
         self.host = host
@@ -179,6 +207,7 @@ class LocalFederation:
         self.certs = certs or make_certs(self.work / "certs")
         self.env = {**os.environ, "FLWR_HOME": str(self.work / "flwr_home"),
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.node_auth = node_auth
         self.superlink: subprocess.Popen | None = None
         self.supernodes: dict[int, subprocess.Popen] = {}
         self.app_dir = write_app(self.work / "app")
@@ -195,10 +224,20 @@ class LocalFederation:
             "[superlink]\ndefault = \"secfed-local\"\n\n[superlink.secfed-local]\n"
             f"address = \"{self.address}\"\nroot-certificates = \"{self.certs['ca']}\"\n")
 
-    def _spawn(self, args: list[str], log: str) -> subprocess.Popen:
-        f = open(self.work / "logs" / log, "ab")
-        return subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=self.work,
-                                start_new_session=True)
+    def _spawn(self, args: list[str], log: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        with open(self.work / "logs" / log, "ab") as f:
+            return subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=env or self.env, cwd=self.work,
+                                    start_new_session=True)
+
+    def _flwr(self, *args: str, timeout: float = 120) -> str:
+        proc = subprocess.run([_bin("flwr"), *args], env=self.env, cwd=self.work, capture_output=True, text=True,
+                              timeout=timeout)
+        with open(self.work / "logs" / "flwr-cli.log", "a") as f:
+            f.write(f"$ flwr {' '.join(args)}\n{proc.stdout}{proc.stderr}\n")
+        if proc.returncode != 0:
+            raise DeployError(f"flwr {args[0]} {args[1] if len(args) > 1 else ''} failed ({proc.returncode}): "
+                              f"{(proc.stdout + proc.stderr).strip()[-800:]}")
+        return proc.stdout
 
     # ------------------------------------------------------------------ lifecycle
     def start_superlink(self) -> None:
@@ -206,7 +245,8 @@ class LocalFederation:
         self.superlink = self._spawn([_bin("flower-superlink"), "--ssl-ca-certfile", str(c["ca"]), "--ssl-certfile",
                                       str(c["cert"]), "--ssl-keyfile", str(c["key"]), "--host", self.host, "--port",
                                       str(self.port), "--database", str(self.work / "superlink.db"),
-                                      "--disable-runtime-dependency-installation"], "superlink.log")
+                                      "--disable-runtime-dependency-installation"]
+                                     + (["--enable-supernode-auth"] if self.node_auth else []), "superlink.log")
         self._wait_port()
 
     def partitions(self) -> list[Path]:
@@ -217,11 +257,21 @@ class LocalFederation:
         return paths
 
     def start_supernode(self, i: int) -> None:
+        """SuperNode ``i``: its own FLWR_HOME, its own partition file, its own auth key (registered once)."""
         part = self.partitions()[i]
-        node_config = f'partition-id={i} config-file="{self.cfg_path}" data-file="{part}"'
-        self.supernodes[i] = self._spawn([_bin("flower-supernode"), "--superlink", self.address, "--root-certificates",
-                                          str(self.certs["ca"]), "--node-config", node_config, "--host", "127.0.0.1",
-                                          "--port", str(free_port())], f"supernode-{i}.log")
+        node_dir = self.work / "nodes" / str(i)
+        node_dir.mkdir(parents=True, exist_ok=True)
+        args = [_bin("flower-supernode"), "--superlink", self.address, "--root-certificates", str(self.certs["ca"]),
+                "--node-config", f'partition-id={i} config-file="{self.cfg_path}" data-file="{part}"',
+                "--host", "127.0.0.1", "--port", str(free_port())]
+        if self.node_auth:
+            priv = node_dir / "node.key"
+            if not priv.exists():
+                priv, pub = make_node_key(node_dir, "node")
+                self._flwr("supernode", "register", str(pub), "secfed-local", "--name", f"secfed-client-{i}")
+            args += ["--auth-supernode-private-key", str(priv)]
+        env = {**self.env, "FLWR_HOME": str(node_dir / "flwr_home")}
+        self.supernodes[i] = self._spawn(args, f"supernode-{i}.log", env)
 
     def start(self) -> "LocalFederation":
         self.partitions()
@@ -230,21 +280,16 @@ class LocalFederation:
             self.start_supernode(i)
         return self
 
-    def run(self, out_dir: str | Path, *, resume: bool = False, overrides: dict[str, Any] | None = None,
-            timeout: float = 1800) -> dict[str, Any]:
+    def run(self, out_dir: str | Path, *, resume: bool = False, timeout: float = 1800) -> dict[str, Any]:
         """Submit the experiment with ``flwr run`` and wait for its ``summary.json``."""
         out = Path(out_dir).resolve()
         summary = out / "summary.json"
         started = time.time()
-        rc = [f'config="{self.cfg_path}"', f'out="{out}"', f"resume={'true' if resume else 'false'}",
-              f"set='{json.dumps(overrides or {})}'"]
-        args = [_bin("flwr"), "run", str(self.app_dir), "secfed-local"]
+        rc = [f'config="{self.cfg_path}"', f'out="{out}"', f"resume={'true' if resume else 'false'}"]
+        args = ["run", str(self.app_dir), "secfed-local"]
         for r in rc:
             args += ["--run-config", r]
-        proc = subprocess.run(args, env=self.env, cwd=self.work, capture_output=True, text=True, timeout=120)
-        (self.work / "logs" / "flwr-run.log").write_text(proc.stdout + proc.stderr)
-        if proc.returncode != 0:
-            raise DeployError(f"flwr run failed ({proc.returncode}): {(proc.stdout + proc.stderr).strip()[-800:]}")
+        self._flwr(*args)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if summary.exists() and summary.stat().st_mtime >= started - 1:

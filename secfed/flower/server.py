@@ -201,8 +201,8 @@ class FlowerEngine(Engine):
 def make_server_app(cfg: ExperimentConfig | None = None, out_dir: str | Path | None = None, *,
                     resume: bool = False, result: dict[str, Any] | None = None) -> Any:
     """The Flower ``ServerApp``. Given ``cfg`` for simulation; under ``flwr run`` it reads the run config
-    keys ``config`` (path of the experiment TOML on the SuperLink's machine), ``out``, ``resume`` and
-    ``set`` (a JSON object of dotted overrides)."""
+    keys ``config`` (path of the experiment TOML or JSON on the SuperLink's machine), ``out`` and
+    ``resume``."""
     from flwr.serverapp import ServerApp
 
     app = ServerApp()
@@ -211,13 +211,10 @@ def make_server_app(cfg: ExperimentConfig | None = None, out_dir: str | Path | N
     def main(grid: Any, context: Any) -> None:
         run_cfg, out, res = cfg, out_dir, resume
         if run_cfg is None:
-            import json
-
-            from secfed.config import load_config
+            from secfed.flower.client import load_experiment
 
             rc = dict(context.run_config)
-            overrides = json.loads(str(rc.get("set") or "{}"))
-            run_cfg = load_config(str(rc["config"]), overrides)
+            run_cfg = load_experiment(str(rc["config"]))
             out = str(rc.get("out") or "") or None
             res = bool(rc.get("resume", False))
         engine = FlowerEngine(run_cfg, out, grid, resume=res, progress=False)
