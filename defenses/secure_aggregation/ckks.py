@@ -186,11 +186,13 @@ class CKKSSum:
         self.min_clients = int(min_clients)
         self._keys: KeyHolder | None = None
         self._client_ctx = self._server_ctx = b""
+        self._client: HEClient | None = None
         self._has_context: set[int] = set()
 
     def _setup_keys(self) -> None:
         self._keys = KeyHolder(self.params)
         self._client_ctx, self._server_ctx = self._keys.client_context(), self._keys.server_context()
+        self._client = HEClient(self._client_ctx, self.params)  # every client loads these same bytes
         self._has_context = set()
 
     def aggregate(self, updates: list[ClientUpdate], ctx: RoundContext) -> SumResult:
@@ -214,7 +216,7 @@ class CKKSSum:
                 bytes_down[u.client_id] = len(self._client_ctx)
                 self._has_context.add(u.client_id)
             try:
-                payload, c = HEClient(self._client_ctx, self.params).encode(u, ctx.round)
+                payload, c = self._client.encode(u, ctx.round)
             except MalformedMessage as e:
                 dropped[u.client_id] = f"client refused: {e}"
                 continue

@@ -11,7 +11,7 @@ degree N (:data:`MAX_LOG_Q`). :meth:`HEParams.validate` refuses anything above i
 with a :class:`~secfed.errors.ConfigError` (SEAL enforces the same table).
 
 Default (:data:`DEFAULT`), measured in ``benchmarks/he.py``: quantised BFV,
-N = 4096, moduli [60, 40] (100 <= 109 bits), a 44-bit batching prime t. Each
+N = 4096, moduli [60, 40] (100 <= 109 bits), a 48-bit batching prime t. Each
 ciphertext holds N = 4096 integers (CKKS holds N/2 reals), its data level is one
 60-bit prime, so a parameter costs 2 * 60 / 8 = 15 bytes plus framing (NVFLARE's
 CKKS: about 57). Integer addition is exact, so the only error is quantisation:
@@ -20,10 +20,11 @@ each client rounds ``w_i * delta_i / step`` to the nearest integer with
 keeps the sum of up to ``max_clients`` clients inside (-t/2, t/2). The
 per-coordinate error of the decrypted sum of n clients is at most ``n * step / 2``.
 
-BFV noise: decryption is exact while the accumulated noise stays below
-q / (2t) = 2^15 here; fresh symmetric-encryption noise is a discrete Gaussian with
-sigma = 3.2 per coefficient, so the sum of 1000 ciphertexts has sigma ~ 101, 300
-standard deviations inside the bound (tests check exactness at n = 1000).
+BFV noise: decryption is exact while the accumulated noise stays below q/(2t),
+here 2^11. :meth:`HEParams.decryption_failure_log2` bounds the chance that the sum
+of ``max_clients`` fresh ciphertexts crosses it (Bernstein's inequality on SEAL's
+clipped-normal noise): 2^-84 per coefficient for the default at 1000 clients; the
+default t is the largest whose bound is below 2^-64 (t = 49 bits gives 2^-14).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class HEParams:
     scheme: str = "bfv"
     poly_modulus_degree: int = 4096
     coeff_mod_bit_sizes: tuple[int, ...] = (60, 40)
-    plain_modulus_bits: int = 44
+    plain_modulus_bits: int = 48
     scale_bits: int = 40
     max_value: float = 32.0
     max_clients: int = 1000
@@ -123,6 +124,24 @@ class HEParams:
         """BFV: worst-case per-coordinate error of the decrypted sum of n clients (rounding only)."""
         return n * self.step / 2 if self.scheme == "bfv" else float("nan")
 
+    def decryption_failure_log2(self) -> float:
+        """BFV: log2 of a bound on P[one coefficient of the sum of max_clients ciphertexts decrypts wrong].
+
+        Decryption is exact while |noise| < q/(2t). Fresh symmetric-encryption noise per
+        coefficient is SEAL's clipped normal (sigma = 3.2, |e| <= 19.2); encryption
+        rounds q*m/t, adding at most 1/2 per ciphertext. Bernstein's inequality for the
+        sum of n such terms: P[|S| >= a] <= 2 exp(-a^2 / (2 (n sigma^2 + 19.2 a / 3))),
+        with a = q/(2t) - n/2 and q taken as 2^data_bits (SEAL picks the largest primes
+        of the requested size, within 2^-20 of it).
+        """
+        if self.scheme != "bfv":
+            return float("nan")
+        n, sigma, b = self.max_clients, 3.2, 19.2
+        a = 2.0 ** (self.data_bits - self.plain_modulus_bits - 1) - n / 2
+        if a <= 0:
+            return 0.0
+        return 1 - a * a / (2 * (n * sigma ** 2 + b * a / 3)) / math.log(2)
+
     def raw_ciphertext_bytes(self) -> int:
         """Size of one fresh ciphertext as SEAL stores it uncompressed: 2 polys x N x data primes x 8."""
         return 2 * self.poly_modulus_degree * (len(self.coeff_mod_bit_sizes) - 1) * 8
@@ -150,12 +169,10 @@ class HEParams:
         if self.scheme == "bfv":
             if not 17 <= self.plain_modulus_bits <= 60:
                 raise ConfigError(f"config key '{key}.plain_modulus_bits': must be in 17..60 (got {self.plain_modulus_bits})")
-            # q/(2t) must exceed the summed noise of max_clients fresh ciphertexts: a 6-sigma bound
-            # 6 * 3.2 * sqrt(n) ~ 2^(4.3 + log2(n)/2), times 2, plus 5 bits (32x) of margin.
-            if self.data_bits - self.plain_modulus_bits < 10.3 + math.log2(self.max_clients) / 2:
+            if self.decryption_failure_log2() > -64:
                 raise ConfigError(f"config key '{key}.plain_modulus_bits': {self.plain_modulus_bits} bits leaves too "
                                   f"little noise room under a {self.data_bits}-bit data modulus for "
-                                  f"{self.max_clients} clients")
+                                  f"{self.max_clients} clients (decryption failure bound above 2^-64)")
             t = batching_prime(self.plain_modulus_bits, n)
             p = HEParams(**{**self.__dict__, "coeff_mod_bit_sizes": tuple(bits), "_plain_modulus": t})
             if p.levels < 2 ** 8:
@@ -172,7 +189,8 @@ class HEParams:
 
 
 DEFAULT = HEParams()
-"""secfed's default: quantised BFV, N=4096, moduli [60, 40], t a 44-bit prime."""
+"""secfed's default: quantised BFV, N=4096, moduli [60, 40], t a 48-bit prime (the largest with
+a decryption-failure bound below 2^-64 per coefficient at 1000 clients)."""
 
 NVFLARE = HEParams(scheme="ckks", poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 40), scale_bits=40,
                    max_value=1024.0)
