@@ -17,6 +17,7 @@ REGISTRY: dict[str, dict[str, str]] = {
     "trainer": {
         "sgd": "secfed.training:SGDTrainer",
         "dp-sgd": "defenses.privacy.dpsgd:DPSGDTrainer",
+        "momentum-sgd": "defenses.robust.momentum:MomentumTrainer",
     },
     "client_stage": {
         "clip": "defenses.privacy.clipping:ClipUpdate",

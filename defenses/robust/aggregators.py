@@ -1,0 +1,362 @@
+"""Byzantine-robust aggregators: ``(n, d)`` updates -> ``(d,)`` aggregate.
+
+Estimator style, as in scikit-learn: the constructor takes the hyper-parameters
+(``f`` = the assumed number of Byzantine rows), the call does the work::
+
+    Krum(f=2)(X)
+    CenteredClipping(tau=1.0)(X, center=previous_aggregate)
+
+All are vectorised torch (pairwise distances via one Gram-matrix product,
+order statistics via ``kthvalue``/``topk`` along dim 0, batched Weiszfeld
+iterations) with memory O(n d + n^2). None of them keeps hidden state between
+calls: CenteredClipping's center is carried by the engine (``uses_center``),
+FLAME's noise comes from a seeded counter that is checkpointed.
+
+Weights: the robust rules are defined for uniform weights in their papers and
+ignore ``weights`` (as ByzFL does), except GeometricMedian (RFA's alpha_i) and
+NormBound (a weighted mean of clipped rows). Conventions that differ between
+libraries are stated per class and pinned by ``tests/test_robust_golden.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from defenses.robust._ops import (check_f, check_updates, clip_rows, coordinate_median, pairwise_sq_dists, row_norms,
+                                  sum_smallest)
+from secfed.aggregation import Mean
+from secfed.interfaces import derive_seed
+
+__all__ = ["Mean", "CoordinateMedian", "TrimmedMean", "Krum", "MultiKrum", "Bulyan", "GeometricMedian",
+           "CenteredClipping", "FLTrust", "FLAME", "NormBound", "krum_scores"]
+
+
+class CoordinateMedian:
+    """Coordinate-wise median (Yin et al. 2018, "Byzantine-robust distributed learning").
+
+    ``out_j = median(x_1j, ..., x_nj)``; for even n the mean of the two middle
+    values (same as numpy, ``torch.quantile(q=0.5)`` and ByzFL's ``Median``;
+    ``torch.median`` would return the lower one). Flower's ``FedMedian`` uses
+    ``np.median`` (same). Cost: one ``kthvalue`` along dim 0 plus O(nd) masks.
+    """
+
+    def __call__(self, X: torch.Tensor, weights: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
+        return coordinate_median(check_updates(X, "CoordinateMedian"))
+
+
+class TrimmedMean:
+    """Coordinate-wise trimmed mean (Yin et al. 2018): per coordinate drop the ``f`` largest and
+    ``f`` smallest values and average the remaining ``n - 2f``.
+
+    ``f`` is a count per side (as ByzFL's ``TrMean(f)``); Yin et al. state it as a
+    fraction beta = f / n, Flower's ``FedTrimmedAvg(beta)`` takes that fraction
+    and cuts ``int(beta * n)`` per side. Needs ``n > 2f``. Computed exactly (ties
+    included) as ``(sum - sum of f largest - sum of f smallest) / (n - 2f)`` with
+    two ``topk`` calls instead of a full sort along dim 0.
+    """
+
+    def __init__(self, f: int = 1) -> None:
+        self.f = check_f(f, "TrimmedMean")
+
+    def __call__(self, X: torch.Tensor, weights: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
+        X = check_updates(X, "TrimmedMean")
+        n, f = X.shape[0], self.f
+        if 2 * f >= n:
+            raise ValueError(f"TrimmedMean: needs n > 2f (n={n}, f={f})")
+        if f == 0:
+            return X.mean(0)
+        total = X.sum(0)
+        low = torch.topk(X, f, dim=0, largest=False, sorted=False).values.sum(0)
+        high = torch.topk(X, f, dim=0, largest=True, sorted=False).values.sum(0)
+        return (total - low - high) / (n - 2 * f)
+
+
+def krum_scores(D: torch.Tensor, neighbours: int) -> torch.Tensor:
+    """``score(i) = sum of the squared distances from x_i to its `neighbours` nearest other rows``.
+
+    ``D`` is the (n, n) squared-distance matrix with a zero diagonal, so the
+    ``neighbours + 1`` smallest entries of a row are the point itself plus its
+    ``neighbours`` nearest others (ties broken arbitrarily, the sum is the same).
+    """
+    n = D.shape[0]
+    k = max(0, min(neighbours, n - 1))
+    return torch.topk(D, k + 1, dim=1, largest=False, sorted=False).values.sum(1)
+
+
+def _krum_neighbours(n: int, f: int, neighbours: int | None, name: str) -> int:
+    if neighbours is not None:
+        if neighbours < 1 or neighbours > n - 1:
+            raise ValueError(f"{name}: neighbours must be in [1, n-1] (got {neighbours}, n={n})")
+        return neighbours
+    if n - f - 2 < 1:
+        raise ValueError(f"{name}: needs n > f + 2 (n={n}, f={f})")
+    return n - f - 2
+
+
+class Krum:
+    """Krum (Blanchard et al. 2017): output the update with the lowest score, where
+    ``score(i) = sum_{j in N_i} ||x_i - x_j||^2`` over the ``n - f - 2`` nearest other updates.
+
+    The paper's convention (squared distances, n-f-2 neighbours; Flower's
+    ``Krum`` agrees). ByzFL's ``Krum`` averages the ``n - f - 1`` nearest
+    distances instead; pass ``neighbours=n-f-1`` to reproduce its selection.
+    Cost: one Gram-matrix product (n x n x d), then O(n^2 log n).
+    """
+
+    def __init__(self, f: int = 1, neighbours: int | None = None) -> None:
+        self.f = check_f(f, "Krum")
+        self.neighbours = neighbours
+
+    def select(self, X: torch.Tensor, m: int) -> torch.Tensor:
+        """Indices of the ``m`` lowest-scored rows (ascending score)."""
+        n = X.shape[0]
+        k = _krum_neighbours(n, self.f, self.neighbours, type(self).__name__)
+        scores = krum_scores(pairwise_sq_dists(X), k)
+        return torch.topk(scores, m, largest=False, sorted=True).indices
+
+    def __call__(self, X: torch.Tensor, weights: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
+        X = check_updates(X, "Krum")
+        return X[self.select(X, 1)[0]].clone()
+
+
+class MultiKrum(Krum):
+    """Multi-Krum (Blanchard et al. 2017): the mean of the ``m`` lowest-scored updates
+    (Krum scores over the ``n - f - 2`` nearest neighbours).
+
+    ``m`` defaults to ``n - f`` (as ByzFL's ``MultiKrum`` and Flower's
+    ``num_clients_to_keep``-style usage). ByzFL scores over ``n - f - 1``
+    neighbours; ``neighbours=n-f-1`` reproduces it exactly (conformance test).
+    """
+
+    def __init__(self, f: int = 1, m: int | None = None, neighbours: int | None = None) -> None:
+        super().__init__(f, neighbours)
+        if m is not None and m < 1:
+            raise ValueError("MultiKrum: m must be >= 1")
+        self.m = m
+
+    def __call__(self, X: torch.Tensor, weights: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
+        X = check_updates(X, "MultiKrum")
+        n = X.shape[0]
+        m = min(self.m if self.m is not None else n - self.f, n)
+        return X[self.select(X, m)].mean(0)
+
+
+class Bulyan:
+    """Bulyan (El Mhamdi et al. 2018): (1) select ``theta = n - 2f`` updates by repeated Krum
+    (each time Krum over the remaining set, scores over its ``n' - f - 2`` nearest
+    neighbours, winner removed); (2) per coordinate, average the ``beta = theta - 2f``
+    selected values closest to their coordinate-wise median.
+
+    Needs ``n >= 4f + 3``. The pairwise distance matrix is computed once; each
+    Krum round only masks it (O(n^2) per round, no further d-sized work).
+    ByzFL has no Bulyan; FLPoison's uses Krum with ``n' - f`` neighbours.
+    """
+
+    def __init__(self, f: int = 1) -> None:
+        self.f = check_f(f, "Bulyan")
+
+    def select(self, X: torch.Tensor) -> torch.Tensor:
+        n, f = X.shape[0], self.f
+        D = pairwise_sq_dists(X)
+        remaining = torch.ones(n, dtype=torch.bool)
+        chosen: list[int] = []
+        for _ in range(n - 2 * f):
+            r = int(remaining.sum())
+            k = max(1, min(r - f - 2, r - 1))
+            Dm = D.masked_fill(~remaining[None, :], float("inf"))
+            if r > 1:
+                scores = torch.topk(Dm, k + 1, dim=1, largest=False, sorted=False).values.sum(1)
+            else:
+                scores = torch.zeros(n, dtype=D.dtype)
+            scores = scores.masked_fill(~remaining, float("inf"))
+            i = int(torch.argmin(scores))
+            chosen.append(i)
+            remaining[i] = False
+        return torch.tensor(chosen, dtype=torch.long)
+
+    def __call__(self, X: torch.Tensor, weights: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
+        X = check_updates(X, "Bulyan")
+        n, f = X.shape[0], self.f
+        if n < 4 * f + 3:
+            raise ValueError(f"Bulyan: needs n >= 4f + 3 (n={n}, f={f})")
+        S = X[self.select(X)]
+        theta = S.shape[0]
+        beta = theta - 2 * f
+        med = coordinate_median(S)
+        idx = torch.topk((S - med).abs(), beta, dim=0, largest=False, sorted=False).indices
+        return torch.gather(S, 0, idx).mean(0)
+
+
+class GeometricMedian:
+    """Geometric median by smoothed Weiszfeld (RFA, Pillutla et al. 2022):
+    ``beta_i = alpha_i / max(nu, ||z - x_i||)``, ``z <- sum_i beta_i x_i / sum_i beta_i``.
+
+    ``alpha_i`` are the (normalised) ``weights`` (uniform if None). Starts from the
+    weighted mean and stops after ``max_iter`` iterations or when the relative
+    change of the objective ``sum_i alpha_i ||z - x_i||`` is below ``tol``
+    (RFA's stopping rule). ByzFL's ``GeometricMedian(nu=0.1, T=3)`` starts from
+    0 and always runs T iterations; ``init="zeros", max_iter=T, tol=0`` matches it.
+    """
+
+    def __init__(self, nu: float = 1e-6, max_iter: int = 100, tol: float = 1e-6, init: str = "mean") -> None:
+        if nu <= 0 or max_iter < 0 or tol < 0:
+            raise ValueError("GeometricMedian: needs nu > 0, max_iter >= 0, tol >= 0")
+        if init not in ("mean", "zeros"):
+            raise ValueError("GeometricMedian: init must be 'mean' or 'zeros'")
+        self.nu, self.max_iter, self.tol, self.init = nu, max_iter, tol, init
+
+    def __call__(self, X: torch.Tensor, weights: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
+        X = check_updates(X, "GeometricMedian")
+        n = X.shape[0]
+        alpha = torch.full((n,), 1.0 / n, dtype=X.dtype) if weights is None else weights.to(X.dtype) / weights.sum()
+        z = alpha @ X if self.init == "mean" else X.new_zeros(X.shape[1])
+        obj = float(alpha @ row_norms(X - z))
+        for _ in range(self.max_iter):
+            beta = alpha / row_norms(X - z).clamp_min(self.nu)
+            z = (beta @ X) / beta.sum()
+            if self.tol > 0:
+                new = float(alpha @ row_norms(X - z))
+                if abs(obj - new) <= self.tol * max(new, 1e-30):
+                    break
+                obj = new
+        return z
+
+
+class CenteredClipping:
+    """Centered clipping (Karimireddy, He & Jaggi 2021, "Learning from history"):
+    ``v <- v + (1/n) sum_i (x_i - v) min(1, tau / ||x_i - v||)``, ``L`` iterations,
+    starting from ``v = center`` (the previous round's aggregate, which the engine
+    passes and stores: ``uses_center = True``; zeros if absent).
+
+    The paper pairs it with worker momentum (``defenses.robust.momentum``).
+    ByzFL's ``CenteredClipping(m, L=1, tau=100.0)`` keeps the center inside the
+    object between calls (hidden state; its ``m`` argument cannot be set because
+    its type check rejects every value); same maths otherwise.
+    """
+
+    uses_center = True
+
+    def __init__(self, tau: float = 1.0, L: int = 1) -> None:
+        if tau <= 0 or L < 1:
+            raise ValueError("CenteredClipping: needs tau > 0 and L >= 1")
+        self.tau, self.L = float(tau), int(L)
+
+    def __call__(self, X: torch.Tensor, weights: torch.Tensor | None = None, center: torch.Tensor | None = None,
+                 **kw: Any) -> torch.Tensor:
+        X = check_updates(X, "CenteredClipping")
+        v = X.new_zeros(X.shape[1]) if center is None else center.to(X.dtype)
+        for _ in range(self.L):
+            diff = X - v
+            scale = torch.clamp(self.tau / row_norms(diff).clamp_min(1e-30), max=1.0)
+            v = v + (scale @ diff) / X.shape[0]
+        return v
+
+
+class FLTrust:
+    """FLTrust (Cao et al., NDSS 2021). With the server's update ``g0`` on its root dataset
+    (``reference=``, ``uses_reference = True``):
+    ``TS_i = ReLU(cos(g_i, g0))``, ``g_i' = g_i * ||g0|| / ||g_i||``,
+    output ``sum_i TS_i g_i' / sum_i TS_i`` (zeros if every TS_i is 0).
+
+    As in the paper (and FLPoison). ByzFL and Flower have no FLTrust.
+    """
+
+    uses_reference = True
+
+    def __call__(self, X: torch.Tensor, weights: torch.Tensor | None = None, reference: torch.Tensor | None = None,
+                 **kw: Any) -> torch.Tensor:
+        X = check_updates(X, "FLTrust")
+        if reference is None:
+            raise ValueError("FLTrust needs reference= (the server's update on its root dataset)")
+        g0 = reference.to(X.dtype)
+        n0 = torch.linalg.vector_norm(g0)
+        norms = row_norms(X).clamp_min(1e-12)
+        ts = torch.relu((X @ g0) / (norms * n0.clamp_min(1e-12)))
+        if float(ts.sum()) <= 0:
+            return X.new_zeros(X.shape[1])
+        coef = ts * n0 / norms
+        return (coef @ X) / ts.sum()
+
+
+class FLAME:
+    """FLAME (Nguyen et al., USENIX Security 2022):
+
+    1. HDBSCAN on the pairwise cosine distances ``1 - cos(x_i, x_j)`` with
+       ``min_cluster_size = n/2 + 1`` (``min_samples=1``, ``allow_single_cluster=True`` as in
+       the authors' code); updates outside the
+       majority cluster are dropped (if HDBSCAN finds no cluster, all are kept);
+    2. ``S = median_i ||x_i||`` over all updates; each kept update is clipped to S;
+    3. the mean of the clipped kept updates plus ``N(0, (noise * S)^2 I)``
+       (the paper's ``lambda = 0.001`` by default).
+
+    Updates are deltas, so ``||x_i||`` is the paper's ``||W_t - G_{t-1}||``. The
+    noise is simulation randomness from a seeded generator whose call counter
+    is checkpointed (``state_dict``); it is a backdoor-removal heuristic, not a DP
+    guarantee. FLPoison follows the same steps; ByzFL and Flower have no FLAME.
+    """
+
+    def __init__(self, noise: float = 0.001, seed: int = 0) -> None:
+        if noise < 0:
+            raise ValueError("FLAME: noise must be >= 0")
+        self.noise, self.seed, self.calls = float(noise), int(seed), 0
+        self.last_kept: list[int] = []
+
+    def admitted(self, X: torch.Tensor) -> torch.Tensor:
+        """Indices of the updates in HDBSCAN's majority cluster."""
+        import numpy as np
+        from sklearn.cluster import HDBSCAN
+
+        n = X.shape[0]
+        if n < 3:
+            return torch.arange(n)
+        U = X / row_norms(X).clamp_min(1e-12)[:, None]
+        C = (U @ U.T).double()
+        dist = (1.0 - 0.5 * (C + C.T)).clamp_min(0.0)
+        dist.fill_diagonal_(0.0)
+        labels = HDBSCAN(min_cluster_size=n // 2 + 1, min_samples=1, metric="precomputed", allow_single_cluster=True,
+                         copy=True).fit_predict(dist.numpy().astype(np.float64))
+        labels = torch.as_tensor(labels)
+        valid = labels[labels >= 0]
+        if len(valid) == 0:
+            return torch.arange(n)
+        major = torch.bincount(valid).argmax()
+        return torch.nonzero(labels == major).flatten()
+
+    def __call__(self, X: torch.Tensor, weights: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
+        X = check_updates(X, "FLAME")
+        keep = self.admitted(X)
+        self.last_kept = keep.tolist()
+        S = float(row_norms(X).median())
+        agg = clip_rows(X[keep], S).mean(0)
+        self.calls += 1
+        if self.noise > 0:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "flame", self.calls))
+            agg = agg + self.noise * S * torch.randn(agg.shape, generator=g, dtype=agg.dtype)
+        return agg
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.calls = int(state.get("calls", 0))
+
+
+class NormBound:
+    """Norm bounding (Sun et al. 2019, "Can you really backdoor federated learning?"):
+    clip each update to ``||x_i|| <= max_norm``, then the (weighted) mean.
+
+    The same as ``StaticClip(max_norm)`` followed by ``Mean``; FLPoison's
+    ``NormClipping`` agrees, ByzFL's ``Clipping`` is the pre-aggregator part only.
+    """
+
+    def __init__(self, max_norm: float = 1.0) -> None:
+        if not max_norm > 0 or math.isinf(max_norm):
+            raise ValueError("NormBound: max_norm must be a positive finite number")
+        self.max_norm = float(max_norm)
+
+    def __call__(self, X: torch.Tensor, weights: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
+        X = clip_rows(check_updates(X, "NormBound"), self.max_norm)
+        return Mean()(X, weights)
