@@ -111,7 +111,7 @@ def _read_hf(name: str, split: str | None, text_col: str, label_col: str) -> tup
         raise DataError("data.source = 'hf' needs the 'datasets' package (pip install 'secfed[hf]')") from None
     try:
         p = Path(name)
-        if p.is_dir() and any(p.glob("*.arrow")):
+        if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()):
             ds = datasets.load_from_disk(str(p))
         else:
             ds = datasets.load_dataset(name, split=split or "train")

@@ -83,3 +83,18 @@ def test_csv_source_works(tmp_path):
     res = secfed("run", str(cfg), "--out", str(tmp_path / "out"), "--quiet", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "out" / "summary.json").exists()
+
+
+def test_hf_datasets_local_folder(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"sentence": ["good great fine", "bad awful poor"] * 60, "y": [1, 0] * 60})
+    ds.save_to_disk(str(tmp_path / "hf"))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(TINY.replace('source = "synthetic-text"',
+                                f'source = "hf"\npath = "{tmp_path / "hf"}"\ntext_column = "sentence"\nlabel_column = "y"'))
+    res = secfed("run", str(cfg), "--out", str(tmp_path / "out"), "--quiet", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    bad = tmp_path / "b.toml"
+    bad.write_text(TINY.replace('source = "synthetic-text"', f'source = "hf"\npath = "{tmp_path / "hf"}"'))
+    line = one_line_error(secfed("run", str(bad), "--out", str(tmp_path / "out2"), cwd=tmp_path))
+    assert "column 'text'" in line
