@@ -45,7 +45,9 @@ class PrivacyLedger:
             complete = i < len(lines) - 1  # followed by a newline
             try:
                 entry = json.loads(line)
-            except json.JSONDecodeError:
+                if not isinstance(entry, dict):
+                    raise ValueError("not an object")
+            except ValueError:  # JSONDecodeError, UnicodeDecodeError, not an object
                 if complete:
                     raise CheckpointError(f"privacy ledger {self.path}: line {i + 1} is corrupt") from None
                 break  # torn final write
