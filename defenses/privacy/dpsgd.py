@@ -1,0 +1,202 @@
+"""Sample-level DP: DP-SGD (Abadi et al. 2016) through Opacus on a client's trainable adapter/head.
+
+Each local step draws a Poisson batch (every example of the client's shard with
+probability q = min(1, B / n)), computes per-example gradients of the trainable
+parameters (LoRA A/B matrices, the head) with Opacus' ``GradSampleModule`` -- or
+Opacus' ghost clipping (Li et al. 2022; Bu et al. 2023), which never materialises
+them -- clips each to norm C, sums, adds N(0, (zC)^2 I) and divides by the expected
+batch size qn (Opacus' ``loss_reduction = "mean"`` convention). Steps per round: K =
+``local_steps`` if > 0, else round(local_epochs / q) (the expected number of Poisson
+batches in ``local_epochs`` passes). The guarantee is per record of one client's
+shard, composed over its K steps per round and over the rounds (``DPSGDGuard``).
+
+The Opacus wrapper is built for every ``train`` call and removed afterwards (hooks
+and the ``grad_sample``/``summed_grad`` attributes), since the engine reuses one
+model object for every client. Known traps, checked by ``tests/test_privacy_dpsgd.py``:
+opacus #732 (a trainable parameter with no per-sample gradient: we check every
+trainable parameter is reached before the first step) and opacus #820 (LoRA weights
+silently corrupted with some opacus/peft versions: the test compares Opacus' per-sample
+gradients with per-example backward passes on the LoRA model and checks the frozen
+weights are untouched).
+
+Noise comes from the OS CSPRNG (:mod:`defenses.privacy.noise`) unless
+``noise = "seeded"``; Opacus' own ``secure_mode`` needs ``torchcsprng``, which is not
+installable with this torch, so :meth:`_NoiseMixin.add_noise` replaces its sampler.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from opacus.grad_sample import GradSampleModule
+from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from torch import nn
+
+from defenses.privacy.analysis import calibrate_noise_for
+from defenses.privacy.noise import SOURCES, gaussian_like
+from secfed.errors import ConfigError
+from secfed.training import make_optimizer
+
+_OPACUS_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample", "summed_grad", "_processed")
+
+
+def client_plan(n: int, batch_size: int, local_epochs: int, local_steps: int) -> tuple[float, int]:
+    """(q, K): Poisson rate and number of DP-SGD steps of a client with n examples in one round."""
+    if n <= 0:
+        return 0.0, 0
+    q = min(1.0, batch_size / n)
+    steps = local_steps if local_steps > 0 else max(1, math.ceil(local_epochs / q - 1e-9)) if local_epochs > 0 else 0
+    return q, steps
+
+
+def sample_level_histories(z: float, shard_sizes: list[int], rounds: int, batch_size: int, local_epochs: int,
+                           local_steps: int) -> list[list[tuple[float, float, int]]]:
+    """Worst-case histories, one per distinct shard plan, as if every client took part in every round."""
+    plans = {client_plan(n, batch_size, local_epochs, local_steps) for n in shard_sizes}
+    return [[(z, q, k * rounds)] for q, k in sorted(plans) if k > 0]
+
+
+def resolve_noise_multiplier(cfg: Any, shard_sizes: list[int]) -> float:
+    """z of the run's DP-SGD: ``client.trainer.noise_multiplier`` or calibrated from ``server.privacy``.
+
+    Calibration assumes every client trains in every round (a client sampled less
+    often spends less), so the budget holds whoever is sampled.
+    """
+    params = cfg.client.trainer.params
+    if params.get("noise_multiplier") is not None:
+        return float(params["noise_multiplier"])
+    priv = cfg.server.privacy
+    if priv is None or priv.name != "dp-sgd" or priv.params.get("epsilon") is None:
+        raise ConfigError("config key 'client.trainer.noise_multiplier': give it, or set server.privacy = "
+                          "{name = \"dp-sgd\", epsilon = ..., delta = ...} to calibrate it")
+    c = cfg.client
+    return calibrate_noise_for(
+        lambda z: sample_level_histories(z, shard_sizes, cfg.run.rounds, c.batch_size, c.local_epochs, c.local_steps),
+        float(priv.params["epsilon"]), float(priv.params.get("delta", 1e-5)), priv.params.get("accountant", "rdp"),
+        key="server.privacy")
+
+
+class _NoiseMixin:
+    """Replaces Opacus' Gaussian sampler by :func:`gaussian_like` (CSPRNG or seeded)."""
+
+    noise_source: str = "csprng"
+    noise_generator: torch.Generator | None = None
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = gaussian_like(p.summed_grad, std, self.noise_source, self.noise_generator)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
+class _DPOptimizer(_NoiseMixin, DPOptimizer):
+    pass
+
+
+class _DPOptimizerGhost(_NoiseMixin, DPOptimizerFastGradientClipping):
+    pass
+
+
+class DPSGDTrainer:
+    """DP-SGD local training with Opacus (same interface as :class:`secfed.training.SGDTrainer`).
+
+    Args:
+        max_grad_norm: per-example clipping norm C.
+        noise_multiplier: z; ``None`` calibrates it from ``server.privacy`` (epsilon, delta).
+        ghost_clipping: Opacus' ghost clipping (no per-example gradients in memory;
+            two backward passes). Works for the Linear layers of LoRA and the head.
+        noise: ``"csprng"`` (default) or ``"seeded"`` (reproducible experiments only).
+    """
+
+    def __init__(self, max_grad_norm: float = 1.0, noise_multiplier: float | None = None, ghost_clipping: bool = False,
+                 noise: str = "csprng", local_epochs: int = 1, local_steps: int = 0, batch_size: int = 16,
+                 lr: float = 5e-3, optimizer: str = "adam", momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+        if not max_grad_norm > 0:
+            raise ConfigError(f"config key 'client.trainer.max_grad_norm': must be > 0 (got {max_grad_norm})")
+        if noise_multiplier is not None and noise_multiplier < 0:
+            raise ConfigError(f"config key 'client.trainer.noise_multiplier': must be >= 0 (got {noise_multiplier})")
+        if noise not in SOURCES:
+            raise ConfigError(f"config key 'client.trainer.noise': one of {SOURCES} (got {noise!r})")
+        self.max_grad_norm, self.noise_multiplier, self.ghost_clipping, self.noise = max_grad_norm, noise_multiplier, ghost_clipping, noise
+        self.local_epochs, self.local_steps, self.batch_size = local_epochs, local_steps, batch_size
+        self.lr, self.optimizer, self.momentum, self.weight_decay = lr, optimizer, momentum, weight_decay
+        self._z: float | None = noise_multiplier
+
+    def resolved_noise_multiplier(self, task: Any) -> float:
+        if self._z is None:
+            self._z = resolve_noise_multiplier(task.cfg, [len(s) for s in task.shards])
+        return self._z
+
+    def train(self, model: nn.Module, task: Any, data: Any, generator: torch.Generator, client_id: int = 0) -> dict[str, float]:
+        z = self.resolved_noise_multiplier(task) if self._z is None else self._z
+        n = len(data)
+        q, steps = client_plan(n, self.batch_size, self.local_epochs, self.local_steps)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if steps == 0 or not params:
+            return {"train_loss": float("nan"), "steps": 0, "examples_seen": 0}
+        base = make_optimizer(params, self.optimizer, self.lr, self.momentum, self.weight_decay)
+        expected = q * n
+        if self.ghost_clipping:
+            gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean", strict=False,
+                                                       max_grad_norm=self.max_grad_norm, use_ghost_clipping=True)
+            opt = _DPOptimizerGhost(base, noise_multiplier=z, max_grad_norm=self.max_grad_norm,
+                                    expected_batch_size=expected, loss_reduction="mean")
+            criterion = DPLossFastGradientClipping(gsm, opt, nn.CrossEntropyLoss(reduction="mean"), "mean")
+        else:
+            gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+            opt = _DPOptimizer(base, noise_multiplier=z, max_grad_norm=self.max_grad_norm, expected_batch_size=expected,
+                               loss_reduction="mean")
+            criterion = None
+        opt.noise_source = self.noise
+        if self.noise == "seeded":
+            opt.noise_generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        model.train()
+        total, seen, checked = 0.0, 0, False
+        try:
+            for _ in range(steps):
+                idx = torch.nonzero(torch.rand(n, generator=generator) < q).flatten()
+                opt.zero_grad(set_to_none=True)
+                if len(idx) == 0:  # empty Poisson batch: the step releases noise only
+                    self._noise_only_step(params, base, z, expected, opt)
+                    continue
+                batch = data.batch(idx)
+                logits = task.forward(gsm, batch)
+                if criterion is not None:
+                    loss = criterion(logits, batch["labels"])
+                else:
+                    loss = nn.functional.cross_entropy(logits, batch["labels"])
+                loss.backward()
+                if not checked and criterion is None:
+                    missing = [i for i, p in enumerate(params) if getattr(p, "grad_sample", None) is None]
+                    if missing:  # opacus #732: fail loudly rather than train some parameters without DP
+                        raise ConfigError(f"config key 'client.trainer': DP-SGD: {len(missing)} trainable parameters got no "
+                                          "per-sample gradient (a layer Opacus does not support, or unused parameters)")
+                    checked = True
+                opt.step()
+                total += float(loss.item()) * len(idx)
+                seen += len(idx)
+        finally:
+            opt.zero_grad(set_to_none=True)
+            gsm._close()
+            for p in model.parameters():
+                for a in _OPACUS_ATTRS:
+                    if hasattr(p, a):
+                        delattr(p, a)
+                p.grad = None
+        return {"train_loss": total / max(seen, 1), "steps": steps, "examples_seen": seen,
+                "noise_multiplier": z, "sample_rate": q}
+
+    def _noise_only_step(self, params: list[nn.Parameter], base: torch.optim.Optimizer, z: float, expected: float, opt: Any) -> None:
+        std = z * self.max_grad_norm
+        for p in params:
+            p.grad = gaussian_like(torch.zeros_like(p), std, self.noise, opt.noise_generator) / expected
+        base.step()
+        base.zero_grad(set_to_none=True)
