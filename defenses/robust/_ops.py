@@ -26,14 +26,25 @@ def check_f(f: int, name: str) -> int:
 
 
 def pairwise_sq_dists(X: torch.Tensor) -> torch.Tensor:
-    """``D[i, j] = ||x_i - x_j||^2`` through one ``n x n x d`` matrix product.
+    """``D[i, j] = ||x_i - x_j||^2`` through one ``n x n x d`` matrix product (float64 result).
 
-    Rows are centred on their mean first (distances are translation invariant),
-    which removes most of the cancellation of ``|a|^2 + |b|^2 - 2 a.b``; the
-    Gram matrix is accumulated in float64 (an O(n^2) cost), the diagonal is exactly 0.
+    ``|x_i|^2 + |x_j|^2 - 2 x_i.x_j`` loses precision when two rows are much closer to
+    each other than to the origin (float32 Gram entries carry an error of about
+    1e-6 (|x_i|^2 + |x_j|^2)). If any pair is that close, the Gram matrix is recomputed
+    on rows centred on their mean (translation invariant, an extra (n, d) copy), which
+    removes the common offset. The diagonal is exactly 0 and D is symmetric.
     """
-    Xc = X - X.mean(0, keepdim=True)
-    G = (Xc @ Xc.T).double()
+    D = _sq_dists_from_gram(X @ X.T)
+    G_diag = torch.linalg.vector_norm(X, dim=1).double() ** 2
+    scale = G_diag[:, None] + G_diag[None, :]
+    if bool((D < 1e-3 * scale).fill_diagonal_(False).any()):
+        Xc = X - X.mean(0, keepdim=True)
+        D = _sq_dists_from_gram(Xc @ Xc.T)
+    return D
+
+
+def _sq_dists_from_gram(G: torch.Tensor) -> torch.Tensor:
+    G = G.double()
     G = 0.5 * (G + G.T)
     sq = G.diagonal()
     D = (sq[:, None] + sq[None, :] - 2.0 * G).clamp_min_(0.0)
@@ -41,33 +52,56 @@ def pairwise_sq_dists(X: torch.Tensor) -> torch.Tensor:
     return D
 
 
+BLOCK_ELEMENTS = 1 << 20  # 4 MiB of float32 per block of columns: it stays in cache while it is sorted
+
+
+def columnwise(X: torch.Tensor, fn) -> torch.Tensor:
+    """Apply ``fn`` to column blocks of X, each transposed to a contiguous ``(block, n)`` tensor so that
+    the per-coordinate sort / selection runs along contiguous memory; returns the ``(d,)`` results."""
+    n, d = X.shape
+    b = max(1024, BLOCK_ELEMENTS // n)
+    out = X.new_empty(d)
+    for s in range(0, d, b):
+        out[s:s + b] = fn(X[:, s:s + b].T.contiguous())
+    return out
+
+
 def row_norms(X: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(X, dim=1)
 
 
-def sum_smallest(X: torch.Tensor, k: int) -> torch.Tensor:
-    """Per column, the sum of the ``k`` smallest entries (exact with ties), shape ``(d,)``."""
-    n = X.shape[0]
-    if k <= 0:
-        return X.new_zeros(X.shape[1])
-    if k >= n:
-        return X.sum(0)
-    if k <= n - k:
-        return torch.topk(X, k, dim=0, largest=False, sorted=False).values.sum(0)
-    return X.sum(0) - torch.topk(X, n - k, dim=0, largest=True, sorted=False).values.sum(0)
+def dists_to(X: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``||x_i - z||`` for every row, in one pass over X without an (n, d) temporary
+    (``torch.cdist`` in its direct, non-matmul mode: exact, no cancellation)."""
+    return torch.cdist(X[None], z.reshape(1, 1, -1).to(X.dtype), compute_mode="donot_use_mm_for_euclid_dist")[0, :, 0]
+
+
+def _median_rows(T: torch.Tensor) -> torch.Tensor:
+    n = T.shape[1]
+    lo = torch.kthvalue(T, (n + 1) // 2, dim=1).values
+    if n % 2 == 1:
+        return lo
+    # the upper middle value: lo itself if it also holds rank n/2 + 1, else the smallest entry above lo
+    ties = (T <= lo[:, None]).sum(1) > n // 2
+    above = torch.where(T > lo[:, None], T, torch.full_like(T, float("inf"))).amin(1)
+    return 0.5 * (lo + torch.where(ties, lo, above))
 
 
 def coordinate_median(X: torch.Tensor) -> torch.Tensor:
     """Per-coordinate median; for even n the mean of the two middle values (as numpy / ``torch.quantile``)."""
+    return columnwise(X, _median_rows)
+
+
+def trimmed_mean(X: torch.Tensor, f: int) -> torch.Tensor:
+    """Per coordinate, the mean after dropping the f largest and f smallest values (exact with ties)."""
     n = X.shape[0]
-    lo = torch.kthvalue(X, (n + 1) // 2, dim=0).values
-    if n % 2 == 1:
-        return lo
-    # the upper middle value: lo itself if it occurs at rank n/2 + 1 too, else the smallest entry above lo
-    ties = (X <= lo).sum(0) > n // 2
-    above = torch.where(X > lo, X, torch.full_like(X, float("inf"))).amin(0)
-    hi = torch.where(ties, lo, above)
-    return 0.5 * (lo + hi)
+
+    def rows(T: torch.Tensor) -> torch.Tensor:
+        low = torch.topk(T, f, dim=1, largest=False, sorted=False).values.sum(1)
+        high = torch.topk(T, f, dim=1, largest=True, sorted=False).values.sum(1)
+        return (T.sum(1) - low - high) / (n - 2 * f)
+
+    return columnwise(X, rows)
 
 
 def clip_rows(X: torch.Tensor, max_norm: float | torch.Tensor) -> torch.Tensor:

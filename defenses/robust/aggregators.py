@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from defenses.robust._ops import (check_f, check_updates, clip_rows, coordinate_median, pairwise_sq_dists, row_norms,
-                                  sum_smallest)
+from defenses.robust._ops import (check_f, check_updates, clip_rows, coordinate_median, dists_to, pairwise_sq_dists,
+                                  row_norms, trimmed_mean)
 from secfed.aggregation import Mean
 from secfed.interfaces import derive_seed
 
@@ -40,7 +40,7 @@ class CoordinateMedian:
     ``out_j = median(x_1j, ..., x_nj)``; for even n the mean of the two middle
     values (same as numpy, ``torch.quantile(q=0.5)`` and ByzFL's ``Median``;
     ``torch.median`` would return the lower one). Flower's ``FedMedian`` uses
-    ``np.median`` (same). Cost: one ``kthvalue`` along dim 0 plus O(nd) masks.
+    ``np.median`` (same). Cost: one ``kthvalue`` per cache-sized block of coordinates.
     """
 
     def __call__(self, X: torch.Tensor, weights: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
@@ -55,7 +55,7 @@ class TrimmedMean:
     fraction beta = f / n, Flower's ``FedTrimmedAvg(beta)`` takes that fraction
     and cuts ``int(beta * n)`` per side. Needs ``n > 2f``. Computed exactly (ties
     included) as ``(sum - sum of f largest - sum of f smallest) / (n - 2f)`` with
-    two ``topk`` calls instead of a full sort along dim 0.
+    two ``topk`` calls per cache-sized block of coordinates instead of a full sort along dim 0.
     """
 
     def __init__(self, f: int = 1) -> None:
@@ -68,10 +68,7 @@ class TrimmedMean:
             raise ValueError(f"TrimmedMean: needs n > 2f (n={n}, f={f})")
         if f == 0:
             return X.mean(0)
-        total = X.sum(0)
-        low = torch.topk(X, f, dim=0, largest=False, sorted=False).values.sum(0)
-        high = torch.topk(X, f, dim=0, largest=True, sorted=False).values.sum(0)
-        return (total - low - high) / (n - 2 * f)
+        return trimmed_mean(X, f)
 
 
 def krum_scores(D: torch.Tensor, neighbours: int) -> torch.Tensor:
@@ -141,7 +138,9 @@ class MultiKrum(Krum):
         X = check_updates(X, "MultiKrum")
         n = X.shape[0]
         m = min(self.m if self.m is not None else n - self.f, n)
-        return X[self.select(X, m)].mean(0)
+        w = X.new_zeros(n)
+        w[self.select(X, m)] = 1.0 / m
+        return w @ X
 
 
 class Bulyan:
@@ -213,12 +212,14 @@ class GeometricMedian:
         n = X.shape[0]
         alpha = torch.full((n,), 1.0 / n, dtype=X.dtype) if weights is None else weights.to(X.dtype) / weights.sum()
         z = alpha @ X if self.init == "mean" else X.new_zeros(X.shape[1])
-        obj = float(alpha @ row_norms(X - z))
+        dist = dists_to(X, z)
+        obj = float(alpha @ dist)
         for _ in range(self.max_iter):
-            beta = alpha / row_norms(X - z).clamp_min(self.nu)
+            beta = alpha / dist.clamp_min(self.nu)
             z = (beta @ X) / beta.sum()
+            dist = dists_to(X, z)
             if self.tol > 0:
-                new = float(alpha @ row_norms(X - z))
+                new = float(alpha @ dist)
                 if abs(obj - new) <= self.tol * max(new, 1e-30):
                     break
                 obj = new
@@ -248,10 +249,11 @@ class CenteredClipping:
                  **kw: Any) -> torch.Tensor:
         X = check_updates(X, "CenteredClipping")
         v = X.new_zeros(X.shape[1]) if center is None else center.to(X.dtype)
+        n = X.shape[0]
         for _ in range(self.L):
-            diff = X - v
-            scale = torch.clamp(self.tau / row_norms(diff).clamp_min(1e-30), max=1.0)
-            v = v + (scale @ diff) / X.shape[0]
+            # sum_i c_i (x_i - v) = c @ X - (sum_i c_i) v: two passes over X, no (n, d) temporary
+            c = torch.clamp(self.tau / dists_to(X, v).clamp_min(1e-30), max=1.0)
+            v = v + (c @ X - c.sum() * v) / n
         return v
 
 
