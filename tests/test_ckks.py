@@ -274,6 +274,20 @@ def test_random_corruption_never_crashes(data):
         pass
 
 
+@settings(max_examples=40, deadline=None)
+@given(secret=st.booleans(), flips=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), min_size=1, max_size=10))
+def test_corrupt_context_bytes_never_crash(secret, flips):
+    p, kh, _, _ = _fuzz_fixture()
+    buf = bytearray(kh.client_context() if secret else kh.server_context())
+    for i, v in flips:
+        buf[i % len(buf)] = v
+    try:
+        loaded = decode_context(bytes(buf))
+    except MalformedMessage:
+        return
+    assert loaded.secret == loaded.context.has_secret_key()
+
+
 @functools.cache
 def _fuzz_fixture():
     p = DEFAULT.validate()
