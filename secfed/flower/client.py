@@ -68,6 +68,12 @@ def make_client_app(cfg: ExperimentConfig | None = None) -> Any:
     @app.query()
     def query(msg: Message, context: Any) -> Message:
         run_cfg, cid, _ = _node_setup(dict(context.node_config), cfg)
+        rec = codec.record_of(msg.content)
+        if "step" in rec:  # one step of secfed's SecAgg+ (secfed.flower.secagg)
+            from secfed.flower.secagg import node_step
+
+            out = node_step(context.state, rec, cid, run_cfg.run.seed)
+            return reply(msg, {"round": int(rec["round"]), "client": cid, "step": str(rec["step"]), "payload": out})
         return reply(msg, {"client": cid, "fingerprint": run_cfg.fingerprint()})
 
     @app.train()
@@ -77,9 +83,17 @@ def make_client_app(cfg: ExperimentConfig | None = None) -> Any:
         from secfed.flower.runtime import runtime_for  # torch & co. only for real work
 
         rt = runtime_for(run_cfg, cid, data_file)
-        payload, metrics = rt.train(rec, cid)
+        u, ctx = rt.update(rec, cid)
+        extra: dict[str, Any] = {}
+        if getattr(rt.secure_sum, "reveals_individual", True):
+            payload = rt.secure_sum.encode(u, ctx)
+        else:  # SecAgg+: keep the update on the node; the masking steps follow as query messages
+            from secfed.flower.secagg import stash_update
+
+            payload = b""
+            extra["reason"] = stash_update(context.state, ctx.round, cid, u.delta, u.weight, rt.secure_sum)
         return reply(msg, {"round": int(rec["round"]), "client": cid, "payload": payload,
-                           "metrics": json.dumps(metrics)})
+                           "metrics": json.dumps(rt.metrics(u)), **extra})
 
     return app
 

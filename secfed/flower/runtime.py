@@ -112,7 +112,16 @@ class ClientRuntime:
         return Engine.local_update(self, client_id, ctx)  # type: ignore[arg-type]
 
     def train(self, rec: Any, client_id: int) -> tuple[bytes, dict[str, float]]:
-        """Handle one ``train`` record for ``client_id``: returns (payload bytes, metrics)."""
+        """Handle one ``train`` record with a plain secure sum: (payload bytes, metrics)."""
+        u, ctx = self.update(rec, client_id)
+        return self.secure_sum.encode(u, ctx), self.metrics(u)
+
+    @staticmethod
+    def metrics(u: ClientUpdate) -> dict[str, float]:
+        return {k: float(v) for k, v in u.metrics.items() if isinstance(v, (int, float))}
+
+    def update(self, rec: Any, client_id: int) -> tuple[ClientUpdate, RoundContext]:
+        """Validate a ``train`` record and run this client's round: its update after pipeline (and adversary)."""
         n = self.cfg.data.num_clients
         if codec.get(rec, "fingerprint", str, max_len=64) != self.cfg.fingerprint():
             raise MalformedMessage("train: the server runs a different config than this node (fingerprint)")
@@ -132,9 +141,7 @@ class ClientRuntime:
             u = stage(u, ctx)
         if client_id in self.malicious and hasattr(self.adversary, "poison_updates"):
             u = self.adversary.poison_updates([u], [], ctx)[0]
-        payload = self.secure_sum.encode(u, ctx)
-        metrics = {k: float(v) for k, v in u.metrics.items() if isinstance(v, (int, float))}
-        return payload, metrics
+        return u, ctx
 
 
 _RUNTIMES: dict[tuple, ClientRuntime] = {}

@@ -32,7 +32,7 @@ from secfed.flower import codec
 from secfed.interfaces import RoundContext, SumResult, WireMessage
 from secfed.wire import decode_update
 
-SUPPORTED_SECURE_SUMS = ("plain",)
+SUPPORTED_SECURE_SUMS = ("plain", "secagg+", "secagg")
 
 
 @dataclass
@@ -42,6 +42,7 @@ class Received:
     client_id: int
     payload: bytes
     metrics: dict[str, float] = field(default_factory=dict)
+    reason: str = ""  # SecAgg+: why the node's update cannot be encoded ('' = it can)
 
 
 class WirePlainSum:
@@ -97,7 +98,12 @@ class FlowerEngine(Engine):
             raise ConfigError("config key 'attack.adversary': an omniscient adversary reads honest clients' updates, "
                               "which SuperNodes never share; run it with deploy.transport = 'inprocess'")
         self.grid = grid
-        self.wire = WirePlainSum(cfg.server.max_update_norm)
+        if getattr(self.secure_sum, "reveals_individual", True):
+            self.wire: Any = WirePlainSum(cfg.server.max_update_norm)
+        else:
+            from secfed.flower.secagg import FlowerSecAgg
+
+            self.wire = FlowerSecAgg(self.secure_sum, self.exchange)
         self.nodes: dict[int, int] = {}  # client id -> Flower node id
         self.round_timeout = cfg.deploy.round_timeout
         self.connect_timeout = cfg.deploy.connect_timeout
@@ -180,7 +186,8 @@ class FlowerEngine(Engine):
                 if codec.get(rec, "round", int) != t or codec.get(rec, "client", int) != cid:
                     raise MalformedMessage("reply for another round or client")
                 got[cid] = Received(cid, codec.get(rec, "payload", bytes),
-                                    codec.decode_metrics(codec.get(rec, "metrics", str)))
+                                    codec.decode_metrics(codec.get(rec, "metrics", str)),
+                                    codec.get(rec, "reason", str, max_len=512) if "reason" in rec else "")
             except MalformedMessage as e:
                 dropped[cid] = f"malformed: {e}"
         for cid in node_of.values():
@@ -189,6 +196,38 @@ class FlowerEngine(Engine):
         for cid, why in sorted(dropped.items()):
             self._log(f"round {t}: client {cid} dropped: {why}")
         return [got[c] for c in ctx.cohort if c in got], dropped
+
+    def exchange(self, step: str, outgoing: dict[int, bytes], ctx: RoundContext) -> tuple[dict[int, bytes], dict[int, str]]:
+        """One SecAgg+ step: ``outgoing[client]`` to each client's SuperNode; (replies, failures)."""
+        t = ctx.round
+        msgs, node_of = [], {}
+        failed: dict[int, str] = {}
+        for cid, payload in outgoing.items():
+            if cid not in self.nodes:
+                failed[cid] = "no reply: no SuperNode connected"
+                continue
+            msgs.append(self._message({"round": t, "client": cid, "step": step, "payload": payload}, "query",
+                                      self.nodes[cid], f"{t}.{step}"))
+            node_of[self.nodes[cid]] = cid
+        got: dict[int, bytes] = {}
+        for r in (list(self.grid.send_and_receive(msgs, timeout=self.round_timeout)) if msgs else []):
+            cid = node_of.get(r.metadata.src_node_id)
+            if cid is None or cid in got or cid in failed:
+                continue
+            if r.has_error():
+                failed[cid] = r.error.reason[:200]
+                continue
+            try:
+                rec = codec.record_of(r.content)
+                if (codec.get(rec, "round", int), codec.get(rec, "client", int), codec.get(rec, "step", str)) != (t, cid, step):
+                    raise MalformedMessage("reply for another round, client or step")
+                got[cid] = codec.get(rec, "payload", bytes)
+            except MalformedMessage as e:
+                failed[cid] = f"malformed: {e}"
+        for cid in node_of.values():
+            if cid not in got and cid not in failed:
+                failed[cid] = f"no reply within deploy.round_timeout = {self.round_timeout:g} s"
+        return got, failed
 
     def secure_aggregate(self, received: list[Received], ctx: RoundContext) -> SumResult:
         from secfed.secure_sum import group_sums
