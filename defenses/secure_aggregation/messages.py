@@ -261,7 +261,7 @@ def decode_share_plaintext(pt: bytes, *, round_: int, sender: int, receiver: int
 # ---------------------------------------------------------------------------- MASKED
 def encode_masked(round_: int, me: int, y: np.ndarray, ring_bits: int) -> bytes:
     y = np.ascontiguousarray(y, dtype=RING_DTYPES[ring_bits])
-    return _pack_header(Step.MASKED, round_, me) + _MASKED.pack(ring_bits, y.size - 1) + y.tobytes()
+    return b"".join((_pack_header(Step.MASKED, round_, me), _MASKED.pack(ring_bits, y.size - 1), y.data))
 
 
 def decode_masked(buf: bytes, *, round_: int, sender: int, dim: int, ring_bits: int) -> np.ndarray:

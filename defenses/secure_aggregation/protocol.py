@@ -130,14 +130,17 @@ class SecAggClient:
         return msg.encode_shares(self.round, self.me, cts)
 
     def masked_input(self, forward_payload: bytes, x: np.ndarray, expander: MaskExpander) -> bytes:
-        """Round 2: y_u = x_u + PRG(b_u) +- PRG(s_uv) for every neighbour v that shared (U2)."""
+        """Round 2: y_u = x_u + PRG(b_u) +- PRG(s_uv) for every neighbour v that shared (U2).
+
+        ``x`` (the encoded input, a ring vector) is masked in place.
+        """
         fwd = msg.decode_forward(forward_payload, round_=self.round, allowed=set(self.keys))
         if len(fwd) + 1 < self.setup.threshold:
             raise MalformedMessage(f"FORWARD: shares from {len(fwd)} neighbours, threshold is {self.setup.threshold}")
         for v, (nonce, ct) in fwd.items():
             k = share_key(self.c_sk, self.keys[v][0], self.round, v, self.me)
             self.held[v] = decrypt_share(k, nonce, ct, self.round, v, self.me)
-        y = np.array(x, dtype=RING_DTYPES[self.setup.ring_bits], copy=True)
+        y = x if x.dtype == RING_DTYPES[self.setup.ring_bits] else x.astype(RING_DTYPES[self.setup.ring_bits])
         expander.add(y, self_mask_key(self.b, self.round, self.me), +1)
         for v in sorted(self.held):
             expander.add(y, pair_mask_key(self.s_sk, self.keys[v][1], self.round, self.me, v), +1 if self.me < v else -1)

@@ -63,25 +63,48 @@ class Quantizer:
 
     def check(self, delta: np.ndarray, weight: float, max_weight: int) -> str | None:
         """None if the update can be encoded, else the reason it cannot (told to the client)."""
-        if not np.isfinite(delta).all():
+        hi, lo = (float(delta.max()), float(delta.min())) if delta.size else (0.0, 0.0)
+        if not (math.isfinite(hi) and math.isfinite(lo)):  # max/min propagate NaN and inf
             return "update has non-finite values"
-        m = float(np.abs(delta).max()) if delta.size else 0.0
+        m = max(hi, -lo)
         if m > self.clip_range:
             return f"max |delta| = {m:.4g} exceeds clip_range = {self.clip_range:.4g} (not clipped; raise clip_range or clip the update)"
         if not (math.isfinite(weight) and weight >= 0 and abs(weight - round(weight)) < 1e-9 and round(weight) <= max_weight):
             return f"weight {weight} is not an integer in [0, max_weight={max_weight}]"
         return None
 
-    def encode(self, delta: np.ndarray, weight: int, generator: torch.Generator) -> np.ndarray:
-        """The (d + 1,) ring vector (W * z, W) of one client."""
-        u = torch.rand(delta.shape[0], generator=generator, dtype=torch.float64).numpy()
-        z = np.floor(delta.astype(np.float64) * self.scale + u).astype(np.int64)
-        out = np.empty(delta.shape[0] + 1, dtype=np.int64)
-        np.multiply(z, int(weight), out=out[:-1])
-        out[-1] = int(weight)
-        return out.astype(RING_DTYPES[self.ring_bits])  # two's complement wrap into Z_{2^b}
+    def encode(self, delta: np.ndarray, weight: int, generator: torch.Generator, ws: "Workspace | None" = None) -> np.ndarray:
+        """The (d + 1,) ring vector (W * z, W) of one client (``ws.out`` when a workspace is given).
+
+        U is simulation randomness (not a secret the protocol relies on): a PCG64
+        stream seeded from ``generator`` (the run's per-client, per-round generator),
+        drawn in float32 (24 random bits), so P[round up] is within 2^-24 of the exact
+        fraction. A deployed client would draw U from its own RNG.
+        """
+        ws = ws or Workspace(delta.shape[0], self.ring_bits)
+        np.random.Generator(np.random.PCG64(generator.initial_seed())).random(dtype=np.float32, out=ws.u)
+        v = ws.v
+        np.multiply(delta, self.scale, out=v)
+        np.add(v, ws.u, out=v)
+        np.floor(v, out=v)
+        np.copyto(ws.z, v, casting="unsafe")  # exact: |v| < 2^62
+        if weight != 1:
+            np.multiply(ws.z, int(weight), out=ws.z)
+        np.copyto(ws.out[:-1], ws.z, casting="unsafe")  # two's complement wrap into Z_{2^b}
+        ws.out[-1] = int(weight)
+        return ws.out
 
     def decode(self, ring_sum: np.ndarray) -> tuple[np.ndarray, int]:
         """(sum_i W_i delta_i as float64, sum_i W_i) from the unmasked ring sum."""
         signed = ring_sum.view(_SIGNED[self.ring_bits])
         return signed[:-1].astype(np.float64) / self.scale, int(signed[-1])
+
+
+class Workspace:
+    """Buffers reused across encodings of d coordinates (no fresh 8-byte-per-coordinate arrays per client)."""
+
+    def __init__(self, d: int, ring_bits: int) -> None:
+        self.u = np.empty(d, dtype=np.float32)
+        self.v = np.empty(d, dtype=np.float64)
+        self.z = np.empty(d, dtype=np.int64)
+        self.out = np.empty(d + 1, dtype=RING_DTYPES[ring_bits])

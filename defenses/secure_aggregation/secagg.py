@@ -39,7 +39,7 @@ from . import messages as msg
 from .graph import choose_degree, neighbour_graph, security_ok, threshold_for
 from .prg import MaskExpander
 from .protocol import SecAggClient, SecAggServer
-from .quantize import Quantizer, choose_bits
+from .quantize import Quantizer, Workspace, choose_bits
 
 _KEY = "server.secure_sum"
 
@@ -126,6 +126,7 @@ class SecAggPlus:
         server = SecAggServer(ctx.round, graph, setups, b, d, t)
         clients = {u: SecAggClient(u, ctx.round) for u in ids}
         expander = MaskExpander(d + 1, b)
+        workspace = Workspace(d, b)  # the in-process clients run one after another and share buffers
 
         def down(u: int, payload: bytes) -> bytes:
             bytes_down[u] = bytes_down.get(u, 0) + len(payload)
@@ -171,7 +172,7 @@ class SecAggPlus:
 
         def masked(u: int, payload: bytes) -> bytes:
             delta, w = inputs[u]
-            x = quant.encode(delta, w, ctx.generator(u, "secagg-quantize"))
+            x = quant.encode(delta, w, ctx.generator(u, "secagg-quantize"), workspace)
             return clients[u].masked_input(payload, x, expander)
 
         run_step("advertise", timed(server.setup_messages), setup_and_advertise, server.receive_advertise)
