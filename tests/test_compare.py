@@ -240,7 +240,7 @@ def test_kill_mid_grid_then_rerun_completes_only_missing_cells(tmp_path):
 
     from secfed.compare import load_grid
 
-    statuses = GridRunner(load_grid(grid), out, progress=False).run()
+    statuses = GridRunner(load_grid(grid), out, progress=False, fork=False).run()  # the fresh-interpreter path
     assert statuses["defence=none__seed=0"] == {"status": "done", "skipped": True}
     assert statuses["defence=fedavgm__seed=0"]["status"] == "done"
     bad = statuses["defence=missing__seed=0"]

@@ -91,7 +91,8 @@ def pick_table(groups: list[dict[str, Any]], grid: dict[str, Any]) -> tuple[list
         label = ", ".join(f"{v}" for v in key) or "base"
         if not any(g.get("done") for g in by_attack.values()):
             errs = sorted({e for g in by_attack.values() for e in g.get("errors", [])})
-            line = [label, "failed: " + (errs[0][:90] if errs else "not run")] + ["-"] * (len(cols) - 2)
+            failed = any(g.get("failed") for g in by_attack.values())
+            line = [label, ("failed: " + errs[0][:90]) if failed and errs else "not run yet"] + ["-"] * (len(cols) - 2)
             table.append(line)
             raw.append({"setup": label, "attacks": {}})
             continue
@@ -272,7 +273,9 @@ def write_report(out: Path) -> Path:
     has_att = plot_attack_vs_defence(raw, out / "attack_vs_defence.png")
     done = sum(r["status"] == "done" for r in rows)
     failed = [r for r in rows if r["status"] == "failed"]
-    lines = [f"# Trade-offs: `{grid['name']}`", "",
+    src = grid.get("source") or "GRID.toml"
+    lines = [f"# Trade-offs: `{grid['name']}`", "", f"Command: `secfed compare {src}` (rerun it to complete missing or "
+             "failed cells; `--report-only` rewrites this report).", "",
              f"{done} of {len(rows)} cells done, {len(failed)} failed; seeds {grid['seeds']} "
              "(figures are mean ± sample std over seeds). Accuracy, epsilon, MIA AUC and cost come from the "
              "setup's run without an adversary; an attack column is that attack's figure against the setup "
