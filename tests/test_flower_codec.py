@@ -159,12 +159,50 @@ def test_node_config_is_checked(tiny_cfg, tmp_path):
     assert cfg.fingerprint() == tiny_cfg.fingerprint() and cid == 2 and data is None
 
 
-@pytest.mark.parametrize("server", [{"secure_sum": "ckks"}, {"secure_sum": "secagg+"}])
-def test_flower_engine_refuses_what_does_not_run_over_flower_yet(server):
+def test_flower_engine_refuses_what_does_not_run_over_flower_yet():
     from secfed.flower.server import FlowerEngine
 
     with pytest.raises(ConfigError, match="server.secure_sum"):
-        FlowerEngine(tiny_config(server=server), None, grid=None, progress=False)
+        FlowerEngine(tiny_config(server={"secure_sum": "ckks"}), None, grid=None, progress=False)
+    with pytest.raises(ConfigError, match="omniscient"):
+        FlowerEngine(tiny_config(attack={"adversary": "alie"}), None, grid=None, progress=False)
+
+
+@pytest.mark.parametrize("drop_step", [None, "masked_input", "unmask"])
+def test_secagg_over_flower_messages_equals_inprocess_secagg(drop_step):
+    """secfed's SecAgg+ as node-side steps with state in Flower's context.state: the same sum as in-process,
+    with the same recovery when a client vanishes at a step (its SuperNode never answers)."""
+    from flwr.app import RecordDict
+
+    from secfed.engine import Engine
+    from secfed.flower.secagg import FlowerSecAgg, node_step, stash_update
+
+    faults = {"dropouts": {drop_step: [2]}} if drop_step else {}
+    cfg = tiny_config(data={"num_clients": 5}, server={"cohort_size": 5, "secure_sum": "secagg+"}, faults=faults)
+    eng = Engine(cfg, None, progress=False)
+    ctx = eng.context(1, [0, 1, 2, 3, 4])
+    ups, _ = eng.collect(ctx)
+    ref = eng.secure_sum.aggregate(ups, ctx)
+    states = {u.client_id: RecordDict() for u in ups}
+    rec = [Received(u.client_id, b"", {}, stash_update(states[u.client_id], 1, u.client_id, u.delta, u.weight,
+                                                       eng.secure_sum)) for u in ups]
+    seen: list[str] = []
+
+    def exchange(step, outgoing, ctx):
+        seen.append(step)
+        return {c: node_step(states[c], ConfigRecord({"step": step, "round": 1, "client": c, "payload": p}), c,
+                             cfg.run.seed) for c, p in outgoing.items()}, {}
+
+    got = FlowerSecAgg(eng.secure_sum, exchange).aggregate(rec, ctx)
+    assert seen == ["advertise", "share", "masked_input", "unmask"]
+    assert torch.equal(got.total, ref.total) and got.total_weight == ref.total_weight
+    assert got.client_ids == ref.client_ids and set(got.dropped) == set(ref.dropped)
+    assert got.updates is None  # the server never holds an individual update
+    assert all(len(s) == 0 for s in states.values()) or drop_step  # nodes forget keys and updates after unmask
+    # A node refuses a step out of order or for a round it did not train.
+    fresh = RecordDict()
+    with pytest.raises(MalformedMessage):
+        node_step(fresh, ConfigRecord({"step": "share", "round": 1, "client": 0, "payload": b""}), 0, 0)
 
 
 def test_transport_switch_is_not_part_of_the_fingerprint():

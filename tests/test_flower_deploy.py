@@ -97,7 +97,7 @@ def test_ray_simulation_equals_inprocess_and_rejects_garbage(tmp_path):
     from secfed.flower.server import make_server_app
     from secfed.flower.simulation import run_ray_simulation
 
-    cfg = tiny_config(data={"num_clients": 4}, deploy={"ray_num_cpus": 2})
+    cfg = tiny_config(run={"threads": 1}, data={"num_clients": 4}, deploy={"ray_num_cpus": 2})
     summary = run_ray_simulation(cfg, tmp_path / "ray")
     Engine(cfg, tmp_path / "inprocess", progress=False).run()
     assert summary["rounds_completed"] == 2
@@ -109,7 +109,7 @@ def test_ray_simulation_equals_inprocess_and_rejects_garbage(tmp_path):
 
     @liar.query()
     def query(msg, context):
-        return honest._call(msg, context) if hasattr(honest, "_call") else honest(msg, context)
+        return honest(msg, context)
 
     @liar.train()
     def train(msg, context):
@@ -125,3 +125,17 @@ def test_ray_simulation_equals_inprocess_and_rejects_garbage(tmp_path):
                    backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}})
     recs = read_rounds(tmp_path / "garbage")
     assert all(r["completed"] == 3 and r["rejected"] == 1 and r["status"] == "ok" for r in recs)
+
+
+@pytest.mark.slow
+def test_secagg_over_ray_equals_inprocess(tmp_path):
+    from secfed.flower.simulation import run_ray_simulation
+
+    # run.threads = 1: the ServerApp runs in a thread of its own, whose OpenMP thread count otherwise
+    # defaults to every core (the in-process run uses the main thread's setting).
+    cfg = tiny_config(run={"threads": 1}, server={"secure_sum": "secagg+"}, deploy={"ray_num_cpus": 2})
+    summary = run_ray_simulation(cfg, tmp_path / "ray")
+    Engine(cfg, tmp_path / "inprocess", progress=False).run()
+    assert summary["rounds_completed"] == 2
+    assert all(r["secagg_degree"] == 3 and r["completed"] == 4 for r in read_rounds(tmp_path / "ray"))
+    assert torch.equal(_weights(tmp_path / "ray"), _weights(tmp_path / "inprocess"))
