@@ -1,0 +1,162 @@
+"""DP-SGD through Opacus on the LoRA model: per-sample gradients, clipping, noise, clean unwrap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus.grad_sample import GradSampleModule
+from torch import nn
+
+from defenses.privacy.dpsgd import DPSGDTrainer, client_plan, resolve_noise_multiplier
+from secfed.engine import Engine, read_rounds
+from secfed.spec import ParamSpec
+from secfed.task import Task
+from secfed.training import SGDTrainer
+
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    task = Task(tiny_config())
+    return task, task.build_model()
+
+
+def _per_example_grads(model, task, batch, params):
+    rows = []
+    for i in range(len(batch["labels"])):
+        one = {k: v[i : i + 1] for k, v in batch.items()}
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(task.forward(model, one), one["labels"]).backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in params]))
+    model.zero_grad(set_to_none=True)
+    return torch.stack(rows)
+
+
+def _check_grad_samples(task, model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert any("lora_A" in n for n, p in model.named_parameters() if p.requires_grad)
+    # LoRA B starts at zero, which would make A's gradient zero: perturb so every gradient is non-trivial
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    data = task.client_data(0)
+    mask = data.tensors["attention_mask"].clone()
+    batch = data.batch(torch.arange(6))
+    batch["attention_mask"] = mask[:6]
+    batch["attention_mask"][1, 5:] = 0  # rows of different lengths, as in real batches
+    expected = _per_example_grads(model, task, batch, params)
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
+    try:
+        loss = nn.functional.cross_entropy(task.forward(gsm, batch), batch["labels"], reduction="sum")
+        loss.backward()
+        got = torch.cat([p.grad_sample.reshape(6, -1) for p in params], dim=1)
+    finally:
+        gsm._close()
+        for p in params:
+            p.grad = None
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_opacus_per_sample_gradients_match_per_example_backward_tiny_bert_lora(tiny):
+    task, model = tiny
+    spec = ParamSpec.from_module(model)
+    w0 = spec.flatten(model)
+    _check_grad_samples(task, model)
+    spec.assign(model, w0)
+
+
+@pytest.mark.slow
+def test_opacus_per_sample_gradients_match_on_minilm_lora():
+    cfg = tiny_config(model={"name": "minilm", "lora_r": 8})
+    task = Task(cfg)
+    _check_grad_samples(task, task.build_model())
+
+
+def _train(trainer, task, model, data, seed=0):
+    spec = ParamSpec.from_module(model)
+    w0 = spec.flatten(model)
+    torch.manual_seed(0)
+    trainer.train(model, task, data, torch.Generator().manual_seed(seed))
+    delta = spec.flatten(model) - w0
+    spec.assign(model, w0)
+    return delta
+
+
+def test_dpsgd_at_z0_and_huge_clip_is_exactly_plain_sgd(tiny):
+    task, model = tiny
+    data = task.client_data(1).subset(torch.arange(24))
+    # q = 1 (batch >= n): every step sees the whole shard in both trainers
+    plain = SGDTrainer(local_steps=3, batch_size=64, lr=0.05, optimizer="sgd")
+    dp = DPSGDTrainer(max_grad_norm=1e9, noise_multiplier=0.0, local_steps=3, batch_size=64, lr=0.05, optimizer="sgd")
+    a, b = _train(plain, task, model, data), _train(dp, task, model, data)
+    assert a.norm() > 0
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+    ghost = DPSGDTrainer(max_grad_norm=1e9, noise_multiplier=0.0, ghost_clipping=True, local_steps=3, batch_size=64,
+                         lr=0.05, optimizer="sgd")
+    torch.testing.assert_close(_train(ghost, task, model, data), a, rtol=1e-4, atol=1e-7)
+
+
+def test_dpsgd_clips_each_example(tiny):
+    task, model = tiny
+    data = task.client_data(2).subset(torch.arange(8))
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = _per_example_grads(model, task, data.batch(torch.arange(8)), params)
+    c = 0.25 * float(g.norm(dim=1).min())  # every example gets clipped
+    clipped = g * (c / g.norm(dim=1, keepdim=True)).clamp(max=1.0)
+    lr = 0.1
+    expected = -lr * clipped.sum(0) / 8  # one SGD step, mean over the expected batch (q = 1, n = 8)
+    for ghost in (False, True):
+        tr = DPSGDTrainer(max_grad_norm=c, noise_multiplier=0.0, ghost_clipping=ghost, local_steps=1, batch_size=8,
+                          lr=lr, optimizer="sgd")
+        torch.testing.assert_close(_train(tr, task, model, data), expected, rtol=1e-3, atol=1e-7)
+
+
+def test_dpsgd_noise_scales_with_z(tiny):
+    task, model = tiny
+    data = task.client_data(3).subset(torch.arange(8))
+    lr, c = 0.1, 0.5
+    base = _train(DPSGDTrainer(max_grad_norm=c, noise_multiplier=0.0, local_steps=1, batch_size=8, lr=lr, optimizer="sgd"),
+                  task, model, data)
+    for z in (0.5, 2.0):
+        tr = DPSGDTrainer(max_grad_norm=c, noise_multiplier=z, local_steps=1, batch_size=8, lr=lr, optimizer="sgd")
+        diff = _train(tr, task, model, data) - base
+        # one step: delta = -lr (sum of clipped grads + N(0, (zC)^2)) / 8
+        assert float(diff.std()) == pytest.approx(lr * z * c / 8, rel=0.1)
+        assert abs(float(diff.mean())) < 3 * lr * z * c / 8 / diff.numel() ** 0.5
+
+
+def test_dpsgd_leaves_no_hooks_and_frozen_weights_untouched(tiny):
+    # opacus #820 (silently corrupted LoRA weights) and the engine's shared model object
+    task, model = tiny
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    tr = DPSGDTrainer(max_grad_norm=1.0, noise_multiplier=1.0, local_steps=2, batch_size=8, lr=0.01)
+    delta = _train(tr, task, model, task.client_data(0))
+    assert torch.isfinite(delta).all() and delta.norm() > 0
+    for mod in model.modules():
+        assert not mod._forward_hooks and not mod._backward_hooks and not mod._forward_pre_hooks
+    for n, p in model.named_parameters():
+        assert not hasattr(p, "grad_sample") and not hasattr(p, "summed_grad") and p.grad is None, n
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+def test_client_plan():
+    assert client_plan(320, 32, 1, 0) == (0.1, 10)
+    assert client_plan(20, 32, 2, 0) == (1.0, 2)
+    assert client_plan(100, 10, 1, 7) == (0.1, 7)
+    assert client_plan(0, 10, 1, 0) == (0.0, 0)
+
+
+def test_sample_level_guard_calibrates_and_reports(tmp_path):
+    cfg = tiny_config(run={"rounds": 2}, client={"trainer": {"name": "dp-sgd", "max_grad_norm": 1.0}, "local_steps": 2},
+                      server={"privacy": {"name": "dp-sgd", "epsilon": 4.0, "delta": 1e-5}})
+    eng = Engine(cfg, tmp_path / "r", progress=False)
+    s = eng.run()
+    assert s["rounds_completed"] == 2 and 0 < s["epsilon"] <= 4.0
+    z = resolve_noise_multiplier(cfg, [len(x) for x in eng.task.shards])
+    assert eng.trainer._z == pytest.approx(z) and eng.privacy.z == pytest.approx(z)
+    eps = [r["epsilon"] for r in read_rounds(tmp_path / "r")]
+    assert eps[0] < eps[1] <= 4.0
