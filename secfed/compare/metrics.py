@@ -32,7 +32,7 @@ CANONICAL: dict[str, tuple[tuple[str, ...], str]] = {
     "token_recovery": (("token_recovery", "token_recall", "tokens_recovered", "token_f1", "token_rate"), "max"),
     "membership_auc": (("membership_auc", "mia_auc", "member_auc"), "max"),
     "eps_lower_bound": (("eps_lower", "epsilon_lower", "eps_lb"), "max"),
-    "backdoor_success": (("backdoor", "attack_success", "asr"), "last"),
+    "backdoor_success": (("backdoor_asr", "backdoor_success", "attack_success", "backdoor"), "last"),
 }
 INVERSION_OBSERVERS = ("dlg", "idlg", "inverting", "inversion", "text-inversion", "geiping")
 METRICS = ("accuracy", "loss", "epsilon", "delta", "psnr", "ssim", "token_recovery", "membership_auc",
@@ -92,6 +92,9 @@ def cell_metrics(cell_dir: Path) -> dict[str, Any]:
             if k not in ENGINE_KEYS and _num(v) is not None:
                 extra.setdefault(k, []).append(float(v))
     row["extra"] = {k: {"last": v[-1], "max": max(v)} for k, v in extra.items()}
+    notes = [str(r[k]) for r in recs for k in r if k.endswith("_status") and str(r[k]) != "ok"]
+    if notes:
+        row["attack_status"] = notes[-1]
     for k, v in extra.items():
         name = _canonical(k)
         if name and row.get(name) is None:
@@ -107,8 +110,10 @@ def cell_metrics(cell_dir: Path) -> dict[str, Any]:
                     row[name] = float(v)
                     row[f"{name}_key"] = f"audit:{k}"
         row["audit_verdicts"] = [v["verdict"] for v in a.get("verdicts", [])]
+    # blocked = the observer ran and had no per-client update to attack (SecAgg+, CKKS)
     row["inversion_blocked"] = bool(row["inversion_attack"] and row.get("psnr") is None
-                                    and row.get("token_recovery") is None)
+                                    and row.get("token_recovery") is None
+                                    and ("per-client" in row.get("attack_status", "") or row["secure_sum"] != "plain"))
     return row
 
 
@@ -131,6 +136,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                              "errors": sorted({r["error"] for r in rs if r.get("error")}),
                              "adversary": rs[0]["adversary"], "secure_sum": rs[0]["secure_sum"],
                              "inversion_attack": rs[0]["inversion_attack"],
+                             "attack_status": next((r["attack_status"] for r in done if r.get("attack_status")), None),
                              "inversion_blocked": bool(done) and all(r.get("inversion_blocked") for r in done)}
         for m in METRICS:
             vals = [r[m] for r in done if r.get(m) is not None]

@@ -21,6 +21,7 @@ from typing import Any
 from secfed.compare.metrics import METRICS, aggregate, cell_metrics
 
 ATTACK_AXES = ("attack", "attacks", "adversary", "threat")
+NO_ATTACK = ("none", "no-attack", "clean", None)
 LEAK_LABEL = {"psnr": "PSNR (dB)", "ssim": "SSIM", "token_recovery": "token recovery", "membership_auc": "MIA AUC"}
 
 
@@ -84,10 +85,9 @@ def pick_table(groups: list[dict[str, Any]], grid: dict[str, Any]) -> tuple[list
     cols += [c[2] for c in attack_cols] + ["s/round", "KB up/client", "KB down/client", "peak MB"]
     table, raw = [], []
     for key, by_attack in rows.items():
-        clean = [g for a, g in by_attack.items() if not g.get("adversary")]
-        base = next((g for a, g in by_attack.items() if a in ("none", "no-attack", None) and not g.get("adversary")), None)
-        base = base or (clean[0] if clean else next(iter(by_attack.values())))
-        mia = next((g for g in [base] + clean if g.get("membership_auc") is not None), base)
+        # utility, MIA and cost come only from the setup's cell without attack (an attack value may change training)
+        base = next((g for a, g in by_attack.items() if a in NO_ATTACK), None) or {}
+        mia = base
         label = ", ".join(f"{v}" for v in key) or "base"
         if not any(g.get("done") for g in by_attack.values()):
             errs = sorted({e for g in by_attack.values() for e in g.get("errors", [])})
@@ -105,6 +105,9 @@ def pick_table(groups: list[dict[str, Any]], grid: dict[str, Any]) -> tuple[list
             if g is not None and m in ("psnr", "token_recovery") and g.get("inversion_blocked"):
                 line.append(f"blocked ({g['secure_sum']}: no per-client update)")
                 info["attacks"][title] = "blocked"
+            elif g is not None and m in ("psnr", "token_recovery") and g.get(m) is None and g.get("attack_status"):
+                line.append(f"n/a ({g['attack_status'][:60]})")
+                info["attacks"][title] = None
             else:
                 line.append(_fmt(m, g))
                 info["attacks"][title] = g.get(m) if g else None
