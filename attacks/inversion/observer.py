@@ -22,7 +22,7 @@ reconstructions below) go to ``<run_dir>/attacks/``. Config::
     [[server.observers]]
     name = "dlg"
     method = "idlg"        # idlg | dlg | ig
-    rounds = [1]           # [] = every round
+    attack_rounds = [1]    # [] = every round
     clients = []           # [] = the first `max_clients` updates of the round
     iterations = 300
 """
@@ -73,7 +73,7 @@ def save_side_by_side(path: Path, originals: torch.Tensor, recons: torch.Tensor,
 
 
 class GradientInversionObserver:
-    def __init__(self, method: str = "idlg", rounds: list[int] | None = None, clients: list[int] | None = None,
+    def __init__(self, method: str = "idlg", attack_rounds: list[int] | None = None, clients: list[int] | None = None,
                  max_clients: int = 1, iterations: int = 300, target: str = "client", tv: float = 1e-2,
                  ig_lr: float = 0.1, save_images: bool = True, lr: float = 5e-3, optimizer: str = "adam",
                  momentum: float = 0.0, local_steps: int = 0, local_epochs: int = 1, batch_size: int = 16,
@@ -82,7 +82,7 @@ class GradientInversionObserver:
             raise ConfigError(f"config key 'server.observers.method': '{method}' is not one of {METHODS}")
         if target not in ("client", "aggregate"):
             raise ConfigError("config key 'server.observers.target': must be 'client' or 'aggregate'")
-        self.method, self.rounds, self.clients = method, list(rounds or []), list(clients or [])
+        self.method, self.rounds, self.clients = method, list(attack_rounds or []), list(clients or [])
         self.max_clients, self.iterations, self.target = max_clients, iterations, target
         self.tv, self.ig_lr, self.save_images = tv, ig_lr, save_images
         self.lr, self.optimizer, self.momentum = lr, optimizer, momentum
