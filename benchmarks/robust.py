@@ -172,7 +172,7 @@ def main() -> None:
                         "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
                         "processor": platform.processor()},
         "method": "median of %d calls after a warm-up; peak = max RSS growth sampled every 1 ms" % args.repeats,
-        "command": " ".join(["python", "benchmarks/robust.py"] + sys.argv[1:]),
+        "command": " ".join(["python", "benchmarks/robust.py"] + [a for a in sys.argv[1:] if not a.startswith("--out")]),
         "table": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
