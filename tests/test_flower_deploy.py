@@ -36,14 +36,16 @@ def _weights(run_dir: Path) -> torch.Tensor:
 
 
 def test_three_supernodes_over_tls_equal_the_inprocess_run(tmp_path):
-    cfg = _digits3()
+    # One round keeps this CI test near 90 s on a 2-core machine (every message starts a flwr-clientapp
+    # process); the slow test below runs two rounds across a SuperLink restart.
+    cfg = _digits3(rounds=1)
     with LocalFederation(cfg, tmp_path / "work") as fed:
         assert fed.superlink is not None and len(fed.supernodes) == 3
         assert len({p.pid for p in fed.supernodes.values()}) == 3  # three separate OS processes
         summary = fed.run(tmp_path / "flower", timeout=420)
     ref = Engine(cfg, tmp_path / "inprocess", progress=False).run()
-    assert summary["rounds_completed"] == 2
-    assert [r["completed"] for r in read_rounds(tmp_path / "flower")] == [3, 3]
+    assert summary["rounds_completed"] == 1
+    assert [r["completed"] for r in read_rounds(tmp_path / "flower")] == [3]
     assert torch.equal(_weights(tmp_path / "flower"), _weights(tmp_path / "inprocess"))
     assert summary["final_accuracy"] == ref["final_accuracy"]
     # TLS and node authentication were on: the SuperLink had certificates and refused unknown keys.
@@ -57,7 +59,7 @@ def test_three_supernodes_over_tls_equal_the_inprocess_run(tmp_path):
 @pytest.mark.slow
 def test_killed_supernode_is_a_dropout_and_a_restarted_superlink_resumes(tmp_path):
     cfg = _digits3(rounds=2, min_clients=2)
-    cfg.deploy.round_timeout = 60
+    cfg.deploy.round_timeout = 150
     work = tmp_path / "work"
     # Round 1 with one SuperNode killed (SIGKILL, process group) once training messages are out.
     with LocalFederation(cfg.model_copy(update={"run": cfg.run.model_copy(update={"rounds": 1})}), work) as fed:
@@ -77,12 +79,13 @@ def test_killed_supernode_is_a_dropout_and_a_restarted_superlink_resumes(tmp_pat
         th.join()
     r1 = read_rounds(tmp_path / "flower")
     assert r1[0]["status"] == "ok" and r1[0]["completed"] == 2 and r1[0]["dropped"] == 1
+    assert "2: no reply within deploy.round_timeout" in r1[0]["flower_dropped"]
     # A new SuperLink (same database and certificates, all three SuperNodes back) resumes at round 2.
     with LocalFederation(cfg, work, certs={k: work / "certs" / v for k, v in
                                            (("ca", "ca.crt"), ("cert", "server.pem"), ("key", "server.key"))}) as fed:
         summary = fed.run(tmp_path / "flower", resume=True, timeout=420)
     recs = read_rounds(tmp_path / "flower")
-    assert [r["round"] for r in recs] == [1, 2] and recs[1]["completed"] == 3
+    assert [r["round"] for r in recs] == [1, 2] and recs[1]["completed"] == 3, recs[1].get("flower_dropped")
     assert summary["rounds_completed"] == 2
 
 

@@ -195,6 +195,8 @@ class FlowerEngine(Engine):
                 dropped[cid] = f"no reply within deploy.round_timeout = {self.round_timeout:g} s"
         for cid, why in sorted(dropped.items()):
             self._log(f"round {t}: client {cid} dropped: {why}")
+        if dropped:  # lands in rounds.jsonl with the round's record
+            ctx.metrics["flower_dropped"] = "; ".join(f"{c}: {w}" for c, w in sorted(dropped.items()))[:2000]
         return [got[c] for c in ctx.cohort if c in got], dropped
 
     def exchange(self, step: str, outgoing: dict[int, bytes], ctx: RoundContext) -> tuple[dict[int, bytes], dict[int, str]]:
