@@ -24,8 +24,8 @@ class Mean:
         self.denominator = denominator
 
     def __call__(self, X: torch.Tensor, weights: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
-        w = torch.ones(len(X)) if weights is None else weights.to(X.dtype)
-        return (w[:, None] * X).sum(0) / w.sum().clamp_min(1e-12)
+        w = torch.ones(len(X), dtype=X.dtype) if weights is None else weights.to(X.dtype)
+        return (w @ X) / w.sum().clamp_min(1e-12)  # one pass over X, no (n, d) temporary
 
     def from_sum(self, total: torch.Tensor, total_weight: float, expected_weight: float) -> torch.Tensor:
         denom = expected_weight if self.denominator == "expected" else total_weight
