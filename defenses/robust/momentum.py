@@ -60,7 +60,7 @@ class MomentumTrainer:
                         step = step + self.weight_decay * p
                     p.sub_(self.lr * step)
                     off += k
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             seen += len(idx)
             steps += 1
         if client_id >= 0:  # the server's own root-data update (client_id -1) keeps no buffer
