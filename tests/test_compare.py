@@ -149,9 +149,12 @@ def test_verdict_red_when_lower_bound_exceeds_claim():
     assert [v["verdict"] for v in rep["verdicts"]] == ["contradicts", "consistent"]
     md = audit_markdown(rep)
     assert "color:red" in md and "1 empirical figure(s) contradict" in md
-    rep["claimed"]["epsilon"] = None  # no guard: the observer's own claim is used
+    # an auditing observer's bound is judged against the claim of the mechanism it audits
     rep["during_run"]["audit_claimed_eps"] = {"last": 0.2, "max": 0.2, "mean": 0.2, "rounds": 3}
     assert [v["verdict"] for v in verdicts(rep)] == ["contradicts", "contradicts"]
+    rep["claimed"]["epsilon"] = None  # no guard, no observer claim: nothing to contradict
+    del rep["during_run"]["audit_claimed_eps"]
+    assert [v["verdict"] for v in verdicts(rep)] == ["no claim", "no claim"]
 
 
 def test_audit_a_finished_run_with_membership_and_replayed_observer(tmp_path):

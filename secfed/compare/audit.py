@@ -251,34 +251,36 @@ def audit_run(run_dir: str | Path, attacks: list[str], out: str | Path | None = 
     return report
 
 
-def _lower_bounds(report: dict[str, Any]) -> list[tuple[str, float]]:
-    """Every empirical epsilon lower bound found in the audit (name, value)."""
+def _is_lb(k: str) -> bool:
+    return "eps_lower" in k or "epsilon_lower" in k or k.endswith("eps_lb")
+
+
+def _lower_bounds(report: dict[str, Any]) -> list[tuple[str, float, float | None]]:
+    """Every empirical epsilon lower bound in the audit: (name, value, the claim its own source states or None).
+
+    An auditing observer (``dp-audit``) audits the mechanism it was configured with and reports that
+    mechanism's claimed epsilon next to its bound (``audit_claimed_eps``); its bound is judged against that.
+    """
     lbs = []
     for name, res in report["results"].items():
+        own = next((float(v) for k, v in res.items() if "claimed_eps" in k and isinstance(v, (int, float))), None)
         for k, v in res.items():
-            if isinstance(v, (int, float)) and ("eps_lower" in k or "epsilon_lower" in k or k.endswith("eps_lb")):
-                lbs.append((f"{name}: {k}", float(v)))
-    for k, v in report["during_run"].items():
-        if "eps_lower" in k or "epsilon_lower" in k or k.endswith("eps_lb"):
-            lbs.append((f"during run: {k} (max over rounds)", v["max"]))
+            if isinstance(v, (int, float)) and _is_lb(k):
+                lbs.append((f"{name}: {k}", float(v), own))
+    hist = report["during_run"]
+    own = next((v["last"] for k, v in hist.items() if "claimed_eps" in k), None)
+    for k, v in hist.items():
+        if _is_lb(k):
+            lbs.append((f"during run: {k} (max over rounds)", v["max"], own))
     return lbs
 
 
-def _observer_claim(report: dict[str, Any]) -> float | None:
-    """An observer's own claimed epsilon (``dp-audit`` reports ``audit_claimed_eps``), if any."""
-    vals = [float(v) for res in report["results"].values() for k, v in res.items()
-            if "claimed_eps" in k and isinstance(v, (int, float))]
-    vals += [v["last"] for k, v in report["during_run"].items() if "claimed_eps" in k]
-    return max(vals) if vals else None
-
-
 def verdicts(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each empirical lower bound against the claim: the run's ledger epsilon, else the auditing observer's own."""
-    eps, src = report["claimed"]["epsilon"], "claimed epsilon"
-    if eps is None:
-        eps, src = _observer_claim(report), "the audited mechanism's claimed epsilon"
+    """Each empirical lower bound against its claim: the auditing observer's own, else the run's ledger epsilon."""
+    run_eps = report["claimed"]["epsilon"]
     out = []
-    for name, lb in _lower_bounds(report):
+    for name, lb, own in _lower_bounds(report):
+        eps, src = (own, "the audited mechanism's claimed epsilon") if own is not None else (run_eps, "claimed epsilon")
         if eps is None:
             out.append({"figure": name, "value": lb, "verdict": "no claim",
                         "text": "the run claims no epsilon (no privacy guard): nothing to contradict"})
