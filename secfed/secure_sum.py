@@ -29,22 +29,31 @@ class PlainSum:
 
     # server side ---------------------------------------------------------
     def aggregate(self, updates: list[ClientUpdate], ctx: RoundContext) -> SumResult:
-        d = ctx.spec.numel
-        rows, weights, ids, transcript = [], [], [], []
+        tamper = ctx.state.get("_tamper", lambda cid, p: p)  # fault injection seam (tests)
+        sent: list[tuple[int, bytes]] = []
         dropped: dict[int, str] = {}
-        bytes_up: dict[int, int] = {}
         for u in updates:
             if ctx.dropouts.drops(u.client_id, "upload"):
                 dropped[u.client_id] = "dropped before upload"
                 continue
-            payload = self.encode(u, ctx)
-            payload = ctx.state.get("_tamper", lambda cid, p: p)(u.client_id, payload)
-            transcript.append(WireMessage(u.client_id, "update", payload))
-            bytes_up[u.client_id] = len(payload)
+            sent.append((u.client_id, tamper(u.client_id, self.encode(u, ctx))))
+        result = self.decode(sent, ctx)
+        result.dropped.update(dropped)
+        return result
+
+    def decode(self, received: list[tuple[int, bytes]], ctx: RoundContext) -> SumResult:
+        """The server's side: decode each (sender, payload); a malformed one drops its sender."""
+        d = ctx.spec.numel
+        rows, weights, ids, transcript = [], [], [], []
+        dropped: dict[int, str] = {}
+        bytes_up: dict[int, int] = {}
+        for cid, payload in received:
+            transcript.append(WireMessage(cid, "update", payload))
+            bytes_up[cid] = len(payload)
             try:
-                dec = decode_update(payload, expected_dim=d, round_=ctx.round, sender=u.client_id, max_norm=self.max_update_norm)
+                dec = decode_update(payload, expected_dim=d, round_=ctx.round, sender=cid, max_norm=self.max_update_norm)
             except MalformedMessage as e:
-                dropped[u.client_id] = f"malformed: {e}"
+                dropped[cid] = f"malformed: {e}"
                 continue
             rows.append(dec.delta)
             weights.append(dec.weight)
