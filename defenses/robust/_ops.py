@@ -78,13 +78,11 @@ def dists_to(X: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 def _median_rows(T: torch.Tensor) -> torch.Tensor:
     n = T.shape[1]
-    lo = torch.kthvalue(T, (n + 1) // 2, dim=1).values
     if n % 2 == 1:
-        return lo
-    # the upper middle value: lo itself if it also holds rank n/2 + 1, else the smallest entry above lo
-    ties = (T <= lo[:, None]).sum(1) > n // 2
-    above = torch.where(T > lo[:, None], T, torch.full_like(T, float("inf"))).amin(1)
-    return 0.5 * (lo + torch.where(ties, lo, above))
+        return torch.kthvalue(T, (n + 1) // 2, dim=1).values
+    # the n/2 + 1 smallest values, sorted: the last two are the two middle order statistics (ties included)
+    v = torch.topk(T, n // 2 + 1, dim=1, largest=False, sorted=True).values
+    return 0.5 * (v[:, -2] + v[:, -1])
 
 
 def coordinate_median(X: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,8 @@ class CoordinateMedian:
     ``out_j = median(x_1j, ..., x_nj)``; for even n the mean of the two middle
     values (same as numpy, ``torch.quantile(q=0.5)`` and ByzFL's ``Median``;
     ``torch.median`` would return the lower one). Flower's ``FedMedian`` uses
-    ``np.median`` (same). Cost: one ``kthvalue`` per cache-sized block of coordinates.
+    ``np.median`` (same). Cost: one ``kthvalue`` (odd n) or ``topk(n/2 + 1)`` (even n) per
+    cache-sized, transposed block of coordinates.
     """
 
     def __call__(self, X: torch.Tensor, weights: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
