@@ -66,3 +66,18 @@ def test_adaptive_attack_against_trimmed_mean_runs(tmp_path):
     Engine(cfg, tmp_path / "r", progress=False).run()
     recs = read_rounds(tmp_path / "r")
     assert all("adaptive_gamma" in r for r in recs)
+
+
+def test_robust_rules_are_refused_on_secure_sums_unless_group_mode(tmp_path):
+    import pytest
+
+    from secfed.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="server.aggregator"):
+        Engine(digits_config(server={"secure_sum": "secagg+", "aggregator": {"name": "krum", "f": 1}}), tmp_path / "a",
+               progress=False)
+    cfg = digits_config(data={"num_clients": 6}, server={"secure_sum": "secagg+", "aggregator": "median", "group_size": 2,
+                                                          "cohort_size": 6})
+    e = Engine(cfg, tmp_path / "b", progress=False)
+    e.run()
+    assert all(r["status"] == "ok" for r in read_rounds(tmp_path / "b"))
