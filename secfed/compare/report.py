@@ -162,7 +162,8 @@ def plot_pareto(raw: list[dict[str, Any]], path: Path) -> list[str]:
     for i, (r, x) in enumerate(zip(pts, xs)):
         on = i in front
         ax.scatter(x, r["accuracy"], s=40 + 400 * r["seconds_per_round"] / smax, marker="*" if on else "o",
-                   color="tab:green" if on else "tab:gray", alpha=0.8, edgecolor="k", zorder=3)
+                   color="tab:green" if on else "tab:gray", alpha=0.9 if on else 0.5, edgecolor="k",
+                   zorder=4 if on else 3)
         ax.annotate(r["setup"], (x, r["accuracy"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("membership-inference AUC (lower = less leakage)" if leak else "seconds per round (lower = cheaper)")
     ax.set_ylabel("test accuracy")
@@ -203,11 +204,14 @@ def plot_utility_vs_epsilon(raw: list[dict[str, Any]], inv_title: str | None, pa
             rs = sorted((r for r in rs if val(r, m) is not None), key=lambda r: r["epsilon"])
             if rs:
                 ax.plot([r["epsilon"] for r in rs], [val(r, m) for r in rs], "o-", label=fam)
-        for r in nodp:
-            if val(r, m) is not None:
-                ax.axhline(val(r, m), ls="--", lw=1, color="gray")
-                ax.annotate(f"{r['setup']} (no DP)", (0.02, val(r, m)), xycoords=("axes fraction", "data"), fontsize=6)
+        ref = next((r for r in nodp if val(r, m) is not None), None)  # the first setup without DP: the baseline
+        if ref is not None:
+            ax.axhline(val(ref, m), ls="--", lw=1, color="gray")
+            ax.annotate(f"{ref['setup']} (no DP)", (0.02, val(ref, m)), xycoords=("axes fraction", "data"), fontsize=7)
         ax.set_xscale("log")
+        ticks = sorted({float(f"{r['epsilon']:.2g}") for r in dp})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("claimed epsilon")
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
@@ -223,10 +227,12 @@ def plot_attack_vs_defence(raw: list[dict[str, Any]], path: Path) -> bool:
     if not titles:
         return False
     plt = _plt()
-    fig, axes = plt.subplots(1, len(titles), figsize=(4.2 * len(titles), 0.35 * len(raw) + 1.6), squeeze=False)
+    rows = max(sum(r["attacks"].get(t) is not None for r in raw) for t in titles)
+    fig, axes = plt.subplots(1, len(titles), figsize=(4.2 * len(titles), 0.35 * rows + 1.6), squeeze=False)
     for ax, t in zip(axes[0], titles):
-        labels = [r["setup"] for r in raw]
-        vals = [r["attacks"].get(t) for r in raw]
+        have = [r for r in raw if r["attacks"].get(t) is not None]
+        labels = [r["setup"] for r in have]
+        vals = [r["attacks"].get(t) for r in have]
         ax.barh(labels, [v if isinstance(v, float) else 0 for v in vals], color="tab:red", alpha=0.7)
         for i, v in enumerate(vals):
             txt = "blocked" if v == "blocked" else ("-" if v is None else f"{v:.3g}")
