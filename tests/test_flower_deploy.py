@@ -58,16 +58,16 @@ def test_three_supernodes_over_tls_equal_the_inprocess_run(tmp_path):
 
 @pytest.mark.slow
 def test_killed_supernode_is_a_dropout_and_a_restarted_superlink_resumes(tmp_path):
+    import threading
+
     cfg = _digits3(rounds=2, min_clients=2)
     cfg.deploy.round_timeout = 150
     work = tmp_path / "work"
-    # Round 1 with one SuperNode killed (SIGKILL, process group) once training messages are out.
-    with LocalFederation(cfg.model_copy(update={"run": cfg.run.model_copy(update={"rounds": 1})}), work) as fed:
-        import threading
-
+    with LocalFederation(cfg, work) as fed:
+        # Round 1: SuperNode 2 is killed (SIGKILL, process group) once its training message is out.
         def killer() -> None:
             log = work / "logs" / "supernode-2.log"
-            for _ in range(600):
+            for _ in range(1200):
                 if log.exists() and "Receiving: train message" in log.read_text():
                     fed.kill_supernode(2)
                     return
@@ -75,18 +75,21 @@ def test_killed_supernode_is_a_dropout_and_a_restarted_superlink_resumes(tmp_pat
 
         th = threading.Thread(target=killer)
         th.start()
-        fed.run(tmp_path / "flower", timeout=420)
+        fed.run(tmp_path / "flower", rounds=1, timeout=600)
         th.join()
-    r1 = read_rounds(tmp_path / "flower")
-    assert r1[0]["status"] == "ok" and r1[0]["completed"] == 2 and r1[0]["dropped"] == 1
-    assert "2: no reply within deploy.round_timeout" in r1[0]["flower_dropped"]
-    # A new SuperLink (same database and certificates, all three SuperNodes back) resumes at round 2.
-    with LocalFederation(cfg, work, certs={k: work / "certs" / v for k, v in
-                                           (("ca", "ca.crt"), ("cert", "server.pem"), ("key", "server.key"))}) as fed:
-        summary = fed.run(tmp_path / "flower", resume=True, timeout=420)
+        r1 = read_rounds(tmp_path / "flower")
+        assert r1[0]["status"] == "ok" and r1[0]["completed"] == 2 and r1[0]["dropped"] == 1
+        assert "2: no reply within deploy.round_timeout" in r1[0]["flower_dropped"]
+        ledger_before = (tmp_path / "flower" / "rounds.jsonl").read_text()
+        # The SuperLink crashes and comes back on the same port and database; the run resumes at round 2.
+        fed.start_supernode(2)
+        fed.restart_superlink()
+        summary = fed.run(tmp_path / "flower", resume=True, rounds=2, timeout=600)
     recs = read_rounds(tmp_path / "flower")
-    assert [r["round"] for r in recs] == [1, 2] and recs[1]["completed"] == 3, recs[1].get("flower_dropped")
+    assert [r["round"] for r in recs] == [1, 2], recs
+    assert recs[1]["status"] == "ok" and recs[1]["completed"] >= 2, recs[1].get("flower_dropped")
     assert summary["rounds_completed"] == 2
+    assert (tmp_path / "flower" / "rounds.jsonl").read_text().startswith(ledger_before)  # round 1 kept, not redone
 
 
 @pytest.mark.slow

@@ -280,8 +280,15 @@ class LocalFederation:
             self.start_supernode(i)
         return self
 
-    def run(self, out_dir: str | Path, *, resume: bool = False, timeout: float = 1800) -> dict[str, Any]:
-        """Submit the experiment with ``flwr run`` and wait for its ``summary.json``."""
+    def run(self, out_dir: str | Path, *, resume: bool = False, rounds: int | None = None,
+            timeout: float = 1800) -> dict[str, Any]:
+        """Submit the experiment with ``flwr run`` and wait for its ``summary.json``.
+
+        ``rounds`` changes ``run.rounds`` (the only key a resumed run may change) before submitting.
+        """
+        if rounds is not None:
+            self.cfg = self.cfg.model_copy(update={"run": self.cfg.run.model_copy(update={"rounds": rounds})})
+            self.cfg_path.write_text(json.dumps(self.cfg.model_dump(mode="json"), indent=2))
         out = Path(out_dir).resolve()
         summary = out / "summary.json"
         started = time.time()
@@ -306,8 +313,17 @@ class LocalFederation:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait(10)
 
-    def stop(self) -> None:
-        procs = list(self.supernodes.values()) + ([self.superlink] if self.superlink else [])
+    def restart_superlink(self) -> None:
+        """Crash the SuperLink (SIGKILL, with its ServerApp) and start a new one on the same port,
+        database and certificates; the running SuperNodes reconnect to it."""
+        if self.superlink is not None and self.superlink.poll() is None:
+            os.killpg(self.superlink.pid, signal.SIGKILL)
+            self.superlink.wait(10)
+        self.superlink = None
+        self.start_superlink()
+
+    @staticmethod
+    def _terminate(procs: list[subprocess.Popen]) -> None:
         for p in procs:
             if p.poll() is None:
                 try:
@@ -316,10 +332,15 @@ class LocalFederation:
                     pass
         for p in procs:
             try:
-                p.wait(10)
+                p.wait(15)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(10)
+
+    def stop(self) -> None:
+        """SuperNodes first (they deactivate at the SuperLink), then the SuperLink."""
+        self._terminate(list(self.supernodes.values()))
+        self._terminate([self.superlink] if self.superlink else [])
         self.supernodes.clear()
         self.superlink = None
 
