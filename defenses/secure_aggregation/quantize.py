@@ -37,7 +37,7 @@ def choose_bits(n: int, max_weight: int, bits: int | str = "auto") -> tuple[int,
     """(q, b): quantisation bits and ring bits so that the sum of n clients cannot wrap."""
     headroom = max(1, math.ceil(math.log2(max(2, n * max_weight))))
     if bits == "auto":
-        if 32 - headroom >= 16:
+        if 32 - headroom >= 24:
             return 32 - headroom, 32
         if 64 - headroom < 16:
             raise ConfigError(f"config key 'server.secure_sum.max_weight': {max_weight} x {n} clients leaves "

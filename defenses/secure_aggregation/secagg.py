@@ -5,8 +5,8 @@ Config (``server.secure_sum = {name = "secagg+", ...}``)::
     clip_range          R: every coordinate of a client's update must lie in [-R, R]
                         (default 1.0); a client outside is told so and left out of the
                         round, never clipped (Flower clips silently to +-8).
-    bits                quantisation bits q, or "auto" (the most that fit a 32-bit ring,
-                        at least 16, else a 64-bit ring).
+    bits                quantisation bits q, or "auto" (the most that fit a 32-bit ring
+                        if that is at least 24, else min(64 - headroom, 32) in a 64-bit ring).
     max_weight          bound on a client's integer aggregation weight (examples for
                         FedAvg; use 1 with client.weighting = "uniform").
     threshold           t as a fraction of the k + 1 shares; at least a strict majority
