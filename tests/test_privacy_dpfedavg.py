@@ -180,3 +180,41 @@ def test_load_replays_every_entry_and_refuses_foreign_ones():
         g2 = DPFedAvgGuard(epsilon=1.0, noise_multiplier=3.0, sample_rate=0.5)
         g2.load([{"mechanism": "dp-fedavg", "z": 3.0, "q": 0.5, "steps": g2.max_rounds}])
         g2.check(_ctx())
+
+
+def test_adaptive_clipping_runs_and_its_clip_norm_is_checkpointed(tmp_path):
+    cfg = dp_digits(run={"rounds": 2},
+                    client={"pipeline": [{"name": "adaptive-clip", "initial_clip_norm": 0.05}]},
+                    server={"stages": [{"name": "adaptive-clip", "initial_clip_norm": 0.05, "count_noise_std": 1.0},
+                                       "central-gaussian"]})
+    eng = Engine(cfg, tmp_path / "r", progress=False)
+    s = eng.run()
+    assert s["rounds_completed"] == 2
+    recs = read_rounds(tmp_path / "r")
+    assert recs[0]["dp_clip_norm"] == pytest.approx(0.05)
+    assert recs[1]["dp_clip_norm"] != pytest.approx(0.05)  # the digits updates are far above 0.05: C grows
+    state = __import__("json").loads((tmp_path / "r" / "checkpoint" / "state.json").read_text())
+    assert state["state"]["dp_clip_norm"] == pytest.approx(eng.stages[0].clip_norm)
+
+
+def test_prv_guard_reports_the_prv_epsilon():
+    from defenses.privacy.analysis import prv_epsilon
+
+    g = DPFedAvgGuard(noise_multiplier=1.0, sample_rate=0.5, accountant="prv")
+    for t in (1, 2):
+        g.check(_ctx(round_=t))
+        g.record(_ctx(round_=t))
+    assert g.epsilon() == pytest.approx(prv_epsilon([(1.0, 0.5, 2)], 1e-5))
+    assert g.epsilon() <= rdp_epsilon([(1.0, 0.5, 2)], 1e-5)  # PRV is the tighter accountant
+
+
+def test_distributed_noise_under_secagg_plus(tmp_path):
+    pytest.importorskip("defenses.secure_aggregation.secagg")
+    cfg = dp_digits(run={"rounds": 1},
+                    client={"pipeline": [{"name": "clip", "clip_norm": 1.0}, {"name": "gaussian-share", "noise": "seeded"}]},
+                    server={"stages": [], "secure_sum": {"name": "secagg+", "clip_range": 8.0}, "min_clients": 2})
+    s = Engine(cfg, tmp_path / "r", progress=False).run()
+    rec = read_rounds(tmp_path / "r")[0]
+    assert s["rounds_completed"] == 1 and rec["status"] == "ok"
+    assert rec["dp_share_std"] == pytest.approx(1.0 * 1.0 / math.sqrt(2))
+    assert s["epsilon"] == pytest.approx(rdp_epsilon([(1.0, 0.6, 1)], 1e-5))
