@@ -88,12 +88,12 @@ def run_flower(xs: list[np.ndarray], drop: set[int], k: int, t: int, sample: int
 
     fm = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
     from flwr.common.secure_aggregation.crypto.shamir import combine_shares
-    from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, generate_shared_key
     from flwr.common.secure_aggregation.ndarrays_arithmetic import (
         factor_extract, get_parameters_shape, parameters_addition, parameters_mod, parameters_subtraction)
     from flwr.common.secure_aggregation.quantization import dequantize
     from flwr.common.secure_aggregation.secaggplus_constants import Key
-    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen, share_keys_plaintext_separate
     from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
     n, d = len(xs), xs[0].size
@@ -143,7 +143,11 @@ def run_flower(xs: list[np.ndarray], drop: set[int], k: int, t: int, sample: int
     for i, nid in enumerate(nids):
         if i in drop:
             continue
-        if nid not in timed:  # not timed: the server gets a stand-in of the right shape (see docstring)
+        if nid not in timed:  # not timed: store its shares as Flower does, send a stand-in vector (see docstring)
+            st = states[nid]
+            for src, ct in inbox[nid]:
+                _, _, b_share, sk_share = share_keys_plaintext_separate(decrypt(st.ss2_dict[src], ct))
+                st.rd_seed_share_dict[src], st.sk1_share_dict[src] = b_share, sk_share
             vec = [np.random.randint(0, mrange, s, dtype=np.int64) for s in shapes]
         else:
             params = ndarrays_to_parameters([xs[i]])
@@ -235,10 +239,17 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: n=10, d=1e4")
     ap.add_argument("--flower-sample", type=int, default=None,
                     help="at d=1e6 time Flower's masked-input step on this many clients only")
+    ap.add_argument("--n", type=int, nargs="*", help="subset of cohort sizes (default 10 50 100)")
+    ap.add_argument("--d", type=int, nargs="*", help="subset of dimensions (default 100000 1000000)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of an existing --out file that this run does not re-measure")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "secagg.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    grid_n, grid_d = ([10], [10_000]) if args.quick else ([10, 50, 100], [100_000, 1_000_000])
+    grid_n, grid_d = ([10], [10_000]) if args.quick else (args.n or [10, 50, 100], args.d or [100_000, 1_000_000])
+    out = Path(args.out)
+    old_rows = json.loads(out.read_text())["rows"] if args.merge and out.exists() else []
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     rows = []
     for d in grid_d:
         for n in grid_n:
@@ -248,7 +259,8 @@ def main() -> None:
                 s = run_secfed(xs, drop)
                 sample = args.flower_sample if d >= 1_000_000 else None
                 f = run_flower(xs, drop, s["k"], s["t"], sample)
-                row = {"n": n, "d": d, "dropout": rate, "k": s["k"], "t": s["t"],
+                row = {"n": n, "d": d, "dropout": rate, "k": s["k"], "t": s["t"], "measured": stamp,
+                       "flower_clients_timed": "all" if sample is None else f"{sample} (masked-input step)",
                        "secfed": s, "flower": f,
                        "client_speedup": f["client_s"] / s["client_s"], "server_speedup": f["server_s"] / s["server_s"]}
                 rows.append(row)
@@ -256,10 +268,14 @@ def main() -> None:
                       f"flower {f['client_s']*1e3:8.1f} ms (x{row['client_speedup']:.1f})  server secfed "
                       f"{s['server_s']:.2f} s flower {f['server_s']:.2f} s  bytes/client {s['bytes_up_per_client']:.0f} "
                       f"vs {f['bytes_up_per_client']:.0f}", flush=True)
-    ks = keystream_throughput(d=max(grid_d))
+    done = {(r["n"], r["d"], r["dropout"]) for r in rows}
+    rows = sorted([r for r in old_rows if (r["n"], r["d"], r["dropout"]) not in done] + rows,
+                  key=lambda r: (r["d"], r["n"], r["dropout"]))
+    ks = keystream_throughput(d=1_000_000 if not args.quick else 10_000)
     print(f"AES-256-CTR keystream {ks['raw_keystream_GBps']:.2f} GB/s, mask expansion {ks['mask_expansion_GBps']:.2f} GB/s "
           f"({100 * ks['fraction']:.0f}%)")
-    head = [r for r in rows if r["n"] == max(grid_n) and r["d"] == max(grid_d) and r["dropout"] == 0.0][0]
+    big = [r for r in rows if r["dropout"] == 0.0]
+    head = max(big, key=lambda r: (r["d"], r["n"]))  # n = 100, d = 1e6 in the full grid
     result = {
         "headline": {"speedup_vs_flower_client_d1e6_n100": head["client_speedup"],
                      "mask_expansion_fraction_of_keystream": ks["fraction"]},
@@ -272,7 +288,6 @@ def main() -> None:
         "keystream": ks,
         "rows": rows,
     }
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
