@@ -228,8 +228,12 @@ def plot_attack_vs_defence(raw: list[dict[str, Any]], path: Path) -> bool:
         return False
     plt = _plt()
     rows = max(sum(r["attacks"].get(t) is not None for r in raw) for t in titles)
-    fig, axes = plt.subplots(1, len(titles), figsize=(4.2 * len(titles), 0.35 * rows + 1.6), squeeze=False)
-    for ax, t in zip(axes[0], titles):
+    ncol = min(3, len(titles))
+    nrow = -(-len(titles) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.4 * ncol, (0.35 * rows + 1.4) * nrow), squeeze=False)
+    for ax in axes.flat[len(titles):]:
+        ax.set_visible(False)
+    for ax, t in zip(axes.flat, titles):
         have = [r for r in raw if r["attacks"].get(t) is not None]
         labels = [r["setup"] for r in have]
         vals = [r["attacks"].get(t) for r in have]
