@@ -29,8 +29,8 @@ from secfed.config import ExperimentConfig
 from secfed.engine import Engine
 from secfed.errors import ConfigError, MalformedMessage
 from secfed.flower import codec
-from secfed.interfaces import RoundContext, SumResult, WireMessage
-from secfed.wire import decode_update
+from secfed.interfaces import RoundContext, SumResult
+from secfed.secure_sum import PlainSum
 
 SUPPORTED_SECURE_SUMS = ("plain", "secagg+", "secagg")
 
@@ -45,43 +45,14 @@ class Received:
     reason: str = ""  # SecAgg+: why the node's update cannot be encoded ('' = it can)
 
 
-class WirePlainSum:
+class WirePlainSum(PlainSum):
     """Server side of :class:`secfed.secure_sum.PlainSum` over bytes that arrived from SuperNodes."""
 
-    name = "plain"
-    reveals_individual = True
-
-    def __init__(self, max_update_norm: float = float("inf")) -> None:
-        self.max_update_norm = max_update_norm
-
-    def aggregate(self, received: list[Received], ctx: RoundContext) -> SumResult:
-        d = ctx.spec.numel
-        rows, weights, ids, transcript = [], [], [], []
-        dropped: dict[int, str] = {}
-        bytes_up: dict[int, int] = {}
-        for r in received:
-            if ctx.dropouts.drops(r.client_id, "upload"):
-                dropped[r.client_id] = "dropped before upload"
-                continue
-            transcript.append(WireMessage(r.client_id, "update", r.payload))
-            bytes_up[r.client_id] = len(r.payload)
-            try:
-                dec = decode_update(r.payload, expected_dim=d, round_=ctx.round, sender=r.client_id,
-                                    max_norm=self.max_update_norm)
-            except MalformedMessage as e:
-                dropped[r.client_id] = f"malformed: {e}"
-                continue
-            rows.append(dec.delta)
-            weights.append(dec.weight)
-            ids.append(dec.client_id)
-        if rows:
-            X = torch.stack(rows)
-            w = torch.tensor(weights, dtype=torch.float32)
-            total = (w[:, None] * X).sum(0)
-        else:
-            X, w, total = torch.zeros(0, d), torch.zeros(0), torch.zeros(d)
-        return SumResult(client_ids=ids, total=total, total_weight=float(w.sum()), updates=X, weights=w, update_ids=ids,
-                         dropped=dropped, bytes_up=bytes_up, transcript=transcript)
+    def aggregate(self, received: list[Received], ctx: RoundContext) -> SumResult:  # type: ignore[override]
+        dropped = {r.client_id: "dropped before upload" for r in received if ctx.dropouts.drops(r.client_id, "upload")}
+        result = self.decode([(r.client_id, r.payload) for r in received if r.client_id not in dropped], ctx)
+        result.dropped.update(dropped)
+        return result
 
 
 class FlowerEngine(Engine):
