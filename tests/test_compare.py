@@ -255,3 +255,39 @@ def test_kill_mid_grid_then_rerun_completes_only_missing_cells(tmp_path):
     assert [r["status"] for r in rows] == ["done", "done", "failed"]
     assert all(r["accuracy"] > 0 and r["bytes_up_per_client"] > 0 for r in rows[:2])
     assert (out / "results.csv").exists() and (out / "pareto.png").exists()
+
+
+def _fake_cell(root: Path, cid: str, axes: dict, cfg: dict, summary: dict, rounds: list[dict]) -> None:
+    d = root / "cells" / cid
+    (d / "run").mkdir(parents=True)
+    setup = ",".join(f"{k}={v}" for k, v in axes.items())
+    (d / "cell.json").write_text(json.dumps({"id": cid, "setup": setup, "axes": axes, "seed": 0, "config": cfg}))
+    (d / "status.json").write_text(json.dumps({"status": "done"}))
+    (d / "run" / "summary.json").write_text(json.dumps(summary))
+    (d / "run" / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+
+
+def test_report_finds_plugin_figures_and_marks_inversion_blocked(tmp_path):
+    summ = {"final_accuracy": 0.8, "final_loss": 0.5, "seconds_per_round": 1.0, "peak_rss_mb": 400.0}
+    rec = {"round": 1, "sampled": 4, "completed": 4, "bytes_up": 4000, "bytes_down": 8000, "seconds": 1.0}
+    dlg = {"server": {"observers": [{"name": "dlg"}]}}
+    _fake_cell(tmp_path, "defence=none__attack=none__seed=0", {"defence": "none", "attack": "none"}, {}, summ, [rec])
+    _fake_cell(tmp_path, "defence=none__attack=dlg__seed=0", {"defence": "none", "attack": "dlg"}, dlg, summ,
+               [{**rec, "dlg_psnr": 21.5, "dlg_ssim": 0.7, "dlg_status": "ok"}, {**rec, "round": 2, "dlg_psnr": 30.0}])
+    _fake_cell(tmp_path, "defence=secagg__attack=none__seed=0", {"defence": "secagg", "attack": "none"},
+               {"server": {"secure_sum": "secagg+"}}, summ, [{**rec, "bytes_up": 8000}])
+    _fake_cell(tmp_path, "defence=secagg__attack=dlg__seed=0", {"defence": "secagg", "attack": "dlg"},
+               {"server": {"secure_sum": "secagg+", "observers": ["dlg"]}}, summ,
+               [{**rec, "dlg_psnr": None, "dlg_status": "no per-client update"}])
+    (tmp_path / "grid.json").write_text(json.dumps({
+        "name": "g", "seeds": [0], "axes": {"defence": ["none", "secagg"], "attack": ["none", "dlg"]},
+        "cells": sorted(p.name for p in (tmp_path / "cells").iterdir())}))
+    text = write_report(tmp_path).read_text()
+    rows = {json.loads(l)["cell"]: json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines()}
+    r = rows["defence=none__attack=dlg__seed=0"]
+    assert (r["psnr"], r["ssim"], r["psnr_key"]) == (30.0, 0.7, "dlg_psnr")  # the attacker's best round
+    assert rows["defence=secagg__attack=dlg__seed=0"]["inversion_blocked"]
+    assert rows["defence=secagg__attack=none__seed=0"]["bytes_up_per_client"] == 2000.0  # 8000 B / 4 clients
+    # columns nobody filled (epsilon, MIA) are dropped; KB = bytes / 1024 per client per round
+    assert "| none | 0.800 | 30.0 | 1.000 | 1.0 | 2.0 | 400.0 |" in text
+    assert "| secagg | 0.800 | blocked (secagg+: no per-client update) | 1.000 | 2.0 | 2.0 | 400.0 |" in text
