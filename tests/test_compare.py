@@ -291,3 +291,15 @@ def test_report_finds_plugin_figures_and_marks_inversion_blocked(tmp_path):
     # columns nobody filled (epsilon, MIA) are dropped; KB = bytes / 1024 per client per round
     assert "| none | 0.800 | 30.0 | 1.000 | 1.0 | 2.0 | 400.0 |" in text
     assert "| secagg | 0.800 | blocked (secagg+: no per-client update) | 1.000 | 2.0 | 2.0 | 400.0 |" in text
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(7), torch.full((13706,), float("nan")), torch.zeros(13706, dtype=torch.float64)])
+def test_audit_rejects_weights_that_do_not_fit_the_model(tmp_path, bad):
+    from secfed.checkpoint import save_checkpoint
+    from secfed.config import parse_config
+
+    cfg = parse_config(BASE)
+    (tmp_path / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
+    save_checkpoint(tmp_path, {"global": bad}, {"round": 1})
+    with pytest.raises(ConfigError, match="do not fit the model"):
+        audit_run(tmp_path, ["membership"])
