@@ -183,7 +183,6 @@ def test_audit_rejects_a_folder_that_is_not_a_run(tmp_path):
 
 # ---------------------------------------------------------------------------- runner
 def test_cell_killed_mid_run_resumes_from_its_checkpoint(tmp_path):
-    from secfed.compare.grid import Cell
     from secfed.config import parse_config
     from secfed.engine import Engine
 
