@@ -168,7 +168,7 @@ class DPSGDTrainer:
                     self._noise_only_step(params, base, z, expected, opt)
                     continue
                 batch = data.batch(idx)
-                logits = task.forward(gsm, batch)
+                logits = self._forward(task, gsm, batch)
                 if criterion is not None:
                     loss = criterion(logits, batch["labels"])
                 else:
@@ -193,6 +193,14 @@ class DPSGDTrainer:
                 p.grad = None
         return {"train_loss": total / max(seen, 1), "steps": steps, "examples_seen": seen,
                 "noise_multiplier": z, "sample_rate": q}
+
+    @staticmethod
+    def _forward(task: Any, module: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``task.forward`` with contiguous inputs (Opacus' embedding norm-sampler needs them; the
+        task trims padding by slicing, which leaves strided views)."""
+        if hasattr(task, "inputs"):
+            return module(**{k: v.contiguous() for k, v in task.inputs(batch).items()})
+        return task.forward(module, batch)
 
     def _noise_only_step(self, params: list[nn.Parameter], base: torch.optim.Optimizer, z: float, expected: float, opt: Any) -> None:
         std = z * self.max_grad_norm
