@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from defenses.privacy.analysis import adaptive_update_noise, rdp_epsilon
-from defenses.privacy.clipping import ClipUpdate, clip_to_norm, round_info
+from defenses.privacy.clipping import clip_to_norm, round_info
 from defenses.privacy.dpfedavg import AdaptiveClipClient, AdaptiveClipServer, CentralGaussianNoise, DistributedGaussianNoise
 from defenses.privacy.guard import DPFedAvgGuard
 from secfed.engine import Engine, read_rounds

@@ -136,7 +136,7 @@ class DPSGDTrainer:
         return self._z
 
     def train(self, model: nn.Module, task: Any, data: Any, generator: torch.Generator, client_id: int = 0) -> dict[str, float]:
-        z = self.resolved_noise_multiplier(task) if self._z is None else self._z
+        z = self.resolved_noise_multiplier(task)
         n = len(data)
         q, steps = client_plan(n, self.batch_size, self.local_epochs, self.local_steps)
         params = [p for p in model.parameters() if p.requires_grad]
