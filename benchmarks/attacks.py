@@ -69,19 +69,19 @@ def photo_crops(n: int, seed: int = 0, size: int = 32) -> torch.Tensor:
     return torch.stack(out)
 
 
-def image_targets(n_digits: int, n_photos: int) -> list[tuple[str, torch.Tensor, int]]:
+def image_targets(n_digits: int, n_photos: int, skip_digits: int = 0, skip_photos: int = 0) -> list[tuple[str, torch.Tensor, int]]:
     d = load_digits(32)
     g = torch.Generator().manual_seed(0)
-    idx = torch.randperm(len(d), generator=g)[:n_digits]
+    idx = torch.randperm(len(d), generator=g)[skip_digits : skip_digits + n_digits]
     out = [(f"digit{int(i)}", d.tensors["pixels"][i : i + 1], int(d.labels[i])) for i in idx]
-    photos = photo_crops(n_photos)
-    out += [(f"photo{k}", photos[k : k + 1], k % 10) for k in range(n_photos)]
+    photos = photo_crops(skip_photos + n_photos)
+    out += [(f"photo{k}", photos[k : k + 1], k % 10) for k in range(skip_photos, skip_photos + n_photos)]
     return out
 
 
-def bench_dlg(n_digits: int, n_photos: int, n_dlg: int, iters: int) -> dict:
+def bench_dlg(n_digits: int, n_photos: int, n_dlg: int, iters: int, skip_digits: int = 0, skip_photos: int = 0) -> dict:
     rows = []
-    for s, (name, x, y) in enumerate(image_targets(n_digits, n_photos)):
+    for s, (name, x, y) in enumerate(image_targets(n_digits, n_photos, skip_digits, skip_photos), start=skip_digits + skip_photos):
         model = dlg_init(LeNetSigmoid(10, 32, 1), seed=s)
         grads = model_gradients(model, x, torch.tensor([y]))
         lab = idlg_label(grads[-2])
@@ -92,7 +92,7 @@ def bench_dlg(n_digits: int, n_photos: int, n_dlg: int, iters: int) -> dict:
                      "ssim": ssim(r.x, x), "iterations": r.iterations, "seconds": sec,
                      "seconds_per_100_iter": 100 * sec / max(r.iterations, 1), "final_loss": r.loss})
         log(f"idlg {name}: label {'ok' if lab == y else 'WRONG'} PSNR {rows[-1]['psnr_db']:.1f} dB ({sec:.0f} s)")
-        if s < n_dlg:
+        if s - skip_digits - skip_photos < n_dlg:
             t0 = time.perf_counter()
             r = dlg(model, grads, x.shape, 10, iterations=iters, seed=s)
             sec = time.perf_counter() - t0
@@ -392,10 +392,23 @@ def main() -> None:
         parts = set()
         for f in sorted(parts_dir.glob("*.json")):
             res.update({k: v for k, v in json.loads(f.read_text()).items() if k not in ("headline", "meta")})
+        if "dlg_extra" in res:
+            res.setdefault("dlg", {"rows": []})["rows"] += res.pop("dlg_extra")["rows"]
+        if "dager_extra" in res:
+            res.setdefault("text", {}).setdefault("dager", []).extend(res.pop("dager_extra")["rows"])
     if "audit" in parts:
         res["audit"] = bench_audit(q)
     if "dlg" in parts:
         res["dlg"] = bench_dlg(2 if q else 3, 1 if q else 2, 1, 40 if q else 300)
+    if "dlg_extra" in parts:  # more seeds, merged into the dlg rows by --merge
+        res["dlg_extra"] = bench_dlg(3, 2, 0, 300, skip_digits=3, skip_photos=2)
+    if "dager_extra" in parts:
+        rows = []
+        for r_, bs, steps, z in ((32, 1, 1, 0.0), (64, 2, 1, 0.0), (64, 1, 2, 0.0), (64, 1, 1, 1e-3)):
+            r = text_case(text_task(r_, False, [0]), 1, bs, steps, z, "sgd", warm_b=True)
+            rows.append({"lora_r": r_, "batch_size": bs, "local_steps": steps, "noise_multiplier": z, "optimizer": "sgd", **r})
+            log(f"dager r={r_} bs={bs} steps={steps} z={z}: recall {r['token_recall']:.2f} exact {r['exact']}")
+        res["dager_extra"] = {"rows": rows}
     if "defenses" in parts:
         res["defenses"] = bench_defenses(1, 30 if q else 100)
     if "ig" in parts:
