@@ -29,14 +29,13 @@ reconstructions below) go to ``<run_dir>/attacks/``. Config::
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from attacks.inversion.dlg import dlg, idlg_label, inverting_gradients, trainable
+from attacks.inversion.dlg import dlg, idlg_label, inverting_gradients
 from attacks.inversion.metrics import mse, psnr, ssim
 from secfed.errors import ConfigError
 from secfed.interfaces import RoundContext, ServerView

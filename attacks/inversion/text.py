@@ -293,8 +293,9 @@ class TextInversionObserver:
             bs = int(idx.numel()) if len(sched) == 1 else self.batch_size
             res = invert_text_update(model, view.spec.names, view.spec.shapes, view.updates[ids.index(cid)],
                                      task.cfg.data.max_length, batch_size=max(bs, 1), noisy=self.noisy, tau=self.tau)
-            if res["sequence"] is not None and self.optimizer != "sgd" and res["bag"] is None:
-                res["sequence"] = None  # Adam destroys the span structure; do not report noise as a result
+            if res["method"] == "span-check" and self.optimizer != "sgd":
+                # Adam's per-coordinate normalisation destroys the span structure: report nothing, not noise
+                res = {"bag": set(), "sequence": None, "method": f"span check needs sgd (client optimizer {self.optimizer})"}
             batch = data.batch(idx)
             true_ids = [row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["attention_mask"])]
             m = score(res, true_ids, special)

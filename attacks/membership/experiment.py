@@ -45,7 +45,8 @@ def train_models(cfg: ExperimentConfig, num_models: int, pool_size: int, seed: i
     rng = np.random.default_rng(seed)
     pool = base.train.subset(np.sort(rng.permutation(len(base.train))[:n]))
     conf, neg_loss, member, accs = [], [], [], []
-    root = Path(out_dir or tempfile.mkdtemp(prefix="secfed-mia-"))
+    tmp = tempfile.TemporaryDirectory(prefix="secfed-mia-") if out_dir is None else None
+    root = Path(out_dir) if out_dir is not None else Path(tmp.name)
     for k in range(num_models):
         inside = np.zeros(n, dtype=bool)
         inside[rng.permutation(n)[: n // 2]] = True
@@ -61,6 +62,8 @@ def train_models(cfg: ExperimentConfig, num_models: int, pool_size: int, seed: i
         neg_loss.append(loss_scores(logits, pool.labels))
         member.append(inside)
         accs.append(float(summary["final_accuracy"]))
+    if tmp is not None:
+        tmp.cleanup()
     return np.stack(conf), np.stack(neg_loss), np.stack(member), accs
 
 
