@@ -256,6 +256,7 @@ class Engine:
                     u = stage(u, ctx)
             except (RuntimeError, ValueError, MemoryError, FloatingPointError) as e:  # a client's crash is its dropout
                 dropped[cid] = f"client crashed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                self._log(f"round {t}: client {cid} dropped, {dropped[cid]}")
                 continue
             took = time.perf_counter() - started + self.cfg.faults.slow_clients.get(str(cid), 0.0)
             deadline = self.cfg.server.round_deadline_s
