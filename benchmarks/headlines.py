@@ -31,7 +31,10 @@ def table() -> str:
         if not isinstance(head, dict):
             continue
         for k, v in head.items():
-            rows.append(f"| `{p.relative_to(ROOT)}` | `{k}` | {fmt(v)} |")
+            items = v.items() if isinstance(v, dict) else [(None, v)]
+            for sub, val in items:
+                name = k if sub is None else f"{k}: {sub}"
+                rows.append(f"| `{p.relative_to(ROOT)}` | `{name}` | {fmt(val)} |")
     return "\n".join(rows)
 
 
