@@ -24,3 +24,15 @@ def test_fuzz_bounded(name):
 def test_fuzz_long(name):
     n, crashes = run(TARGETS[name], 20000, seed=1)
     assert not crashes, crashes[:3]
+
+
+def test_he_context_that_aborted_seal_is_rejected():
+    """Regression: this mutated context made SEAL call std::terminate (SIGABRT of the whole process)."""
+    from pathlib import Path
+
+    from defenses.secure_aggregation.he_wire import decode_context
+    from secfed.errors import MalformedMessage
+
+    data = (Path(__file__).parent / "data" / "he_context_abort.bin").read_bytes()
+    with pytest.raises(MalformedMessage):
+        decode_context(data)
