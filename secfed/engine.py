@@ -326,7 +326,7 @@ class Engine:
         record.update(ctx.metrics)
         view = ServerView(t, result.transcript, result.updates, result.update_ids, result.weights, aggregate, before,
                           self.global_w, self.spec, self.task)
-        for i, obs in enumerate(self.observers):
+        for obs in self.observers:
             m = obs(view, ctx) or {}
             record.update(m)
         last = t == self.cfg.run.rounds

@@ -75,6 +75,3 @@ def summary_line(summary: dict[str, Any]) -> str:
     parts.append(f"{summary['seconds_per_round']:.2f} s/round" if summary.get("seconds_per_round") else "")
     return ", ".join(p for p in parts if p)
 
-
-def dump(obj: Any) -> str:
-    return json.dumps(obj, indent=2)

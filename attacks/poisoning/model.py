@@ -11,6 +11,7 @@ the same vector unless stated otherwise. Randomness: ``ctx.generator(...)``.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Any, Sequence
 
 import torch
@@ -85,7 +86,7 @@ class ModelReplacement(Backdoor):
         return replace(malicious, [g * u.delta for u in malicious], scale=g)
 
 
-class _StatisticAttack(PoisoningAdversary):
+class _StatisticAttack(PoisoningAdversary, ABC):
     """Base of the attacks that send one vector computed from the honest statistics."""
 
     def __init__(self, fraction: float = 0.2, ids: Sequence[int] | None = None, omniscient: bool = True,
@@ -93,8 +94,9 @@ class _StatisticAttack(PoisoningAdversary):
         super().__init__(fraction, ids, num_clients, seed)
         self.omniscient = bool(omniscient)
 
+    @abstractmethod
     def craft(self, G: torch.Tensor, n: int, f: int, ctx: RoundContext) -> torch.Tensor:
-        raise NotImplementedError
+        """The malicious vector from the reference updates G (k, d), cohort size n and f attackers."""
 
     def poison_updates(self, malicious: list[ClientUpdate], honest: list[ClientUpdate], ctx: RoundContext) -> list[ClientUpdate]:
         G = _reference(malicious, honest)

@@ -43,12 +43,11 @@ from __future__ import annotations
 import copy
 import itertools
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from secfed.config import ExperimentConfig, parse_config
+from secfed.config import ExperimentConfig, parse_config, read_toml
 from secfed.errors import ConfigError
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -160,12 +159,7 @@ def parse_grid(data: dict[str, Any], source: Path | None = None) -> Grid:
         p = Path(g["base"])
         if not p.is_absolute() and source is not None:
             p = source.parent / p
-        if not p.is_file():
-            raise ConfigError(f"{where}: grid.base: experiment file not found: {p}")
-        try:
-            base = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+        base = read_toml(p, f"{where}: grid.base: experiment file")
     apply_overrides(base, data.get("base", {}), "base")
     seeds = g.get("seeds", [base.get("run", {}).get("seed", 0)])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
@@ -211,10 +205,4 @@ def parse_grid(data: dict[str, Any], source: Path | None = None) -> Grid:
 
 def load_grid(path: str | Path) -> Grid:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"grid file not found: {p}")
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: not valid TOML: {e}") from None
-    return parse_grid(data, p)
+    return parse_grid(read_toml(p, "grid file"), p)
