@@ -29,6 +29,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def split_state(prefix: str, state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A plug-in's ``state_dict()`` as (tensors keyed ``prefix.key`` for safetensors, the rest for JSON)."""
+    tensors = {f"{prefix}.{k}": v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return tensors, {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+
+
 def save_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
     final = run_dir / "checkpoint"
     tmp = run_dir / "checkpoint.tmp"

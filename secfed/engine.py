@@ -28,7 +28,7 @@ import torch
 
 from secfed import registry
 from secfed.aggregation import ServerOptimizer
-from secfed.checkpoint import load_checkpoint, save_checkpoint
+from secfed.checkpoint import load_checkpoint, save_checkpoint, split_state
 from secfed.config import ExperimentConfig
 from secfed.errors import BudgetExhausted, CheckpointError, ConfigError, RoundAborted
 from secfed.interfaces import ClientUpdate, DropoutPlan, RoundContext, ServerView, SumResult, derive_seed
@@ -156,13 +156,8 @@ class Engine:
         tensors.update({f"opt.{k}": v for k, v in self.opt.state.items()})
         plugins: dict[str, Any] = {}
         for name, obj in self._stateful_objects().items():
-            js = {}
-            for k, v in obj.state_dict().items():
-                if isinstance(v, torch.Tensor):
-                    tensors[f"{name}.{k}"] = v
-                else:
-                    js[k] = v
-            plugins[name] = js
+            t, plugins[name] = split_state(name, obj.state_dict())
+            tensors.update(t)
         js_state = {}
         for k, v in self.state.items():
             if isinstance(v, torch.Tensor):

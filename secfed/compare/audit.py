@@ -149,7 +149,7 @@ def load_run(run_dir: Path) -> tuple[Any, Any, torch.nn.Module, dict[str, Any]]:
 
 def replay_round(run_dir: Path, observers: list[str], scratch: Path) -> dict[str, Any]:
     """One more round of the run's protocol, from its final checkpoint, with ``observers`` attached."""
-    from secfed.checkpoint import load_checkpoint, save_checkpoint
+    from secfed.checkpoint import load_checkpoint, save_checkpoint, split_state
     from secfed.config import parse_config
     from secfed.engine import Engine, read_rounds
 
@@ -170,13 +170,8 @@ def replay_round(run_dir: Path, observers: list[str], scratch: Path) -> dict[str
     for i in range(len(had), len(engine.observers)):  # fresh state for the added observers
         obs = engine.observers[i]
         if hasattr(obs, "state_dict") and hasattr(obs, "load_state_dict"):
-            js = {}
-            for k, v in obs.state_dict().items():
-                if isinstance(v, torch.Tensor):
-                    tensors[f"observer{i}.{k}"] = v
-                else:
-                    js[k] = v
-            plugins[f"observer{i}"] = js
+            t, plugins[f"observer{i}"] = split_state(f"observer{i}", obs.state_dict())
+            tensors.update(t)
     save_checkpoint(scratch, tensors, {**state, "plugins": plugins, "fingerprint": cfg.fingerprint()})
     (scratch / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     if (run_dir / "privacy_ledger.jsonl").exists():
