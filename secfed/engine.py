@@ -156,8 +156,8 @@ class Engine:
         tensors.update({f"opt.{k}": v for k, v in self.opt.state.items()})
         plugins: dict[str, Any] = {}
         for name, obj in self._stateful_objects().items():
-            t, plugins[name] = split_state(name, obj.state_dict())
-            tensors.update(t)
+            plugin_tensors, plugins[name] = split_state(name, obj.state_dict())
+            tensors.update(plugin_tensors)
         js_state = {}
         for k, v in self.state.items():
             if isinstance(v, torch.Tensor):

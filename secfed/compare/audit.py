@@ -170,8 +170,8 @@ def replay_round(run_dir: Path, observers: list[str], scratch: Path) -> dict[str
     for i in range(len(had), len(engine.observers)):  # fresh state for the added observers
         obs = engine.observers[i]
         if hasattr(obs, "state_dict") and hasattr(obs, "load_state_dict"):
-            t, plugins[f"observer{i}"] = split_state(f"observer{i}", obs.state_dict())
-            tensors.update(t)
+            obs_tensors, plugins[f"observer{i}"] = split_state(f"observer{i}", obs.state_dict())
+            tensors.update(obs_tensors)
     save_checkpoint(scratch, tensors, {**state, "plugins": plugins, "fingerprint": cfg.fingerprint()})
     (scratch / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     if (run_dir / "privacy_ledger.jsonl").exists():
