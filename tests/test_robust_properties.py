@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from defenses.robust import (NNM, Bulyan, CenteredClipping, CoordinateMedian, GeometricMedian, Krum, Mean, MultiKrum,
                              TrimmedMean)
-from defenses.robust._ops import coordinate_median, pairwise_sq_dists
+from defenses.robust._ops import pairwise_sq_dists
+from defenses.robust.order_stats import coordinate_median
 
 SETTINGS = settings(max_examples=25, deadline=None)
 

@@ -2,7 +2,8 @@
 
 Everything works on an ``(n, d)`` float tensor of updates, one row per client,
 with memory O(n d + n^2): pairwise distances come from one Gram matrix
-product, order statistics from ``topk``/``kthvalue`` along dim 0.
+product; per-coordinate order statistics (median, trimmed mean) from the bitonic
+network of ``order_stats``.
 """
 
 from __future__ import annotations
@@ -52,20 +53,6 @@ def _sq_dists_from_gram(G: torch.Tensor) -> torch.Tensor:
     return D
 
 
-BLOCK_ELEMENTS = 1 << 20  # 4 MiB of float32 per block of columns: it stays in cache while it is sorted
-
-
-def columnwise(X: torch.Tensor, fn) -> torch.Tensor:
-    """Apply ``fn`` to column blocks of X, each transposed to a contiguous ``(block, n)`` tensor so that
-    the per-coordinate sort / selection runs along contiguous memory; returns the ``(d,)`` results."""
-    n, d = X.shape
-    b = max(1024, BLOCK_ELEMENTS // n)
-    out = X.new_empty(d)
-    for s in range(0, d, b):
-        out[s:s + b] = fn(X[:, s:s + b].T.contiguous())
-    return out
-
-
 def row_norms(X: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(X, dim=1)
 
@@ -76,34 +63,9 @@ def dists_to(X: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return torch.cdist(X[None], z.reshape(1, 1, -1).to(X.dtype), compute_mode="donot_use_mm_for_euclid_dist")[0, :, 0]
 
 
-def _median_rows(T: torch.Tensor) -> torch.Tensor:
-    n = T.shape[1]
-    if n % 2 == 1:
-        return torch.kthvalue(T, (n + 1) // 2, dim=1).values
-    # the n/2 + 1 smallest values, sorted: the last two are the two middle order statistics (ties included)
-    v = torch.topk(T, n // 2 + 1, dim=1, largest=False, sorted=True).values
-    return 0.5 * (v[:, -2] + v[:, -1])
-
-
-def coordinate_median(X: torch.Tensor) -> torch.Tensor:
-    """Per-coordinate median; for even n the mean of the two middle values (as numpy / ``torch.quantile``)."""
-    return columnwise(X, _median_rows)
-
-
-def trimmed_mean(X: torch.Tensor, f: int) -> torch.Tensor:
-    """Per coordinate, the mean after dropping the f largest and f smallest values (exact with ties)."""
-    n = X.shape[0]
-
-    def rows(T: torch.Tensor) -> torch.Tensor:
-        # sort the cache-resident block; summing only the kept values avoids the cancellation of
-        # "sum - extremes", which breaks down when Byzantine values are huge
-        return torch.sort(T, dim=1).values[:, f:n - f].mean(1)
-
-    return columnwise(X, rows)
-
-
 def clip_rows(X: torch.Tensor, max_norm: float | torch.Tensor) -> torch.Tensor:
     """Scale each row to norm at most ``max_norm``: ``x * min(1, C / ||x||)``."""
     norms = row_norms(X)
     scale = torch.clamp(max_norm / norms.clamp_min(1e-12), max=1.0)
     return X * scale[:, None]
+

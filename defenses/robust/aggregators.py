@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from defenses.robust._ops import (check_f, check_updates, clip_rows, coordinate_median, dists_to, pairwise_sq_dists,
-                                  row_norms, trimmed_mean)
+from defenses.robust._ops import check_f, check_updates, clip_rows, dists_to, pairwise_sq_dists, row_norms
+from defenses.robust.order_stats import coordinate_median, trimmed_mean
 from secfed.aggregation import Mean
 from secfed.interfaces import derive_seed
 
@@ -40,8 +40,9 @@ class CoordinateMedian:
     ``out_j = median(x_1j, ..., x_nj)``; for even n the mean of the two middle
     values (same as numpy, ``torch.quantile(q=0.5)`` and ByzFL's ``Median``;
     ``torch.median`` would return the lower one). Flower's ``FedMedian`` uses
-    ``np.median`` (same). Cost: one ``kthvalue`` (odd n) or ``topk(n/2 + 1)`` (even n) per
-    cache-sized, transposed block of coordinates.
+    ``np.median`` (same). Computed by a bitonic sorting network run on whole blocks of
+    coordinates at once (``order_stats``): about 6x faster than ``torch.quantile`` along dim 0
+    at n = 50.
     """
 
     def __call__(self, X: torch.Tensor, weights: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
@@ -54,10 +55,9 @@ class TrimmedMean:
 
     ``f`` is a count per side (as ByzFL's ``TrMean(f)``); Yin et al. state it as a
     fraction beta = f / n, Flower's ``FedTrimmedAvg(beta)`` takes that fraction
-    and cuts ``int(beta * n)`` per side. Needs ``n > 2f``. Each cache-sized block of
-    coordinates is transposed and sorted along contiguous memory (faster than ByzFL's
-    sort along dim 0); only the kept values are summed, so huge Byzantine values cannot
-    cancel out the honest ones in floating point.
+    and cuts ``int(beta * n)`` per side. Needs ``n > 2f``. The same bitonic network as
+    ``CoordinateMedian`` (``order_stats.middle_sum``); only the kept values are summed, so
+    huge Byzantine values cannot cancel out the honest ones in floating point.
     """
 
     def __init__(self, f: int = 1) -> None:
