@@ -57,10 +57,19 @@ def row_norms(X: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(X, dim=1)
 
 
+DIST_BLOCK = 1 << 14  # columns per block in dists_to: an (n, 16384) difference stays in cache
+
+
 def dists_to(X: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``||x_i - z||`` for every row, in one pass over X without an (n, d) temporary
-    (``torch.cdist`` in its direct, non-matmul mode: exact, no cancellation)."""
-    return torch.cdist(X[None], z.reshape(1, 1, -1).to(X.dtype), compute_mode="donot_use_mm_for_euclid_dist")[0, :, 0]
+    """``||x_i - z||`` for every row, exact (no ``|x|^2 - 2 x.z + |z|^2`` cancellation when rows are close
+    to z): the differences are formed one cache-sized block of columns at a time, so there is no
+    (n, d) temporary, and the squared block norms are accumulated in float64."""
+    n, d = X.shape
+    z = z.reshape(-1).to(X.dtype)
+    acc = torch.zeros(n, dtype=torch.float64)
+    for s in range(0, d, DIST_BLOCK):
+        acc += torch.linalg.vector_norm(X[:, s:s + DIST_BLOCK] - z[s:s + DIST_BLOCK], dim=1).double() ** 2
+    return acc.sqrt_().to(X.dtype)
 
 
 def clip_rows(X: torch.Tensor, max_norm: float | torch.Tensor) -> torch.Tensor:

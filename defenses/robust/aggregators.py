@@ -214,11 +214,13 @@ class GeometricMedian:
         n = X.shape[0]
         alpha = torch.full((n,), 1.0 / n, dtype=X.dtype) if weights is None else weights.to(X.dtype) / weights.sum()
         z = alpha @ X if self.init == "mean" else X.new_zeros(X.shape[1])
-        dist = dists_to(X, z)
+        dist = dists_to(X, z) if self.init == "mean" else row_norms(X)
         obj = float(alpha @ dist)
-        for _ in range(self.max_iter):
+        for it in range(self.max_iter):
             beta = alpha / dist.clamp_min(self.nu)
             z = (beta @ X) / beta.sum()
+            if self.tol == 0 and it == self.max_iter - 1:
+                break  # the distances to the last iterate are not needed
             dist = dists_to(X, z)
             if self.tol > 0:
                 new = float(alpha @ dist)
@@ -252,9 +254,10 @@ class CenteredClipping:
         X = check_updates(X, "CenteredClipping")
         v = X.new_zeros(X.shape[1]) if center is None else center.to(X.dtype)
         n = X.shape[0]
-        for _ in range(self.L):
+        for it in range(self.L):
             # sum_i c_i (x_i - v) = c @ X - (sum_i c_i) v: two passes over X, no (n, d) temporary
-            c = torch.clamp(self.tau / dists_to(X, v).clamp_min(1e-30), max=1.0)
+            dist = row_norms(X) if center is None and it == 0 else dists_to(X, v)
+            c = torch.clamp(self.tau / dist.clamp_min(1e-30), max=1.0)
             v = v + (c @ X - c.sum() * v) / n
         return v
 
