@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from attacks.membership.mia import attack_metrics, loss_scores
+from attacks.membership.threshold_audit import threshold_epsilon_lower_bound
 from secfed.errors import ConfigError, SecfedError
 
 RED = "🔴"
@@ -50,74 +52,33 @@ ENGINE_KEYS = {"round", "sampled", "malicious", "status", "completed", "dropped"
 POST_RUN = ("membership", "backdoor")
 
 
-# ---------------------------------------------------------------------------- statistics
-def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
-    """Two-sided (1 - alpha) Clopper-Pearson interval for a binomial proportion k / n."""
-    from scipy.stats import beta
-
-    if n == 0:
-        return 0.0, 1.0
-    lo = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
-    hi = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
-    return lo, hi
-
-
-def epsilon_lower_bound(tp: int, n_pos: int, fp: int, n_neg: int, delta: float, alpha: float = 0.05) -> float:
-    """Largest eps the counts rule out at confidence 1 - alpha: TPR <= e^eps FPR + delta (and the swap)."""
-    tpr_lo, _ = clopper_pearson(tp, n_pos, alpha)
-    _, fpr_hi = clopper_pearson(fp, n_neg, alpha)
-    tnr_lo, _ = clopper_pearson(n_neg - fp, n_neg, alpha)
-    _, fnr_hi = clopper_pearson(n_pos - tp, n_pos, alpha)
-    best = 0.0
-    for num, den in ((tpr_lo - delta, fpr_hi), (tnr_lo - delta, fnr_hi)):
-        if num > 0 and den > 0:
-            best = max(best, math.log(num / den))
-    return best
-
-
-def membership_scores(model: torch.nn.Module, task: Any, data: Any, batch_size: int = 256) -> np.ndarray:
-    """Per-example score -loss (higher means 'more likely a member')."""
+# ---------------------------------------------------------------------------- membership
+@torch.no_grad()
+def _logits_and_labels(model: torch.nn.Module, task: Any, data: Any, batch_size: int = 256):
     was = model.training
     model.eval()
-    out = []
-    with torch.no_grad():
-        for b in data.batches(batch_size, shuffle=False):
-            logits = task.forward(model, b)
-            out.append(-torch.nn.functional.cross_entropy(logits, b["labels"], reduction="none"))
+    logits, labels = [], []
+    for b in data.batches(batch_size, shuffle=False):
+        logits.append(task.forward(model, b))
+        labels.append(b["labels"])
     model.train(was)
-    return torch.cat(out).numpy().astype(np.float64)
+    return torch.cat(logits), torch.cat(labels)
 
 
 def membership_attack(model: torch.nn.Module, task: Any, delta: float, max_examples: int = 1000,
                       seed: int = 0) -> dict[str, float]:
-    """Loss-threshold membership inference (see the module docstring)."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
+    """Loss-threshold membership inference (``attacks.membership``; see the module docstring):
+    up to ``max_examples`` training examples against as many test examples."""
     rng = np.random.default_rng(seed)
     n = min(len(task.train), len(task.test), max_examples)
     members = task.train.subset(np.sort(rng.permutation(len(task.train))[:n]))
     non = task.test.subset(np.sort(rng.permutation(len(task.test))[:n]))
-    s_in, s_out = membership_scores(model, task, members), membership_scores(model, task, non)
-    y = np.r_[np.ones(n), np.zeros(n)]
-    s = np.r_[s_in, s_out]
-    auc = float(roc_auc_score(y, s))
-    fpr, tpr, _ = roc_curve(y, s)
-    tpr_at = {f: float(np.interp(f, fpr, tpr)) for f in (0.01, 0.001)}
-    # threshold chosen on half A, counted on half B (no selection bias in the bound)
-    half = n // 2
-    a_in, b_in = s_in[:half], s_in[half:]
-    a_out, b_out = s_out[:half], s_out[half:]
-    best_t, best_e = None, -1.0
-    for t in np.unique(np.r_[a_in, a_out]):
-        e = epsilon_lower_bound(int((a_in >= t).sum()), len(a_in), int((a_out >= t).sum()), len(a_out), delta)
-        if e > best_e:
-            best_t, best_e = t, e
-    eps_lb = 0.0
-    if best_t is not None:
-        eps_lb = epsilon_lower_bound(int((b_in >= best_t).sum()), len(b_in), int((b_out >= best_t).sum()), len(b_out),
-                                     delta)
-    return {"membership_auc": auc, "membership_tpr_at_1pct_fpr": tpr_at[0.01],
-            "membership_tpr_at_0.1pct_fpr": tpr_at[0.001], "membership_eps_lower_bound": eps_lb,
+    s_in = loss_scores(*_logits_and_labels(model, task, members))
+    s_out = loss_scores(*_logits_and_labels(model, task, non))
+    m = attack_metrics(np.r_[s_in, s_out], np.r_[np.ones(n, bool), np.zeros(n, bool)])
+    return {"membership_auc": m["auc"], "membership_tpr_at_1pct_fpr": m["tpr_at_1pct_fpr"],
+            "membership_tpr_at_0.1pct_fpr": m["tpr_at_0.1pct_fpr"],
+            "membership_eps_lower_bound": threshold_epsilon_lower_bound(s_in, s_out, delta),
             "membership_examples": float(2 * n)}
 
 
