@@ -21,7 +21,8 @@ wholly inside ``[lo, hi)`` is summed as it is, one wholly outside is dropped. On
 are summed, so huge Byzantine values cannot cancel the honest ones in floating point.
 
 NaN: ``torch.minimum``/``maximum`` propagate NaN, so a column holding a NaN gives NaN (a
-sort would rank it last instead). The engine drops non-finite updates before aggregation.
+sort would rank it last instead). The wire decoder rejects a client update with a non-finite
+value (``secfed.wire``: that client is dropped), so none reaches an aggregator in a run.
 
 Above ``MAX_NETWORK_ROWS`` rows the network does ``O(log^2 n)`` passes over the data and a
 cache-blocked ``torch.sort`` along contiguous memory is used instead.
