@@ -30,6 +30,7 @@ cache-blocked ``torch.sort`` along contiguous memory is used instead.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -78,13 +79,10 @@ def _bitonic_halves(Y: torch.Tensor, Z: torch.Tensor) -> tuple[torch.Tensor, tor
     stage's descending blocks.
     """
     N, b = Y.shape
-    prev = None
+    flips = _stage_sign_flips(N, Y.dtype)
     k = 2
     while k < N:
-        sign = torch.ones(N // (2 * k), 2, k, 1, dtype=Y.dtype)
-        sign[:, 1] = -1.0
-        sign = sign.view(N, 1)
-        Y.mul_(sign if prev is None else sign * prev)
+        Y.mul_(flips[k])
         j = k // 2
         while j >= 1:
             Yv = Y.view(N // (2 * j), 2, j, b)
@@ -93,11 +91,30 @@ def _bitonic_halves(Y: torch.Tensor, Z: torch.Tensor) -> tuple[torch.Tensor, tor
             torch.maximum(Yv[:, 0], Yv[:, 1], out=Zv[:, 1])
             Y, Z = Z, Y
             j //= 2
-        prev = sign
         k *= 2
-    if prev is not None:
-        Y.mul_(prev)
+    if N > 2:
+        Y.mul_(flips[N])
     return Y, Z
+
+
+@functools.lru_cache(maxsize=32)
+def _stage_sign_flips(N: int, dtype: torch.dtype) -> dict[int, torch.Tensor]:
+    """``flips[k]``, an (N, 1) column of +-1: multiplying by it before stage k (k = 2, 4, ..., N/2)
+    undoes the previous stage's negation and negates stage k's descending blocks; ``flips[N]``
+    undoes the last stage's negation. Built once per (N, dtype), not once per block."""
+    signs, k = {}, 2
+    while k < N:
+        sign = torch.ones(N // (2 * k), 2, k, 1, dtype=dtype)
+        sign[:, 1] = -1.0
+        signs[k] = sign.view(N, 1)
+        k *= 2
+    flips, prev = {}, None
+    for k, sign in signs.items():
+        flips[k] = sign if prev is None else sign * prev
+        prev = sign
+    if prev is not None:
+        flips[N] = prev
+    return flips
 
 
 def _merge_middle_sum(B: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
