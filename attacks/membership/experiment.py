@@ -19,19 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from attacks.membership.mia import attack_metrics, lira_offline, logit_confidence, loss_scores
+from attacks.membership.mia import attack_metrics, lira_offline, logit_confidence, loss_scores, model_logits
 from secfed.config import ExperimentConfig
 from secfed.data import partition
 from secfed.engine import Engine
 from secfed.task import Task
-
-
-@torch.no_grad()
-def _logits(task: Task, model: torch.nn.Module, data) -> torch.Tensor:
-    model.eval()
-    return torch.cat([task.forward(model, b) for b in data.batches(512, shuffle=False)])
 
 
 def train_models(cfg: ExperimentConfig, num_models: int, pool_size: int, seed: int = 0,
@@ -57,7 +50,7 @@ def train_models(cfg: ExperimentConfig, num_models: int, pool_size: int, seed: i
         eng = Engine(cfg, root / f"model{k}", progress=False, task=task)
         summary = eng.run()
         eng.spec.assign(eng.model, eng.global_w)
-        logits = _logits(task, eng.model, pool)
+        logits = model_logits(task, eng.model, pool, batch_size=512)
         conf.append(logit_confidence(logits, pool.labels).numpy())
         neg_loss.append(loss_scores(logits, pool.labels))
         member.append(inside)

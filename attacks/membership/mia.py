@@ -20,6 +20,16 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from torch.nn import functional as F
 
 
+@torch.no_grad()
+def model_logits(task, model: torch.nn.Module, data, batch_size: int = 256) -> torch.Tensor:
+    """The model's logits on every example of ``data`` in order (eval mode; the mode is restored)."""
+    was = model.training
+    model.eval()
+    out = torch.cat([task.forward(model, b) for b in data.batches(batch_size, shuffle=False)])
+    model.train(was)
+    return out
+
+
 def logit_confidence(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``log(p_y / (1 - p_y))`` = ``z_y - logsumexp_{j != y} z_j`` (no underflow at p_y -> 1)."""
     logits = logits.double()

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attacks.membership.mia import attack_metrics, loss_scores
+from attacks.membership.mia import attack_metrics, loss_scores, model_logits
 from attacks.membership.threshold_audit import threshold_epsilon_lower_bound
 from secfed.errors import ConfigError, SecfedError
 
@@ -53,18 +53,6 @@ POST_RUN = ("membership", "backdoor")
 
 
 # ---------------------------------------------------------------------------- membership
-@torch.no_grad()
-def _logits_and_labels(model: torch.nn.Module, task: Any, data: Any, batch_size: int = 256):
-    was = model.training
-    model.eval()
-    logits, labels = [], []
-    for b in data.batches(batch_size, shuffle=False):
-        logits.append(task.forward(model, b))
-        labels.append(b["labels"])
-    model.train(was)
-    return torch.cat(logits), torch.cat(labels)
-
-
 def membership_attack(model: torch.nn.Module, task: Any, delta: float, max_examples: int = 1000,
                       seed: int = 0) -> dict[str, float]:
     """Loss-threshold membership inference (``attacks.membership``; see the module docstring):
@@ -73,8 +61,8 @@ def membership_attack(model: torch.nn.Module, task: Any, delta: float, max_examp
     n = min(len(task.train), len(task.test), max_examples)
     members = task.train.subset(np.sort(rng.permutation(len(task.train))[:n]))
     non = task.test.subset(np.sort(rng.permutation(len(task.test))[:n]))
-    s_in = loss_scores(*_logits_and_labels(model, task, members))
-    s_out = loss_scores(*_logits_and_labels(model, task, non))
+    s_in = loss_scores(model_logits(task, model, members), members.labels)
+    s_out = loss_scores(model_logits(task, model, non), non.labels)
     m = attack_metrics(np.r_[s_in, s_out], np.r_[np.ones(n, bool), np.zeros(n, bool)])
     return {"membership_auc": m["auc"], "membership_tpr_at_1pct_fpr": m["tpr_at_1pct_fpr"],
             "membership_tpr_at_0.1pct_fpr": m["tpr_at_0.1pct_fpr"],
