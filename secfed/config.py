@@ -65,6 +65,8 @@ class DataConfig(_Section):
     alpha: float = Field(0.5, gt=0)
     min_examples: int = Field(1, ge=0)
     image_size: int = Field(8, ge=4, le=256)
+    canaries: int = Field(0, ge=0, description="mislabelled training examples, each in with probability 1/2, "
+                          "for the canary membership audit (secfed audit)")
 
     @model_validator(mode="after")
     def _needs_path(self) -> "DataConfig":

@@ -199,6 +199,34 @@ def train_test_split(data: TensorData, test_size: int, root_size: int, seed: int
     return data.subset(perm[test_size + root_size :]), test, root
 
 
+def plant_canaries(train: TensorData, count: int, seed: int) -> tuple[TensorData, TensorData, np.ndarray]:
+    """Membership canaries: the auditing game of Jagielski et al. (NeurIPS 2020) and Steinke,
+    Nasr & Jagielski (NeurIPS 2023, "Privacy auditing with one (1) training run").
+
+    ``count`` training examples (a seeded draw) get a wrong label (a seeded other class), so
+    only memorisation can fit them; each one independently stays in the training data with
+    probability 1/2 and is removed otherwise. Returns (training data with the included
+    canaries, all canaries with their wrong labels, the in/out coin per canary); the included
+    canaries are the last rows of the returned training data.
+    """
+    if count < 0 or 2 * count > len(train):
+        raise DataError(f"data.canaries ({count}) must be between 0 and half the training examples ({len(train) // 2})")
+    if train.num_classes < 2:
+        raise DataError("data.canaries needs at least 2 classes (a canary carries a wrong label)")
+    rng = np.random.default_rng([seed, 0xCA7A])
+    idx = np.sort(rng.choice(len(train), count, replace=False))
+    shift = torch.as_tensor(rng.integers(1, train.num_classes, count))
+    coin = rng.random(count) < 0.5
+    canaries = train.subset(idx)
+    canaries.tensors["labels"] = (canaries.labels + shift) % train.num_classes
+    clean = np.setdiff1d(np.arange(len(train)), idx)
+    kept = train.subset(clean)
+    inside = canaries.subset(np.flatnonzero(coin))
+    out = TensorData({k: torch.cat([v, inside.tensors[k]]) for k, v in kept.tensors.items()},
+                     train.num_classes, train.label_names)
+    return out, canaries, coin
+
+
 def partition(labels: torch.Tensor, num_clients: int, scheme: str, alpha: float, seed: int, min_examples: int = 1) -> list[np.ndarray]:
     """Index lists, one per client.
 

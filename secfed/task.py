@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from secfed.config import ExperimentConfig
-from secfed.data import (TensorData, encode_labels, load_digits, load_text, partition, synthetic_images,
-                         train_test_split)
+from secfed.data import (TensorData, encode_labels, load_digits, load_text, partition, plant_canaries,
+                         synthetic_images, train_test_split)
 from secfed.errors import DataError
 from secfed.models import build_image_model, build_text_model, load_tokenizer
 
@@ -35,6 +35,8 @@ class Task:
         self.test: TensorData
         self.root: TensorData | None
         self.shards: list[np.ndarray]
+        self.canaries: TensorData | None = None  # data.canaries: wrong-labelled examples, ...
+        self.canary_in: np.ndarray | None = None  # ... and which of them are in the training data
         self._load()
 
     # ------------------------------------------------------------------ data
@@ -56,6 +58,8 @@ class Task:
         if d.max_examples and len(data) > d.max_examples:
             data = data.subset(np.sort(np.random.default_rng(seed).permutation(len(data))[: d.max_examples]))
         self.train, self.test, self.root = train_test_split(data, min(d.test_size, len(data) // 3), d.root_size, seed)
+        if d.canaries:
+            self.train, self.canaries, self.canary_in = plant_canaries(self.train, d.canaries, seed)
         self.shards = partition(self.train.labels, d.num_clients, d.partition, d.alpha, seed, d.min_examples)
 
     @property

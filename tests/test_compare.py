@@ -140,6 +140,48 @@ def test_membership_attack_separates_a_memorising_model():
     assert r["membership_eps_lower_bound"] == pytest.approx(math.log((lo - 1e-5) / (1 - lo)), rel=1e-6)
 
 
+def test_plant_canaries_wrong_labels_coins_and_layout():
+    from secfed.data import plant_canaries
+
+    n = 400
+    train = TensorData({"pixels": torch.arange(n, dtype=torch.float32)[:, None],
+                        "labels": torch.arange(n) % 10}, 10)
+    out, can, coin = plant_canaries(train, 100, seed=3)
+    ids = can.tensors["pixels"][:, 0].long()  # pixel value = original row
+    assert len(can) == 100 and len(ids.unique()) == 100
+    assert bool((can.labels != train.labels[ids]).all())  # every canary carries a wrong label
+    assert 30 < coin.sum() < 70  # coin of probability 1/2 each
+    k = int(coin.sum())
+    assert len(out) == n - 100 + k
+    # included canaries are the last rows, with their wrong labels; excluded ones are gone
+    assert torch.equal(out.tensors["pixels"][-k:, 0].long(), ids[torch.as_tensor(coin)])
+    assert torch.equal(out.labels[-k:], can.labels[torch.as_tensor(coin)])
+    clean = out.tensors["pixels"][:-k, 0].long()
+    assert not set(clean.tolist()) & set(ids.tolist())
+    assert torch.equal(out.labels[:-k], train.labels[clean])  # the other rows are untouched
+    again = plant_canaries(train, 100, seed=3)  # the audit rebuilds the same canaries from the config
+    assert torch.equal(again[1].labels, can.labels) and (again[2] == coin).all()
+    with pytest.raises(Exception, match="data.canaries"):
+        plant_canaries(train, 201, seed=3)
+
+
+def test_canary_membership_of_a_model_that_memorised_the_included_canaries():
+    n, m = 100, 40
+    coin = torch.arange(m) % 2 == 0
+    natural = TensorData({"pixels": torch.zeros(n, 1), "labels": torch.zeros(n, dtype=torch.long)}, 2)
+    # canary pixel = 1 where included: _Lookup answers "class 0" confidently there, the canary's wrong label
+    can = TensorData({"pixels": coin.float()[:, None], "labels": torch.zeros(m, dtype=torch.long)}, 2)
+    inside = can.subset(torch.nonzero(coin)[:, 0])
+    train = TensorData({k: torch.cat([natural.tensors[k], inside.tensors[k]]) for k in ("pixels", "labels")}, 2)
+    task = SimpleNamespace(train=train, test=natural, canaries=can, canary_in=coin.numpy(),
+                           forward=lambda mdl, b: mdl(pixels=b["pixels"]))
+    r = membership_attack(_Lookup(), task, delta=1e-5)
+    assert r["canary_auc"] == 1.0 and r["canaries"] == m
+    assert r["membership_auc"] == 0.5 and r["membership_examples"] == 2 * n  # included canaries are not natural members
+    lo = 0.025 ** (1 / 10)  # 10 of 10 included canaries in the held-out half, 0 of 10 excluded
+    assert r["canary_eps_lower_bound"] == pytest.approx(math.log((lo - 1e-5) / (1 - lo)), rel=1e-6)
+
+
 def test_verdict_red_when_lower_bound_exceeds_claim():
     rep = {"run": "r", "round": 3, "claimed": {"epsilon": 1.0, "delta": 1e-5, "privacy": "dp-fedavg", "trainer": "sgd",
                                                "pipeline": ["clip"], "secure_sum": "plain", "aggregator": "mean",

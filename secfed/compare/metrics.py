@@ -4,7 +4,9 @@ Utility: final ``accuracy`` and ``loss`` (``summary.json``). Privacy: claimed
 ``epsilon``/``delta`` (the ledger, via the summary); empirical leakage from the
 attack observers' round records and the post-run audit (``audit/audit.json``):
 reconstruction ``psnr``/``ssim`` (the attacker's best round), ``token_recovery``,
-``membership_auc``, ``eps_lower_bound``. Robustness: ``accuracy`` of cells with an
+``membership_auc`` (natural training vs test examples), ``canary_auc`` (planted
+mislabelled canaries, in vs out: worst-case memorisation), ``eps_lower_bound`` (the
+largest of the audit's bounds). Robustness: ``accuracy`` of cells with an
 adversary is the accuracy under attack; ``backdoor_success``. Cost:
 ``seconds_per_round``, ``bytes_up_per_client``/``bytes_down_per_client`` (per
 round, per participating client), ``peak_rss_mb`` of the cell's process.
@@ -31,12 +33,13 @@ CANONICAL: dict[str, tuple[tuple[str, ...], str]] = {
     "ssim": (("ssim",), "max"),
     "token_recovery": (("token_recovery", "token_recall", "tokens_recovered", "token_f1", "token_rate"), "max"),
     "membership_auc": (("membership_auc", "mia_auc", "member_auc"), "max"),
+    "canary_auc": (("canary_auc",), "max"),
     "eps_lower_bound": (("eps_lower", "epsilon_lower", "eps_lb"), "max"),
     "backdoor_success": (("backdoor_asr", "backdoor_success", "attack_success", "backdoor"), "last"),
 }
 INVERSION_OBSERVERS = ("dlg", "idlg", "inverting", "inversion", "text-inversion", "geiping")
 METRICS = ("accuracy", "loss", "epsilon", "delta", "psnr", "ssim", "token_recovery", "membership_auc",
-           "eps_lower_bound", "backdoor_success", "seconds_per_round", "bytes_up_per_client",
+           "canary_auc", "eps_lower_bound", "backdoor_success", "seconds_per_round", "bytes_up_per_client",
            "bytes_down_per_client", "peak_rss_mb")
 
 
@@ -106,8 +109,9 @@ def cell_metrics(cell_dir: Path) -> dict[str, Any]:
         for res in a.get("results", {}).values():
             for k, v in res.items():
                 name = _canonical(k)
-                if name and _num(v) is not None and row.get(name) is None:
-                    row[name] = float(v)
+                if name and _num(v) is not None and (row.get(name) is None or
+                                                     (name == "eps_lower_bound" and float(v) > row[name])):
+                    row[name] = float(v)  # every eps lower bound is valid: the largest one counts
                     row[f"{name}_key"] = f"audit:{k}"
         row["audit_verdicts"] = [v["verdict"] for v in a.get("verdicts", [])]
     # blocked = the observer ran and had no per-client update to attack (SecAgg+, CKKS)

@@ -21,7 +21,8 @@ from secfed.compare.metrics import METRICS, aggregate, cell_metrics
 
 ATTACK_AXES = ("attack", "attacks", "adversary", "threat")
 NO_ATTACK = ("none", "no-attack", "clean", None)
-LEAK_LABEL = {"psnr": "PSNR (dB)", "ssim": "SSIM", "token_recovery": "token recovery", "membership_auc": "MIA AUC"}
+LEAK_LABEL = {"psnr": "PSNR (dB)", "ssim": "SSIM", "token_recovery": "token recovery", "membership_auc": "MIA AUC",
+              "canary_auc": "canary MIA AUC"}
 
 
 def collect(out: Path) -> list[dict[str, Any]]:
@@ -69,7 +70,7 @@ def pick_table(groups: list[dict[str, Any]], grid: dict[str, Any]) -> tuple[list
         key = tuple(g.get(f"axis.{a}") for a in setup_axes)
         rows.setdefault(key, {})[g.get(f"axis.{attack_axis}") if attack_axis else None] = g
     attacks = grid["axes"].get(attack_axis, {}) if attack_axis else {}
-    cols = ["setup", "accuracy", "epsilon", "MIA AUC"]
+    cols = ["setup", "accuracy", "epsilon", "MIA AUC", "canary MIA AUC"]
     attack_cols: list[tuple[str, str, str]] = []  # (attack label, metric, column title)
     for lab in attacks:
         cand = [g for r in rows.values() for a, g in r.items() if a == lab]
@@ -95,9 +96,11 @@ def pick_table(groups: list[dict[str, Any]], grid: dict[str, Any]) -> tuple[list
             table.append(line)
             raw.append({"setup": label, "attacks": {}})
             continue
-        line = [label, _fmt("accuracy", base), _fmt("epsilon", base, sd=False), _fmt("membership_auc", mia)]
+        line = [label, _fmt("accuracy", base), _fmt("epsilon", base, sd=False), _fmt("membership_auc", mia),
+                _fmt("canary_auc", mia)]
         info = {"setup": label, "accuracy": base.get("accuracy"), "epsilon": base.get("epsilon"),
-                "membership_auc": mia.get("membership_auc"), "seconds_per_round": base.get("seconds_per_round"),
+                "membership_auc": mia.get("membership_auc"), "canary_auc": mia.get("canary_auc"),
+                "seconds_per_round": base.get("seconds_per_round"),
                 "bytes_up_per_client": base.get("bytes_up_per_client"), "attacks": {}}
         for lab, m, title in attack_cols:
             g = by_attack.get(lab)
@@ -140,13 +143,15 @@ def pareto_front(points: list[tuple[float, ...]]) -> list[int]:
 
 
 def _leak_metric(raw: list[dict[str, Any]]) -> str | None:
-    if any(r.get("membership_auc") is not None for r in raw):
-        return "membership_auc"
+    """The leakage axis of the Pareto plot: canary AUC (worst case) if the grid planted canaries."""
+    for m in ("canary_auc", "membership_auc"):
+        if any(r.get(m) is not None for r in raw):
+            return m
     return None
 
 
 def plot_pareto(raw: list[dict[str, Any]], path: Path) -> list[str]:
-    """Accuracy vs leakage (MIA AUC), marker size = s/round; returns the Pareto-optimal setups."""
+    """Accuracy vs leakage (canary or natural MIA AUC), marker size = s/round; returns the Pareto-optimal setups."""
     leak = _leak_metric(raw)
     pts = [r for r in raw if r.get("accuracy") is not None and r.get("seconds_per_round") is not None
            and (leak is None or r.get(leak) is not None)]
@@ -164,7 +169,7 @@ def plot_pareto(raw: list[dict[str, Any]], path: Path) -> list[str]:
                    color="tab:green" if on else "tab:gray", alpha=0.9 if on else 0.5, edgecolor="k",
                    zorder=4 if on else 3)
         ax.annotate(r["setup"], (x, r["accuracy"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("membership-inference AUC (lower = less leakage)" if leak else "seconds per round (lower = cheaper)")
+    ax.set_xlabel(f"{LEAK_LABEL[leak]} (lower = less leakage)" if leak else "seconds per round (lower = cheaper)")
     ax.set_ylabel("test accuracy")
     ax.set_title("Pareto front: accuracy / leakage / time (star = not dominated; size = s/round)", fontsize=9)
     ax.grid(alpha=0.3)
@@ -184,8 +189,9 @@ def plot_utility_vs_epsilon(raw: list[dict[str, Any]], inv_title: str | None, pa
         return False
     nodp = [r for r in raw if r.get("epsilon") is None]
     panels = [("accuracy", "test accuracy")]
-    if any(r.get("membership_auc") is not None for r in raw):
-        panels.append(("membership_auc", "membership AUC"))
+    for m in ("membership_auc", "canary_auc"):
+        if any(r.get(m) is not None for r in raw):
+            panels.append((m, LEAK_LABEL[m]))
     if inv_title and any(isinstance(r["attacks"].get(inv_title), float) for r in raw):
         panels.append((inv_title, inv_title))
     plt = _plt()
@@ -290,7 +296,9 @@ def write_report(out: Path) -> Path:
              "failed cells; `--report-only` rewrites this report).", "",
              f"{done} of {len(rows)} cells done, {len(failed)} failed; seeds {grid['seeds']} "
              "(figures are mean ± sample std over seeds). Accuracy, epsilon, MIA AUC and cost come from the "
-             "setup's run without an adversary; an attack column is that attack's figure against the setup "
+             "setup's run without an adversary (MIA AUC: loss-threshold attack on the final model, training vs "
+             "test examples; canary MIA AUC: the same attack on planted wrong-label canaries, in vs out, i.e. "
+             "worst-case memorisation; 0.5 = no leakage); an attack column is that attack's figure against the setup "
              "(PSNR/SSIM: the curious server's best reconstruction over rounds; accuracy: final accuracy under "
              "the poisoning attack).", ""]
     lines += _md_table(cols, table)
