@@ -345,3 +345,25 @@ def test_audit_rejects_weights_that_do_not_fit_the_model(tmp_path, bad):
     save_checkpoint(tmp_path, {"global": bad}, {"round": 1})
     with pytest.raises(ConfigError, match="do not fit the model"):
         audit_run(tmp_path, ["membership"])
+
+
+def test_report_canary_column_and_front_leaves_out_setups_that_learnt_nothing(tmp_path):
+    rec = {"round": 1, "sampled": 4, "completed": 4, "bytes_up": 4000, "bytes_down": 4000, "seconds": 1.0}
+    for name, acc, auc, canary in (("none", 0.9, 0.52, 0.8), ("dp-eps8", 0.6, 0.51, 0.55), ("dp-eps1", 0.12, 0.5, 0.5)):
+        summ = {"final_accuracy": acc, "seconds_per_round": 1.0, "peak_rss_mb": 400.0, "majority_baseline": 0.1}
+        cid = f"defence={name}__seed=0"
+        _fake_cell(tmp_path, cid, {"defence": name}, {}, summ, [rec])
+        audit = {"attacks_run": ["membership"], "verdicts": [], "results": {"membership": {
+            "membership_auc": auc, "membership_eps_lower_bound": 0.1, "canary_auc": canary,
+            "canary_eps_lower_bound": 0.7}}}
+        (tmp_path / "cells" / cid / "run" / "audit").mkdir()
+        (tmp_path / "cells" / cid / "run" / "audit" / "audit.json").write_text(json.dumps(audit))
+    (tmp_path / "grid.json").write_text(json.dumps({"name": "g", "seeds": [0], "axes": {"defence": ["none"]},
+                                                   "cells": sorted(p.name for p in (tmp_path / "cells").iterdir())}))
+    text = write_report(tmp_path).read_text()
+    assert "| setup | accuracy | MIA AUC | canary MIA AUC |" in text
+    assert "| none | 0.900 | 0.520 | 0.800 |" in text
+    # dp-eps1 leaks least but is within 0.05 of the majority class: not recommended
+    assert "Not dominated on (accuracy, leakage, time per round): **dp-eps8, none**" in text
+    row = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[0])
+    assert row["eps_lower_bound"] == 0.7  # the largest of the audit's bounds

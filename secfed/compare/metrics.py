@@ -141,7 +141,9 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                              "adversary": rs[0]["adversary"], "secure_sum": rs[0]["secure_sum"],
                              "inversion_attack": rs[0]["inversion_attack"],
                              "attack_status": next((r["attack_status"] for r in done if r.get("attack_status")), None),
-                             "inversion_blocked": bool(done) and all(r.get("inversion_blocked") for r in done)}
+                             "inversion_blocked": bool(done) and all(r.get("inversion_blocked") for r in done),
+                             "majority_baseline": next((r["majority_baseline"] for r in done
+                                                        if r.get("majority_baseline") is not None), None)}
         for m in METRICS:
             vals = [r[m] for r in done if r.get(m) is not None]
             if vals:

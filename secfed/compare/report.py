@@ -21,6 +21,7 @@ from secfed.compare.metrics import METRICS, aggregate, cell_metrics
 
 ATTACK_AXES = ("attack", "attacks", "adversary", "threat")
 NO_ATTACK = ("none", "no-attack", "clean", None)
+USELESS_MARGIN = 0.05  # accuracy within 5 points of the majority-class baseline: learnt nothing useful
 LEAK_LABEL = {"psnr": "PSNR (dB)", "ssim": "SSIM", "token_recovery": "token recovery", "membership_auc": "MIA AUC",
               "canary_auc": "canary MIA AUC"}
 
@@ -100,7 +101,7 @@ def pick_table(groups: list[dict[str, Any]], grid: dict[str, Any]) -> tuple[list
                 _fmt("canary_auc", mia)]
         info = {"setup": label, "accuracy": base.get("accuracy"), "epsilon": base.get("epsilon"),
                 "membership_auc": mia.get("membership_auc"), "canary_auc": mia.get("canary_auc"),
-                "seconds_per_round": base.get("seconds_per_round"),
+                "seconds_per_round": base.get("seconds_per_round"), "majority_baseline": base.get("majority_baseline"),
                 "bytes_up_per_client": base.get("bytes_up_per_client"), "attacks": {}}
         for lab, m, title in attack_cols:
             g = by_attack.get(lab)
@@ -150,28 +151,43 @@ def _leak_metric(raw: list[dict[str, Any]]) -> str | None:
     return None
 
 
+def useless(r: dict[str, Any]) -> bool:
+    """No better than always answering the majority class (within ``USELESS_MARGIN``): never recommended."""
+    base = r.get("majority_baseline")
+    return base is not None and r["accuracy"] < base + USELESS_MARGIN
+
+
 def plot_pareto(raw: list[dict[str, Any]], path: Path) -> list[str]:
-    """Accuracy vs leakage (canary or natural MIA AUC), marker size = s/round; returns the Pareto-optimal setups."""
+    """Accuracy vs leakage (canary or natural MIA AUC), marker size = s/round; returns the Pareto-optimal setups.
+
+    Setups no better than the majority class (``useless``) leak nothing because they learnt nothing;
+    they are drawn (grey crosses) but kept out of the front.
+    """
     leak = _leak_metric(raw)
     pts = [r for r in raw if r.get("accuracy") is not None and r.get("seconds_per_round") is not None
            and (leak is None or r.get(leak) is not None)]
     if not pts:
         return []
     xs = [r[leak] if leak else r["seconds_per_round"] for r in pts]
-    objs = [(-r["accuracy"], r[leak] if leak else 0.0, r["seconds_per_round"]) for r in pts]
-    front = set(pareto_front(objs))
+    ok = [i for i, r in enumerate(pts) if not useless(r)]
+    objs = [(-pts[i]["accuracy"], pts[i][leak] if leak else 0.0, pts[i]["seconds_per_round"]) for i in ok]
+    front = {ok[j] for j in pareto_front(objs)}
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     smax = max(r["seconds_per_round"] for r in pts) or 1.0
     for i, (r, x) in enumerate(zip(pts, xs)):
         on = i in front
-        ax.scatter(x, r["accuracy"], s=40 + 400 * r["seconds_per_round"] / smax, marker="*" if on else "o",
-                   color="tab:green" if on else "tab:gray", alpha=0.9 if on else 0.5, edgecolor="k",
-                   zorder=4 if on else 3)
+        size = 40 + 400 * r["seconds_per_round"] / smax
+        if useless(r):
+            ax.scatter(x, r["accuracy"], s=size, marker="x", color="tab:gray", alpha=0.6, zorder=3)
+        else:
+            ax.scatter(x, r["accuracy"], s=size, marker="*" if on else "o", color="tab:green" if on else "tab:gray",
+                       alpha=0.9 if on else 0.5, edgecolor="k", zorder=4 if on else 3)
         ax.annotate(r["setup"], (x, r["accuracy"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel(f"{LEAK_LABEL[leak]} (lower = less leakage)" if leak else "seconds per round (lower = cheaper)")
     ax.set_ylabel("test accuracy")
-    ax.set_title("Pareto front: accuracy / leakage / time (star = not dominated; size = s/round)", fontsize=9)
+    ax.set_title("Pareto front: accuracy / leakage / time (star = not dominated; x = no better than the majority "
+                 "class; size = s/round)", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -304,7 +320,9 @@ def write_report(out: Path) -> Path:
     lines += _md_table(cols, table)
     lines.append("")
     if front:
-        lines += [f"Not dominated on (accuracy, leakage, time per round): **{', '.join(front)}**.", "",
+        lines += [f"Not dominated on (accuracy, leakage, time per round): **{', '.join(front)}** (setups within "
+                  f"{USELESS_MARGIN:g} of the majority-class accuracy are left out: they leak nothing because they "
+                  "learnt nothing).", "",
                   "![Pareto front](pareto.png)", ""]
     lines += ["## Plots", ""]
     if has_eps:
