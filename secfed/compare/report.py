@@ -229,6 +229,11 @@ def plot_utility_vs_epsilon(raw: list[dict[str, Any]], inv_title: str | None, pa
         if ref is not None:
             ax.axhline(val(ref, m), ls="--", lw=1, color="gray")
             ax.annotate(f"{ref['setup']} (no DP)", (0.02, val(ref, m)), xycoords=("axes fraction", "data"), fontsize=7)
+        if m in ("membership_auc", "canary_auc"):  # a fixed scale around chance, so seed noise does not read as a trend
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(min(0.4, lo), max(0.9, hi))
+            ax.axhline(0.5, ls=":", lw=1, color="k")
+            ax.annotate("chance", (0.98, 0.5), xycoords=("axes fraction", "data"), fontsize=7, ha="right", va="bottom")
         ax.set_xscale("log")
         ticks = sorted({float(f"{r['epsilon']:.2g}") for r in dp})
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
