@@ -204,13 +204,15 @@ def test_audit_a_finished_run_with_membership_and_replayed_observer(tmp_path):
     from secfed.config import parse_config
     from secfed.engine import Engine
 
-    cfg = parse_config({**BASE, "run": {"name": "a", "rounds": 2},
+    cfg = parse_config({**BASE, "run": {"name": "a", "rounds": 2}, "data": {**BASE["data"], "canaries": 40},
                         "server": {"observers": [{"name": "dp-audit", "m": 50, "canary_dim": 64}]}})
     run = tmp_path / "run"
     Engine(cfg, run, progress=False).run()
     ckpt = (run / "checkpoint" / "tensors.safetensors").read_bytes()
     rep = audit_run(run, ["membership", "dp-audit"], progress=False)
     assert 0.0 <= rep["results"]["membership"]["membership_auc"] <= 1.0
+    assert 0.0 <= rep["results"]["membership"]["canary_auc"] <= 1.0  # the audit rebuilt the run's canaries
+    assert rep["results"]["membership"]["canaries"] == 40
     assert rep["results"]["replay"]["replay_round"] == 3  # one more round of the run's own protocol
     assert "audit_eps_lower_bound" in rep["results"]["replay"]
     assert "audit_eps_lower_bound" in rep["during_run"]
