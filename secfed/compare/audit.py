@@ -70,15 +70,18 @@ def membership_attack(model: torch.nn.Module, task: Any, delta: float, max_examp
     n = min(natural, len(task.test), max_examples)
     members = task.train.subset(np.sort(rng.permutation(natural)[:n]))
     non = task.test.subset(np.sort(rng.permutation(len(task.test))[:n]))
-    s_in = loss_scores(model_logits(task, model, members), members.labels)
-    s_out = loss_scores(model_logits(task, model, non), non.labels)
+
+    def scores(data: Any) -> np.ndarray:
+        return loss_scores(model_logits(task, model, data), data.labels)
+
+    s_in, s_out = scores(members), scores(non)
     m = attack_metrics(np.r_[s_in, s_out], np.r_[np.ones(n, bool), np.zeros(n, bool)])
     out = {"membership_auc": m["auc"], "membership_tpr_at_1pct_fpr": m["tpr_at_1pct_fpr"],
            "membership_tpr_at_0.1pct_fpr": m["tpr_at_0.1pct_fpr"],
            "membership_eps_lower_bound": threshold_epsilon_lower_bound(s_in, s_out, delta),
            "membership_examples": float(2 * n)}
     if coin is not None and 0 < coin.sum() < len(coin):
-        s = loss_scores(model_logits(task, model, task.canaries), task.canaries.labels)
+        s = scores(task.canaries)
         c = attack_metrics(s, coin)
         out.update({"canary_auc": c["auc"], "canary_tpr_at_1pct_fpr": c["tpr_at_1pct_fpr"],
                     "canary_eps_lower_bound": threshold_epsilon_lower_bound(s[coin], s[~coin], delta),

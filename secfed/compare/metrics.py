@@ -5,15 +5,16 @@ Utility: final ``accuracy`` and ``loss`` (``summary.json``). Privacy: claimed
 attack observers' round records and the post-run audit (``audit/audit.json``):
 reconstruction ``psnr``/``ssim`` (the attacker's best round), ``token_recovery``,
 ``membership_auc`` (natural training vs test examples), ``canary_auc`` (planted
-mislabelled canaries, in vs out: worst-case memorisation), ``eps_lower_bound`` (the
-largest of the audit's bounds). Robustness: ``accuracy`` of cells with an
-adversary is the accuracy under attack; ``backdoor_success``. Cost:
+mislabelled canaries, in vs out: worst-case memorisation), ``eps_lower_bound``.
+Robustness: ``accuracy`` of cells with an adversary is the accuracy under attack;
+``backdoor_success``. Cost:
 ``seconds_per_round``, ``bytes_up_per_client``/``bytes_down_per_client`` (per
 round, per participating client), ``peak_rss_mb`` of the cell's process.
 
 Plug-ins name their figures freely, so leakage figures are found by name: the
-first round-record key containing e.g. ``psnr`` is the PSNR. ``CANONICAL`` lists
-the patterns; every other numeric plug-in figure is kept in ``extra``.
+round-record or audit key containing e.g. ``psnr`` gives the PSNR (the largest, where
+several do). ``CANONICAL`` lists the patterns; every other numeric plug-in figure is
+kept in ``extra``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ def _canonical(key: str) -> str | None:
         if any(p in k for p in pats):
             return name
     return None
+
+
+def _offer(row: dict[str, Any], name: str, value: float, key: str) -> None:
+    """Record one source's figure for a canonical metric. Where several sources give one (a round
+    record and the audit, or two audit attacks), a ``max`` metric keeps the largest: the strongest
+    attack's leakage, the largest valid epsilon lower bound. A ``last`` metric keeps the first."""
+    if row.get(name) is None or (CANONICAL[name][1] == "max" and value > row[name]):
+        row[name] = value
+        row[f"{name}_key"] = key
 
 
 def cell_metrics(cell_dir: Path) -> dict[str, Any]:
@@ -100,19 +110,16 @@ def cell_metrics(cell_dir: Path) -> dict[str, Any]:
         row["attack_status"] = notes[-1]
     for k, v in extra.items():
         name = _canonical(k)
-        if name and row.get(name) is None:
-            row[name] = v[-1] if CANONICAL[name][1] == "last" else max(v)
-            row[f"{name}_key"] = k
+        if name:
+            _offer(row, name, v[-1] if CANONICAL[name][1] == "last" else max(v), k)
     audit = run / "audit" / "audit.json"
     if audit.exists():
         a = json.loads(audit.read_text())
         for res in a.get("results", {}).values():
             for k, v in res.items():
                 name = _canonical(k)
-                if name and _num(v) is not None and (row.get(name) is None or
-                                                     (name == "eps_lower_bound" and float(v) > row[name])):
-                    row[name] = float(v)  # every eps lower bound is valid: the largest one counts
-                    row[f"{name}_key"] = f"audit:{k}"
+                if name and _num(v) is not None:
+                    _offer(row, name, float(v), f"audit:{k}")
         row["audit_verdicts"] = [v["verdict"] for v in a.get("verdicts", [])]
     # blocked = the observer ran and had no per-client update to attack (SecAgg+, CKKS)
     row["inversion_blocked"] = bool(row["inversion_attack"] and row.get("psnr") is None

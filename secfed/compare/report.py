@@ -22,6 +22,7 @@ from secfed.compare.metrics import METRICS, aggregate, cell_metrics
 ATTACK_AXES = ("attack", "attacks", "adversary", "threat")
 NO_ATTACK = ("none", "no-attack", "clean", None)
 USELESS_MARGIN = 0.05  # accuracy within 5 points of the majority-class baseline: learnt nothing useful
+AUC_METRICS = ("membership_auc", "canary_auc")
 LEAK_LABEL = {"psnr": "PSNR (dB)", "ssim": "SSIM", "token_recovery": "token recovery", "membership_auc": "MIA AUC",
               "canary_auc": "canary MIA AUC"}
 
@@ -145,10 +146,7 @@ def pareto_front(points: list[tuple[float, ...]]) -> list[int]:
 
 def _leak_metric(raw: list[dict[str, Any]]) -> str | None:
     """The leakage axis of the Pareto plot: canary AUC (worst case) if the grid planted canaries."""
-    for m in ("canary_auc", "membership_auc"):
-        if any(r.get(m) is not None for r in raw):
-            return m
-    return None
+    return next((m for m in ("canary_auc", "membership_auc") if any(r.get(m) is not None for r in raw)), None)
 
 
 def useless(r: dict[str, Any]) -> bool:
@@ -205,9 +203,7 @@ def plot_utility_vs_epsilon(raw: list[dict[str, Any]], inv_title: str | None, pa
         return False
     nodp = [r for r in raw if r.get("epsilon") is None]
     panels = [("accuracy", "test accuracy")]
-    for m in ("membership_auc", "canary_auc"):
-        if any(r.get(m) is not None for r in raw):
-            panels.append((m, LEAK_LABEL[m]))
+    panels += [(m, LEAK_LABEL[m]) for m in AUC_METRICS if any(r.get(m) is not None for r in raw)]
     if inv_title and any(isinstance(r["attacks"].get(inv_title), float) for r in raw):
         panels.append((inv_title, inv_title))
     plt = _plt()
@@ -229,7 +225,7 @@ def plot_utility_vs_epsilon(raw: list[dict[str, Any]], inv_title: str | None, pa
         if ref is not None:
             ax.axhline(val(ref, m), ls="--", lw=1, color="gray")
             ax.annotate(f"{ref['setup']} (no DP)", (0.02, val(ref, m)), xycoords=("axes fraction", "data"), fontsize=7)
-        if m in ("membership_auc", "canary_auc"):  # a fixed scale around chance, so seed noise does not read as a trend
+        if m in AUC_METRICS:  # a fixed scale around chance, so seed noise does not read as a trend
             lo, hi = ax.get_ylim()
             ax.set_ylim(min(0.4, lo), max(0.9, hi))
             ax.axhline(0.5, ls=":", lw=1, color="k")
