@@ -191,6 +191,67 @@ def bench_secagg() -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- malicious server (issue 17)
+
+IMPRINT_HEADLINE = {"batch_size": 4, "cohort": 8}
+
+
+def imprint_case(batch: int, cohort: int, secure_sum: str = "secagg", client: dict | None = None,
+                 seed: int = 0) -> dict:
+    """One round through the engine: a malicious server ships the imprint trap weights (fc-imprint,
+    256 bins) to a cohort of ``cohort`` digits clients; it reads the secure sum only."""
+    from secfed.engine import Engine, read_rounds
+    import tempfile
+
+    c = {"optimizer": "sgd", "lr": 0.1, "batch_size": batch, "local_steps": 1, **(client or {})}
+    cfg = parse_config({"run": {"name": "imprint", "rounds": 1, "seed": seed}, "model": {"name": "fc-imprint"},
+                        "data": {"source": "digits", "num_clients": cohort, "test_size": 300, "image_size": 8},
+                        "client": c, "server": {"secure_sum": secure_sum},
+                        "attack": {"server": {"name": "imprint", "save_images": False}}})
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as td:
+        Engine(cfg, Path(td) / "run", progress=False).run()
+        rec = read_rounds(Path(td) / "run")[0]
+    steps = c["local_steps"]
+    images = batch * cohort * steps
+    return {"batch_size": batch, "cohort": cohort, "local_steps": steps, "optimizer": c["optimizer"],
+            "secure_sum": secure_sum, "defence": client.get("defence", "none") if client else "none",
+            "images_trained": images, "status": rec.get("status"), "completed": rec.get("completed"),
+            "psnr_db": rec.get("imprint_psnr"), "exact": rec.get("imprint_exact"),
+            "exact_fraction": (rec.get("imprint_exact") or 0) / images,
+            "reconstructions": rec.get("imprint_reconstructions"), "attack_status": rec.get("imprint_status"),
+            "seconds": time.perf_counter() - t0}
+
+
+def bench_imprint(quick: bool) -> dict:
+    """Images recovered exactly (PSNR >= 30 dB) through SecAgg+ vs batch size and cohort size, and what stops it."""
+    rows = []
+    batches, cohorts = ((2, 8), (2, 8)) if quick else ((1, 2, 4, 8, 16), (2, 4, 8, 16))
+    for b in batches:
+        for n in cohorts:
+            rows.append(imprint_case(b, n))
+            log(f"imprint bs={b} cohort={n}: median PSNR {rows[-1]['psnr_db']} dB, exact {rows[-1]['exact']}"
+                f"/{rows[-1]['images_trained']}")
+    b, n = IMPRINT_HEADLINE["batch_size"], IMPRINT_HEADLINE["cohort"]
+    variants = [("dp-sgd (z=1, C=1)", {"trainer": {"name": "dp-sgd", "max_grad_norm": 1.0, "noise_multiplier": 1.0}}),
+                ("model check (client.verify_model)", {"verify_model": True}),
+                ("none: 4 local steps", {"local_steps": 4}),
+                ("none: adam", {"optimizer": "adam", "lr": 1e-3})]
+    if not any(r["batch_size"] == b and r["cohort"] == n for r in rows):
+        rows.append(imprint_case(b, n))
+    for name, client in variants:
+        r = imprint_case(b, n, client=client)
+        r["defence"] = name
+        rows.append(r)
+        log(f"imprint {name} bs={b} cohort={n}: {r['status']}, median PSNR {r['psnr_db']} dB, exact {r['exact']}")
+    plain = imprint_case(b, n, secure_sum="plain")
+    plain["defence"] = "none (plain sum, for comparison)"
+    rows.append(plain)
+    return {"rows": rows, "setup": "digits 8x8, model fc-imprint (Linear(64, 256) + ReLU + Linear(256, 10)), one round, "
+            "plain SGD lr 0.1, exact = PSNR >= 30 dB against the closest cohort image, psnr_db = median over the "
+            "server's reconstructions", "headline_setting": IMPRINT_HEADLINE}
+
+
 # ----------------------------------------------------------------------------- text
 
 def text_task(lora_r: int, train_embeddings: bool, lora_layers: list[int] | None) -> Task:
@@ -278,7 +339,7 @@ def bench_membership(quick: bool) -> dict:
     res["overfit"]["seconds"] = time.perf_counter() - t0
     log(f"mia overfit: {res['overfit']}")
     dp = parse_config({**base, "client": {"local_epochs": 10, "batch_size": 64, "lr": 1e-2,
-                                          "trainer": {"name": "dp-sgd", "max_grad_norm": 1.0, "noise": "seeded"}},
+                                          "trainer": {"name": "dp-sgd", "max_grad_norm": 1.0}},  # csprng: seeded noise is refused with a guard
                        "server": {"cohort_size": 1, "privacy": {"name": "dp-sgd", "epsilon": 1.0, "delta": 1e-5}}})
     t0 = time.perf_counter()
     res["dp_eps1"] = membership_experiment(dp, K, pool)
@@ -313,6 +374,24 @@ def bench_audit(quick: bool) -> dict:
             log(f"audit z={z} T={T} seed {s}: bound {fixed.eps_lower_bound:.2f} (best k {best.eps_lower_bound:.2f}) "
                 f"claimed {rows[-1]['claimed_eps']:.2f}")
     return {"rows": rows, "m": 1000, "delta": 1e-5, "confidence": 0.95}
+
+
+def imprint_headline(imp: dict | None) -> dict:
+    """imprint_psnr_db_secagg (median PSNR of the server's reconstructions through SecAgg+) and the figure
+    under the defence that stops it (client DP-SGD), at the stated batch and cohort."""
+    if not imp:
+        return {}
+    b, n = imp["headline_setting"]["batch_size"], imp["headline_setting"]["cohort"]
+    pick = lambda d: next((r for r in imp["rows"] if r["batch_size"] == b and r["cohort"] == n
+                           and r["secure_sum"] == "secagg" and r["defence"] == d), None)
+    sec, dp, chk = pick("none"), pick("dp-sgd (z=1, C=1)"), pick("model check (client.verify_model)")
+    return {"imprint_psnr_db_secagg": sec and sec["psnr_db"],
+            "imprint_exact_fraction_secagg": sec and sec["exact_fraction"],
+            "imprint_psnr_db_dpsgd": dp and dp["psnr_db"],
+            "imprint_exact_fraction_dpsgd": dp and dp["exact_fraction"],
+            "imprint_exact_fraction_model_check": chk and chk["exact_fraction"],
+            "imprint_setting": f"batch {b}, cohort {n}, digits 8x8, fc-imprint 256 bins, one SGD step, SecAgg+; "
+                               "dpsgd: client DP-SGD z=1, C=1; model_check: client.verify_model (clients refuse)"}
 
 
 def tables(res: dict) -> str:
@@ -367,13 +446,21 @@ def tables(res: dict) -> str:
             out.append(f"| {r['mechanism']} | {r.get('noise_multiplier')} | {r.get('rounds')} | {r.get('seed', 0)} | "
                        f"{f(r['claimed_eps'])} | {f(r['eps_lower_bound'])} | {f(r.get('eps_lower_bound_best_k'))} | "
                        f"{r['correct']} / {r['guesses']} |")
+        out.append("")
+    if "imprint" in res:
+        out += ["| defence | secure sum | batch | cohort | local steps | optimizer | images | exact (PSNR >= 30 dB) | "
+                "median PSNR (dB) | round |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["imprint"]["rows"]:
+            out.append(f"| {r['defence']} | {r['secure_sum']} | {r['batch_size']} | {r['cohort']} | {r['local_steps']} | "
+                       f"{r['optimizer']} | {r['images_trained']} | {r['exact']} ({f(r['exact_fraction'])}) | "
+                       f"{f(r['psnr_db'], 1)} | {str(r['status'])[:40]} |")
     return "\n".join(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="", help="comma list of parts: dlg,ig,defenses,secagg,text,membership,audit "
+    ap.add_argument("--only", default="", help="comma list of parts: dlg,ig,defenses,secagg,text,membership,audit,imprint "
                     "(written to results/attacks_parts/, then combine with --merge)")
     ap.add_argument("--merge", action="store_true", help="combine results/attacks_parts/*.json into the results file")
     ap.add_argument("--tables", action="store_true", help="print the results file as Markdown tables")
@@ -383,7 +470,8 @@ def main() -> None:
         return
     torch.set_num_threads(1)  # 2 shared cores: more threads only spin
     q = args.quick
-    parts = set(args.only.split(",")) if args.only else {"dlg", "ig", "defenses", "secagg", "text", "membership", "audit"}
+    parts = set(args.only.split(",")) if args.only else {"dlg", "ig", "defenses", "secagg", "text", "membership", "audit",
+                                                           "imprint"}
     out_path = ROOT / "benchmarks" / "results" / ("attacks_quick.json" if q else "attacks.json")
     parts_dir = ROOT / "benchmarks" / "results" / ("attacks_parts_quick" if q else "attacks_parts")
     res: dict = {}
@@ -419,6 +507,8 @@ def main() -> None:
         res["text"] = bench_text(q)
     if "membership" in parts:
         res["membership"] = bench_membership(q)
+    if "imprint" in parts:
+        res["imprint"] = bench_imprint(q)
     if args.only:
         parts_dir.mkdir(parents=True, exist_ok=True)
         res["meta"] = {"seconds": time.perf_counter() - t_all}
@@ -437,6 +527,7 @@ def main() -> None:
         "text_token_recall_bs1": film[0]["token_recall"] if film else None,
         "audit_eps_lower_bound_planted_bug": bug[0]["eps_lower_bound"] if bug else None,
     }
+    res["headline"].update(imprint_headline(res.get("imprint")))
     res["meta"] = {"quick": q, "seconds_total_this_invocation": time.perf_counter() - t_all, "torch": torch.__version__,
                    "python": platform.python_version(), "machine": "2 shared CPU cores (timings noisy)",
                    "command": "python benchmarks/attacks.py" + (" --quick" if q else "")}

@@ -12,14 +12,21 @@
   and ``--resume`` finishes.
 - load: ``benchmarks/results/load.json`` from ``benchmarks/load.py`` (1000
   clients, 20 rounds, SecAgg+).
+- review findings (issue 16): ``review_findings`` (13, the outside review's
+  findings) and ``review_findings_closed``, *measured*: pytest runs
+  ``tests/test_review_findings_privacy.py`` and ``tests/test_review_findings_secagg.py``
+  and a finding NN counts as closed when at least one ``test_finding_NN_*`` passed
+  and none failed or errored.
 
     python benchmarks/hardening.py [--fuzz-n 2000]
+    python benchmarks/hardening.py --findings-only     # just the review-findings count (prints, writes nothing)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -65,6 +72,40 @@ def run_faults() -> dict:
     return {"cases": cases, "injected": len(ran), "survived": sum(c["outcome"] == "passed" for c in ran)}
 
 
+REVIEW_FINDINGS = 13  # issue 16: the outside review's findings
+REVIEW_FILES = ["tests/test_review_findings_privacy.py", "tests/test_review_findings_secagg.py"]
+_FINDING = re.compile(r"test_finding_(\d+)_")
+
+
+def run_review_findings() -> dict:
+    """Run both findings test files; per finding NN the passing/failing ``test_finding_NN_*`` cases."""
+    files = [f for f in REVIEW_FILES if (ROOT / f).exists()]
+    per: dict[int, dict[str, list[str]]] = {}
+    if files:
+        with tempfile.NamedTemporaryFile(suffix=".xml") as x:
+            subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={x.name}",
+                            "-m", "not fuzz", *files], cwd=ROOT, capture_output=True, text=True)
+            try:
+                tree = ET.parse(x.name)
+            except ET.ParseError:
+                tree = None
+            for tc in (tree.iter("testcase") if tree is not None else []):
+                m = _FINDING.match(tc.get("name") or "")
+                if not m:
+                    continue
+                outcome = "passed"
+                for child in tc:
+                    if child.tag in ("failure", "error"):
+                        outcome = "failed"
+                    elif child.tag == "skipped":
+                        outcome = "skipped"
+                per.setdefault(int(m.group(1)), {"passed": [], "failed": [], "skipped": []})[outcome].append(tc.get("name"))
+    closed = sorted(k for k, v in per.items() if v["passed"] and not v["failed"] and 1 <= k <= REVIEW_FINDINGS)
+    return {"files": files, "review_findings": REVIEW_FINDINGS, "review_findings_closed": len(closed),
+            "closed": closed, "open": [k for k in range(1, REVIEW_FINDINGS + 1) if k not in closed],
+            "tests": {f"{k:02d}": v for k, v in sorted(per.items())}}
+
+
 def run_fuzz(n: int) -> dict:
     from fuzz_targets import run, targets
 
@@ -82,7 +123,14 @@ def run_fuzz(n: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fuzz-n", type=int, default=2000)
+    ap.add_argument("--findings-only", action="store_true", help="only count the review findings; write nothing")
     args = ap.parse_args()
+    review = run_review_findings()
+    print(f"review findings: {review['review_findings_closed']}/{review['review_findings']} closed "
+          f"(open: {review['open']})", flush=True)
+    if args.findings_only:
+        print(json.dumps(review, indent=2))
+        return
     fuzz = run_fuzz(args.fuzz_n)
     faults = run_faults()
     print(f"faults: {faults['survived']}/{faults['injected']} survived", flush=True)
@@ -94,8 +142,10 @@ def main() -> None:
             "fuzz_inputs": fuzz["inputs"], "fuzz_crashes": fuzz["crashes"],
             "peak_rss_gb_1000_clients": load.get("peak_rss_gb"),
             "rss_growth_per_round_mb": load.get("rss_growth_per_round_mb"),
+            "review_findings": review["review_findings"], "review_findings_closed": review["review_findings_closed"],
         },
-        "fuzz": fuzz, "faults": faults,
+        "review_findings": review["review_findings"], "review_findings_closed": review["review_findings_closed"],
+        "review": review, "fuzz": fuzz, "faults": faults,
         "load": {k: v for k, v in load.items() if k != "rss_mb_per_round"},
     }
     (ROOT / "benchmarks" / "results" / "hardening.json").write_text(json.dumps(out, indent=2) + "\n")

@@ -2,11 +2,24 @@
 
     python benchmarks/robust.py            # n in {10, 50, 100}, d in {1e5, 1e6}, f = 20% of n
     python benchmarks/robust.py --quick    # n = 10, d = 1e4 (smoke test)
+    python benchmarks/robust.py --quick --no-byzfl   # without ByzFL: only the sum-pass ratios
 
-Needs a Python that imports both secfed and ByzFL (ByzFL pulls torchvision, so keep it out
-of secfed's environment): e.g. ``PYTHONPATH=$PWD /tmp/byzfl-venv/bin/python benchmarks/robust.py``
-with the venv of tests/data/make_byzfl_reference.py. ``import byzfl`` runs its benchmark
-package (torchvision); the aggregators are imported without it.
+Needs a Python that imports both secfed and ByzFL. ByzFL declares torchvision, which would pull
+a CUDA torch into secfed's environment, so install it without dependencies into its own folder
+and put that on the path (its aggregators need only torch, numpy and scipy)::
+
+    .venv/bin/pip install --no-deps --target /tmp/byzfl-pkg byzfl==0.0.11
+    PYTHONPATH=/tmp/byzfl-pkg .venv/bin/python benchmarks/robust.py
+
+(or the separate venv of tests/data/make_byzfl_reference.py with ``PYTHONPATH=$PWD``).
+``import byzfl`` runs its benchmark package (torchvision); the aggregators are imported without it.
+
+Speed is machine-dependent, so every time is also reported as a multiple of one pass over the
+same input: ``X.sum(0)`` on the same (n, d) float32 tensor, timed in the same process with the same
+threads (``*_over_sum``). The second headline, ``max_over_sum_pass_n50_d1e6``, is the largest such
+multiple among the order-statistic aggregators (coordinate median, trimmed mean) at n = 50,
+d = 1e6: how far they are from memory speed (goal: <= 5). The CPU model and flags from
+/proc/cpuinfo, the load average and the numba version are recorded with the results.
 
 Both libraries get the same float32 (n, d) tensor on CPU and the same torch thread count.
 Each cell is the median of ``--repeats`` calls after one warm-up; peak memory is the
@@ -39,10 +52,43 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from defenses.robust import (NNM, CenteredClipping, CoordinateMedian, GeometricMedian, Krum, Mean,  # noqa: E402
-                             MultiKrum, StaticClip, TrimmedMean)
+from defenses.robust import (NNM, Bulyan, CenteredClipping, CoordinateMedian, GeometricMedian, Krum,  # noqa: E402
+                             Mean, MultiKrum, StaticClip, TrimmedMean)
+from defenses.robust import order_stats  # noqa: E402
 
 HEADLINE = ["Median", "TrimmedMean", "Krum", "MultiKrum", "GeometricMedian", "CenteredClipping"]
+ORDER_STATS = ["Median", "TrimmedMean"]  # the max_over_sum_pass headline
+
+
+def cpu_description() -> dict:
+    """CPU model name and flags from /proc/cpuinfo (Linux), the cores this process may use, the load."""
+    model, flags = platform.processor() or None, []
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model in (None, "", platform.machine()):
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = value.split()
+    except OSError:
+        pass
+    simd = [f for f in flags if f.startswith(("sse", "ssse", "avx", "fma", "amx", "neon", "asimd", "sve"))]
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    return {"cpu_model": model, "cpu_simd_flags": simd, "cpu_flags": flags, "usable_cpus": usable,
+            "load_average_at_start": load}
+
+
+def numba_version() -> str | None:
+    kernel = order_stats._compiled()
+    return getattr(getattr(kernel, "numba", None), "__version__", None)
 
 
 def import_byzfl():
@@ -108,6 +154,8 @@ def pairs(A, P, n: int, f: int):
                              lambda X: A.CenteredClipping(L=1, tau=1.0)(X)),
         "NNM (pre)": (lambda X: NNM(f)(X), lambda X: P.NNM(f=f)(X)),
         "StaticClip (pre)": (lambda X: StaticClip(1.0)(X), lambda X: P.Clipping(c=1.0)(X.clone())),
+        # ByzFL has no Bulyan; n >= 4f + 3 caps f
+        "Bulyan": (lambda X: Bulyan(min(f, (n - 3) // 4))(X), None),
     }
 
 
@@ -133,59 +181,81 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--no-byzfl", action="store_true", help="time secfed only (no speedup headline)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "robust.json"))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    A, P, byzfl_version = import_byzfl()
+    cpu = cpu_description()
+    A, P, byzfl_version = (None, None, None) if args.no_byzfl else import_byzfl()
     grid = [(10, 10_000)] if args.quick else [(n, d) for d in (100_000, 1_000_000) for n in (10, 50, 100)]
     rows = []
     for n, d in grid:
         f = max(1, round(0.2 * n))
         g = torch.Generator().manual_seed(n * 7919 + d)
         X = torch.randn(n, d, generator=g) + 0.5 * torch.randn(1, d, generator=g)
+        t_sum = time_it(lambda X: X.sum(0), X, args.repeats)[0]  # one pass over the input: the unit
+        print(f"n={n:<4} d={d:<8} {'X.sum(0)':<18} {t_sum*1e3:9.1f} ms", flush=True)
         for name, (ours, theirs) in pairs(A, P, n, f).items():
             t_ours, m_ours, o_ours = time_it(ours, X, args.repeats)
-            try:
-                t_byz, m_byz, o_byz = time_it(theirs, X, args.repeats)
-                err = None
-                max_diff = float((o_ours.float() - o_byz.float()).abs().max())
-            except (RuntimeError, ValueError) as e:  # e.g. torch.quantile's input-size limit
-                t_byz = m_byz = max_diff = None
-                err = str(e).splitlines()[0][:200]
+            t_byz = m_byz = max_diff = err = None
+            if theirs is None:
+                err = "not in ByzFL"
+            elif A is not None:
+                try:
+                    t_byz, m_byz, o_byz = time_it(theirs, X, args.repeats)
+                    max_diff = float((o_ours.float() - o_byz.float()).abs().max())
+                except (RuntimeError, ValueError) as e:  # e.g. torch.quantile's input-size limit
+                    err = str(e).splitlines()[0][:200]
             row = {"aggregator": name, "n": n, "d": d, "f": f, "secfed_s": t_ours, "byzfl_s": t_byz,
-                   "speedup": (t_byz / t_ours) if t_byz else None, "secfed_peak_mib": m_ours, "byzfl_peak_mib": m_byz,
+                   "speedup": (t_byz / t_ours) if t_byz else None, "sum_pass_s": t_sum,
+                   "secfed_over_sum": t_ours / t_sum, "byzfl_over_sum": (t_byz / t_sum) if t_byz else None,
+                   "secfed_peak_mib": m_ours, "byzfl_peak_mib": m_byz,
                    "input_mib": n * d * 4 / 2**20, "max_abs_diff": max_diff, "byzfl_error": err}
             rows.append(row)
-            sp = f"{row['speedup']:.1f}x" if row["speedup"] else f"ByzFL failed: {err}"
-            print(f"n={n:<4} d={d:<8} {name:<18} secfed {t_ours*1e3:9.1f} ms ({m_ours:7.1f} MiB)  "
-                  f"byzfl {('%9.1f ms' % (t_byz*1e3)) if t_byz else '      n/a'}  {sp}", flush=True)
+            sp = f"{row['speedup']:.1f}x" if row["speedup"] else f"ByzFL: {err or 'not run'}"
+            print(f"n={n:<4} d={d:<8} {name:<18} secfed {t_ours*1e3:9.1f} ms = {t_ours/t_sum:5.1f} sums "
+                  f"({m_ours:7.1f} MiB)  byzfl {('%9.1f ms' % (t_byz*1e3)) if t_byz else '      n/a'}  {sp}",
+                  flush=True)
         del X
     key_n, key_d = (10, 10_000) if args.quick else (50, 1_000_000)
     key = [r for r in rows if r["n"] == key_n and r["d"] == key_d and r["aggregator"] in HEADLINE]
     # a ByzFL failure (no time) counts as an unbounded speedup, but is reported by name
     finite = [r for r in key if r["speedup"] is not None]
     slowest = min(finite, key=lambda r: r["speedup"]) if finite else None
+    cell = [r for r in rows if r["n"] == key_n and r["d"] == key_d]
+    order = [r for r in cell if r["aggregator"] in ORDER_STATS]
+    farthest = max(order, key=lambda r: r["secfed_over_sum"]) if order else None
     out = {
-        "headline": {"min_speedup_vs_byzfl_n50_d1e6": round(slowest["speedup"], 2) if slowest else None},
+        "headline": {"min_speedup_vs_byzfl_n50_d1e6": round(slowest["speedup"], 2) if slowest else None,
+                     "max_over_sum_pass_n50_d1e6": round(farthest["secfed_over_sum"], 2) if farthest else None},
         "headline_detail": {
             "slowest_aggregator": slowest["aggregator"] if slowest else None,
+            "farthest_from_memory_speed": farthest["aggregator"] if farthest else None,
             "cell": {"n": key_n, "d": key_d},
             "speedups": {r["aggregator"]: (round(r["speedup"], 2) if r["speedup"] else None) for r in key},
+            "secfed_over_sum": {r["aggregator"]: round(r["secfed_over_sum"], 2) for r in cell},
+            "byzfl_over_sum": {r["aggregator"]: (round(r["byzfl_over_sum"], 2) if r["byzfl_over_sum"] else None)
+                               for r in cell},
+            "sum_pass_ms": round(cell[0]["sum_pass_s"] * 1e3, 3) if cell else None,
             "byzfl_failures": {r["aggregator"]: r["byzfl_error"] for r in key if r["byzfl_error"]},
             "quick": args.quick,
+            "goals": {"max_over_sum_pass_n50_d1e6": "<= 5", "min_speedup_vs_byzfl_n50_d1e6": ">= 10"},
         },
-        "environment": {"torch": torch.__version__, "byzfl": byzfl_version, "threads": torch.get_num_threads(),
-                        "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-                        "processor": platform.processor()},
+        "environment": {"torch": torch.__version__, "byzfl": byzfl_version, "numba": numba_version(),
+                        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                        "machine": platform.machine(), "python": platform.python_version(), **cpu,
+                        "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
         "method": ("median of %d calls after a warm-up, no sampler running; peak = max RSS growth sampled every 1 ms"
-                   " during one more, untimed call") % args.repeats,
+                   " during one more, untimed call; *_over_sum = time / time of X.sum(0) on the same input, same"
+                   " process and threads") % args.repeats,
         "command": " ".join(["python", "benchmarks/robust.py"] + [a for a in sys.argv[1:] if not a.startswith("--out")]),
         "table": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
-    print(json.dumps(out["headline"]), json.dumps(out["headline_detail"]["speedups"]))
+    print(json.dumps(out["headline"]), json.dumps(out["headline_detail"]["speedups"]),
+          json.dumps(out["headline_detail"]["secfed_over_sum"]))
 
 
 if __name__ == "__main__":

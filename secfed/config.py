@@ -47,7 +47,18 @@ class RunConfig(_Section):
     rounds: int = Field(5, ge=1, le=100_000)
     eval_every: int = Field(1, ge=1)
     out: str | None = None
-    threads: int = Field(0, ge=0, description="torch threads; 0 keeps torch's default")
+    threads: int | Literal["auto"] = Field("auto", description="torch threads: auto = the idle CPUs this process "
+                                           "may use (secfed.models.auto_threads), 0 = torch's default, n = n")
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be 'auto', 0 (torch's default) or a positive thread count")
+        return v
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where the model and batches live; "
+                                                   "auto = cuda when present")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="model weights; bfloat16 only on cuda")
 
 
 class DataConfig(_Section):
@@ -67,6 +78,19 @@ class DataConfig(_Section):
     image_size: int = Field(8, ge=4, le=256)
     canaries: int = Field(0, ge=0, description="mislabelled training examples, each in with probability 1/2, "
                           "for the canary membership audit (secfed audit)")
+    # instruction tuning of a causal LM (secfed.instruct); see README "Generative models"
+    task: Literal["auto", "classification", "instruct"] = Field(
+        "auto", description="auto: instruct for tweets-instruct / construction-faq or a causal-LM model.name")
+    instruction: str | None = Field(None, description="fixed instruction for label-as-text sets (tweets-instruct)")
+    system_prompt: str | None = Field(None, description="system message put before every prompt")
+    instruction_column: str = "instruction"
+    input_column: str = "input"
+    response_column: str = "output"
+    messages_column: str = "messages"
+    category_column: str | None = Field(None, description="column for partitioning (dirichlet) and, when it equals "
+                                        "the response column, label-as-text accuracy")
+    generate_examples: int = Field(32, ge=0, description="test examples scored by greedy generation per evaluation")
+    max_new_tokens: int = Field(48, ge=1, le=4096)
 
     @model_validator(mode="after")
     def _needs_path(self) -> "DataConfig":
@@ -80,11 +104,24 @@ class ModelConfig(_Section):
     lora_r: int = Field(8, ge=0, le=1024, description="0 = no LoRA (train the head only)")
     lora_alpha: float = Field(16.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = ["query", "value"]
+    target_modules: list[str] | None = Field(None, description="LoRA targets; default query/value (BERT) or "
+                                             "q_proj/v_proj (causal LMs; c_attn for GPT-2)")
     lora_layers: list[int] | None = None
     train_embeddings: bool = False
     sha256: str | None = None
+    gguf_file: str | None = Field(None, description="GGUF file of a causal LM (a path, or a file in model.name's folder)")
     pooling: Literal["mean", "cls"] = "mean"
+
+    @model_validator(mode="after")
+    def _pin_is_local(self) -> "ModelConfig":
+        """A sha256 pin is checked on a local folder only: refuse a hub id here, before any network attempt."""
+        if self.sha256 and self.name not in ("minilm", "tiny-bert", "cnn", "lenet", "fc-imprint"):
+            local = self.name.startswith((".", "/", "~")) or Path(self.name).expanduser().exists()
+            if not local:
+                raise ValueError(f"model.sha256 pins a local folder only and '{self.name}' is a hub id; download it "
+                                 f"first (e.g. huggingface-cli download {self.name} --local-dir models/x) and set "
+                                 "model.name to that folder")
+        return self
 
 
 class ClientConfig(_Section):
@@ -98,6 +135,8 @@ class ClientConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     weighting: Literal["examples", "uniform"] = "examples"
     pipeline: list[PluginSpec] = []
+    verify_model: bool = Field(False, description="clients refuse a shipped model that is not the last aggregated "
+                               "model they can recompute (w_{t-1} + the published update; round 1: the seeded init)")
 
     _p = field_validator("trainer", mode="before")(_plugin)
 
@@ -135,10 +174,19 @@ class ServerConfig(_Section):
     def _pl(cls, v: Any) -> Any:
         return [_plugin(x) for x in v]
 
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v == 1:  # review finding 5: a group of one is a "secure sum" of one update
+            raise ValueError("1 would release every update on its own; use 0 (no groups) or at least 2")
+        return v
+
 
 class AttackConfig(_Section):
     adversary: PluginSpec | None = None
-    _p = field_validator("adversary", mode="before")(_plugin)
+    server: PluginSpec | None = Field(None, description="a malicious server that manipulates the model it ships "
+                                      "(registry kind 'server_adversary', e.g. 'imprint'); in-process runs only")
+    _p = field_validator("adversary", "server", mode="before")(_plugin)
 
 
 class FaultConfig(_Section):
@@ -157,7 +205,21 @@ class DeployConfig(_Section):
     ray_client_cpus: float = Field(1.0, gt=0, description="CPUs per simulated client (Ray actor)")
 
 
+class PrivacyConfig(_Section):
+    """``[privacy]``: a preset that fills in a complete DP setup (:mod:`secfed.presets`)."""
+
+    preset: Literal["record-level", "user-level"]
+    epsilon: float | None = Field(None, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    clip: float | None = Field(None, gt=0, description="user-level: clip_norm (0.5); record-level: max_grad_norm (1.0)")
+    noise_multiplier: float | None = Field(None, gt=0)
+    sample_rate: float | None = Field(None, gt=0, le=1, description="user-level: Poisson client sampling rate q")
+    noise: Literal["central", "distributed"] | None = None
+
+
 class ExperimentConfig(_Section):
+    privacy: PrivacyConfig | None = None
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -167,18 +229,29 @@ class ExperimentConfig(_Section):
     faults: FaultConfig = FaultConfig()
     deploy: DeployConfig = DeployConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        from secfed.presets import expand_privacy
+
+        return expand_privacy(data)
+
     def fingerprint(self) -> str:
         """Hash of everything that determines the run's results (not ``run.rounds``/``out``)."""
         d = self.model_dump(mode="json")
         d["run"].pop("rounds", None)
         d["run"].pop("out", None)
         d.pop("deploy", None)
+        if d["attack"].get("server") is None:  # keys added for issue 17: absent = the fingerprint runs had before
+            d["attack"].pop("server", None)
+        if not d["client"].get("verify_model"):
+            d["client"].pop("verify_model", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _describe(err: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
-    kind, msg = err["type"], err["msg"]
+    kind, msg = err["type"], str(err["msg"]).removeprefix("Value error, ")
     if kind == "extra_forbidden":
         return f"unknown config key '{key}' (check the spelling; see experiments/quickstart.toml for the keys)"
     got = err.get("input")
@@ -190,8 +263,10 @@ def parse_config(data: dict[str, Any], source: str = "config") -> ExperimentConf
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        raise ConfigError(f"{source}: {_describe(first)}") from None
+        errs = [_describe(x) for x in e.errors()]
+        errs = list(dict.fromkeys(errs))  # every problem at once, in one line
+        raise ConfigError(f"{source}: " + ("; ".join(errs) if len(errs) <= 1 else
+                                           f"{len(errs)} problems: " + "; ".join(errs))) from None
 
 
 def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:

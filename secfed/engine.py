@@ -30,9 +30,10 @@ from secfed import registry
 from secfed.aggregation import ServerOptimizer
 from secfed.checkpoint import load_checkpoint, save_checkpoint, split_state
 from secfed.config import ExperimentConfig
+from secfed.describe import changed_keys, check_data, data_summary, failure, guarantee
 from secfed.errors import BudgetExhausted, CheckpointError, ConfigError, RoundAborted
 from secfed.interfaces import ClientUpdate, DropoutPlan, RoundContext, ServerView, SumResult, derive_seed
-from secfed.ledger import PrivacyLedger
+from secfed.ledger import PrivacyLedger, ledger_key_from_env
 from secfed.models import torch_threads
 from secfed.secure_sum import group_sums
 from secfed.spec import ParamSpec
@@ -58,9 +59,13 @@ class Engine:
         self.progress = progress
         self.on_round_end = on_round_end
         self.out = Path(out_dir or cfg.run.out or f"runs/{cfg.run.name}")
-        torch_threads(cfg.run.threads)
+        self.threads = torch_threads(cfg.run.threads)  # "auto": the idle CPUs this process may use
         # Build everything that can fail on user input before touching the disk.
         self.task = task or Task(cfg)
+        # capped/clamped settings -> warnings; a label column that cannot mean anything -> DataError
+        self.warnings = check_data(cfg, self.task.train, self.task.test, getattr(self.task, "root", None),
+                                   getattr(self.task, "shards", None)) if hasattr(self.task, "train") else []
+        self.last_saved = 0  # the round the checkpoint on disk holds (0: nothing saved yet)
         self.model = self.task.build_model()
         self.spec = ParamSpec.from_module(self.model)
         self.global_w = self.spec.flatten(self.model)
@@ -90,9 +95,28 @@ class Engine:
         self.aggregator = registry.build("aggregator", s.aggregator, "server.aggregator", **ctx)
         self.stages = [registry.build("server_stage", p, f"server.stages[{i}]", **ctx) for i, p in enumerate(s.stages)]
         self.observers = [registry.build("observer", p, f"server.observers[{i}]", **ctx) for i, p in enumerate(s.observers)]
+        guard_target = registry.REGISTRY.get("privacy", {}).get(s.privacy.name.lower(), s.privacy.name) if s.privacy else None
+        if guard_target == "defenses.privacy.guard:DPFedAvgGuard":
+            from defenses.privacy.guard import dpfedavg_violations
+
+            bad = dpfedavg_violations(self.cfg)  # every violation in one error, not one per run
+            if bad:
+                raise ConfigError(f"server.privacy = 'dp-fedavg' needs {len(bad)} more setting(s): " + "; ".join(bad)
+                                  + " (or write [privacy] preset = \"user-level\" with epsilon and delta)")
+        if guard_target == "defenses.privacy.guard:DPSGDGuard" and \
+                registry.REGISTRY["trainer"].get(c.trainer.name.lower(), c.trainer.name) != "defenses.privacy.dpsgd:DPSGDTrainer":
+            raise ConfigError("config key 'client.trainer': server.privacy = \"dp-sgd\" needs client.trainer = \"dp-sgd\" "
+                              "(or write [privacy] preset = \"record-level\" with epsilon and delta)")
         self.privacy = registry.build("privacy", s.privacy, "server.privacy", **ctx) if s.privacy else None
+        if self.privacy is not None and hasattr(self.privacy, "validate_config"):
+            self.privacy.validate_config(self.cfg)  # seeded noise, accounted vs real parameters (findings 1, 9)
         a = self.cfg.attack.adversary
         self.adversary = registry.build("adversary", a, "attack.adversary", **ctx) if a else None
+        srv = self.cfg.attack.server  # a malicious server that crafts the model it ships (issue 17)
+        if srv is not None and self.cfg.deploy.transport != "inprocess":
+            raise ConfigError("config key 'attack.server': a model-crafting server is simulated in-process only; "
+                              "set deploy.transport = 'inprocess'")
+        self.server_adversary = registry.build("server_adversary", srv, "attack.server", **ctx) if srv else None
         needs_rows = getattr(self.aggregator, "needs_individual", True) or bool(self.pre_aggregators)
         if needs_rows and not getattr(self.secure_sum, "reveals_individual", True) and s.group_size == 0:
             raise ConfigError(
@@ -113,9 +137,11 @@ class Engine:
 
     # ------------------------------------------------------------------ run dir
     def _prepare_out(self) -> None:
+        self.ledger_key = ledger_key_from_env()  # None: sha256 chain; else HMAC chain + MACed checkpoint state
         if self.resume:
             if not (self.out / "checkpoint").exists() and not (self.out / "checkpoint.old").exists():
-                raise CheckpointError(f"--resume: no checkpoint in {self.out}")
+                raise CheckpointError(f"--resume: no checkpoint in {self.out} (no round finished there); nothing to "
+                                      "resume: rerun without --resume")
             self._load()
             return
         if self.out.exists() and any(self.out.iterdir()):
@@ -127,12 +153,16 @@ class Engine:
             self._log(f"{self.out} existed; moved it to {backup} (nothing is deleted)")
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(self.cfg.model_dump(mode="json"), indent=2))
-        self.ledger = PrivacyLedger(self.out / "privacy_ledger.jsonl")
+        self.ledger = PrivacyLedger(self.out / "privacy_ledger.jsonl", self.ledger_key)
 
     def _load(self) -> None:
-        tensors, state = load_checkpoint(self.out)
+        tensors, state = load_checkpoint(self.out, self.ledger_key)
+        # the ledger must extend what the checkpoint anchored (finding 3) -- checked before anything is restored
+        self.ledger = PrivacyLedger(self.out / "privacy_ledger.jsonl", self.ledger_key)
+        self.ledger.verify_anchor(state.get("ledger"))
         if state.get("fingerprint") != self.cfg.fingerprint():
-            raise CheckpointError(f"--resume: the checkpoint in {self.out} was made with a different config "
+            raise CheckpointError(f"--resume: the checkpoint in {self.out} was made with a different config"
+                                  f"{changed_keys(self.out, self.cfg)} "
                                   "(only run.rounds may change)")
         self.global_w = tensors["global"]
         self.opt.state = {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}
@@ -142,8 +172,12 @@ class Engine:
         self.state = {k[6:]: v for k, v in tensors.items() if k.startswith("state.")}
         self.state.update(state.get("state", {}))
         self.start_round = state["round"] + 1
-        self.ledger = PrivacyLedger(self.out / "privacy_ledger.jsonl")
         if self.privacy is not None:
+            charged = {e.get("round") for e in self.ledger.entries}
+            missing = [r for r in range(1, state["round"] + 1) if r not in charged]
+            if missing:  # every checkpointed round was charged before its release
+                raise CheckpointError(f"--resume: the privacy ledger has no entry for released round(s) "
+                                      f"{missing[:5]}; refusing to restart the budget")
             self.privacy.load(self.ledger.entries)
         rounds = self.out / "rounds.jsonl"
         if rounds.exists():  # keep the records of checkpointed rounds only
@@ -165,7 +199,7 @@ class Engine:
             elif not k.startswith("_"):
                 js_state[k] = v
         save_checkpoint(self.out, tensors, {"round": t, "fingerprint": self.cfg.fingerprint(), "plugins": plugins,
-                                            "state": js_state})
+                                            "state": js_state, "ledger": self.ledger.anchor()}, self.ledger_key)
 
     def _log(self, msg: str) -> None:
         if self.progress:
@@ -176,6 +210,8 @@ class Engine:
     # ------------------------------------------------------------------ one round
     def sample_cohort(self, t: int) -> list[int]:
         s, n = self.cfg.server, self.cfg.data.num_clients
+        if getattr(self, "privacy", None) is not None:
+            return secret_cohort(n, s.sampling, s.sample_rate, min(s.cohort_size or n, n))
         g = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, t, "sample"))
         if s.sampling == "poisson":
             mask = torch.rand(n, generator=g) < s.sample_rate
@@ -195,15 +231,15 @@ class Engine:
                             expected_cohort=expected, run_dir=self.out, state=self.state, dropouts=drops, task=self.task)
 
     def local_update(self, client_id: int, ctx: RoundContext) -> ClientUpdate:
-        """One client's round: load w_t, train on its own shard, return the delta."""
-        self.spec.assign(self.model, self.global_w)
+        """One client's round: load the shipped w_t (``ctx.global_weights``), train on its own shard, return the delta."""
+        self.spec.assign(self.model, ctx.global_weights)
         data = self.task.client_data(client_id)
         if client_id in self.malicious and hasattr(self.adversary, "poison_data"):
             data = self.adversary.poison_data(client_id, data)
         torch.manual_seed(derive_seed(self.cfg.run.seed, ctx.round, client_id, "torch"))
         gen = ctx.generator(client_id, "batches")
         metrics = self.trainer.train(self.model, self.task, data, gen, client_id=client_id)
-        delta = self.spec.flatten(self.model) - self.global_w
+        delta = self.spec.flatten(self.model) - ctx.global_weights
         weight = float(len(data)) if self.cfg.client.weighting == "examples" else 1.0
         return ClientUpdate(client_id, delta, len(data), weight, dict(metrics))
 
@@ -241,6 +277,9 @@ class Engine:
         for cid in cohort:
             if ctx.dropouts.drops(cid, "train"):
                 dropped[cid] = "dropped during training"
+                continue
+            if self.cfg.client.verify_model and not torch.equal(ctx.global_weights, self.global_w):
+                dropped[cid] = "refused the shipped model: not w_{t-1} + the published update (client.verify_model)"
                 continue
             started = time.perf_counter()
             try:
@@ -283,6 +322,8 @@ class Engine:
         ctx = self.context(t, cohort)
         if self.privacy is not None:
             self.privacy.check(ctx)  # raises BudgetExhausted before any work
+        if self.server_adversary is not None:  # the model this round ships (crafted by a malicious server)
+            ctx.global_weights = self.server_adversary.craft(self.global_w, self.spec, self.task, ctx)
         updates, dropped = self.collect(ctx, bar)
         # The privacy spend is made durable before anything computed from this round leaves the server.
         epsilon = None
@@ -290,7 +331,7 @@ class Engine:
             self.ledger.append({"round": t, **self.privacy.record(ctx)})
             epsilon = self.privacy.epsilon()
         record: dict[str, Any] = {"round": t, "sampled": len(cohort), "malicious": len(set(cohort) & self.malicious)}
-        before = self.global_w
+        before = ctx.global_weights
         try:
             result = self.secure_aggregate(updates, ctx)
             result.dropped.update(dropped)
@@ -301,7 +342,10 @@ class Engine:
                 aggregate = stage(aggregate, result, ctx)
             if not bool(torch.isfinite(aggregate).all()):
                 raise RoundAborted("the aggregate is not finite")
-            self.global_w = self.opt.step(self.global_w, aggregate)
+            if ctx.global_weights is self.global_w:
+                self.global_w = self.opt.step(self.global_w, aggregate)
+            else:  # a crafted round: the malicious server reads the sum and keeps its own model
+                record["server_crafted_model"] = True
             record["status"] = "ok"
         except RoundAborted as e:
             result = locals().get("result") or SumResult([], torch.zeros(self.spec.numel), 0.0, dropped=dropped)
@@ -315,8 +359,10 @@ class Engine:
             "rejected": sum(1 for r in result.dropped.values() if r.startswith("malformed")),
             "bytes_up": int(sum(result.bytes_up.values())),
             "bytes_down": int(sum(result.bytes_down.values()) + d_bytes * len(cohort)),
-            "train_loss": float(np.mean([u.metrics.get("train_loss", float("nan")) for u in updates])) if updates else None,
         })
+        # Finding 7: the un-noised cohort mean loss is a per-cohort statistic; under DP or a secure sum it is not logged.
+        if self.privacy is None and getattr(self.secure_sum, "reveals_individual", True):
+            record["train_loss"] = float(np.mean([u.metrics.get("train_loss", float("nan")) for u in updates])) if updates else None
         record.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))})
         record.update(ctx.metrics)
         view = ServerView(t, result.transcript, result.updates, result.update_ids, result.weights, aggregate, before,
@@ -324,6 +370,8 @@ class Engine:
         for obs in self.observers:
             m = obs(view, ctx) or {}
             record.update(m)
+        if self.server_adversary is not None:
+            record.update(self.server_adversary.recover(view, ctx) or {})
         last = t == self.cfg.run.rounds
         if t % self.cfg.run.eval_every == 0 or last:
             self.spec.assign(self.model, self.global_w)
@@ -332,6 +380,7 @@ class Engine:
                 record.update(self.adversary.evaluate(self.model, self.task) or {})
         if epsilon is not None:
             record["epsilon"] = epsilon
+            record.update({k: v for k, v in getattr(self.privacy, "describe", dict)().items() if k == "epsilon_vs_server"})
         record["seconds"] = time.perf_counter() - t0
         record["peak_rss_mb"] = peak_rss_mb()
         return record
@@ -339,13 +388,16 @@ class Engine:
     # ------------------------------------------------------------------ the run
     def run(self) -> dict[str, Any]:
         self._prepare_out()
+        self.last_saved = self.start_round - 1
         self.spec.assign(self.model, self.global_w)
         from tqdm import tqdm
 
         rounds = self.cfg.run.rounds
         stopped = None
         t_start = time.perf_counter()
-        bar = tqdm(total=rounds, initial=self.start_round - 1, desc=self.cfg.run.name, unit="round",
+        short = guarantee(self.cfg, self.privacy)["short"]
+        bar = tqdm(total=rounds, initial=self.start_round - 1, unit="round",
+                   desc=f"{self.cfg.run.name} [{short}, {self.threads} threads]",
                    disable=not self.progress, dynamic_ncols=True)
         try:
             for t in range(self.start_round, rounds + 1):
@@ -358,6 +410,7 @@ class Engine:
                 with (self.out / "rounds.jsonl").open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 self._save(t)
+                self.last_saved = t
                 bar.update(1)
                 post = {k: record[k] for k in ("accuracy", "loss", "epsilon") if k in record}
                 bar.set_postfix({k: f"{v:.3f}" for k, v in post.items()})
@@ -365,6 +418,13 @@ class Engine:
                     self.on_round_end(t)
         finally:
             bar.close()
+        self.spec.assign(self.model, self.global_w)
+        from secfed.export import export_adapter
+
+        export_adapter(self.model, self.task, self.out / "adapter")  # text runs: PEFT format (+ head, labels)
+        samples = self.task.sample_generations(self.model, 5)  # generative tasks: prompt, reference, base, federated
+        if samples:
+            (self.out / "samples.json").write_text(json.dumps(samples, indent=2))
         summary = self.summarize(time.perf_counter() - t_start, stopped)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         from secfed.report import write_run_report
@@ -394,10 +454,33 @@ class Engine:
             "stopped": stopped,
             "fingerprint": self.cfg.fingerprint(),
         }
+        s.update(self.task.baseline(self.model))  # majority class; zero_shot_* (adapter disabled) for causal LMs
         if self.privacy is not None:
             s["epsilon"] = self.privacy.epsilon()
             s["delta"] = getattr(self.privacy, "delta", None)
+            s.update(getattr(self.privacy, "describe", dict)())  # which adversary each epsilon holds against (finding 4)
+            s["ledger_chain"] = getattr(getattr(self, "ledger", None), "chain", None)
+        # what a user must not misread: aggregated vs attempted rounds, the guarantee, the data, the warnings
+        s["rounds_aggregated"] = sum(1 for r in recs if r.get("status") == "ok")
+        s["guarantee"] = guarantee(self.cfg, self.privacy)
+        if hasattr(self.task, "train"):
+            s["data"] = data_summary(self.task.train, self.task.test, getattr(self.task, "root", None),
+                                     getattr(self.task, "shards", None), getattr(self.task, "canaries", None))
+        s["warnings"] = list(self.warnings)
+        s["failed"] = failure(recs, s, self.global_w)
         return s
+
+
+def secret_cohort(n: int, sampling: str, sample_rate: float, k: int) -> list[int]:
+    """A cohort from the OS CSPRNG (review finding 4): amplification by subsampling needs a sample that
+    no one holding config.json can rebuild. Poisson: each client with probability q (53-bit uniforms,
+    exact up to 2^-53); fixed size: ``secrets.SystemRandom().sample``."""
+    if sampling == "poisson":
+        u = (np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+        return np.nonzero(u < sample_rate)[0].tolist()
+    import secrets
+
+    return sorted(secrets.SystemRandom().sample(range(n), k))
 
 
 def read_rounds(run_dir: Path) -> list[dict[str, Any]]:

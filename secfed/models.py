@@ -54,7 +54,7 @@ def resolve_model_dir(name: str, sha256: str | None = None) -> str:
     looks_local = name.startswith((".", "/", "~")) or p.exists()
     if looks_local:
         if not p.is_dir():
-            raise ModelLoadError(f"model path not found: {p} (model.name must be 'minilm', 'tiny-bert', 'cnn', 'lenet', a HF id or a folder)")
+            raise ModelLoadError(f"model path not found: {p} (model.name must be 'minilm', 'tiny-bert', 'cnn', 'lenet', 'fc-imprint', a HF id or a folder)")
         if not (p / "config.json").is_file():
             raise ModelLoadError(f"model folder {p} has no config.json")
         if sha256:
@@ -172,16 +172,83 @@ class LeNetSigmoid(nn.Module):
         return self.fc(self.body(pixels).flatten(1))
 
 
+class ImprintMLP(nn.Module):
+    """``fc-imprint``: flatten -> ``imprint`` Linear(pixels, bins) -> ReLU -> ``head`` Linear(bins, classes).
+
+    The architecture a malicious server chooses for the imprint / trap-weights attack (Fowl et al.,
+    ICLR 2022, "Robbing the Fed": a linear layer + ReLU in front of the model; the server picks the
+    architecture in that threat model). Honestly initialised it is a one-hidden-layer MLP that trains
+    on digits; :mod:`attacks.inversion.imprint` shows what its first layer gives away when the server
+    sets its weights.
+    """
+
+    def __init__(self, num_classes: int = 10, image_size: int = 8, channels: int = 1, bins: int = 256) -> None:
+        super().__init__()
+        self.imprint = nn.Linear(channels * image_size * image_size, bins)
+        self.head = nn.Linear(bins, num_classes)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.imprint(pixels.flatten(1))))
+
+
 def build_image_model(name: str, num_classes: int, image_size: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     if name == "cnn":
         return SmallCNN(num_classes, image_size)
     if name == "lenet":
         return LeNetSigmoid(num_classes, image_size)
-    raise ModelLoadError(f"unknown image model '{name}' (cnn, lenet)")
+    if name == "fc-imprint":
+        return ImprintMLP(num_classes, image_size)
+    raise ModelLoadError(f"unknown image model '{name}' (cnn, lenet, fc-imprint)")
 
 
-def torch_threads(n: int) -> None:
-    if n > 0:
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (``taskset``, cpusets), capped by a cgroup v2
+    CPU quota (``/sys/fs/cgroup/cpu.max``, e.g. ``docker --cpus``) when one is set."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def auto_threads(usable: int | None = None, load: float | None = None, total: int | None = None) -> int:
+    """``run.threads = "auto"``: as many threads as there are idle usable CPUs, at least 1.
+
+    ``threads = clamp(floor(usable * (1 - load / total) + 0.5), 1, usable)`` where ``usable`` =
+    :func:`usable_cpus`, ``load`` = the 1-minute load average (runnable processes, whole machine)
+    and ``total`` = the machine's CPU count: the machine's busy fraction is taken to hold on the
+    CPUs this process may use too. An idle 2-core machine gives 2; the same machine with one
+    busy process (load 1) gives 1, as does any heavier load. Oversubscribing costs far more than
+    idling a core: torch's OpenMP threads spin-wait on each other, so one thread that loses its
+    core to another process stalls every parallel op (measured: a quickstart round 6x slower, a
+    LoRA step 10-40x slower on a loaded 2-core machine with torch's default of one thread per core).
+    The load average lags by about a minute and includes this process once it runs, so the count
+    is chosen once, when a run starts.
+    """
+    usable = usable_cpus() if usable is None else usable
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            load = 0.0
+    total = (os.cpu_count() or usable) if total is None else total
+    busy = min(1.0, max(0.0, load / max(1, total)))
+    return max(1, min(usable, int(usable * (1.0 - busy) + 0.5)))
+
+
+def torch_threads(n: int | str) -> int:
+    """Set torch's intra-op thread count: ``n > 0`` as given, ``"auto"`` = :func:`auto_threads`,
+    ``0`` = leave torch's default (one per core). Returns the count torch now uses."""
+    if n == "auto":
+        n = auto_threads()
+    if isinstance(n, int) and n > 0:
         torch.set_num_threads(n)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return torch.get_num_threads()

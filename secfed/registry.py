@@ -74,7 +74,47 @@ REGISTRY: dict[str, dict[str, str]] = {
         "mimic": "attacks.poisoning.model:Mimic",
         "adaptive": "attacks.poisoning.model:Adaptive",
     },
+    # a malicious server that manipulates the model it ships: craft(global_w, spec, task, ctx) -> weights sent
+    # this round; recover(view, ctx) -> dict (from what the server saw: the aggregate under a secure sum)
+    "server_adversary": {
+        "imprint": "attacks.inversion.imprint:ImprintAttack",
+    },
 }
+
+
+# Values the engine owns and passes to every plug-in (``Engine._build_plugins``): a
+# plug-in's table may never set them, or a plug-in (a privacy guard above all) would
+# account for a value the run does not use (review finding 1: a guard given
+# ``sample_rate = 0.01`` while the server samples at 0.8). Key -> the config key that owns it.
+ENGINE_OWNED: dict[str, str] = {
+    "num_clients": "data.num_clients",
+    "seed": "run.seed",
+    "sample_rate": "server.sample_rate",
+    "sampling": "server.sampling",
+    "rounds": "run.rounds",
+    "local_epochs": "client.local_epochs",
+    "local_steps": "client.local_steps",
+    "batch_size": "client.batch_size",
+    "lr": "client.lr",
+    "optimizer": "client.optimizer",
+    "momentum": "client.momentum",
+    "weight_decay": "client.weight_decay",
+    "dim": "the model's trainable parameter count",
+    "max_update_norm": "server.max_update_norm",
+    "min_clients": "server.min_clients",
+    "cohort_size": "server.cohort_size",
+    "group_size": "server.group_size",
+}
+
+
+def refuse_engine_owned(spec: Any, key: str, context: dict[str, Any] | None = None) -> None:
+    """One ConfigError if a plug-in table sets a value the engine owns (any key of ``context``, or of ENGINE_OWNED)."""
+    owned = set(ENGINE_OWNED) | set(context or {})
+    for k in spec.params:
+        if k in owned:
+            owner = ENGINE_OWNED.get(k, f"the engine's {k}")
+            where = owner if " " in owner else f"{owner}; set it there"
+            raise ConfigError(f"config key '{key}.{k}' is owned by the engine ({where}); remove it from the plug-in's table")
 
 
 def resolve(kind: str, name: str, key: str) -> Any:
@@ -101,6 +141,7 @@ def build(kind: str, spec: Any, key: str, **context: Any) -> Any:
     if the constructor accepts them; user parameters come from the config.
     """
     factory = resolve(kind, spec.name, key)
+    refuse_engine_owned(spec, key, context)
     params = dict(spec.params)
     try:
         sig = inspect.signature(factory)

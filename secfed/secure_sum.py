@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from secfed.errors import MalformedMessage, RoundAborted
+from secfed.errors import ConfigError, MalformedMessage, RoundAborted
 from secfed.interfaces import ClientUpdate, RoundContext, SumResult, WireMessage
 from secfed.wire import decode_update, encode_update
 
@@ -68,20 +68,42 @@ class PlainSum:
                          dropped=dropped, bytes_up=bytes_up, transcript=transcript)
 
 
+def partition_groups(n: int, group_size: int, generator: torch.Generator) -> list[list[int]]:
+    """Positions 0..n-1 in groups of ``group_size`` after a seeded shuffle; the remainder joins the last group.
+
+    Every group has between ``group_size`` and ``2 * group_size - 1`` members (5 clients in
+    groups of 2 -> 2 + 3), so no group sum is over fewer clients than the size the operator
+    chose (review finding 5). Fewer than ``group_size`` clients: no group at all.
+    """
+    if group_size < 2:
+        raise ConfigError(f"config key 'server.group_size': {group_size} would release sums of one client; use 0 or >= 2")
+    perm = torch.randperm(n, generator=generator).tolist()
+    groups = [perm[s : s + group_size] for s in range(0, n - n % group_size, group_size)]
+    if groups and n % group_size:
+        groups[-1].extend(perm[n - n % group_size :])
+    return groups
+
+
 def group_sums(secure_sum, updates: list[ClientUpdate], ctx: RoundContext, group_size: int, min_clients: int) -> SumResult:
     """Robust aggregation over secure group sums: a secure sum per group of ``group_size``.
 
-    Groups are a seeded shuffle of the cohort. The rows of the result are group
-    *means* (group sum / group weight), one per group that completed; the server
-    learns each group's aggregate and nothing finer.
+    Groups are a seeded shuffle of the cohort (:func:`partition_groups`: a remainder joins
+    another group). The rows of the result are group *means* (group sum / group weight),
+    one per group that completed; the server learns each group's aggregate and nothing
+    finer. A secure sum is asked to release a group only if every member of the group is
+    still in it (``min_sum`` = the group's size): a group that loses a member to a
+    dropout is left out of the round, never released as a smaller sum.
     """
-    perm = torch.randperm(len(updates), generator=ctx.generator("groups")).tolist()
-    groups = [[updates[i] for i in perm[s : s + group_size]] for s in range(0, len(perm), group_size)]
+    hides = not getattr(secure_sum, "reveals_individual", True)
+    groups = [[updates[i] for i in g] for g in partition_groups(len(updates), group_size, ctx.generator("groups"))]
     rows, weights, gid, ids = [], [], [], []
     merged = SumResult(client_ids=[], total=torch.zeros(ctx.spec.numel), total_weight=0.0)
+    if not groups:
+        for u in updates:
+            merged.dropped[u.client_id] = f"fewer than server.group_size = {group_size} clients in the round"
     for g, members in enumerate(groups):
         try:
-            r = secure_sum.aggregate(members, ctx)
+            r = secure_sum.aggregate(members, ctx, min_sum=len(members)) if hides else secure_sum.aggregate(members, ctx)
         except RoundAborted as e:
             for u in members:
                 merged.dropped[u.client_id] = f"group {g} aborted: {e}"
@@ -91,6 +113,10 @@ def group_sums(secure_sum, updates: list[ClientUpdate], ctx: RoundContext, group
         merged.bytes_down.update(r.bytes_down)
         merged.transcript.extend(r.transcript)
         if not r.client_ids or r.total_weight <= 0:
+            continue
+        if len(r.client_ids) < len(members):  # a plain sum that lost members: the group is left out
+            for u in members:
+                merged.dropped.setdefault(u.client_id, f"group {g} left out: below its size")
             continue
         rows.append(r.total / r.total_weight)
         weights.append(r.total_weight)

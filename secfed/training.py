@@ -46,7 +46,7 @@ def batch_schedule(n: int, batch_size: int, local_epochs: int, local_steps: int,
 
 
 class SGDTrainer:
-    """Minibatch training with cross-entropy; a fresh optimizer per client and round."""
+    """Minibatch training on the task's loss (``task.loss``); a fresh optimizer per client and round."""
 
     def __init__(self, local_epochs: int = 1, local_steps: int = 0, batch_size: int = 16, lr: float = 5e-3,
                  optimizer: str = "adam", momentum: float = 0.0, weight_decay: float = 0.0) -> None:
@@ -61,7 +61,7 @@ class SGDTrainer:
         for idx in batch_schedule(len(data), self.batch_size, self.local_epochs, self.local_steps, generator):
             batch = data.batch(idx)
             opt.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(task.forward(model, batch), batch["labels"])
+            loss = task.loss(model, batch)
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)

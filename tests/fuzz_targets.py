@@ -119,6 +119,9 @@ def _flower() -> list[Target]:
         Target("flower-ids", lambda: codec.encode_ids([1, 4, 7]), lambda b: codec.decode_ids(b, num_clients=10)),
         Target("flower-state", lambda: codec.encode_state({"round": 3, "x": [1, 2]}).encode(),
                lambda b: codec.decode_state(b.decode("utf-8", "replace"))),
+        Target("flower-dp", lambda: codec.encode_dp({"noise_multiplier": 1.1, "clip_norm": 1.0, "share_divisor": 3,
+                                                     "distributed": True}).encode(),
+               lambda b: codec.decode_dp(b.decode("utf-8", "replace"))),
     ]
 
 

@@ -48,13 +48,14 @@ def _check_sum(d: int, n: int, **kw) -> None:
     r = s.aggregate(ups, _ctx(d, n))
     true = sum(u.weight * u.delta.double() for u in ups)
     rel = float((r.total.double() - true).norm() / true.norm())
-    assert rel <= REL_BOUND, rel
+    if s.params.scheme == "bfv":  # CKKS releases on a coarser grid (finding 10): checked per coordinate below
+        assert rel <= REL_BOUND, rel
     assert r.client_ids == list(range(n)) and r.updates is None and not r.dropped
     assert r.total_weight == sum(u.weight for u in ups)
     assert r.metrics["he_clipped"] == 0
-    if s.params.scheme == "bfv":  # per coordinate: rounding bound + float32 output rounding
-        worst = float((r.total.double() - true).abs().max())
-        assert worst <= s.params.abs_error_bound(n) + 1e-7 * float(true.abs().max())
+    # per coordinate: rounding bound (BFV) or release grid + error bound (CKKS) + float32 output rounding
+    worst = float((r.total.double() - true).abs().max())
+    assert worst <= s.params.abs_error_bound(n) + 1e-7 * float(true.abs().max())
     # the server's transcript holds ciphertext bundles only
     assert all(m.step == "ciphertext" and m.payload[:4] == b"SFHC" for m in r.transcript)
 

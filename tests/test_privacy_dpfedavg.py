@@ -33,7 +33,7 @@ def dp_digits(**over):
     sections = {
         "client": {"weighting": "uniform", "pipeline": [{"name": "clip", "clip_norm": 1.0}], "local_steps": 2},
         "server": {"sampling": "poisson", "sample_rate": 0.6, "aggregator": {"name": "mean", "denominator": "expected"},
-                   "stages": [{"name": "central-gaussian", "noise": "seeded"}],
+                   "stages": ["central-gaussian"],
                    "privacy": {"name": "dp-fedavg", "noise_multiplier": 1.0, "delta": 1e-5}},
     }
     for k, v in over.items():
@@ -211,7 +211,7 @@ def test_prv_guard_reports_the_prv_epsilon():
 def test_distributed_noise_under_secagg_plus(tmp_path):
     pytest.importorskip("defenses.secure_aggregation.secagg")
     cfg = dp_digits(run={"rounds": 1},
-                    client={"pipeline": [{"name": "clip", "clip_norm": 1.0}, {"name": "gaussian-share", "noise": "seeded"}]},
+                    client={"pipeline": [{"name": "clip", "clip_norm": 1.0}, "gaussian-share"]},
                     server={"stages": [], "secure_sum": {"name": "secagg+", "clip_range": 8.0}, "min_clients": 2})
     s = Engine(cfg, tmp_path / "r", progress=False).run()
     rec = read_rounds(tmp_path / "r")[0]

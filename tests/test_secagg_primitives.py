@@ -133,7 +133,7 @@ def test_stochastic_rounding_is_unbiased():
 def test_out_of_range_is_reported_not_clipped():
     quant = Quantizer(0.5, 16, 32)
     assert quant.check(np.array([0.1, -0.5]), 3.0, 10) is None
-    assert "exceeds clip_range" in quant.check(np.array([0.1, 0.6]), 1.0, 10)
+    assert "outside [-clip_range, clip_range]" in quant.check(np.array([0.1, 0.6]), 1.0, 10)
     assert "non-finite" in quant.check(np.array([np.nan]), 1.0, 10)
     assert "weight" in quant.check(np.array([0.1]), 2.5, 10)
     assert "weight" in quant.check(np.array([0.1]), 11.0, 10)

@@ -117,7 +117,7 @@ class GradientInversionObserver:
         if self.rounds and view.round not in self.rounds:
             return None
         task = view.task
-        if getattr(task, "kind", "image") != "image":
+        if task is not None and not getattr(task, "image_inputs", False):
             return {"dlg_psnr": None, "dlg_status": "not an image task (use text-inversion)"}
         if self.target == "client" and view.updates is None:
             return {"dlg_psnr": None, "dlg_status": "no per-client update"}

@@ -275,8 +275,8 @@ class TextInversionObserver:
         if self.rounds and view.round not in self.rounds:
             return None
         task = view.task
-        if getattr(task, "kind", None) != "text":
-            return {"text_token_recall": None, "text_status": "not a text task"}
+        if not getattr(task, "text_encoder_inputs", False):
+            return {"text_token_recall": None, "text_status": "not a text-classification task (token ids into an encoder)"}
         if view.updates is None:
             return {"text_token_recall": None, "text_status": "no per-client update"}
         model = task.build_model()
@@ -293,12 +293,19 @@ class TextInversionObserver:
             bs = int(idx.numel()) if len(sched) == 1 else self.batch_size
             res = invert_text_update(model, view.spec.names, view.spec.shapes, view.updates[ids.index(cid)],
                                      task.cfg.data.max_length, batch_size=max(bs, 1), noisy=self.noisy, tau=self.tau)
+            if res["method"] == "none":  # nothing the attack could use: it did not run
+                why = ("needs client.optimizer = sgd" if self.optimizer != "sgd" else "found no informative first-layer LoRA")
+                res = {"bag": set(), "sequence": None,
+                       "method": f"not run: no trained embeddings, and the span check {why}"}
             if res["method"] == "span-check" and self.optimizer != "sgd":
                 # Adam's per-coordinate normalisation destroys the span structure: report nothing, not noise
-                res = {"bag": set(), "sequence": None, "method": f"span check needs sgd (client optimizer {self.optimizer})"}
+                res = {"bag": set(), "sequence": None,
+                       "method": f"not run: span check needs client.optimizer = sgd (the clients used {self.optimizer})"}
             batch = data.batch(idx)
             true_ids = [row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["attention_mask"])]
             m = score(res, true_ids, special)
+            if res["method"].startswith("not run"):  # an attack that did not run reports nothing, never 0
+                m = {k: None for k in m}
             m["method"] = res["method"]
             rows.append(m)
             if ctx.run_dir is not None:

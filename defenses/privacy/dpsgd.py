@@ -19,6 +19,14 @@ silently corrupted with some opacus/peft versions: the test compares Opacus' per
 gradients with per-example backward passes on the LoRA model and checks the frozen
 weights are untouched).
 
+Poisson batches are secret (review finding 4): with ``noise = "csprng"`` (the default)
+each step's batch is drawn from ``os.urandom`` (amplification by subsampling needs the
+sample to stay secret; the run seed is in ``config.json``). ``noise = "seeded"`` draws
+batches and noise from the run seed, for non-private simulations only, and is refused
+whenever ``server.privacy`` is set (finding 9). The local noise itself is still a float
+Gaussian on per-example gradient sums (see SECURITY.md: not covered by the discrete
+mechanism of DP-FedAvg).
+
 Noise comes from the OS CSPRNG (:mod:`defenses.privacy.noise`) unless
 ``noise = "seeded"``; Opacus' own ``secure_mode`` needs ``torchcsprng``, which is not
 installable with this torch, so :meth:`_NoiseMixin.add_noise` replaces its sampler.
@@ -29,17 +37,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
-from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 
 from defenses.privacy.analysis import calibrate_noise_for
-from defenses.privacy.noise import SOURCES, gaussian_like
+from defenses.privacy.noise import SOURCES, _urandom_uniform, gaussian_like
 from secfed.errors import ConfigError
 from secfed.training import make_optimizer
 
@@ -135,7 +144,29 @@ class DPSGDTrainer:
             self._z = resolve_noise_multiplier(task.cfg, [len(s) for s in task.shards])
         return self._z
 
+    def _check_against_guard(self, task: Any) -> None:
+        """Findings 1 and 9: under a privacy guard the batches are secret and the plan is the accounted one."""
+        cfg = getattr(task, "cfg", None)
+        if cfg is None or cfg.server.privacy is None:
+            return
+        if self.noise == "seeded":
+            raise ConfigError("config key 'client.trainer.noise': \"seeded\" noise can be rebuilt from the config and "
+                              "carries no epsilon; it is refused with server.privacy (leave it out: \"csprng\")")
+        c = cfg.client
+        for k, mine, real in (("batch_size", self.batch_size, c.batch_size), ("local_epochs", self.local_epochs, c.local_epochs),
+                              ("local_steps", self.local_steps, c.local_steps)):
+            if mine != real:
+                raise ConfigError(f"config key 'client.trainer': trains with {k} = {mine}, server.privacy accounts for "
+                                  f"client.{k} = {real}")
+
+    def _poisson_batch(self, n: int, q: float, generator: torch.Generator) -> torch.Tensor:
+        """Indices of one Poisson batch: secret (os.urandom) unless the noise is seeded."""
+        if self.noise == "seeded":
+            return torch.nonzero(torch.rand(n, generator=generator) < q).flatten()
+        return torch.from_numpy(np.nonzero(_urandom_uniform(n) <= q)[0]).to(torch.long)
+
     def train(self, model: nn.Module, task: Any, data: Any, generator: torch.Generator, client_id: int = 0) -> dict[str, float]:
+        self._check_against_guard(task)
         z = self.resolved_noise_multiplier(task)
         n = len(data)
         q, steps = client_plan(n, self.batch_size, self.local_epochs, self.local_steps)
@@ -149,12 +180,10 @@ class DPSGDTrainer:
                                                        max_grad_norm=self.max_grad_norm, use_ghost_clipping=True)
             opt = _DPOptimizerGhost(base, noise_multiplier=z, max_grad_norm=self.max_grad_norm,
                                     expected_batch_size=expected, loss_reduction="mean")
-            criterion = DPLossFastGradientClipping(gsm, opt, nn.CrossEntropyLoss(reduction="mean"), "mean")
         else:
             gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
             opt = _DPOptimizer(base, noise_multiplier=z, max_grad_norm=self.max_grad_norm, expected_batch_size=expected,
                                loss_reduction="mean")
-            criterion = None
         opt.noise_source = self.noise
         if self.noise == "seeded":
             opt.noise_generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
@@ -162,19 +191,21 @@ class DPSGDTrainer:
         total, seen, checked = 0.0, 0, False
         try:
             for _ in range(steps):
-                idx = torch.nonzero(torch.rand(n, generator=generator) < q).flatten()
+                idx = self._poisson_batch(n, q, generator)
                 opt.zero_grad(set_to_none=True)
                 if len(idx) == 0:  # empty Poisson batch: the step releases noise only
                     self._noise_only_step(params, base, z, expected, opt)
                     continue
                 batch = data.batch(idx)
-                logits = self._forward(task, gsm, batch)
-                if criterion is not None:
-                    loss = criterion(logits, batch["labels"])
+                # one loss term per example (task.per_example_loss), then the mean: Opacus'
+                # loss_reduction = "mean" convention (a causal LM's token losses are reduced per example first)
+                per_example = task.per_example_loss(gsm, batch)
+                if self.ghost_clipping:  # two backward passes inside loss.backward()
+                    loss = DPTensorFastGradientClipping(gsm, opt, per_example, "mean")
                 else:
-                    loss = nn.functional.cross_entropy(logits, batch["labels"])
+                    loss = per_example.mean()
                 loss.backward()
-                if not checked and criterion is None:
+                if not checked and not self.ghost_clipping:
                     missing = [i for i, p in enumerate(params) if getattr(p, "grad_sample", None) is None]
                     if missing:  # opacus #732: fail loudly rather than train some parameters without DP
                         raise ConfigError(f"config key 'client.trainer': DP-SGD: {len(missing)} trainable parameters got no "
@@ -193,14 +224,6 @@ class DPSGDTrainer:
                 p.grad = None
         return {"train_loss": total / max(seen, 1), "steps": steps, "examples_seen": seen,
                 "noise_multiplier": z, "sample_rate": q}
-
-    @staticmethod
-    def _forward(task: Any, module: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``task.forward`` with contiguous inputs (Opacus' embedding norm-sampler needs them; the
-        task trims padding by slicing, which leaves strided views)."""
-        if hasattr(task, "inputs"):
-            return module(**{k: v.contiguous() for k, v in task.inputs(batch).items()})
-        return task.forward(module, batch)
 
     def _noise_only_step(self, params: list[nn.Parameter], base: torch.optim.Optimizer, z: float, expected: float, opt: Any) -> None:
         std = z * self.max_grad_norm

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from defenses.robust._ops import check_f, check_updates, clip_rows, dists_to, pairwise_sq_dists, row_norms
-from defenses.robust.order_stats import coordinate_median, trimmed_mean
+from defenses.robust.order_stats import closest_to_median_mean, coordinate_median, trimmed_mean
 from secfed.aggregation import Mean
 from secfed.interfaces import derive_seed
 
@@ -184,11 +184,7 @@ class Bulyan:
         if n < 4 * f + 3:
             raise ValueError(f"Bulyan: needs n >= 4f + 3 (n={n}, f={f})")
         S = X[self.select(X)]
-        theta = S.shape[0]
-        beta = theta - 2 * f
-        med = coordinate_median(S)
-        idx = torch.topk((S - med).abs(), beta, dim=0, largest=False, sorted=False).indices
-        return torch.gather(S, 0, idx).mean(0)
+        return closest_to_median_mean(S, S.shape[0] - 2 * f)  # beta = theta - 2f
 
 
 class GeometricMedian:

@@ -47,7 +47,7 @@ class MomentumTrainer:
             batch = data.batch(idx)
             for p in params:
                 p.grad = None
-            loss = nn.functional.cross_entropy(task.forward(model, batch), batch["labels"])
+            loss = task.loss(model, batch)
             loss.backward()
             g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
             m.mul_(self.beta).add_(g, alpha=1.0 - self.beta)

@@ -71,6 +71,8 @@ class KeyHolder:
         fails it (RoundAborted: the server cannot tell which client sent it).
         """
         p = self.params
+        if n < 2:  # the key holder's own guard: a sum of one is one client's update (review finding 5)
+            raise RoundAborted(f"the key holder decrypts sums of at least 2 clients, not {n}")
         vecs = decode_bundle(bundle, self._ctx, p, d=d, round_=round_, sender=SERVER_SENDER, key_id=self.key_id)
         if p.scheme == "bfv":
             vals = np.concatenate([np.asarray(v.decrypt(), dtype=np.int64) for v in vecs])
@@ -83,8 +85,11 @@ class KeyHolder:
             bound = n * p.max_value * 1.001 + 1e-3
             if not np.isfinite(vals).all() or np.abs(vals[:d]).max(initial=0) > bound:
                 raise RoundAborted("the decrypted sum is out of range: a ciphertext was not made with this round's key")
-            # weights were sent on the 2^-weight_frac_bits grid; CKKS noise is far below half a step
-            total, weight = vals[:d], round(float(vals[d]) * 2 ** p.weight_frac_bits) / 2 ** p.weight_frac_bits
+            # Never release the decryption error (review finding 10, Li-Micciancio): round every slot to a
+            # public grid far coarser than the error bound; weights were sent on the 2^-weight_frac_bits grid.
+            g = p.release_step(n)
+            total = np.rint(vals[:d] / g) * g
+            weight = round(float(vals[d]) * 2 ** p.weight_frac_bits) / 2 ** p.weight_frac_bits
         if weight < 0:
             raise RoundAborted("the decrypted total weight is negative")
         return torch.from_numpy(total.astype(np.float32)), weight
@@ -195,7 +200,14 @@ class CKKSSum:
         self._client = HEClient(self._client_ctx, self.params)  # every client loads these same bytes
         self._has_context = set()
 
-    def aggregate(self, updates: list[ClientUpdate], ctx: RoundContext) -> SumResult:
+    def min_sum(self, override: int | None = None) -> int:
+        """The fewest clients whose sum the key holder decrypts: max(2, server.min_clients), or a group's size."""
+        return max(2, self.min_clients, override or 0)
+
+    def aggregate(self, updates: list[ClientUpdate], ctx: RoundContext, min_sum: int | None = None) -> SumResult:
+        need = self.min_sum(min_sum)
+        if len(updates) < need:  # review finding 5: never encrypt for, let alone decrypt, a sum of one
+            raise RoundAborted(f"he: {len(updates)} client(s) could take part, this secure sum needs at least {need}")
         if len(updates) > self.params.max_clients:
             raise RoundAborted(f"{len(updates)} updates exceed server.secure_sum.max_clients = {self.params.max_clients}")
         if self._keys is None or self.rotate_keys:
@@ -230,14 +242,16 @@ class CKKSSum:
                 dropped[u.client_id] = f"malformed: {e}"
                 continue
             ids.append(u.client_id)
-        if len(ids) < max(self.min_clients, 1):
-            raise RoundAborted(f"only {len(ids)} valid ciphertexts, server.min_clients is {self.min_clients}")
+        if len(ids) < need:
+            raise RoundAborted(f"only {len(ids)} valid ciphertexts, this secure sum needs at least {need} "
+                               f"(server.min_clients is {self.min_clients}; never fewer than 2)")
         encrypted_sum = server.result(ctx.round)
         total, weight = self._keys.decrypt_sum(encrypted_sum, d=d, round_=ctx.round, n=len(ids))
         p = self.params
         metrics = {"he_scheme": p.scheme, "he_ciphertexts_per_client": len(chunk_sizes(d, p)),
                    "he_sum_bytes": len(encrypted_sum), "he_clipped": clipped}
-        if p.scheme == "bfv":
-            metrics["he_abs_error_bound"] = p.abs_error_bound(len(ids))
+        metrics["he_abs_error_bound"] = p.abs_error_bound(len(ids))
+        if p.scheme == "ckks":
+            metrics["he_release_step"] = p.release_step(len(ids))
         return SumResult(client_ids=ids, total=total, total_weight=weight, updates=None, dropped=dropped,
                          bytes_up=bytes_up, bytes_down=bytes_down, transcript=transcript, metrics=metrics)

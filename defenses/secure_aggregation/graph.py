@@ -2,7 +2,8 @@
 
 Each client shares its secrets with, and masks against, only its neighbours in a
 k-regular graph: the Harary graph H(k, n) (each node linked to the k/2 nearest on a
-ring) over a uniformly random labelling of the cohort, as in Bell et al. Section 3.
+ring) over a uniformly random labelling of the cohort, as in Bell et al. Section 3,
+drawn from OS randomness once the cohort is fixed (never from the run's seed).
 Small cohorts use the complete graph (SecAgg of Bonawitz et al. 2017).
 
 Parameters. Shares of a client's secrets go to its k neighbours and itself (k + 1
@@ -23,7 +24,10 @@ still removed only with t shares). If no k < n - 1 works, the graph is complete.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import secrets
 
 import torch
 
@@ -41,12 +45,31 @@ def harary(n: int, k: int) -> list[set[int]]:
     return nb
 
 
-def neighbour_graph(ids: list[int], k: int, generator: torch.Generator) -> dict[int, set[int]]:
-    """H(k, n) over a random labelling of ``ids`` (server-chosen; public, not secret)."""
-    perm = torch.randperm(len(ids), generator=generator).tolist()
+def neighbour_graph(ids: list[int], k: int, generator: torch.Generator | None = None) -> dict[int, set[int]]:
+    """H(k, n) over a uniformly random labelling of ``ids``.
+
+    The labelling comes from fresh OS randomness (``secrets.SystemRandom``, a
+    Fisher-Yates shuffle) drawn *after* the cohort is fixed, so nobody can predict
+    from the seed and the round who will be whose neighbour and place a coalition
+    next to a target in advance (review finding 8). The server sends each client
+    its neighbour list in SETUP and commits to the whole graph in the round's record
+    (:func:`graph_digest`). ``generator`` pins the labelling for tests only; the
+    protocol never passes one.
+    """
+    if generator is None:
+        perm = list(range(len(ids)))
+        secrets.SystemRandom().shuffle(perm)
+    else:
+        perm = torch.randperm(len(ids), generator=generator).tolist()
     order = [ids[p] for p in perm]
     nb = harary(len(ids), k)
     return {order[i]: {order[j] for j in nb[i]} for i in range(len(ids))}
+
+
+def graph_digest(graph: dict[int, set[int]]) -> str:
+    """SHA-256 of the graph's canonical JSON: the server's commitment to the round's graph."""
+    canon = json.dumps({str(u): sorted(v) for u, v in sorted(graph.items())}, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()
 
 
 def threshold_for(k: int, fraction: float) -> int:

@@ -121,8 +121,37 @@ class HEParams:
         return self.max_value / self.levels
 
     def abs_error_bound(self, n: int) -> float:
-        """BFV: worst-case per-coordinate error of the decrypted sum of n clients (rounding only)."""
-        return n * self.step / 2 if self.scheme == "bfv" else float("nan")
+        """Worst-case per-coordinate error of the released sum of n clients.
+
+        BFV: rounding only, n * step / 2. CKKS: half the release grid plus the decryption
+        error bound (:meth:`ckks_error_bound`): the key holder rounds to the grid before release.
+        """
+        if self.scheme == "bfv":
+            return n * self.step / 2
+        return self.release_step(n) / 2 + self.ckks_error_bound(n)
+
+    # CKKS: a fresh symmetric ciphertext at N = 4096..16384 decrypts with an error below
+    # 2^(12 - scale_bits) per slot (measured about 2^(10 - scale_bits) for the sum of 10 at 2^40);
+    # a sum of n adds n such errors.
+    CKKS_ERROR_BITS = 12
+    #: log2 of (release grid / CKKS error bound): the key holder rounds to a grid 2^10 times coarser.
+    CKKS_RELEASE_BITS = 10
+
+    def ckks_error_bound(self, n: int) -> float:
+        """CKKS: a bound on |decryption error| per slot of a sum of n fresh ciphertexts."""
+        return max(n, 1) * 2.0 ** (self.CKKS_ERROR_BITS - self.scale_bits)
+
+    def release_step(self, n: int) -> float:
+        """CKKS: the grid the key holder rounds the decrypted sum to (review finding 10).
+
+        Releasing m + e (message plus decryption error) hands out e, a linear function of
+        the secret key: the precondition of Li and Micciancio's key-recovery attack on
+        CKKS (EUROCRYPT 2021). Rounding to a grid 2^CKKS_RELEASE_BITS times coarser than
+        the error bound makes the release a function of m alone except where m lies
+        within |e| of a grid midpoint (probability <= 2^(1 - CKKS_RELEASE_BITS) per slot
+        for m spread over the grid). BFV decrypts exactly and needs no grid.
+        """
+        return self.ckks_error_bound(n) * 2.0 ** self.CKKS_RELEASE_BITS
 
     def decryption_failure_log2(self) -> float:
         """BFV: log2 of a bound on P[one coefficient of the sum of max_clients ciphertexts decrypts wrong].

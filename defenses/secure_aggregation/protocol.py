@@ -101,6 +101,7 @@ class SecAggClient:
     b: bytes = b""
     own_share: tuple[int, int] = (0, 0)
     held: dict[int, tuple[int, int]] = field(default_factory=dict)  # owner -> (y_b, y_s)
+    unmasked: bool = False  # answered SURVIVORS once this round: a second answer could hand out both shares
 
     def receive_setup(self, payload: bytes) -> None:
         self.setup = msg.decode_setup(payload, round_=self.round, me=self.me)
@@ -148,6 +149,8 @@ class SecAggClient:
 
     def unmasking(self, survivors_payload: bytes) -> bytes:
         """Round 3: b-shares of the survivors, s^SK-shares of the dropped; never both for one client."""
+        if self.unmasked:  # a second SURVIVORS list (e.g. "v dropped" after "v alive") would leak both shares of v
+            raise MalformedMessage("SURVIVORS: this client already answered the unmask step of this round")
         alive, dropped = msg.decode_survivors(survivors_payload, round_=self.round, allowed=set(self.held) | {self.me})
         if self.me not in alive:
             raise MalformedMessage("SURVIVORS: this client is listed as dropped")
@@ -158,6 +161,7 @@ class SecAggClient:
             out[v] = (msg.SELF_MASK, (self.own_share if v == self.me else self.held[v])[0])
         for v in dropped:
             out[v] = (msg.MASK_KEY, self.held[v][1])
+        self.unmasked = True
         return msg.encode_unmask(self.round, self.me, out)
 
 

@@ -13,6 +13,11 @@ integers: sum_i W_i z_i / s ~ sum_i W_i delta_i, and sum_i W_i exactly.
 No wrap-around: |sum_i W_i z_i| <= n * max_weight * (2^(q-1) - 1) < 2^(b-1) holds iff
 q + ceil(log2(n * max_weight)) <= b, which :func:`choose_bits` enforces.
 
+The product delta * s is computed in float64 and the level clamped to
++-(2^(q-1) - 1), so a float32 delta of exactly +-R cannot round one level past the
+bound (under NumPy 2 a float32 array times a Python float is computed in float32;
+review finding 11).
+
 A client whose update leaves [-R, R] (or is not finite, or whose weight is not an
 integer in [0, max_weight]) is told so by :meth:`Quantizer.check` and the round
 reports it; nothing is clipped. Flower's SecAgg+ silently clips to +-8 instead.
@@ -31,6 +36,10 @@ from secfed.errors import ConfigError
 from .prg import RING_DTYPES
 
 _SIGNED = {32: np.int32, 64: np.int64}
+
+#: The only out-of-range reason a client states: one bit, never the magnitude of its update.
+OUT_OF_RANGE = "update outside [-clip_range, clip_range] (not clipped; raise clip_range or clip the update)"
+
 
 
 def choose_bits(n: int, max_weight: int, bits: int | str = "auto") -> tuple[int, int]:
@@ -58,17 +67,23 @@ class Quantizer:
     ring_bits: int
 
     @property
+    def max_level(self) -> int:
+        """The largest |z| the no-wrap bound of :func:`choose_bits` allows: 2^(q-1) - 1."""
+        return 2 ** (self.bits - 1) - 1
+
+    @property
     def scale(self) -> float:
-        return (2 ** (self.bits - 1) - 1) / self.clip_range
+        return self.max_level / self.clip_range
 
     def check(self, delta: np.ndarray, weight: float, max_weight: int) -> str | None:
         """None if the update can be encoded, else the reason it cannot (told to the client)."""
         hi, lo = (float(delta.max()), float(delta.min())) if delta.size else (0.0, 0.0)
         if not (math.isfinite(hi) and math.isfinite(lo)):  # max/min propagate NaN and inf
             return "update has non-finite values"
-        m = max(hi, -lo)
-        if m > self.clip_range:
-            return f"max |delta| = {m:.4g} exceeds clip_range = {self.clip_range:.4g} (not clipped; raise clip_range or clip the update)"
+        # float32 rounding of R itself (e.g. float32(0.1) > 0.1) is not a violation: the encoder clamps it.
+        # The reason never states the magnitude (review finding 7).
+        if max(hi, -lo) > self.clip_range * (1 + 2.0**-22):
+            return OUT_OF_RANGE
         if not (math.isfinite(weight) and weight >= 0 and abs(weight - round(weight)) < 1e-9 and round(weight) <= max_weight):
             return f"weight {weight} is not an integer in [0, max_weight={max_weight}]"
         return None
@@ -84,9 +99,11 @@ class Quantizer:
         ws = ws or Workspace(delta.shape[0], self.ring_bits)
         np.random.Generator(np.random.PCG64(generator.initial_seed())).random(dtype=np.float32, out=ws.u)
         v = ws.v
-        np.multiply(delta, self.scale, out=v)
+        np.copyto(v, delta, casting="unsafe")  # float64 first: NumPy 2 would multiply a float32 delta in float32
+        np.multiply(v, self.scale, out=v)  # and round R * s = 2^(q-1) - 1 up to 2^(q-1), one above the bound
         np.add(v, ws.u, out=v)
         np.floor(v, out=v)
+        np.clip(v, -self.max_level, self.max_level, out=v)  # |z| <= 2^(q-1) - 1 whatever the rounding did
         np.copyto(ws.z, v, casting="unsafe")  # exact: |v| < 2^62
         if weight != 1:
             np.multiply(ws.z, int(weight), out=ws.z)

@@ -36,7 +36,7 @@ from secfed.errors import ConfigError, MalformedMessage, RoundAborted
 from secfed.interfaces import ClientUpdate, RoundContext, SumResult, WireMessage
 
 from . import messages as msg
-from .graph import choose_degree, neighbour_graph, security_ok, threshold_for
+from .graph import choose_degree, graph_digest, neighbour_graph, security_ok, threshold_for
 from .prg import MaskExpander
 from .protocol import SecAggClient, SecAggServer
 from .quantize import Quantizer, Workspace, choose_bits
@@ -52,7 +52,8 @@ class SecAggPlus:
 
     def __init__(self, clip_range: float = 1.0, bits: int | str = "auto", max_weight: int = 65536,
                  threshold: float = 0.5, degree: int | str = "auto", corrupt_fraction: float = 0.05,
-                 dropout_fraction: float = 0.1, failure_probability: float = 1e-6, security_bits: int = 40) -> None:
+                 dropout_fraction: float = 0.1, failure_probability: float = 1e-6, security_bits: int = 40,
+                 min_clients: int = 1) -> None:
         if not (isinstance(clip_range, (int, float)) and math.isfinite(clip_range) and clip_range > 0):
             raise ConfigError(f"config key '{_KEY}.clip_range': must be a positive number, got {clip_range!r}")
         if bits != "auto" and not (isinstance(bits, int) and 2 <= bits <= 62):
@@ -75,6 +76,7 @@ class SecAggPlus:
         self.threshold, self.degree = float(threshold), degree
         self.corrupt_fraction, self.dropout_fraction = float(corrupt_fraction), float(dropout_fraction)
         self.failure_probability, self.security_bits = float(failure_probability), security_bits
+        self.min_clients = int(min_clients)  # server.min_clients (engine-provided)
 
     # ------------------------------------------------------------------ parameters
     def parameters(self, n: int) -> tuple[int, int]:
@@ -95,9 +97,22 @@ class SecAggPlus:
                               "use 'auto' or a larger degree")
         return k, t
 
+    def min_sum(self, override: int | None = None) -> int:
+        """The fewest clients whose sum this secure sum releases: max(2, server.min_clients), or a group's size."""
+        return max(2, self.min_clients, override or 0)
+
+    #: Tests only: a seed that pins the neighbour graph (None: fresh OS randomness every round).
+    graph_seed: int | None = None
+
+    def draw_graph(self, ids: list[int], k: int) -> dict[int, set[int]]:
+        """The round's neighbour graph over the fixed cohort ``ids``: fresh OS randomness (finding 8)."""
+        gen = None if self.graph_seed is None else torch.Generator().manual_seed(self.graph_seed)
+        return neighbour_graph(ids, k, gen)
+
     # ------------------------------------------------------------------ one round
-    def aggregate(self, updates: list[ClientUpdate], ctx: RoundContext) -> SumResult:
+    def aggregate(self, updates: list[ClientUpdate], ctx: RoundContext, min_sum: int | None = None) -> SumResult:
         d = ctx.spec.numel
+        need = self.min_sum(min_sum)
         dropped: dict[int, str] = {}
         transcript: list[WireMessage] = []
         bytes_up: dict[int, int] = {}
@@ -118,10 +133,10 @@ class SecAggPlus:
             else:
                 inputs[u.client_id] = (delta, int(round(u.weight)))
         ids = sorted(inputs)
-        if len(ids) < 2:  # a "sum" of one update is the update itself
-            raise RoundAborted(f"secagg+: {len(ids)} client(s) could take part, a secure sum needs at least 2")
+        if len(ids) < need:  # a "sum" of one update is the update itself (review finding 5)
+            raise RoundAborted(f"secagg+: {len(ids)} client(s) could take part, this secure sum needs at least {need}")
         k, t = self.parameters(len(ids))
-        graph = neighbour_graph(ids, k, ctx.generator("secagg-graph"))
+        graph = self.draw_graph(ids, k)
         setups = {u: msg.Setup(t, q, b, self.clip_range, d, sorted(graph[u])) for u in ids}
         server = SecAggServer(ctx.round, graph, setups, b, d, t)
         clients = {u: SecAggClient(u, ctx.round) for u in ids}
@@ -179,6 +194,8 @@ class SecAggPlus:
         run_step("share", timed(server.keys_messages), lambda u, p: clients[u].share_keys(p), server.receive_shares)
         run_step("masked_input", timed(server.forward_messages), masked, server.receive_masked)
         survivors = set(server.masked)
+        if len(survivors) < need:  # never unmask a sum of fewer clients (review finding 5)
+            raise RoundAborted(f"secagg+: {len(survivors)} masked input(s) arrived, this secure sum needs at least {need}")
         asked = timed(server.survivor_messages)
         before = set(dropped)
         run_step("unmask", asked, lambda u, p: clients[u].unmasking(p), server.receive_unmask)
@@ -186,6 +203,7 @@ class SecAggPlus:
         acc = timed(lambda: server.unmask_sum(expander))
         total, total_weight = quant.decode(acc)
         metrics: dict[str, Any] = {
+            "secagg_graph_sha256": graph_digest(graph),
             "secagg_degree": k, "secagg_threshold": t, "secagg_bits": q, "secagg_ring_bits": b,
             "secagg_out_of_range": out_of_range, "secagg_unmask_dropouts": len(late),
             "secagg_client_seconds": t_client / max(len(ids), 1), "secagg_server_seconds": t_server,

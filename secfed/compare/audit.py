@@ -28,6 +28,10 @@ Three kinds of attack, chosen by name (``--attacks membership,dlg``):
   run's server sees (``ServerView``): individual updates under ``plain``, nothing per
   client under SecAgg+ or CKKS. The replay writes to a scratch copy; the run's own
   checkpoint and ledger are never touched.
+* a malicious-server attack of the registry (``imprint``; kind ``server_adversary``) --
+  the same replay, but the server ships the round's model crafted by the attack and
+  reads only what the secure sum releases (``attack.server``; the run's clients and
+  their ``client.verify_model`` setting are unchanged).
 
 Figures that observers recorded *during* the run (``rounds.jsonl``) are always
 collected. ``audit.md`` marks in red every empirical epsilon lower bound that
@@ -124,6 +128,12 @@ def replay_round(run_dir: Path, observers: list[str], scratch: Path) -> dict[str
     raw = json.loads((run_dir / "config.json").read_text())
     tensors, state = load_checkpoint(run_dir)
     t = int(state["round"])
+    from secfed import registry
+
+    server_attacks = [o for o in observers if o.lower() in registry.REGISTRY.get("server_adversary", {})]
+    observers = [o for o in observers if o not in server_attacks]
+    if server_attacks:  # a malicious server (issue 17): it crafts the replayed round's model and reads the sum
+        raw.setdefault("attack", {})["server"] = {"name": server_attacks[0], "attack_rounds": [t + 1]}
     had = [o if isinstance(o, str) else o.get("name") for o in raw["server"].get("observers", [])]
     new = [o for o in observers if o not in had]  # an observer the run already had continues with its state
     raw["server"]["observers"] = list(raw["server"].get("observers", [])) + [{"name": o} for o in new]
@@ -175,13 +185,55 @@ def _claim(cfg: Any, summary: dict[str, Any]) -> dict[str, Any]:
             "adversary": cfg.attack.adversary.name if cfg.attack.adversary else None}
 
 
+def validate_attacks(attacks: list[str]) -> None:
+    """Every name must be a post-run attack or an observer of the registry (``module:Class`` too):
+    checked before anything is run or written."""
+    import difflib
+
+    from secfed import registry
+
+    if not attacks:
+        raise ConfigError("--attacks: give at least one attack, e.g. --attacks membership")
+    known = sorted(set(POST_RUN) | set(registry.REGISTRY.get("observer", {}))
+                   | set(registry.REGISTRY.get("server_adversary", {})))
+    if sum(a.lower() in registry.REGISTRY.get("server_adversary", {}) for a in attacks) > 1:
+        raise ConfigError("--attacks: one malicious-server attack per audit (the replayed round ships one model)")
+    for a in attacks:
+        if a in POST_RUN or a.lower() in registry.REGISTRY.get("observer", {}) or \
+                a.lower() in registry.REGISTRY.get("server_adversary", {}):
+            continue
+        if ":" in a:
+            registry.resolve("observer", a, "--attacks")
+            continue
+        close = difflib.get_close_matches(a, known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"--attacks: unknown attack '{a}' (known: {', '.join(known)}, or 'module:Class'){hint}")
+
+
+def _move_aside(out: Path) -> Path | None:
+    """A previous audit in ``out`` is renamed to ``out.prev-<k>`` (nothing is overwritten or deleted)."""
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    k = 1
+    while out.with_name(f"{out.name}.prev-{k}").exists():
+        k += 1
+    backup = out.with_name(f"{out.name}.prev-{k}")
+    out.rename(backup)
+    return backup
+
+
 def audit_run(run_dir: str | Path, attacks: list[str], out: str | Path | None = None, *,
               progress: bool = True) -> dict[str, Any]:
-    """Run ``attacks`` against the finished run in ``run_dir``; write ``audit.json`` and ``audit.md`` to ``out``."""
+    """Run ``attacks`` against the finished run in ``run_dir``; write ``audit.json`` and ``audit.md`` to ``out``.
+
+    The attack names and the run are checked before anything is written; a previous audit in
+    ``out`` is moved to ``out.prev-<k>``."""
     run_dir = Path(run_dir)
+    validate_attacks(attacks)
     out = Path(out) if out else run_dir / "audit"
-    out.mkdir(parents=True, exist_ok=True)
     cfg, task, model, state = load_run(run_dir)
+    backup = _move_aside(out)
+    out.mkdir(parents=True, exist_ok=True)
     sp = run_dir / "summary.json"
     summary = json.loads(sp.read_text()) if sp.exists() else {}
     claim = _claim(cfg, summary)
@@ -207,6 +259,7 @@ def audit_run(run_dir: str | Path, attacks: list[str], out: str | Path | None = 
             results["replay"] = {"error": str(e)}
     hist = history(run_dir)
     report = {"run": str(run_dir), "round": state.get("round"), "claimed": claim, "attacks_run": list(attacks),
+              "previous_audit": str(backup) if backup else None,
               "results": results, "during_run": hist, "final_accuracy": summary.get("final_accuracy")}
     report["verdicts"] = verdicts(report)
     (out / "audit.json").write_text(json.dumps(report, indent=2, default=float))
@@ -291,8 +344,10 @@ def audit_markdown(report: dict[str, Any]) -> str:
         lines.append("")
     lines += ["## What the attacks got", "", "| attack | figure | value |", "|---|---|---|"]
     for name, res in report["results"].items():
+        status = next((str(v) for k, v in res.items() if k.endswith("status") and str(v).startswith("not run")), None)
         for k, v in res.items():
-            lines.append(f"| {name} | {k} | {_f(v)} |")
+            shown = (status or "not run") if v is None else _f(v)  # an attack that did not run is not a 0
+            lines.append(f"| {name} | {k} | {shown} |")
     for k, v in report["during_run"].items():
         lines.append(f"| during run | {k} (last / max / mean over {v['rounds']} rounds) | "
                      f"{_f(v['last'])} / {_f(v['max'])} / {_f(v['mean'])} |")

@@ -3,7 +3,8 @@
 Utility: final ``accuracy`` and ``loss`` (``summary.json``). Privacy: claimed
 ``epsilon``/``delta`` (the ledger, via the summary); empirical leakage from the
 attack observers' round records and the post-run audit (``audit/audit.json``):
-reconstruction ``psnr``/``ssim`` (the attacker's best round), ``token_recovery``,
+reconstruction ``psnr``/``ssim`` (the curious server's best round), ``malicious_psnr`` (a malicious
+server's reconstructions through the secure sum, e.g. ``imprint``), ``token_recovery``,
 ``membership_auc`` (natural training vs test examples), ``canary_auc`` (planted
 mislabelled canaries, in vs out: worst-case memorisation), ``eps_lower_bound``.
 Robustness: ``accuracy`` of cells with an adversary is the accuracy under attack;
@@ -30,6 +31,7 @@ from secfed.compare.audit import ENGINE_KEYS
 
 # canonical name -> (substrings a plug-in key must contain (any), how to reduce over rounds, higher is worse?)
 CANONICAL: dict[str, tuple[tuple[str, ...], str]] = {
+    "malicious_psnr": (("imprint_psnr", "server_attack_psnr"), "max"),  # before "psnr": a malicious server's figure
     "psnr": (("psnr",), "max"),
     "ssim": (("ssim",), "max"),
     "token_recovery": (("token_recovery", "token_recall", "tokens_recovered", "token_f1", "token_rate"), "max"),
@@ -39,7 +41,7 @@ CANONICAL: dict[str, tuple[tuple[str, ...], str]] = {
     "backdoor_success": (("backdoor_asr", "backdoor_success", "attack_success", "backdoor"), "last"),
 }
 INVERSION_OBSERVERS = ("dlg", "idlg", "inverting", "inversion", "text-inversion", "geiping")
-METRICS = ("accuracy", "loss", "epsilon", "delta", "psnr", "ssim", "token_recovery", "membership_auc",
+METRICS = ("accuracy", "loss", "epsilon", "delta", "psnr", "malicious_psnr", "ssim", "token_recovery", "membership_auc",
            "canary_auc", "eps_lower_bound", "backdoor_success", "seconds_per_round", "bytes_up_per_client",
            "bytes_down_per_client", "peak_rss_mb")
 
@@ -79,9 +81,12 @@ def cell_metrics(cell_dir: Path) -> dict[str, Any]:
     row["status"] = "done" if summary is not None and status.get("status") != "failed" else status.get("status", "not run")
     if status.get("status") == "failed":
         row["error"] = status.get("error")
+    elif summary is not None and summary.get("failed"):  # it ran, but trained nothing or ended non-finite (issue 22)
+        row["status"], row["error"] = "failed", f"run failed: {summary['failed']}"
     cfg = spec["config"]
     server = cfg.get("server", {})
     row["adversary"] = _plugin_name(cfg.get("attack", {}).get("adversary"))
+    row["server_attack"] = _plugin_name(cfg.get("attack", {}).get("server"))  # a malicious server (issue 17)
     row["secure_sum"] = _plugin_name(server.get("secure_sum")) or "plain"
     observers = [_plugin_name(o) or "" for o in server.get("observers", [])]
     row["inversion_attack"] = any(any(p in o.lower() for p in INVERSION_OBSERVERS) for o in observers)
@@ -146,6 +151,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                              "seeds": len(rs), "done": len(done), "failed": sum(r["status"] == "failed" for r in rs),
                              "errors": sorted({r["error"] for r in rs if r.get("error")}),
                              "adversary": rs[0]["adversary"], "secure_sum": rs[0]["secure_sum"],
+                             "server_attack": rs[0].get("server_attack"),
                              "inversion_attack": rs[0]["inversion_attack"],
                              "attack_status": next((r["attack_status"] for r in done if r.get("attack_status")), None),
                              "inversion_blocked": bool(done) and all(r.get("inversion_blocked") for r in done),

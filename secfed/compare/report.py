@@ -23,7 +23,8 @@ ATTACK_AXES = ("attack", "attacks", "adversary", "threat")
 NO_ATTACK = ("none", "no-attack", "clean", None)
 USELESS_MARGIN = 0.05  # accuracy within 5 points of the majority-class baseline: learnt nothing useful
 AUC_METRICS = ("membership_auc", "canary_auc")
-LEAK_LABEL = {"psnr": "PSNR (dB)", "ssim": "SSIM", "token_recovery": "token recovery", "membership_auc": "MIA AUC",
+CURIOUS, MALICIOUS = "curious server", "malicious server"  # the two server column groups of the first screen
+LEAK_LABEL = {"psnr": "PSNR (dB)", "malicious_psnr": "PSNR (dB)", "ssim": "SSIM", "token_recovery": "token recovery", "membership_auc": "MIA AUC",
               "canary_auc": "canary MIA AUC"}
 
 
@@ -49,7 +50,7 @@ def _fmt(m: str, g: dict[str, Any] | None, sd: bool = True) -> str:
         v, s = v / 1024, s / 1024
     if m == "epsilon" and v > 1e6:
         return "inf"
-    if m.startswith("bytes") or m in ("peak_rss_mb", "psnr"):
+    if m.startswith("bytes") or m in ("peak_rss_mb", "psnr", "malicious_psnr"):
         txt = f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"
     else:
         txt = f"{v:.3g}" if abs(v) >= 100 or m == "epsilon" else f"{v:.3f}"
@@ -74,16 +75,21 @@ def pick_table(groups: list[dict[str, Any]], grid: dict[str, Any]) -> tuple[list
     attacks = grid["axes"].get(attack_axis, {}) if attack_axis else {}
     cols = ["setup", "accuracy", "epsilon", "MIA AUC", "canary MIA AUC"]
     attack_cols: list[tuple[str, str, str]] = []  # (attack label, metric, column title)
+    curious: list[tuple[str, str, str]] = []  # an observer on what the secure sum reveals (honest-but-curious)
+    malicious: list[tuple[str, str, str]] = []  # a server that ships crafted weights (attack.server)
     for lab in attacks:
         cand = [g for r in rows.values() for a, g in r.items() if a == lab]
-        if any(g.get("inversion_attack") for g in cand):
+        if any(g.get("server_attack") for g in cand):
+            malicious.append((lab, "malicious_psnr", f"{MALICIOUS} · {lab}: {LEAK_LABEL['malicious_psnr']}"))
+        elif any(g.get("inversion_attack") for g in cand):
             m = "psnr" if any(g.get("psnr") is not None for g in cand) else "token_recovery" \
                 if any(g.get("token_recovery") is not None for g in cand) else "psnr"
-            attack_cols.append((lab, m, f"{lab}: {LEAK_LABEL[m]}"))
+            curious.append((lab, m, f"{CURIOUS} · {lab}: {LEAK_LABEL[m]}"))
         elif any(g.get("adversary") for g in cand):
             attack_cols.append((lab, "accuracy", f"{lab}: accuracy"))
             if any(g.get("backdoor_success") is not None for g in cand):
                 attack_cols.append((lab, "backdoor_success", f"{lab}: backdoor success"))
+    attack_cols = curious + malicious + attack_cols  # column groups: curious server, malicious server, clients
     cols += [c[2] for c in attack_cols] + ["s/round", "KB up/client", "KB down/client", "peak MB"]
     table, raw = [], []
     for key, by_attack in rows.items():
@@ -109,6 +115,9 @@ def pick_table(groups: list[dict[str, Any]], grid: dict[str, Any]) -> tuple[list
             if g is not None and m in ("psnr", "token_recovery") and g.get("inversion_blocked"):
                 line.append(f"blocked ({g['secure_sum']}: no per-client update)")
                 info["attacks"][title] = "blocked"
+            elif g is not None and m == "malicious_psnr" and g.get(m) is None and g.get("attack_status"):
+                line.append(f"stopped ({g['attack_status'][:60]})")  # e.g. the clients refused the crafted model
+                info["attacks"][title] = None
             elif g is not None and m in ("psnr", "token_recovery") and g.get(m) is None and g.get("attack_status"):
                 line.append(f"n/a ({g['attack_status'][:60]})")
                 info["attacks"][title] = None
@@ -316,8 +325,10 @@ def write_report(out: Path) -> Path:
              "setup's run without an adversary (MIA AUC: loss-threshold attack on the final model, training vs "
              "test examples; canary MIA AUC: the same attack on planted wrong-label canaries, in vs out, i.e. "
              "worst-case memorisation; 0.5 = no leakage); an attack column is that attack's figure against the setup "
-             "(PSNR/SSIM: the curious server's best reconstruction over rounds; accuracy: final accuracy under "
-             "the poisoning attack).", ""]
+             f"(`{CURIOUS} ·` columns: an honest-but-curious server's attack on what the secure sum reveals, its best "
+             f"reconstruction over rounds; `{MALICIOUS} ·` columns: a server that ships crafted weights and reads the "
+             "secure sum, median PSNR of its reconstructions; accuracy: final accuracy under the poisoning "
+             "attack).", ""]
     lines += _md_table(cols, table)
     lines.append("")
     if front:

@@ -24,23 +24,34 @@ def _fail(e: Exception) -> None:
 
 @deploy_app.command()
 def certs(out: Path = typer.Argument(..., help="folder for ca.crt, server.pem, server.key"),
-          name: list[str] = typer.Option([], "--name", help="extra DNS name or IP of the SuperLink (repeatable)")) -> None:
+          name: list[str] = typer.Option([], "--name", help="extra DNS name or IP of the SuperLink (repeatable)"),
+          force: bool = typer.Option(False, "--force", help="replace existing files (atomically, never through a symlink)")) -> None:
     """Make a CA and a SuperLink server certificate (localhost, 127.0.0.1, ::1 and every --name)."""
     from secfed.flower.deploy import make_certs
 
-    paths = make_certs(out, tuple(name) or ("localhost",))
+    try:
+        paths = make_certs(out, tuple(name) or ("localhost",), force=force)
+    except SecfedError as e:
+        _fail(e)
+        return
     for k in ("ca", "cert", "key"):
         typer.echo(f"{k}: {paths[k]}")
-    typer.echo(f"keep {paths['ca_key']} offline; give every SuperNode {paths['ca']}")
+    typer.echo(f"CA private key: {paths['ca_key']} -- move it OFFLINE now (it signs certificates the SuperNodes "
+               f"trust; the SuperLink does not need it); give every SuperNode {paths['ca']}")
 
 
 @deploy_app.command("node-key")
 def node_key(out: Path = typer.Argument(..., help="folder for NAME.key and NAME.pub"),
-             name: str = typer.Argument("node", help="file name stem")) -> None:
+             name: str = typer.Argument("node", help="file name stem"),
+             force: bool = typer.Option(False, "--force", help="replace existing files (atomically, never through a symlink)")) -> None:
     """Make a SuperNode authentication key pair (register NAME.pub with `flwr supernode register`)."""
     from secfed.flower.deploy import make_node_key
 
-    priv, pub = make_node_key(out, name)
+    try:
+        priv, pub = make_node_key(out, name, force=force)
+    except SecfedError as e:
+        _fail(e)
+        return
     typer.echo(f"private: {priv}\npublic:  {pub}")
 
 

@@ -83,19 +83,35 @@ def make_client_app(cfg: ExperimentConfig | None = None) -> Any:
         from secfed.flower.runtime import runtime_for  # torch & co. only for real work
 
         rt = runtime_for(run_cfg, cid, data_file)
-        u, ctx = rt.update(rec, cid)
-        extra: dict[str, Any] = {}
-        if getattr(rt.secure_sum, "reveals_individual", True):
-            payload = rt.secure_sum.encode(u, ctx)
-        else:  # SecAgg+: keep the update on the node; the masking steps follow as query messages
-            from secfed.flower.secagg import stash_update
-
-            payload = b""
-            extra["reason"] = stash_update(context.state, ctx.round, cid, u.delta, u.weight, rt.secure_sum)
-        return reply(msg, {"round": int(rec["round"]), "client": cid, "payload": payload,
-                           "metrics": json.dumps(rt.metrics(u)), **extra})
+        return reply(msg, node_train(rt, context.state, rec, cid))
 
     return app
+
+
+def node_train(rt: Any, state: Any, rec: Any, cid: int) -> dict[str, Any]:
+    """The values of a node's ``train`` reply (shared by the ClientApp and the tests).
+
+    A ConfigError on the node (its noise or clip differs from the server guard's,
+    review finding 2) is answered as ``refused`` with the one line, and the server
+    stops the run with it, as the in-process engine would. Under a secure sum or DP
+    the reply carries no per-client metric and, for SecAgg+, at most the one fixed
+    out-of-range string (review finding 7).
+    """
+    from secfed.errors import ConfigError
+
+    try:
+        u, ctx = rt.update(rec, cid)
+    except ConfigError as e:
+        return {"round": int(rec["round"]), "client": cid, "refused": str(e)[:1000]}
+    extra: dict[str, Any] = {}
+    if getattr(rt.secure_sum, "reveals_individual", True):
+        payload = rt.secure_sum.encode(u, ctx)
+    else:  # SecAgg+: keep the update on the node; the masking steps follow as query messages
+        from secfed.flower.secagg import stash_update
+
+        payload = b""
+        extra["reason"] = stash_update(state, ctx.round, cid, u.delta, u.weight, rt.secure_sum)
+    return {"round": int(rec["round"]), "client": cid, "payload": payload, "metrics": json.dumps(rt.metrics(u)), **extra}
 
 
 # ``flower-supernode`` loads this (see secfed.flower.deploy.write_app).

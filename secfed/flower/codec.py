@@ -10,10 +10,15 @@ message     direction           keys
             client -> server    ``v``, ``client``, ``fingerprint``
 ``train``   server -> client    ``v``, ``round``, ``client``, ``fingerprint``,
                                 ``cohort`` (u32 LE), ``weights`` (``SFW``),
-                                ``state`` (JSON of the engine's scalar state)
+                                ``state`` (JSON of the engine's scalar state),
+                                ``dp`` (JSON: the guard's round parameters the
+                                node must apply, :func:`encode_dp`)
             client -> server    ``v``, ``round``, ``client``, ``payload`` (the
                                 secure sum's bytes, e.g. :mod:`secfed.wire`
-                                ``SFU``), ``metrics`` (JSON of floats)
+                                ``SFU``), ``metrics`` (JSON of floats; ``{}``
+                                under a secure sum or DP), ``reason`` (SecAgg+:
+                                one fixed out-of-range string or ``""``), or
+                                ``refused`` (the node's one-line ConfigError)
 ==========  ==================  ===============================================
 
 Global weights travel as ``SFW`` (little endian)::
@@ -150,3 +155,50 @@ def decode_state(s: Any) -> dict[str, Any]:
     if not isinstance(d, dict) or not all(isinstance(v, (int, float, str, bool)) for v in d.values()):
         raise MalformedMessage("state: not a flat JSON object")
     return d
+
+
+#: The guard's round parameters a node applies (review finding 2): name -> kind.
+DP_KEYS = {"noise_multiplier": float, "clip_norm": float, "share_divisor": int, "distributed": bool,
+           "dpsgd_noise_multiplier": float, "max_grad_norm": float}
+
+
+def encode_dp(params: dict[str, Any]) -> str:
+    """The DP parameters the server's guard and stages fixed for this round, for the nodes to apply."""
+    return json.dumps({k: params[k] for k in DP_KEYS if params.get(k) is not None}, sort_keys=True)
+
+
+def decode_dp(s: Any) -> dict[str, Any]:
+    """Validated round parameters: known keys only, finite positive numbers, an int divisor, a bool flag."""
+    d = decode_state(s)
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        kind = DP_KEYS.get(k)
+        if kind is None:
+            raise MalformedMessage(f"dp: unknown key '{k[:32]}'")
+        if kind is bool:
+            if not isinstance(v, bool):
+                raise MalformedMessage(f"dp: '{k}' is not a bool")
+        elif kind is int:
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_COHORT:
+                raise MalformedMessage(f"dp: '{k}' is not a positive int")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+            raise MalformedMessage(f"dp: '{k}' is not a finite positive number")
+        out[k] = kind(v)
+    return out
+
+
+#: Plug-ins whose presence makes a run DP (their parameters come from the server's guard).
+DP_CLIENT_STAGES = ("gaussian-share", "adaptive-clip")
+DP_SERVER_STAGES = ("central-gaussian", "adaptive-clip")
+
+
+def run_is_dp(cfg: Any) -> bool:
+    """True when the run promises DP: a privacy guard, a noise or adaptive-clip stage, or DP-SGD."""
+    return (cfg.server.privacy is not None or cfg.client.trainer.name == "dp-sgd"
+            or any(p.name in DP_CLIENT_STAGES for p in cfg.client.pipeline)
+            or any(p.name in DP_SERVER_STAGES for p in cfg.server.stages))
+
+
+def metrics_stay_on_node(cfg: Any, reveals_individual: bool) -> bool:
+    """Review finding 7: under a secure sum or DP no per-client metric leaves a node in the clear."""
+    return not reveals_individual or run_is_dp(cfg)

@@ -4,7 +4,9 @@
 
 * :func:`make_certs` - a CA plus a server certificate for the SuperLink (SANs
   ``localhost``, ``127.0.0.1`` and any names given), with ``cryptography``; the
-  private keys are written with mode 0600;
+  private keys are created 0600 with ``O_EXCL | O_NOFOLLOW`` (never over an
+  existing file or through a symlink; ``force`` replaces atomically), and the CA
+  key goes to its own folder ``ca-key-KEEP-OFFLINE/`` for the operator to move offline;
 * :func:`write_partitions` - one ``partition-<i>.safetensors`` per client;
 * :func:`write_app` - the Flower App folder (``pyproject.toml`` naming
   ``secfed.flower.server:app`` and ``secfed.flower.client:app``) that ``flwr run`` ships;
@@ -45,12 +47,58 @@ class DeployError(SecfedError):
 
 # ----------------------------------------------------------------------------- certificates
 
-def make_certs(out_dir: str | Path, names: tuple[str, ...] = ("localhost",), days: int = 30) -> dict[str, Path]:
+#: Folder (inside the certificates folder) that holds the CA's private key alone: move it offline.
+CA_KEY_DIR = "ca-key-KEEP-OFFLINE"
+
+
+def write_secret(path: str | Path, data: bytes, *, force: bool = False, mode: int = 0o600) -> Path:
+    """Write a private key: mode 0600 from the first byte, never through a symlink, never over a key.
+
+    Without ``force`` the file is created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` (an
+    existing file or a symlink at ``path`` is refused, so a key never keeps an old
+    file's 0644 mode and is never written through a planted link) and ``fchmod``-ed
+    to 0600 whatever the umask. With ``force`` the key is written the same way to a
+    fresh temporary name in the same folder and renamed over ``path``: ``rename``
+    replaces a symlink itself, never its target (review finding 12).
+    """
+    p = Path(path)
+    target = p
+    if force:
+        target = p.with_name(f".{p.name}.{os.urandom(8).hex()}.tmp")
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except FileExistsError:
+        raise DeployError(f"{p} already exists (or is a symlink); not overwritten: pass --force to replace it") from None
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if force:
+            os.replace(target, p)
+    except BaseException:
+        if force:
+            target.unlink(missing_ok=True)
+        raise
+    return p
+
+
+def write_public(path: str | Path, data: bytes, *, force: bool = False) -> Path:
+    """Write a certificate or public key (0644) with the same refusal and atomic replacement as :func:`write_secret`."""
+    return write_secret(path, data, force=force, mode=0o644)
+
+
+def make_certs(out_dir: str | Path, names: tuple[str, ...] = ("localhost",), days: int = 30, *,
+               force: bool = False) -> dict[str, Path]:
     """A self-signed CA and a server certificate/key it signs (ECDSA P-256, SHA-256).
 
     ``names`` are DNS names or IP addresses of the SuperLink; ``localhost``,
     ``127.0.0.1`` and ``::1`` are always included. Returns the paths
-    ``ca`` (``ca.crt``), ``cert`` (``server.pem``) and ``key`` (``server.key``).
+    ``ca`` (``ca.crt``), ``cert`` (``server.pem``), ``key`` (``server.key``) and
+    ``ca_key`` (``ca-key-KEEP-OFFLINE/ca.key``: the CA's private key, in its own
+    0700 folder, apart from what the SuperLink needs; move it offline). Existing
+    files are refused unless ``force`` (see :func:`write_secret`).
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -84,18 +132,25 @@ def make_certs(out_dir: str | Path, names: tuple[str, ...] = ("localhost",), day
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(ca_key, hashes.SHA256()))
-    paths = {"ca": out / "ca.crt", "cert": out / "server.pem", "key": out / "server.key", "ca_key": out / "ca.key"}
-    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    for p, k in ((paths["key"], key), (paths["ca_key"], ca_key)):
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()))
+    ca_dir = out / CA_KEY_DIR
+    ca_dir.mkdir(mode=0o700, exist_ok=True)
+    if ca_dir.is_symlink() or not ca_dir.is_dir():
+        raise DeployError(f"{ca_dir} is not a plain folder; refusing to write the CA key there")
+    os.chmod(ca_dir, 0o700)
+    paths = {"ca": out / "ca.crt", "cert": out / "server.pem", "key": out / "server.key", "ca_key": ca_dir / "ca.key"}
+    if not force:  # refuse before writing anything, so a refusal leaves no half-made set
+        for p in paths.values():
+            if p.exists() or p.is_symlink():
+                raise DeployError(f"{p} already exists; not overwritten: pass --force to replace it")
+    pem = serialization.Encoding.PEM
+    for p, k in ((paths["ca_key"], ca_key), (paths["key"], key)):
+        write_secret(p, k.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), force=force)
+    write_public(paths["ca"], ca.public_bytes(pem), force=force)
+    write_public(paths["cert"], cert.public_bytes(pem), force=force)
     return paths
 
 
-def make_node_key(out_dir: str | Path, name: str) -> tuple[Path, Path]:
+def make_node_key(out_dir: str | Path, name: str, *, force: bool = False) -> tuple[Path, Path]:
     """An ECDSA P-384 key pair (OpenSSH format) that authenticates one SuperNode to the SuperLink.
 
     The private key (mode 0600) stays with the SuperNode (``--auth-supernode-private-key``);
@@ -109,11 +164,14 @@ def make_node_key(out_dir: str | Path, name: str) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     priv, pub = out / f"{name}.key", out / f"{name}.pub"
-    fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                  serialization.NoEncryption()))
-    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    if not force:
+        for p in (priv, pub):
+            if p.exists() or p.is_symlink():
+                raise DeployError(f"{p} already exists; not overwritten: pass --force to replace it")
+    write_secret(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                         serialization.NoEncryption()), force=force)
+    write_public(pub, key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH),
+                 force=force)
     return priv, pub
 
 
@@ -204,7 +262,7 @@ class LocalFederation:
         self.num_nodes = num_nodes if num_nodes is not None else self.cfg.data.num_clients
         self.host = host
         self.port = port or free_port()
-        self.certs = certs or make_certs(self.work / "certs")
+        self.certs = certs or self._certs()
         self.env = {**os.environ, "FLWR_HOME": str(self.work / "flwr_home"),
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.node_auth = node_auth
@@ -212,6 +270,14 @@ class LocalFederation:
         self.supernodes: dict[int, subprocess.Popen] = {}
         self.app_dir = write_app(self.work / "app")
         self._write_flower_config()
+
+    def _certs(self) -> dict[str, Path]:
+        """This work folder's certificates: made once, reused by a later federation on the same folder."""
+        d = self.work / "certs"
+        have = {"ca": d / "ca.crt", "cert": d / "server.pem", "key": d / "server.key", "ca_key": d / CA_KEY_DIR / "ca.key"}
+        if all(have[k].is_file() and not have[k].is_symlink() for k in ("ca", "cert", "key")):
+            return have
+        return make_certs(d)
 
     @property
     def address(self) -> str:

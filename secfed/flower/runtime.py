@@ -11,6 +11,7 @@ so that a Flower ``query`` message does not pay for them.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,12 @@ from secfed import registry
 from secfed.config import ExperimentConfig
 from secfed.data import TensorData
 from secfed.engine import Engine
-from secfed.errors import DataError, MalformedMessage
+from secfed.errors import ConfigError, DataError, MalformedMessage
 from secfed.flower import codec
 from secfed.interfaces import ClientUpdate, RoundContext
 from secfed.models import torch_threads
 from secfed.spec import ParamSpec
-from secfed.task import Task
+from secfed.task import Task, task_class
 
 
 def plugin_context(cfg: ExperimentConfig, dim: int) -> dict[str, Any]:
@@ -38,7 +39,20 @@ def plugin_context(cfg: ExperimentConfig, dim: int) -> dict[str, Any]:
 
 
 class PartitionTask(Task):
-    """A task that holds one client's shard only, read from a safetensors partition file."""
+    """A task that holds one client's shard only, read from a safetensors partition file.
+
+    ``PartitionTask(cfg, path, i)`` is an instance of the config's task class (see
+    :func:`secfed.task.task_class`) with this class's ``_load``: the same loss and model
+    as on the server, only the data differs.
+    """
+
+    _combined: dict[type, type] = {}
+
+    def __new__(cls, cfg: ExperimentConfig, *args: Any, **kwargs: Any) -> "PartitionTask":
+        if cls is PartitionTask:
+            base = task_class(cfg)
+            cls = PartitionTask._combined.setdefault(base, type(f"Partition{base.__name__}", (PartitionTask, base), {}))
+        return object.__new__(cls)
 
     def __init__(self, cfg: ExperimentConfig, path: str | Path, client_id: int) -> None:
         self._path, self._client_id = Path(path), client_id
@@ -116,9 +130,68 @@ class ClientRuntime:
         u, ctx = self.update(rec, client_id)
         return self.secure_sum.encode(u, ctx), self.metrics(u)
 
-    @staticmethod
-    def metrics(u: ClientUpdate) -> dict[str, float]:
+    @property
+    def private(self) -> bool:
+        """True when the run hides updates (secure sum) or promises DP: then nothing per-client leaves in the clear."""
+        return codec.metrics_stay_on_node(self.cfg, getattr(self.secure_sum, "reveals_individual", True))
+
+    def metrics(self, u: ClientUpdate) -> dict[str, float]:
+        """What a node reports besides its update: nothing under a secure sum or DP (review finding 7:
+        train loss, pre-clip norm, steps and examples seen would leave the client in the clear)."""
+        if self.private:
+            return {}
         return {k: float(v) for k, v in u.metrics.items() if isinstance(v, (int, float))}
+
+    def apply_dp(self, dp: dict[str, Any], ctx: RoundContext) -> None:
+        """Seed this round's DP bookkeeping with the server guard's parameters (review finding 2).
+
+        The node's noise stages read z from here, exactly as in-process, so a stage
+        whose own ``noise_multiplier`` differs from the guard's raises the same
+        ConfigError on the node; DP-SGD takes the guard's z (a node cannot calibrate
+        it: it holds one shard, the guard calibrates for all of them).
+        """
+        from defenses.privacy.clipping import round_info
+
+        cfg = self.cfg
+        needs = (cfg.server.privacy is not None or cfg.client.trainer.name == "dp-sgd"
+                 or any(p.name in codec.DP_CLIENT_STAGES for p in cfg.client.pipeline))
+        if needs and not dp:
+            raise ConfigError("server.privacy: the server sent no privacy-guard parameters for this round; "
+                              "the node refuses to add noise the guard did not fix")
+        info = round_info(ctx)
+        if "noise_multiplier" in dp:
+            info["noise_multiplier"] = dp["noise_multiplier"]
+        if "dpsgd_noise_multiplier" in dp:
+            own = getattr(self.trainer, "noise_multiplier", None)
+            z = dp["dpsgd_noise_multiplier"]
+            if own is not None and not math.isclose(own, z, rel_tol=1e-9):
+                raise ConfigError(f"config key 'client.trainer.noise_multiplier': {own} differs from the privacy "
+                                  f"guard's {z}; leave it out and let server.privacy set it")
+            if not hasattr(self.trainer, "_z"):
+                raise ConfigError("config key 'client.trainer': the server's guard runs dp-sgd, this node's trainer does not")
+            self.trainer._z = z
+        if "max_grad_norm" in dp and not math.isclose(getattr(self.trainer, "max_grad_norm", -1.0), dp["max_grad_norm"],
+                                                      rel_tol=1e-9):
+            raise ConfigError(f"config key 'client.trainer.max_grad_norm': "
+                              f"{getattr(self.trainer, 'max_grad_norm', None)} differs from the server's {dp['max_grad_norm']}")
+
+    @staticmethod
+    def check_dp(dp: dict[str, Any], ctx: RoundContext) -> None:
+        """After the pipeline: the clip norm and noise placement the node applied are the server's."""
+        from defenses.privacy.clipping import round_info
+
+        info = round_info(ctx)
+        for k in ("clip_norm", "share_divisor", "distributed"):
+            mine, theirs = info.get(k), dp.get(k)
+            same = mine == theirs if not isinstance(mine, float) or theirs is None else math.isclose(mine, theirs, rel_tol=1e-9)
+            if not same:
+                raise ConfigError(f"client.pipeline: this node applied {k} = {mine}, the server's guard "
+                                  f"accounts for {theirs}; the node refuses the round")
+
+    @property
+    def private_dp(self) -> bool:
+        """True when the run promises DP (a guard, a noise stage, adaptive clipping or DP-SGD)."""
+        return codec.run_is_dp(self.cfg)
 
     def update(self, rec: Any, client_id: int) -> tuple[ClientUpdate, RoundContext]:
         """Validate a ``train`` record and run this client's round: its update after pipeline (and adversary)."""
@@ -135,10 +208,13 @@ class ClientRuntime:
             raise MalformedMessage("train: this client is not in the cohort")
         self.global_w = codec.decode_weights(codec.get(rec, "weights", bytes), expected_dim=self.spec.numel, round_=t)
         self.state = codec.decode_state(codec.get(rec, "state", str))
+        dp = codec.decode_dp(codec.get(rec, "dp", str)) if "dp" in rec else {}
         ctx = self.context(t, cohort)
+        self.apply_dp(dp, ctx)  # the guard's z and clip, before any noise is drawn (review finding 2)
         u = self.local_update(client_id, ctx)
         for stage in self.pipeline:
             u = stage(u, ctx)
+        self.check_dp(dp, ctx)
         if client_id in self.malicious and hasattr(self.adversary, "poison_updates"):
             u = self.adversary.poison_updates([u], [], ctx)[0]
         return u, ctx

@@ -45,10 +45,12 @@ def stash_update(state: Any, round_: int, client_id: int, delta: Any, weight: fl
     from defenses.secure_aggregation.quantize import Quantizer
 
     x = delta.detach().float().numpy().astype("<f4")
+    from defenses.secure_aggregation.quantize import OUT_OF_RANGE
+
     reason = Quantizer(secure_sum.clip_range, 16, 32).check(x, weight, secure_sum.max_weight)
     state[STATE] = ConfigRecord({"round": round_, "client": client_id, "delta": x.tobytes(), "weight": float(weight),
                                  "protocol": ""})
-    return reason or ""
+    return OUT_OF_RANGE if reason else ""  # one bit: never the magnitude or kind (review finding 7)
 
 
 def _dump(c: Any, setup_payload: bytes) -> str:
@@ -140,14 +142,14 @@ class FlowerSecAgg:
         self.agg = secure_sum
         self.exchange = exchange
 
-    def aggregate(self, received: list[Any], ctx: RoundContext) -> SumResult:
+    def aggregate(self, received: list[Any], ctx: RoundContext, min_sum: int | None = None) -> SumResult:
         import torch
 
-        from defenses.secure_aggregation.graph import neighbour_graph
+        from defenses.secure_aggregation.graph import graph_digest
         from defenses.secure_aggregation import messages as msg
         from defenses.secure_aggregation.prg import MaskExpander
         from defenses.secure_aggregation.protocol import SecAggServer
-        from defenses.secure_aggregation.quantize import Quantizer, choose_bits
+        from defenses.secure_aggregation.quantize import OUT_OF_RANGE, Quantizer, choose_bits
 
         agg, d = self.agg, ctx.spec.numel
         dropped: dict[int, str] = {}
@@ -158,16 +160,17 @@ class FlowerSecAgg:
         quant = Quantizer(agg.clip_range, q, b)
         ids, out_of_range = [], 0
         for r in received:
-            if r.reason:
-                dropped[r.client_id] = f"out of quantisation range: {r.reason}"
+            if r.reason:  # whatever the node wrote, the server keeps one bit
+                dropped[r.client_id] = f"out of quantisation range: {OUT_OF_RANGE}"
                 out_of_range += 1
             else:
                 ids.append(r.client_id)
         ids.sort()
-        if len(ids) < 2:
-            raise RoundAborted(f"secagg+: {len(ids)} client(s) could take part, a secure sum needs at least 2")
+        need = agg.min_sum(min_sum)
+        if len(ids) < need:
+            raise RoundAborted(f"secagg+: {len(ids)} client(s) could take part, this secure sum needs at least {need}")
         k, t = agg.parameters(len(ids))
-        graph = neighbour_graph(ids, k, ctx.generator("secagg-graph"))
+        graph = agg.draw_graph(ids, k)  # fresh OS randomness once the cohort is fixed (review finding 8)
         setups = {u: msg.Setup(t, q, b, agg.clip_range, d, sorted(graph[u])) for u in ids}
         server = SecAggServer(ctx.round, graph, setups, b, d, t)
 
@@ -195,13 +198,16 @@ class FlowerSecAgg:
         run_step("share", server.keys_messages(), server.receive_shares)
         run_step("masked_input", server.forward_messages(), server.receive_masked)
         survivors = set(server.masked)
+        if len(survivors) < need:  # never unmask a sum of fewer (review finding 5)
+            raise RoundAborted(f"secagg+: {len(survivors)} masked input(s) arrived, this secure sum needs at least {need}")
         asked = server.survivor_messages()
         before = set(dropped)
         run_step("unmask", asked, server.receive_unmask)
         late = {u: dropped.pop(u) for u in set(dropped) - before}  # their input is in the sum already
         acc = server.unmask_sum(MaskExpander(d + 1, b))
         total, total_weight = quant.decode(acc)
-        metrics: dict[str, Any] = {"secagg_degree": k, "secagg_threshold": t, "secagg_bits": q, "secagg_ring_bits": b,
+        metrics: dict[str, Any] = {"secagg_graph_sha256": graph_digest(graph),
+                                   "secagg_degree": k, "secagg_threshold": t, "secagg_bits": q, "secagg_ring_bits": b,
                                    "secagg_out_of_range": out_of_range, "secagg_unmask_dropouts": len(late)}
         return SumResult(client_ids=sorted(survivors), total=torch.from_numpy(total.astype(np.float32)),
                          total_weight=float(total_weight), updates=None, dropped=dropped, bytes_up=bytes_up,

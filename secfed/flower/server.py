@@ -29,7 +29,7 @@ from secfed.config import ExperimentConfig
 from secfed.engine import Engine
 from secfed.errors import ConfigError, MalformedMessage
 from secfed.flower import codec
-from secfed.interfaces import RoundContext, SumResult
+from secfed.interfaces import ClientUpdate, RoundContext, SumResult
 from secfed.secure_sum import PlainSum
 
 SUPPORTED_SECURE_SUMS = ("plain", "secagg+", "secagg")
@@ -68,6 +68,9 @@ class FlowerEngine(Engine):
         if self.adversary is not None and getattr(self.adversary, "omniscient", False):
             raise ConfigError("config key 'attack.adversary': an omniscient adversary reads honest clients' updates, "
                               "which SuperNodes never share; run it with deploy.transport = 'inprocess'")
+        if any(p.name == "adaptive-clip" for p in cfg.client.pipeline):
+            raise ConfigError("config key 'client.pipeline': adaptive clipping over Flower would send every node's "
+                              "clipping bit to the server in the clear; use 'clip', or deploy.transport = 'inprocess'")
         self.grid = grid
         if getattr(self.secure_sum, "reveals_individual", True):
             self.wire: Any = WirePlainSum(cfg.server.max_update_norm)
@@ -75,6 +78,7 @@ class FlowerEngine(Engine):
             from secfed.flower.secagg import FlowerSecAgg
 
             self.wire = FlowerSecAgg(self.secure_sum, self.exchange)
+        self.private_metrics = codec.metrics_stay_on_node(cfg, getattr(self.secure_sum, "reveals_individual", True))
         self.nodes: dict[int, int] = {}  # client id -> Flower node id
         self.round_timeout = cfg.deploy.round_timeout
         self.connect_timeout = cfg.deploy.connect_timeout
@@ -129,11 +133,36 @@ class FlowerEngine(Engine):
             self.connect()
         return super().run()
 
+    def round_params(self, ctx: RoundContext) -> dict[str, Any]:
+        """The DP parameters every node must apply this round (review finding 2), fixed by the server.
+
+        The server plays its own copy of the client pipeline on a zero update, so the
+        stages run the in-process checks here (a noise stage whose multiplier differs
+        from the guard's raises the same ConfigError before any node trains) and this
+        round's DP bookkeeping holds the clip norm and noise placement the nodes will
+        apply (a central-gaussian stage needs no explicit clip_norm over Flower either).
+        The nodes get the guard's z and these values in the ``train`` message and refuse
+        to train with anything else.
+        """
+        from defenses.privacy.clipping import round_info
+
+        probe = ClientUpdate(-1, torch.zeros(self.spec.numel), 0, 1.0)
+        for stage in self.pipeline:
+            probe = stage(probe, ctx)
+        info = round_info(ctx)
+        params = {k: info.get(k) for k in ("noise_multiplier", "clip_norm", "share_divisor", "distributed")}
+        if self.cfg.client.trainer.name == "dp-sgd":  # the z the guard charges (or the trainer's own, unguarded)
+            guard_z = getattr(self.privacy, "z", None) if getattr(self.privacy, "mechanism", "") == "dp-sgd" else None
+            params["dpsgd_noise_multiplier"] = guard_z if guard_z is not None else self.trainer.resolved_noise_multiplier(self.task)
+            params["max_grad_norm"] = getattr(self.trainer, "max_grad_norm", None)
+        return {k: v for k, v in params.items() if v is not None and v is not False}
+
     def collect(self, ctx: RoundContext, bar: Any = None) -> tuple[list[Received], dict[int, str]]:
         t = ctx.round
         dropped: dict[int, str] = {}
         base = {"round": t, "fingerprint": self.cfg.fingerprint(), "cohort": codec.encode_ids(ctx.cohort),
-                "weights": codec.encode_weights(t, self.global_w), "state": codec.encode_state(self.state)}
+                "weights": codec.encode_weights(t, self.global_w), "state": codec.encode_state(self.state),
+                "dp": codec.encode_dp(self.round_params(ctx))}
         msgs, node_of = [], {}
         for cid in ctx.cohort:
             if ctx.dropouts.drops(cid, "train"):
@@ -145,6 +174,7 @@ class FlowerEngine(Engine):
                 node_of[self.nodes[cid]] = cid
         replies = list(self.grid.send_and_receive(msgs, timeout=self.round_timeout)) if msgs else []
         got: dict[int, Received] = {}
+        refusals: dict[int, str] = {}
         for r in replies:
             cid = node_of.get(r.metadata.src_node_id)
             if cid is None or cid in got:
@@ -156,11 +186,18 @@ class FlowerEngine(Engine):
                 rec = codec.record_of(r.content)
                 if codec.get(rec, "round", int) != t or codec.get(rec, "client", int) != cid:
                     raise MalformedMessage("reply for another round or client")
+                if "refused" in rec:  # the in-process engine would have stopped with this ConfigError
+                    refusals[cid] = codec.get(rec, "refused", str, max_len=1000)
+                    continue
+                metrics = codec.decode_metrics(codec.get(rec, "metrics", str))
                 got[cid] = Received(cid, codec.get(rec, "payload", bytes),
-                                    codec.decode_metrics(codec.get(rec, "metrics", str)),
+                                    {} if self.private_metrics else metrics,  # finding 7: never kept
                                     codec.get(rec, "reason", str, max_len=512) if "reason" in rec else "")
             except MalformedMessage as e:
                 dropped[cid] = f"malformed: {e}"
+        if refusals:
+            cid = min(refusals)
+            raise ConfigError(f"{refusals[cid]} (refused by the SuperNode of client {cid})")
         for cid in node_of.values():
             if cid not in got and cid not in dropped:
                 dropped[cid] = f"no reply within deploy.round_timeout = {self.round_timeout:g} s"

@@ -1,0 +1,129 @@
+"""Seconds per round over real Flower processes (SuperLink + one SuperNode per client, TLS, node
+authentication) against the same config in-process, side by side (issue 20).
+
+    python benchmarks/deploy.py                    # flower_local (3 nodes, digits CNN), plain and SecAgg+, 4 rounds
+    python benchmarks/deploy.py --rounds 2 --cases quickstart      # shorter
+    python benchmarks/deploy.py --inprocess-only --rounds 1         # smoke test: no Flower processes
+
+Cases: ``quickstart`` = ``experiments/flower_local.toml`` (the README's "Run across machines"
+config), ``secagg`` = the same with ``server.secure_sum = "secagg+"`` (five messages per node
+per round). Both transports run the same config and seed with ``run.threads = 1``. Per-round
+seconds come from each run's ``rounds.jsonl``; the first round is reported apart (it includes
+the first ``flwr-clientapp`` start-ups) and the headline uses rounds 2.. when there are at least
+two. Writes benchmarks/results/deploy.json with
+``headline.flower_over_inprocess_seconds_per_round_quickstart`` and ``..._secagg`` (goal <= 2)
+and the machine (CPU model, usable CPUs, load average).
+
+Where the time goes (flwr 1.41): a SuperNode's SuperExec starts one ``flwr-clientapp`` process
+per message (``run_clientapp`` pulls one task, runs the ClientApp, pushes the reply and exits;
+``--isolation process`` only moves that launcher out of the SuperNode, and the warm executor
+pools exist only for the Kubernetes executor and agent/model/connector tasks), so every message
+pays a Python start, the torch/flwr/secfed imports and the rebuild of the model and partition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CASES = {"quickstart": {}, "secagg": {"server": {"secure_sum": "secagg+"}}}
+
+
+def config(case: str, rounds: int):
+    from secfed.config import load_config, parse_config
+
+    base = load_config(ROOT / "experiments" / "flower_local.toml").model_dump(mode="json")
+    base["run"].update({"name": f"deploy-{case}", "rounds": rounds, "eval_every": rounds, "threads": 1})
+    for section, values in CASES[case].items():
+        base[section].update(values)
+    return parse_config(base)
+
+
+def per_round(run_dir: Path) -> list[float]:
+    return [json.loads(line)["seconds"] for line in (run_dir / "rounds.jsonl").read_text().splitlines() if line.strip()]
+
+
+def steady(rounds: list[float]) -> float:
+    """Mean seconds per round, without round 1 when there are later ones."""
+    rest = rounds[1:] or rounds
+    return sum(rest) / len(rest)
+
+
+def measure(case: str, rounds: int, work: Path, inprocess_only: bool) -> dict:
+    from secfed.engine import Engine
+
+    cfg = config(case, rounds)
+    t0 = time.perf_counter()
+    Engine(cfg, work / f"{case}-inprocess", progress=False).run()
+    wall_in = time.perf_counter() - t0
+    ra = per_round(work / f"{case}-inprocess")
+    row = {"case": case, "rounds": rounds, "rounds_inprocess": ra, "seconds_per_round_inprocess": steady(ra),
+           "wall_seconds_inprocess": wall_in}
+    if inprocess_only:
+        return row
+    from secfed.flower.deploy import LocalFederation
+
+    t0 = time.perf_counter()
+    with LocalFederation(cfg, work / f"{case}-fed") as fed:
+        started = time.perf_counter()
+        fed.run(work / f"{case}-flower", timeout=600 + 300 * rounds)
+    wall_fl = time.perf_counter() - t0
+    rb = per_round(work / f"{case}-flower")
+    row.update({"rounds_flower": rb, "seconds_per_round_flower": steady(rb), "wall_seconds_flower": wall_fl,
+                "federation_startup_seconds": started - t0,
+                "flower_over_inprocess": steady(rb) / steady(ra)})
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    ap.add_argument("--inprocess-only", action="store_true", help="smoke test: skip the Flower processes")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "deploy.json"))
+    args = ap.parse_args()
+    from robust import cpu_description  # benchmarks/robust.py: CPU model, flags, load
+
+    cpu = cpu_description()
+    cpu.pop("cpu_flags", None)
+    work = Path(tempfile.mkdtemp(prefix="secfed-deploy-bench-"))
+    rows = []
+    try:
+        for case in args.cases:
+            row = measure(case, args.rounds, work, args.inprocess_only)
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if not k.startswith("rounds_")}), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    headline = {f"flower_over_inprocess_seconds_per_round_{r['case']}":
+                (round(r["flower_over_inprocess"], 2) if "flower_over_inprocess" in r else None) for r in rows}
+    out = {
+        "headline": headline,
+        "goal": "<= 2 for each case",
+        "table": rows,
+        "environment": {"python": platform.python_version(), "machine": platform.machine(), **cpu,
+                        "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "method": ("same config and seed on both transports, run.threads = 1; seconds per round from rounds.jsonl, "
+                   "mean over rounds 2.. (round 1 kept in the table)"),
+        "command": " ".join(["python", "benchmarks/deploy.py"] + [a for a in sys.argv[1:] if not a.startswith("--out")]),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(json.dumps(headline))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The numba order-statistics kernel (``defenses/robust/_select_kernel.py``): its selection
+networks, its results against ``torch.sort`` and the pure-torch path, NaN, odd shapes, threads,
+the fallback and the cache directory rule."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import math
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+from defenses.robust import _select_kernel as K  # noqa: E402
+from defenses.robust import order_stats  # noqa: E402
+from defenses.robust.order_stats import (closest_to_median_mean, coordinate_median, middle_sum,  # noqa: E402
+                                         middle_sum_torch, trimmed_mean)
+
+
+def run_network(values: list[int], n: int, lo: int, hi: int) -> list[int]:
+    ca, cb, ck = K.selection_network(n, lo, hi)
+    v = list(values)
+    for a, b, k in zip(ca.tolist(), cb.tolist(), ck.tolist()):
+        a, b = a // K.LANES, b // K.LANES
+        x, y = v[a], v[b]
+        if k != 2:
+            v[a] = min(x, y)
+        if k != 1:
+            v[b] = max(x, y)
+    return v
+
+
+@pytest.mark.parametrize("n", range(1, 12))
+def test_networks_select_every_window_of_every_0_1_input(n):
+    """0-1 principle (Knuth, TAOCP 5.3.4): a comparator network that places ranks [lo, hi) correctly for
+    every 0/1 input does so for every input."""
+    windows = [(0, n), (n // 2, n // 2 + 1), ((n - 1) // 2, n // 2 + 1), (n // 4, n - n // 4)]
+    for lo, hi in {w for w in windows if 0 <= w[0] < w[1] <= n}:
+        for bits in itertools.product((0, 1), repeat=n):
+            assert run_network(list(bits), n, lo, hi)[lo:hi] == sorted(bits)[lo:hi], (n, lo, hi, bits)
+
+
+def test_pruning_removes_comparators_but_the_kernel_is_generic_in_n():
+    full = len(K.selection_network(50, 0, 50)[0])
+    assert len(K.selection_network(50, 25, 26)[0]) < full
+    coordinate_median(torch.randn(3, 40))
+    before = len(K._kernel.signatures)
+    for n in (4, 17, 50, 129):  # new cohort sizes and windows compile nothing new
+        coordinate_median(torch.randn(n, 40))
+        trimmed_mean(torch.randn(n, 40), 1)
+    assert len(K._kernel.signatures) == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 8, 15, 16, 17, 50, 64, 65, 200])
+def test_kernel_matches_sort_exactly(n, dtype):
+    g = torch.Generator().manual_seed(n)
+    X = torch.round(torch.randn(n, 16 * 7 + 5, generator=g, dtype=dtype) * 4) / 4  # ties, a ragged last group
+    X[0, 3], X[n - 1, 100] = math.inf, -math.inf
+    S = torch.sort(X, dim=0).values
+    med = S[n // 2] if n % 2 else (S[n // 2 - 1] + S[n // 2]) * 0.5
+    assert torch.equal(coordinate_median(X), med)
+    for f in {0, 1, n // 5, (n - 1) // 2}:
+        if 2 * f < n:
+            ref = (S[f:n - f].double().sum(0) / (n - 2 * f)).to(dtype)
+            got = trimmed_mean(X, f)
+            assert got.dtype == dtype
+            assert torch.equal(got[~ref.isnan()], ref[~ref.isnan()])
+    assert torch.equal(middle_sum(X, 0, n), S.double().sum(0).to(dtype))
+
+
+@pytest.mark.parametrize("n", [5, 6, 31, 32, 33, 100])
+def test_median_bit_identical_to_the_torch_network(n):
+    g = torch.Generator().manual_seed(100 + n)
+    X = torch.randn(n, 3001, generator=g) * torch.logspace(-30, 30, 3001)  # wide range of magnitudes
+    X[:, :50] = torch.round(X[:, :50])  # ties
+    X[1, 7] = math.inf
+    torch_path = middle_sum_torch(X, n // 2, n // 2 + 1) if n % 2 else \
+        middle_sum_torch(X, n // 2 - 1, n // 2 + 1).mul_(0.5)
+    assert torch.equal(coordinate_median(X), torch_path)
+
+
+def test_even_median_keeps_the_float32_sum_rounding():
+    X = torch.tensor([[3e38], [3e38], [-1.0], [3e38]])  # middle two: 3e38 + 3e38 overflows in float32
+    assert torch.equal(coordinate_median(X), middle_sum_torch(X, 1, 3).mul_(0.5))
+
+
+def test_nan_marks_only_its_column_in_full_and_ragged_groups():
+    X = torch.randn(9, 16 * 3 + 3)
+    X[4, 5] = math.nan
+    X[0, 49] = math.nan  # in the ragged last group
+    for out in (coordinate_median(X), trimmed_mean(X, 2), middle_sum(X, 0, 9)):
+        assert torch.isnan(out[[5, 49]]).all()
+        keep = [j for j in range(X.shape[1]) if j not in (5, 49)]
+        assert not torch.isnan(out[keep]).any()
+
+
+def test_non_contiguous_and_integer_like_inputs():
+    X = torch.randn(40, 11)
+    assert torch.equal(coordinate_median(X.T.contiguous().T), coordinate_median(X.contiguous()))
+    assert torch.equal(coordinate_median(X[::2]), torch.sort(X[::2], 0).values[9:11].sum(0) * 0.5)
+    assert coordinate_median(torch.randn(5, 0)).shape == (0,)
+
+
+def test_fallback_without_numba_gives_the_same_medians(monkeypatch):
+    X = torch.randn(13, 500)
+    with_kernel = coordinate_median(X)
+    monkeypatch.setattr(order_stats, "_compiled", lambda: None)
+    assert torch.equal(coordinate_median(X), with_kernel)
+    assert torch.allclose(trimmed_mean(X, 3), torch.sort(X, 0).values[3:10].mean(0), atol=1e-6)
+
+
+def test_secfed_no_numba_makes_the_import_fail(monkeypatch):
+    monkeypatch.setenv("SECFED_NO_NUMBA", "1")
+    spec = importlib.util.spec_from_file_location("_select_kernel_copy", K.__file__)
+    with pytest.raises(ImportError, match="SECFED_NO_NUMBA"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+def test_concurrent_calls_from_threads():
+    Xs = [torch.randn(21, 2000, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    refs = [torch.sort(X, 0).values[10] for X in Xs]
+    outs: list = [None] * 4
+
+    def work(i: int) -> None:
+        for _ in range(3):
+            outs[i] = coordinate_median(Xs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(o, r) for o, r in zip(outs, refs))
+
+
+def test_cache_directory_must_be_private(tmp_path):
+    ok = tmp_path / "mine"
+    assert K._private_dir(ok) and (ok.stat().st_mode & 0o777) == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # another user could plant a pickled index there
+    assert not K._private_dir(shared)
+
+
+@pytest.mark.parametrize("n,beta", [(1, 1), (5, 3), (8, 4), (30, 10), (50, 10), (51, 51)])
+def test_closest_to_median_mean_matches_topk(n, beta):
+    X = torch.randn(n, 16 * 5 + 9, generator=torch.Generator().manual_seed(n))  # no ties (continuous)
+    med = torch.sort(X, 0).values
+    med = med[n // 2] if n % 2 else (med[n // 2 - 1] + med[n // 2]) * 0.5
+    idx = torch.topk((X - med).abs(), beta, dim=0, largest=False).indices
+    ref = torch.gather(X, 0, idx).double().mean(0).float()
+    assert torch.allclose(closest_to_median_mean(X, beta), ref, rtol=1e-6, atol=1e-7)
+
+
+def test_closest_to_median_mean_ties_keep_the_lower_value():
+    X = torch.tensor([[1.0], [2.0], [3.0], [4.0], [5.0]])  # median 3; 2 and 4 are equally close
+    assert float(closest_to_median_mean(X, 2)) == 2.5
+    assert float(closest_to_median_mean(X, 3)) == 3.0
+    with pytest.raises(ValueError, match="beta"):
+        closest_to_median_mean(X, 6)
