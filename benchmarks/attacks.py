@@ -8,7 +8,12 @@ Writes benchmarks/results/attacks.json (``--quick``: attacks_quick.json) with a
 dlg_converged_fraction (iDLG seeds with PSNR > 30 dB out of seeds tried, digits and
 photo crops), dlg_median_psnr_db_converged, idlg_label_accuracy,
 text_token_recall_bs1 (bag of words from a trained MiniLM embedding, batch 1, one
-local step), audit_eps_lower_bound_planted_bug (m = 1000, noiseless mechanism).
+local step), audit_eps_lower_bound_planted_bug (m = 1000, noiseless mechanism);
+issue 17, a malicious server through SecAgg+ (parts imprint, lora_trap):
+imprint_psnr_db_secagg / imprint_exact_fraction_secagg (batch 4, cohort 8, digits,
+fc-imprint), imprint_psnr_db_dpsgd / imprint_exact_fraction_dpsgd (client DP-SGD z = 1,
+C = 1: the defence that stops it), imprint_exact_fraction_model_check (client.verify_model),
+lora_trap_token_recall_secagg_r128_cohort2 (MiniLM LoRA, trap B, span check on the sum).
 No peer toolkit runs side by side: breaching and ML Privacy Meter need torchvision
 /CUDA builds this machine cannot install; the one-run bound is checked against the
 paper's closed form in tests/test_attacks_audit.py instead.
@@ -252,6 +257,40 @@ def bench_imprint(quick: bool) -> dict:
             "server's reconstructions", "headline_setting": IMPRINT_HEADLINE}
 
 
+def lora_trap_case(r: int, cohort: int, client: dict | None = None) -> dict:
+    """One round of MiniLM + LoRA (layer 0, rank r) on tweets, batch 1 per client, through SecAgg+; the
+    malicious server ships a random full-rank LoRA B (``lora-trap``) and runs the span check on the sum."""
+    from secfed.engine import Engine, read_rounds
+    import tempfile
+
+    c = {"optimizer": "sgd", "lr": 0.05, "batch_size": 1, "local_steps": 1, **(client or {})}
+    cfg = parse_config({"run": {"name": "lora-trap", "rounds": 1}, "model": {"name": "minilm", "lora_r": r, "lora_layers": [0]},
+                        "data": {"source": "tweets", "num_clients": cohort, "max_examples": 400, "test_size": 100,
+                                 "max_length": 32},
+                        "client": c, "server": {"secure_sum": "secagg"}, "attack": {"server": {"name": "lora-trap"}}})
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as td:
+        Engine(cfg, Path(td) / "run", progress=False).run()
+        rec = read_rounds(Path(td) / "run")[0]
+    return {"lora_r": r, "cohort": cohort, "batch_size": 1, "defence": "model check" if c.get("verify_model") else "none",
+            "status": rec.get("status"), "token_recall": rec.get("lora_trap_token_recall"),
+            "token_precision": rec.get("lora_trap_token_precision"), "attack_status": rec.get("lora_trap_status"),
+            "seconds": time.perf_counter() - t0}
+
+
+def bench_lora_trap(quick: bool) -> dict:
+    """The imprint idea in a LoRA federation: token recovery from the SecAgg+ sum vs cohort size and rank."""
+    grid = [(128, 2)] if quick else [(128, 2), (128, 4), (128, 8), (8, 2)]
+    rows = []
+    for r, n in grid:
+        rows.append(lora_trap_case(r, n))
+        log(f"lora-trap r={r} cohort={n}: recall {rows[-1]['token_recall']} precision {rows[-1]['token_precision']}")
+    rows.append(lora_trap_case(128, 2, {"verify_model": True}))
+    log(f"lora-trap model check: {rows[-1]['status']}")
+    return {"rows": rows, "setup": "MiniLM, LoRA on layer 0 (query/value), tweets max_length 32, batch 1 per client, one "
+            "plain-SGD step, SecAgg+; the server ships B ~ N(0, 0.02^2); DAGER span check on the sum"}
+
+
 # ----------------------------------------------------------------------------- text
 
 def text_task(lora_r: int, train_embeddings: bool, lora_layers: list[int] | None) -> Task:
@@ -454,13 +493,19 @@ def tables(res: dict) -> str:
             out.append(f"| {r['defence']} | {r['secure_sum']} | {r['batch_size']} | {r['cohort']} | {r['local_steps']} | "
                        f"{r['optimizer']} | {r['images_trained']} | {r['exact']} ({f(r['exact_fraction'])}) | "
                        f"{f(r['psnr_db'], 1)} | {str(r['status'])[:40]} |")
+        out.append("")
+    if "lora_trap" in res:
+        out += ["| LoRA r | cohort | batch | defence | token recall | token precision | round |", "|---|---|---|---|---|---|---|"]
+        for r in res["lora_trap"]["rows"]:
+            out.append(f"| {r['lora_r']} | {r['cohort']} | {r['batch_size']} | {r['defence']} | {f(r['token_recall'])} | "
+                       f"{f(r['token_precision'])} | {str(r['status'])[:40]} |")
     return "\n".join(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="", help="comma list of parts: dlg,ig,defenses,secagg,text,membership,audit,imprint "
+    ap.add_argument("--only", default="", help="comma list of parts: dlg,ig,defenses,secagg,text,membership,audit,imprint,lora_trap "
                     "(written to results/attacks_parts/, then combine with --merge)")
     ap.add_argument("--merge", action="store_true", help="combine results/attacks_parts/*.json into the results file")
     ap.add_argument("--tables", action="store_true", help="print the results file as Markdown tables")
@@ -471,7 +516,7 @@ def main() -> None:
     torch.set_num_threads(1)  # 2 shared cores: more threads only spin
     q = args.quick
     parts = set(args.only.split(",")) if args.only else {"dlg", "ig", "defenses", "secagg", "text", "membership", "audit",
-                                                           "imprint"}
+                                                           "imprint", "lora_trap"}
     out_path = ROOT / "benchmarks" / "results" / ("attacks_quick.json" if q else "attacks.json")
     parts_dir = ROOT / "benchmarks" / "results" / ("attacks_parts_quick" if q else "attacks_parts")
     res: dict = {}
@@ -509,6 +554,8 @@ def main() -> None:
         res["membership"] = bench_membership(q)
     if "imprint" in parts:
         res["imprint"] = bench_imprint(q)
+    if "lora_trap" in parts:
+        res["lora_trap"] = bench_lora_trap(q)
     if args.only:
         parts_dir.mkdir(parents=True, exist_ok=True)
         res["meta"] = {"seconds": time.perf_counter() - t_all}
@@ -528,6 +575,9 @@ def main() -> None:
         "audit_eps_lower_bound_planted_bug": bug[0]["eps_lower_bound"] if bug else None,
     }
     res["headline"].update(imprint_headline(res.get("imprint")))
+    lt = {(r["lora_r"], r["cohort"], r["defence"]): r for r in res.get("lora_trap", {}).get("rows", [])}
+    if lt:
+        res["headline"]["lora_trap_token_recall_secagg_r128_cohort2"] = lt.get((128, 2, "none"), {}).get("token_recall")
     res["meta"] = {"quick": q, "seconds_total_this_invocation": time.perf_counter() - t_all, "torch": torch.__version__,
                    "python": platform.python_version(), "machine": "2 shared CPU cores (timings noisy)",
                    "command": "python benchmarks/attacks.py" + (" --quick" if q else "")}

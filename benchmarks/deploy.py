@@ -118,7 +118,8 @@ def main() -> None:
                         "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
         "method": ("same config and seed on both transports, run.threads = 1; seconds per round from rounds.jsonl, "
                    "mean over rounds 2.. (round 1 kept in the table)"),
-        "command": " ".join(["python", "benchmarks/deploy.py"] + [a for a in sys.argv[1:] if not a.startswith("--out")]),
+        "command": " ".join(["python", "benchmarks/deploy.py"]
+                            + [a for a in sys.argv[1:] if not a.startswith("--out")]),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

@@ -2,6 +2,15 @@
 
 Run:  python benchmarks/secagg.py            (full grid, writes benchmarks/results/secagg.json)
       python benchmarks/secagg.py --quick    (smoke: n=10, d=1e4)
+      python benchmarks/secagg.py --active-only [--quick]
+                                             (only the active-vs-semi-honest rows at n=100, d=1e6,
+                                              or n=10, d=1e4 with --quick; merged into --out)
+
+Active vs semi-honest (issue 17): the same inputs through ``SecAggPlus(active=False)`` and
+``SecAggPlus(active=True)`` (Ed25519-signed keys + the signed consistency round), run
+alternately ``--active-reps`` times, best of reps; ``headline.active_over_semi_honest_client_time``
+is the ratio of per-client compute, ``headline.active_over_semi_honest_bytes`` the ratio of
+per-client bytes sent + received.
 
 Both sides run the whole four-step protocol in one process, every client and the
 server, on identical inputs (x_i uniform in [-0.5, 0.5]^d, weight 1, clip range 1,
@@ -63,19 +72,21 @@ def dropped_set(n: int, rate: float, seed: int = 0) -> set[int]:
 
 
 # ----------------------------------------------------------------------------- secfed
-def run_secfed(xs: list[np.ndarray], drop: set[int]) -> dict:
+def run_secfed(xs: list[np.ndarray], drop: set[int], active: bool = False) -> dict:
     n, d = len(xs), xs[0].size
     ctx = RoundContext(round=1, seed=0, spec=ParamSpec(("w",), ((d,),)), global_weights=torch.zeros(0), cohort=list(range(n)),
                        num_clients=n, sample_rate=None, expected_cohort=float(n),
                        dropouts=DropoutPlan({"masked_input": set(drop)}))
     ups = [ClientUpdate(i, torch.from_numpy(x), 1, 1.0) for i, x in enumerate(xs)]
-    sa = SecAggPlus(clip_range=CLIP, max_weight=1)
+    sa = SecAggPlus(clip_range=CLIP, max_weight=1, active=active)
     k, t = sa.parameters(n)
     r = sa.aggregate(ups, ctx)
     plain = np.sum([x.astype(np.float64) for i, x in enumerate(xs) if i not in drop], axis=0)
     err = float(np.abs(r.total.numpy().astype(np.float64) - plain).max())
     return {"k": k, "t": t, "client_s": r.metrics["secagg_client_seconds"], "server_s": r.metrics["secagg_server_seconds"],
-            "bytes_up_per_client": float(np.mean(list(r.bytes_up.values()))), "max_abs_error": err,
+            "bytes_up_per_client": float(np.mean(list(r.bytes_up.values()))),
+            "bytes_per_client": float(np.mean([r.bytes_up.get(i, 0) + r.bytes_down.get(i, 0) for i in range(n)])),
+            "max_abs_error": err,
             "survivors": len(r.client_ids), "ring_bits": r.metrics["secagg_ring_bits"], "bits": r.metrics["secagg_bits"]}
 
 
@@ -234,6 +245,47 @@ def keystream_throughput(d: int = 1_000_000, ring_bits: int = 32, reps: int = 30
             "note": "best of reps (least disturbed by other processes); medians alongside"}
 
 
+def active_vs_semi_honest(n: int, d: int, reps: int = 1, rate: float = 0.0) -> dict:
+    """The two secfed variants side by side on the same inputs (alternating, best of ``reps``)."""
+    xs, drop = make_inputs(n, d), dropped_set(n, rate)
+    runs: dict[str, list[dict]] = {"semi_honest": [], "active": []}
+    for _ in range(reps):
+        runs["semi_honest"].append(run_secfed(xs, drop, active=False))
+        runs["active"].append(run_secfed(xs, drop, active=True))
+    best = {k: min(v, key=lambda r: r["client_s"]) for k, v in runs.items()}
+    sh, ac = best["semi_honest"], best["active"]
+    row = {"n": n, "d": d, "dropout": rate, "reps": reps, "k": sh["k"], "t": sh["t"], "semi_honest": sh, "active": ac,
+           "client_time_ratio": ac["client_s"] / sh["client_s"], "server_time_ratio": ac["server_s"] / sh["server_s"],
+           "bytes_ratio": ac["bytes_per_client"] / sh["bytes_per_client"],
+           "bytes_up_ratio": ac["bytes_up_per_client"] / sh["bytes_up_per_client"],
+           "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    print(f"active vs semi-honest n={n} d={d} drop={rate}: client x{row['client_time_ratio']:.3f} "
+          f"({ac['client_s']*1e3:.1f} vs {sh['client_s']*1e3:.1f} ms), server x{row['server_time_ratio']:.3f}, "
+          f"bytes x{row['bytes_ratio']:.4f} ({ac['bytes_per_client']:.0f} vs {sh['bytes_per_client']:.0f})", flush=True)
+    return row
+
+
+def _active_headline(result: dict, rows: list[dict], quick: bool) -> None:
+    head = max((r for r in rows if r["dropout"] == 0.0), key=lambda r: (r["d"], r["n"]))
+    result.setdefault("headline", {}).update({"active_over_semi_honest_client_time": head["client_time_ratio"],
+                                              "active_over_semi_honest_bytes": head["bytes_ratio"]})
+    result.setdefault("headline_source", {})["active"] = (
+        f"n={head['n']}, d={head['d']}, dropout 0%, secfed active / secfed semi-honest, per-client compute "
+        f"(best of {head['reps']}) and per-client bytes sent + received" + (" (QUICK smoke size)" if quick else ""))
+    result["active_vs_semi_honest"] = rows
+
+
+def main_active(args) -> None:
+    n, d = (10, 10_000) if args.quick else ((args.n or [100])[0], (args.d or [1_000_000])[0])
+    rows = [active_vs_semi_honest(n, d, args.active_reps, rate) for rate in (0.0, 0.1)]
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    _active_headline(result, rows, args.quick)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: n=10, d=1e4")
@@ -243,9 +295,14 @@ def main() -> None:
     ap.add_argument("--d", type=int, nargs="*", help="subset of dimensions (default 100000 1000000)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of an existing --out file that this run does not re-measure")
+    ap.add_argument("--active-only", action="store_true",
+                    help="only the active-vs-semi-honest rows (n=100, d=1e6; n=10, d=1e4 with --quick)")
+    ap.add_argument("--active-reps", type=int, default=2, help="alternating repetitions of each variant")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "secagg.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.active_only:
+        return main_active(args)
     grid_n, grid_d = ([10], [10_000]) if args.quick else (args.n or [10, 50, 100], args.d or [100_000, 1_000_000])
     out = Path(args.out)
     old_rows = json.loads(out.read_text())["rows"] if args.merge and out.exists() else []
@@ -288,6 +345,8 @@ def main() -> None:
         "keystream": ks,
         "rows": rows,
     }
+    an, ad = (10, 10_000) if args.quick else (100, 1_000_000)
+    _active_headline(result, [active_vs_semi_honest(an, ad, args.active_reps, rate) for rate in (0.0, 0.1)], args.quick)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")

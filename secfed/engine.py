@@ -117,6 +117,8 @@ class Engine:
             raise ConfigError("config key 'attack.server': a model-crafting server is simulated in-process only; "
                               "set deploy.transport = 'inprocess'")
         self.server_adversary = registry.build("server_adversary", srv, "attack.server", **ctx) if srv else None
+        if self.server_adversary is not None and hasattr(self.server_adversary, "check"):
+            self.server_adversary.check(self.spec, self.task)  # a model it cannot craft: one line, before any disk
         needs_rows = getattr(self.aggregator, "needs_individual", True) or bool(self.pre_aggregators)
         if needs_rows and not getattr(self.secure_sum, "reveals_individual", True) and s.group_size == 0:
             raise ConfigError(

@@ -17,6 +17,7 @@ Aggregator          ``__call__(X, weights=None, **kw) -> (d,)``             :cla
 ServerStage         ``__call__(aggregate, result, ctx) -> aggregate``       (none; e.g. central DP noise)
 PrivacyGuard        ``check / record / load / epsilon``                     (none)
 Observer            ``__call__(view, ctx) -> dict | None``                  (none)
+ServerAdversary     ``craft(w, spec, task, ctx)``, ``recover(view, ctx)``   (none; a malicious server)
 ==================  ======================================================  =========================
 """
 
@@ -208,6 +209,21 @@ class Adversary(Protocol):
     omniscient: bool
 
     def malicious(self, num_clients: int, seed: int) -> set[int]: ...
+
+
+class ServerAdversary(Protocol):
+    """A malicious server that manipulates the model it ships (``attack.server``; issue 17).
+
+    ``craft(global_w, spec, task, ctx) -> weights`` is what the clients receive this round
+    (``ctx.global_weights``: they train from it and their delta is relative to it; return
+    ``global_w`` itself in rounds it does not attack). ``recover(view, ctx) -> dict | None``
+    reads only the :class:`ServerView` (under a secure sum: the aggregate) and returns
+    round-record figures. In a crafted round the engine keeps its own model. Optional:
+    ``check(spec, task)`` raises ConfigError, when the run is built, for a model it cannot craft.
+    """
+
+    def craft(self, global_w: torch.Tensor, spec: ParamSpec, task: Any, ctx: RoundContext) -> torch.Tensor: ...
+    def recover(self, view: "ServerView", ctx: RoundContext) -> dict[str, Any] | None: ...
 
 
 Factory = Callable[..., Any]

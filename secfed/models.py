@@ -244,10 +244,13 @@ def auto_threads(usable: int | None = None, load: float | None = None, total: in
 
 
 def torch_threads(n: int | str) -> int:
-    """Set torch's intra-op thread count: ``n > 0`` as given, ``"auto"`` = :func:`auto_threads`,
-    ``0`` = leave torch's default (one per core). Returns the count torch now uses."""
+    """Set torch's intra-op thread count: ``n > 0`` as given, ``"auto"`` = :func:`auto_threads`
+    (or ``$SECFED_THREADS`` when set to a positive integer: the test suite pins it so that a run's
+    float summation order does not follow the machine's load), ``0`` = leave torch's default (one
+    per core). Returns the count torch now uses."""
     if n == "auto":
-        n = auto_threads()
+        forced = os.environ.get("SECFED_THREADS", "").strip()
+        n = int(forced) if forced.isdigit() and int(forced) > 0 else auto_threads()
     if isinstance(n, int) and n > 0:
         torch.set_num_threads(n)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

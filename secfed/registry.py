@@ -73,11 +73,15 @@ REGISTRY: dict[str, dict[str, str]] = {
         "min-sum": "attacks.poisoning.model:MinSum",
         "mimic": "attacks.poisoning.model:Mimic",
         "adaptive": "attacks.poisoning.model:Adaptive",
+        # causal-LM (instruction tuning) audits, issue 19
+        "instruct-backdoor": "attacks.poisoning.instruct_backdoor:InstructBackdoor",
+        "secret-sharer": "attacks.memorisation.secret_sharer:SecretSharer",
     },
     # a malicious server that manipulates the model it ships: craft(global_w, spec, task, ctx) -> weights sent
     # this round; recover(view, ctx) -> dict (from what the server saw: the aggregate under a secure sum)
     "server_adversary": {
         "imprint": "attacks.inversion.imprint:ImprintAttack",
+        "lora-trap": "attacks.inversion.imprint:LoraTrapAttack",
     },
 }
 

@@ -9,6 +9,7 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("SECFED_THREADS", "1")  # run.threads = "auto" must not follow the load mid-suite
 torch.set_num_threads(1)
 
 from secfed.config import parse_config  # noqa: E402

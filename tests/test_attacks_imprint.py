@@ -103,8 +103,9 @@ def test_model_check_accepts_the_honest_server(tmp_path):
 
 
 def test_imprint_needs_its_architecture_and_the_inprocess_transport(tmp_path):
-    with pytest.raises(ConfigError, match="fc-imprint"):
-        _run(_cfg("plain", model="cnn"), tmp_path)
+    with pytest.raises(ConfigError, match="fc-imprint"):  # refused when the run is built, before any disk
+        Engine(_cfg("plain", model="cnn"), tmp_path / "cnn", progress=False)
+    assert not (tmp_path / "cnn").exists()
     cfg = _cfg("plain")
     cfg.deploy.transport = "flower"
     with pytest.raises(ConfigError, match="attack.server"):
@@ -191,3 +192,16 @@ def test_audit_replays_a_run_with_the_malicious_server(tmp_path):
     got = rep["results"]["replay"]
     assert got["replay_round"] == 2 and got["imprint_exact"] >= 6 and got["imprint_psnr"] > 30
     assert "imprint_psnr" in (tmp_path / "audit" / "audit.md").read_text()
+
+
+@pytest.mark.slow
+def test_lora_trap_reads_the_cohorts_tokens_from_the_secagg_sum(tmp_path):
+    """A LoRA federation (MiniLM, pinned base): the server ships a random full-rank B; the span check on the
+    SecAgg+ sum of 2 clients (batch 1, r = 128) gets back every token of both tweets (about a minute)."""
+    raw = {"run": {"name": "lt", "rounds": 1}, "model": {"name": "minilm", "lora_r": 128, "lora_layers": [0]},
+           "data": {"source": "tweets", "num_clients": 2, "max_examples": 400, "test_size": 100, "max_length": 32},
+           "client": {"optimizer": "sgd", "lr": 0.05, "batch_size": 1, "local_steps": 1},
+           "server": {"secure_sum": "secagg"}, "attack": {"server": {"name": "lora-trap"}}}
+    rec = _run(parse_config(raw), tmp_path, spy=True)[0]
+    assert rec["status"] == "ok" and rec["lora_trap_sequences"] == 2
+    assert rec["lora_trap_token_recall"] == 1.0 and rec["lora_trap_token_precision"] == 1.0

@@ -151,7 +151,7 @@ def test_greedy_decoding_with_left_padding_matches_hf_generate(data_file, name):
         assert got == ref
 
 
-def test_the_adapter_learns_the_task_and_beats_zero_shot(tmp_path, data_file):
+def test_an_engine_run_lowers_the_loss_below_zero_shot_and_reports_generations(tmp_path, data_file):
     from secfed.engine import Engine
 
     cfg = lm_config(data_file, run={"rounds": 3}, client={"local_steps": 8, "lr": 1e-1})

@@ -12,9 +12,9 @@ import threading
 import pytest
 import torch
 
-pytest.importorskip("numba")
+K = pytest.importorskip("defenses.robust._select_kernel", reason="numba missing or SECFED_NO_NUMBA set",
+                        exc_type=ImportError)
 
-from defenses.robust import _select_kernel as K  # noqa: E402
 from defenses.robust import order_stats  # noqa: E402
 from defenses.robust.order_stats import (closest_to_median_mean, coordinate_median, middle_sum,  # noqa: E402
                                          middle_sum_torch, trimmed_mean)
@@ -58,7 +58,7 @@ def test_pruning_removes_comparators_but_the_kernel_is_generic_in_n():
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 8, 15, 16, 17, 50, 64, 65, 200])
 def test_kernel_matches_sort_exactly(n, dtype):
     g = torch.Generator().manual_seed(n)
-    X = torch.round(torch.randn(n, 16 * 7 + 5, generator=g, dtype=dtype) * 4) / 4  # ties, a ragged last group
+    X = torch.round(torch.randn(n, K.LANES * 3 + 5, generator=g, dtype=dtype) * 4) / 4  # ties, a ragged last group
     X[0, 3], X[n - 1, 100] = math.inf, -math.inf
     S = torch.sort(X, dim=0).values
     med = S[n // 2] if n % 2 else (S[n // 2 - 1] + S[n // 2]) * 0.5
@@ -89,12 +89,13 @@ def test_even_median_keeps_the_float32_sum_rounding():
 
 
 def test_nan_marks_only_its_column_in_full_and_ragged_groups():
-    X = torch.randn(9, 16 * 3 + 3)
+    X = torch.randn(9, K.LANES * 3 + 3)
     X[4, 5] = math.nan
-    X[0, 49] = math.nan  # in the ragged last group
+    X[0, K.LANES * 3 + 1] = math.nan  # in the ragged last group
+    X[2, K.LANES - 1] = math.nan  # the last lane of a full group (the mask's top bit)
     for out in (coordinate_median(X), trimmed_mean(X, 2), middle_sum(X, 0, 9)):
-        assert torch.isnan(out[[5, 49]]).all()
-        keep = [j for j in range(X.shape[1]) if j not in (5, 49)]
+        assert torch.isnan(out[[5, K.LANES - 1, K.LANES * 3 + 1]]).all()
+        keep = [j for j in range(X.shape[1]) if j not in (5, K.LANES - 1, K.LANES * 3 + 1)]
         assert not torch.isnan(out[keep]).any()
 
 
@@ -148,7 +149,7 @@ def test_cache_directory_must_be_private(tmp_path):
 
 @pytest.mark.parametrize("n,beta", [(1, 1), (5, 3), (8, 4), (30, 10), (50, 10), (51, 51)])
 def test_closest_to_median_mean_matches_topk(n, beta):
-    X = torch.randn(n, 16 * 5 + 9, generator=torch.Generator().manual_seed(n))  # no ties (continuous)
+    X = torch.randn(n, K.LANES * 2 + 9, generator=torch.Generator().manual_seed(n))  # no ties (continuous)
     med = torch.sort(X, 0).values
     med = med[n // 2] if n % 2 else (med[n // 2 - 1] + med[n // 2]) * 0.5
     idx = torch.topk((X - med).abs(), beta, dim=0, largest=False).indices

@@ -9,7 +9,6 @@ from scipy.stats import chisquare
 
 from defenses.secure_aggregation import messages as msg
 from defenses.secure_aggregation import protocol, secagg
-from defenses.secure_aggregation.graph import neighbour_graph
 from defenses.secure_aggregation.quantize import Quantizer, choose_bits
 from defenses.secure_aggregation.secagg import SecAggPlus
 from secfed.errors import ConfigError, MalformedMessage, RoundAborted

@@ -47,3 +47,14 @@ def test_config_threads_default_is_auto_and_values_are_checked():
     for bad in (-1, "fast"):
         with pytest.raises(ConfigError, match="threads"):
             parse_config({**base, "run": {"threads": bad}})
+
+
+def test_secfed_threads_env_pins_auto(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("SECFED_THREADS", "1")
+        assert torch_threads("auto") == 1
+        monkeypatch.setenv("SECFED_THREADS", "not-a-number")  # ignored: the load rule decides
+        assert 1 <= torch_threads("auto") <= usable_cpus()
+    finally:
+        torch.set_num_threads(before)

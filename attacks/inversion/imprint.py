@@ -153,12 +153,20 @@ class ImprintAttack:
     def attacks(self, t: int) -> bool:
         return not self.rounds or t in self.rounds
 
+    def check(self, spec: ParamSpec, task: Any) -> None:
+        """Refuse, when the run is built, a task or model the attack cannot craft (one ConfigError line)."""
+        if not getattr(task, "image_inputs", False):
+            raise ConfigError("config key 'attack.server': 'imprint' needs an image task (data.source digits / "
+                              "synthetic-images)")
+        if imprint_slices(spec) is None:
+            raise ConfigError("config key 'attack.server': 'imprint' needs model.name = 'fc-imprint' (a linear first "
+                              "layer + ReLU: the architecture the malicious server chooses)")
+
     def craft(self, global_w: torch.Tensor, spec: ParamSpec, task: Any, ctx: RoundContext) -> torch.Tensor:
         """The weights shipped in round ``ctx.round``: the trap weights in an attacked round, else ``global_w`` itself."""
         if not self.attacks(ctx.round):
             return global_w
-        if not getattr(task, "image_inputs", False):
-            raise ConfigError("attack.server 'imprint' needs an image task (data.source digits / synthetic-images)")
+        self.check(spec, task)
         return craft_imprint(global_w, spec, task.test.tensors["pixels"], seed=self.seed, measure=self.measure)
 
     def recover(self, view: ServerView, ctx: RoundContext) -> dict[str, Any] | None:
@@ -192,3 +200,81 @@ class ImprintAttack:
                               truth[[s["match"][i] for i in order]], recons[order].clamp(0, 1),
                               f"imprint round {view.round}: best {len(order)} of {len(recons)} reconstructions")
         return out
+
+
+class LoraTrapAttack:
+    """``lora-trap``: the imprint idea adapted to a LoRA federation, where the base model is pinned and
+    the server ships only the adapter (and head).
+
+    In standard LoRA, B starts at 0, so the first step's gradient of A, ``B^T sum_t delta_t x_t^T``, is
+    0 and only B moves. A malicious server ships a random full-rank B (scale ``b_scale``): then the
+    gradient of every layer-0 A has the row space span{x_t} of *every input token of the cohort*, and
+    DAGER's span check (:mod:`attacks.inversion.text`, Petrov et al. 2024) tests each vocabulary token
+    against it -- on the SecAgg+ sum, as if the cohort were one batch. It recovers the cohort's tokens
+    (at most ``cohort x batch`` per position, not who wrote them) while their count stays below the
+    rank r and the hidden size; the server sets r in the config. Needs ``model.lora_layers`` to include
+    layer 0 and plain SGD (one step). Ground truth (the cohort's batches) is read for metrics only.
+    Config: ``[attack.server] name = "lora-trap"``.
+    """
+
+    def __init__(self, attack_rounds: list[int] | None = None, b_scale: float = 0.02, tau: float = 0.05,
+                 seed: int = 0, batch_size: int = 16, local_steps: int = 0, local_epochs: int = 1,
+                 optimizer: str = "adam") -> None:
+        self.rounds = list(attack_rounds if attack_rounds is not None else [1])
+        self.b_scale, self.tau, self.seed = b_scale, tau, seed
+        self.batch_size, self.local_steps, self.local_epochs, self.optimizer = batch_size, local_steps, local_epochs, optimizer
+
+    def attacks(self, t: int) -> bool:
+        return not self.rounds or t in self.rounds
+
+    @staticmethod
+    def _targets(spec: ParamSpec) -> list[str]:
+        from attacks.inversion.text import LORA_RE
+
+        return [n for n in spec.names if (m := LORA_RE.search(n)) is not None and m.group(2) == "B"]
+
+    def check(self, spec: ParamSpec, task: Any) -> None:
+        """Refuse, when the run is built, a model without a layer-0 LoRA B of a text encoder (one ConfigError line)."""
+        if not getattr(task, "text_encoder_inputs", False) or not self._targets(spec):
+            raise ConfigError("config key 'attack.server': 'lora-trap' needs a text classifier with a trainable LoRA B "
+                              "in layer 0 (model.lora_r > 0, model.lora_layers including 0)")
+
+    def craft(self, global_w: torch.Tensor, spec: ParamSpec, task: Any, ctx: RoundContext) -> torch.Tensor:
+        if not self.attacks(ctx.round):
+            return global_w
+        self.check(spec, task)
+        lay = _layers(spec)
+        targets = self._targets(spec)
+        w = global_w.clone()
+        g = torch.Generator().manual_seed(self.seed)
+        for n in targets:
+            piece = _piece(w, lay[n])
+            piece.copy_(self.b_scale * torch.randn(piece.shape, generator=g))
+        return w
+
+    def recover(self, view: ServerView, ctx: RoundContext) -> dict[str, Any] | None:
+        if not self.attacks(view.round):
+            return None
+        from attacks.inversion.text import invert_text_update, score as text_score
+        from secfed.training import batch_schedule
+
+        agg = view.aggregate
+        if not bool(torch.isfinite(agg).all()) or float(agg.abs().max()) == 0.0:
+            return {"lora_trap_token_recall": None, "lora_trap_status": "nothing to read: no sum this round"}
+        task = view.task
+        model = task.build_model()
+        view.spec.assign(model, view.global_before)
+        true_ids: list[list[int]] = []
+        for c in ctx.cohort:  # metrics only: the cohort's batches (the engine's seeded schedule)
+            data = task.client_data(c)
+            sched = batch_schedule(len(data), self.batch_size, self.local_epochs, self.local_steps,
+                                   ctx.generator(c, "batches"))
+            if sched:
+                b = data.batch(torch.cat(sched).unique())
+                true_ids += [row[m.bool()].tolist() for row, m in zip(b["input_ids"], b["attention_mask"])]
+        res = invert_text_update(model, view.spec.names, view.spec.shapes, agg, task.cfg.data.max_length,
+                                 batch_size=max(len(true_ids), 1), tau=self.tau)
+        m = text_score(res, true_ids, set(task.tokenizer.all_special_ids))
+        note = "ok" if self.optimizer == "sgd" else f"client optimizer {self.optimizer}: the span check needs sgd"
+        return {"lora_trap_token_recall": m["token_recall"], "lora_trap_token_precision": m["token_precision"],
+                "lora_trap_sequences": len(true_ids), "lora_trap_status": f"{res['method']}; {note}"}

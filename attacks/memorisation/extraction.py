@@ -57,14 +57,15 @@ class PIIRecord:
         return f"{self.prefix} {self.secret}"
 
 
-def make_pii(n: int, seed: int = 0, tag: str = "pii") -> list[PIIRecord]:
-    """``n`` distinct names with random phone numbers (seeded; ``tag`` separates planted and control sets)."""
+def make_pii(n: int, seed: int = 0, tag: str = "pii", digits: int = PHONE_DIGITS) -> list[PIIRecord]:
+    """``n`` distinct names with random ``digits``-digit phone numbers (seeded; ``tag`` separates planted and
+    control sets)."""
     rng = np.random.default_rng(derive_seed(seed, tag))
     names = [f"{a} {b}" for a in FIRST for b in LAST]
     if n > len(names):
         raise ValueError(f"extraction: at most {len(names)} PII records")
     pick = rng.permutation(len(names))[:n]
-    return [PIIRecord(names[i], tuple(int(d) for d in rng.integers(0, 10, PHONE_DIGITS))) for i in pick]
+    return [PIIRecord(names[i], tuple(int(d) for d in rng.integers(0, 10, digits))) for i in pick]
 
 
 def _digits(text: str) -> list[int]:
@@ -91,7 +92,7 @@ def greedy_continuations(model: nn.Module, task: Any, records: Sequence[PIIRecor
                           task.cfg.data.system_prompt)
         prompts.append(list(tok(p, add_special_tokens=False)["input_ids"]) +
                        list(tok(r.prefix, add_special_tokens=False)["input_ids"]))
-    n_new = max_new_tokens or 2 * PHONE_DIGITS + 4
+    n_new = max_new_tokens or 2 * max(len(r.phone) for r in records) + 4
     was = model.training
     model.eval()
     out: list[str] = []

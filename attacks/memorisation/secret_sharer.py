@@ -210,7 +210,7 @@ class SecretSharer(PoisoningAdversary):
 
     Parameters: ``format`` (``#`` = a random digit), ``prompt`` (the instruction the canary answers),
     ``insertions`` (how many copies of each canary; one canary per entry, ``per_count`` canaries each),
-    ``pii`` / ``pii_insertions`` (PII records for :mod:`attacks.memorisation.extraction`), ``model``:
+    ``pii`` / ``pii_insertions`` / ``pii_digits`` (PII records for :mod:`attacks.memorisation.extraction`), ``model``:
     the run's ``model.name`` (the tokenizer the records are encoded with; must match the run's),
     ``system_prompt`` (the run's ``data.system_prompt``), ``samples`` / ``exact_limit`` (exposure
     estimation), ``track`` (report exposure at every evaluation round; otherwise only ``secfed audit
@@ -219,7 +219,7 @@ class SecretSharer(PoisoningAdversary):
 
     def __init__(self, ids: Sequence[int] | None = (0,), fraction: float = 0.0, format: str = DEFAULT_FORMAT,
                  prompt: str = DEFAULT_PROMPT, insertions: Sequence[int] = (1, 4, 16), per_count: int = 1,
-                 pii: int = 0, pii_insertions: int = 1, model: str | None = None, system_prompt: str | None = None,
+                 pii: int = 0, pii_insertions: int = 1, pii_digits: int = 10, model: str | None = None, system_prompt: str | None = None,
                  samples: int = 2000, exact_limit: int = 10_000, track: bool = False,
                  num_clients: int | None = None, seed: int = 0) -> None:
         super().__init__(fraction, ids, num_clients, seed)
@@ -228,7 +228,7 @@ class SecretSharer(PoisoningAdversary):
         self.canaries = make_canaries(format, [int(n) for n in insertions], int(per_count), prompt, seed) if per_count else []
         from attacks.memorisation.extraction import make_pii
 
-        self.pii = make_pii(int(pii), seed)
+        self.pii = make_pii(int(pii), seed, digits=int(pii_digits))
         self.pii_insertions = int(pii_insertions)
         self.model_name, self.system_prompt = model, system_prompt
         self.samples, self.exact_limit, self.track = int(samples), int(exact_limit), bool(track)

@@ -115,6 +115,11 @@ class SecAggClient:
         """Round 1: Shamir-share b_u and s_u^SK among N+(u) & U1, encrypt each share to its holder."""
         s = self.setup
         keys = msg.decode_keys(keys_payload, round_=self.round, allowed=set(s.neighbours))
+        return self._share_with(keys)
+
+    def _share_with(self, keys: dict[int, tuple[bytes, bytes]]) -> bytes:
+        """Round 1 once the neighbours' keys are decoded (and, in the active variant, verified)."""
+        s = self.setup
         if len(keys) + 1 < s.threshold:
             raise MalformedMessage(f"KEYS: {len(keys)} neighbours left, threshold is {s.threshold}")
         self.keys = keys
@@ -152,6 +157,12 @@ class SecAggClient:
         if self.unmasked:  # a second SURVIVORS list (e.g. "v dropped" after "v alive") would leak both shares of v
             raise MalformedMessage("SURVIVORS: this client already answered the unmask step of this round")
         alive, dropped = msg.decode_survivors(survivors_payload, round_=self.round, allowed=set(self.held) | {self.me})
+        return self._unmask(alive, dropped)
+
+    def _unmask(self, alive: list[int], dropped: list[int]) -> bytes:
+        """Round 3 once the survivor view is decoded (and, in the active variant, signed by t neighbours)."""
+        if self.unmasked:
+            raise MalformedMessage("SURVIVORS: this client already answered the unmask step of this round")
         if self.me not in alive:
             raise MalformedMessage("SURVIVORS: this client is listed as dropped")
         if len(alive) < self.setup.threshold:

@@ -16,6 +16,10 @@ Config (``server.secure_sum = {name = "secagg+", ...}``)::
     dropout_fraction    delta assumed for the auto degree (default 0.1).
     failure_probability bound on a round failing to recover with delta dropouts (1e-6).
     security_bits       sigma: P[corrupt neighbours hold t shares] <= 2^-sigma (>= 40).
+    active              false (default): semi-honest server. true: the actively secure
+                        variant (:mod:`.active`): Ed25519 identities on a roster, signed
+                        keys, a signed consistency round before unmasking (in-process only;
+                        the Flower path is issue 21's shared round driver).
 
 The in-process run passes the real bytes of every message between
 :class:`~.protocol.SecAggClient` objects and a :class:`~.protocol.SecAggServer`; the
@@ -38,6 +42,7 @@ from secfed.interfaces import ClientUpdate, RoundContext, SumResult, WireMessage
 from . import messages as msg
 from .graph import choose_degree, graph_digest, neighbour_graph, security_ok, threshold_for
 from .prg import MaskExpander
+from .active import ActiveSecAggClient, ActiveSecAggServer, Identities
 from .protocol import SecAggClient, SecAggServer
 from .quantize import Quantizer, Workspace, choose_bits
 
@@ -53,7 +58,7 @@ class SecAggPlus:
     def __init__(self, clip_range: float = 1.0, bits: int | str = "auto", max_weight: int = 65536,
                  threshold: float = 0.5, degree: int | str = "auto", corrupt_fraction: float = 0.05,
                  dropout_fraction: float = 0.1, failure_probability: float = 1e-6, security_bits: int = 40,
-                 min_clients: int = 1) -> None:
+                 min_clients: int = 1, active: bool = False) -> None:
         if not (isinstance(clip_range, (int, float)) and math.isfinite(clip_range) and clip_range > 0):
             raise ConfigError(f"config key '{_KEY}.clip_range': must be a positive number, got {clip_range!r}")
         if bits != "auto" and not (isinstance(bits, int) and 2 <= bits <= 62):
@@ -72,6 +77,10 @@ class SecAggPlus:
             raise ConfigError(f"config key '{_KEY}.failure_probability': in (0, 0.01], got {failure_probability!r}")
         if not (isinstance(security_bits, int) and security_bits >= 40):
             raise ConfigError(f"config key '{_KEY}.security_bits': at least 40 (statistical security 2^-40), got {security_bits!r}")
+        if not isinstance(active, bool):
+            raise ConfigError(f"config key '{_KEY}.active': true or false, got {active!r}")
+        self.active = active
+        self.identities = Identities() if active else None  # simulation: one Ed25519 key per client, fixed for the run
         self.clip_range, self.bits, self.max_weight = float(clip_range), bits, max_weight
         self.threshold, self.degree = float(threshold), degree
         self.corrupt_fraction, self.dropout_fraction = float(corrupt_fraction), float(dropout_fraction)
@@ -138,8 +147,13 @@ class SecAggPlus:
         k, t = self.parameters(len(ids))
         graph = self.draw_graph(ids, k)
         setups = {u: msg.Setup(t, q, b, self.clip_range, d, sorted(graph[u])) for u in ids}
-        server = SecAggServer(ctx.round, graph, setups, b, d, t)
-        clients = {u: SecAggClient(u, ctx.round) for u in ids}
+        if self.active:  # the roster is fixed before the round and held by every client
+            roster = self.identities.roster(sorted(set(ids) | set(self.identities._sk)))
+            server = ActiveSecAggServer(ctx.round, graph, setups, b, d, t, roster=roster)
+            clients = {u: ActiveSecAggClient(u, ctx.round, identity=self.identities.key(u), roster=roster) for u in ids}
+        else:
+            server = SecAggServer(ctx.round, graph, setups, b, d, t)
+            clients = {u: SecAggClient(u, ctx.round) for u in ids}
         expander = MaskExpander(d + 1, b)
         workspace = Workspace(d, b)  # the in-process clients run one after another and share buffers
 
@@ -196,15 +210,20 @@ class SecAggPlus:
         survivors = set(server.masked)
         if len(survivors) < need:  # never unmask a sum of fewer clients (review finding 5)
             raise RoundAborted(f"secagg+: {len(survivors)} masked input(s) arrived, this secure sum needs at least {need}")
-        asked = timed(server.survivor_messages)
-        before = set(dropped)
+        before = set(dropped)  # later dropouts are in U3: their input is in the sum already
+        if self.active:
+            run_step("consistency", timed(server.consistency_messages), lambda u, p: clients[u].consistency_check(p),
+                     server.receive_consistency)
+            asked = timed(server.signature_messages)
+        else:
+            asked = timed(server.survivor_messages)
         run_step("unmask", asked, lambda u, p: clients[u].unmasking(p), server.receive_unmask)
         late = {u: dropped.pop(u) for u in set(dropped) - before}  # their input is in the sum already
         acc = timed(lambda: server.unmask_sum(expander))
         total, total_weight = quant.decode(acc)
         metrics: dict[str, Any] = {
             "secagg_graph_sha256": graph_digest(graph),
-            "secagg_degree": k, "secagg_threshold": t, "secagg_bits": q, "secagg_ring_bits": b,
+            "secagg_active": self.active, "secagg_degree": k, "secagg_threshold": t, "secagg_bits": q, "secagg_ring_bits": b,
             "secagg_out_of_range": out_of_range, "secagg_unmask_dropouts": len(late),
             "secagg_client_seconds": t_client / max(len(ids), 1), "secagg_server_seconds": t_server,
         }

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from attacks.audit.llm import LLM_ATTACKS, is_causal, run_llm_attack
 from attacks.membership.mia import attack_metrics, loss_scores, model_logits
 from attacks.membership.threshold_audit import threshold_epsilon_lower_bound
 from secfed.errors import ConfigError, SecfedError
@@ -59,7 +60,7 @@ GREEN = "🟢"
 # Keys of a round record that the engine itself writes; everything else numeric came from a plug-in.
 ENGINE_KEYS = {"round", "sampled", "malicious", "status", "completed", "dropped", "rejected", "bytes_up", "bytes_down",
                "train_loss", "accuracy", "loss", "epsilon", "seconds", "peak_rss_mb"}
-POST_RUN = ("membership", "backdoor")
+POST_RUN = ("membership", "backdoor") + LLM_ATTACKS  # LLM_ATTACKS: causal-LM runs (attacks.audit.llm)
 
 
 # ---------------------------------------------------------------------------- membership
@@ -241,7 +242,9 @@ def audit_run(run_dir: str | Path, attacks: list[str], out: str | Path | None = 
     results: dict[str, Any] = {}
     observers = [a for a in attacks if a not in POST_RUN]
     for a in attacks:
-        if a == "membership":
+        if a in LLM_ATTACKS or (a == "membership" and is_causal(task)):  # generative task: issue 19
+            results[a] = run_llm_attack("llm-membership" if a == "membership" else a, cfg, model, task)
+        elif a == "membership":
             results[a] = membership_attack(model, task, delta, seed=cfg.run.seed)
         elif a == "backdoor":
             from secfed import registry

@@ -32,6 +32,7 @@ from secfed.compare.audit import ENGINE_KEYS
 # canonical name -> (substrings a plug-in key must contain (any), how to reduce over rounds, higher is worse?)
 CANONICAL: dict[str, tuple[tuple[str, ...], str]] = {
     "malicious_psnr": (("imprint_psnr", "server_attack_psnr"), "max"),  # before "psnr": a malicious server's figure
+    "malicious_token_recovery": (("lora_trap_token_recall",), "max"),  # before "token_recovery", likewise
     "psnr": (("psnr",), "max"),
     "ssim": (("ssim",), "max"),
     "token_recovery": (("token_recovery", "token_recall", "tokens_recovered", "token_f1", "token_rate"), "max"),
@@ -41,7 +42,8 @@ CANONICAL: dict[str, tuple[tuple[str, ...], str]] = {
     "backdoor_success": (("backdoor_asr", "backdoor_success", "attack_success", "backdoor"), "last"),
 }
 INVERSION_OBSERVERS = ("dlg", "idlg", "inverting", "inversion", "text-inversion", "geiping")
-METRICS = ("accuracy", "loss", "epsilon", "delta", "psnr", "malicious_psnr", "ssim", "token_recovery", "membership_auc",
+METRICS = ("accuracy", "loss", "epsilon", "delta", "psnr", "malicious_psnr", "ssim", "token_recovery",
+           "malicious_token_recovery", "membership_auc",
            "canary_auc", "eps_lower_bound", "backdoor_success", "seconds_per_round", "bytes_up_per_client",
            "bytes_down_per_client", "peak_rss_mb")
 

@@ -24,7 +24,8 @@ NO_ATTACK = ("none", "no-attack", "clean", None)
 USELESS_MARGIN = 0.05  # accuracy within 5 points of the majority-class baseline: learnt nothing useful
 AUC_METRICS = ("membership_auc", "canary_auc")
 CURIOUS, MALICIOUS = "curious server", "malicious server"  # the two server column groups of the first screen
-LEAK_LABEL = {"psnr": "PSNR (dB)", "malicious_psnr": "PSNR (dB)", "ssim": "SSIM", "token_recovery": "token recovery", "membership_auc": "MIA AUC",
+LEAK_LABEL = {"psnr": "PSNR (dB)", "malicious_psnr": "PSNR (dB)", "malicious_token_recovery": "token recovery",
+              "ssim": "SSIM", "token_recovery": "token recovery", "membership_auc": "MIA AUC",
               "canary_auc": "canary MIA AUC"}
 
 
@@ -80,7 +81,9 @@ def pick_table(groups: list[dict[str, Any]], grid: dict[str, Any]) -> tuple[list
     for lab in attacks:
         cand = [g for r in rows.values() for a, g in r.items() if a == lab]
         if any(g.get("server_attack") for g in cand):
-            malicious.append((lab, "malicious_psnr", f"{MALICIOUS} · {lab}: {LEAK_LABEL['malicious_psnr']}"))
+            m = "malicious_token_recovery" if any(g.get("malicious_token_recovery") is not None for g in cand) \
+                else "malicious_psnr"
+            malicious.append((lab, m, f"{MALICIOUS} · {lab}: {LEAK_LABEL[m]}"))
         elif any(g.get("inversion_attack") for g in cand):
             m = "psnr" if any(g.get("psnr") is not None for g in cand) else "token_recovery" \
                 if any(g.get("token_recovery") is not None for g in cand) else "psnr"
@@ -115,7 +118,7 @@ def pick_table(groups: list[dict[str, Any]], grid: dict[str, Any]) -> tuple[list
             if g is not None and m in ("psnr", "token_recovery") and g.get("inversion_blocked"):
                 line.append(f"blocked ({g['secure_sum']}: no per-client update)")
                 info["attacks"][title] = "blocked"
-            elif g is not None and m == "malicious_psnr" and g.get(m) is None and g.get("attack_status"):
+            elif g is not None and m.startswith("malicious_") and g.get(m) is None and g.get("attack_status"):
                 line.append(f"stopped ({g['attack_status'][:60]})")  # e.g. the clients refused the crafted model
                 info["attacks"][title] = None
             elif g is not None and m in ("psnr", "token_recovery") and g.get(m) is None and g.get("attack_status"):

@@ -263,7 +263,11 @@ class LocalFederation:
         self.host = host
         self.port = port or free_port()
         self.certs = certs or self._certs()
-        self.env = {**os.environ, "FLWR_HOME": str(self.work / "flwr_home"),
+        # flower-superlink starts flower-superexec by name: put this interpreter's bin folder on PATH
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        # flower-superexec (started by each SuperNode) polls for tasks every 1 s by default: 0.1 s here
+        self.env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", **os.environ, "PATH": path,
+                    "FLWR_HOME": str(self.work / "flwr_home"),
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.node_auth = node_auth
         self.superlink: subprocess.Popen | None = None

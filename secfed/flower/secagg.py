@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from secfed.errors import MalformedMessage, RoundAborted
+from secfed.errors import ConfigError, MalformedMessage, RoundAborted
 from secfed.flower import codec
 from secfed.interfaces import RoundContext, SumResult, WireMessage
 
@@ -139,6 +139,10 @@ class FlowerSecAgg:
 
     def __init__(self, secure_sum: Any, exchange: Callable[[str, dict[int, bytes], RoundContext],
                                                            tuple[dict[int, bytes], dict[int, str]]]) -> None:
+        if getattr(secure_sum, "active", False):  # never fall back silently to the semi-honest protocol
+            raise ConfigError("config key 'server.secure_sum.active': the actively secure SecAgg+ runs in-process "
+                              "only for now (its Flower path is issue 21's shared round driver); set active = false "
+                              "or deploy.transport = 'inprocess'")
         self.agg = secure_sum
         self.exchange = exchange
 

@@ -33,6 +33,7 @@ from secfed.interfaces import ClientUpdate, RoundContext, SumResult
 from secfed.secure_sum import PlainSum
 
 SUPPORTED_SECURE_SUMS = ("plain", "secagg+", "secagg")
+POLL_START, POLL_MAX = 0.02, 0.5  # seconds between pulls for replies (Server._exchange)
 
 
 @dataclass
@@ -86,6 +87,32 @@ class FlowerEngine(Engine):
     def _log(self, msg: str) -> None:
         print(f"secfed: {msg}", flush=True)  # the ServerApp's stdout is the Flower run log
 
+    def _exchange(self, msgs: list[Any], timeout: float) -> list[Any]:
+        """Push ``msgs`` and collect their replies until all are in or ``timeout`` seconds pass.
+
+        ``grid.send_and_receive`` does the same, but flwr 1.41's gRPC/HTTP grid sleeps 3 s between
+        pulls, so every exchange took a multiple of 3 s (SecAgg+ makes five per round). Here the
+        pull interval starts at ``POLL_START`` seconds and grows by half each time up to ``POLL_MAX``:
+        quick replies are seen within tens of milliseconds, a long training round costs a pull
+        every half second."""
+        if not msgs:
+            return []
+        if not hasattr(self.grid, "pull_messages"):  # a grid with only the blocking call (test doubles)
+            return list(self.grid.send_and_receive(msgs, timeout=timeout))
+        pending = set(self.grid.push_messages(msgs))
+        replies: list[Any] = []
+        deadline = time.monotonic() + timeout
+        wait = POLL_START
+        while pending:
+            got = list(self.grid.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+            wait = min(POLL_MAX, wait * 1.5)
+        return replies
+
     # ------------------------------------------------------------------ nodes
     def connect(self) -> None:
         """Wait for SuperNodes, then ask each which client (partition) it plays and check its config."""
@@ -98,7 +125,7 @@ class FlowerEngine(Engine):
             time.sleep(1.0)
         msgs = [self._message({"fingerprint": self.cfg.fingerprint()}, "query", nid, "connect")
                 for nid in ids]
-        replies = list(self.grid.send_and_receive(msgs, timeout=self.connect_timeout)) if msgs else []
+        replies = self._exchange(msgs, self.connect_timeout)
         fp = self.cfg.fingerprint()
         for r in replies:
             if r.has_error():
@@ -172,7 +199,7 @@ class FlowerEngine(Engine):
             else:
                 msgs.append(self._message({**base, "client": cid}, "train", self.nodes[cid], str(t)))
                 node_of[self.nodes[cid]] = cid
-        replies = list(self.grid.send_and_receive(msgs, timeout=self.round_timeout)) if msgs else []
+        replies = self._exchange(msgs, self.round_timeout)
         got: dict[int, Received] = {}
         refusals: dict[int, str] = {}
         for r in replies:
@@ -220,7 +247,7 @@ class FlowerEngine(Engine):
                                       self.nodes[cid], f"{t}.{step}"))
             node_of[self.nodes[cid]] = cid
         got: dict[int, bytes] = {}
-        for r in (list(self.grid.send_and_receive(msgs, timeout=self.round_timeout)) if msgs else []):
+        for r in self._exchange(msgs, self.round_timeout):
             cid = node_of.get(r.metadata.src_node_id)
             if cid is None or cid in got or cid in failed:
                 continue
