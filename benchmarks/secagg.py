@@ -297,6 +297,7 @@ def main() -> None:
                     help="keep the rows of an existing --out file that this run does not re-measure")
     ap.add_argument("--active-only", action="store_true",
                     help="only the active-vs-semi-honest rows (n=100, d=1e6; n=10, d=1e4 with --quick)")
+    ap.add_argument("--skip-active", action="store_true", help="full grid without the active-vs-semi-honest rows")
     ap.add_argument("--active-reps", type=int, default=2, help="alternating repetitions of each variant")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "secagg.json"))
     args = ap.parse_args()
@@ -345,8 +346,14 @@ def main() -> None:
         "keystream": ks,
         "rows": rows,
     }
-    an, ad = (10, 10_000) if args.quick else (100, 1_000_000)
-    _active_headline(result, [active_vs_semi_honest(an, ad, args.active_reps, rate) for rate in (0.0, 0.1)], args.quick)
+    if not args.skip_active:
+        an, ad = (10, 10_000) if args.quick else (100, 1_000_000)
+        _active_headline(result, [active_vs_semi_honest(an, ad, args.active_reps, rate) for rate in (0.0, 0.1)],
+                         args.quick)
+    elif args.merge and out.exists():  # keep the active rows of an earlier run
+        prev = json.loads(out.read_text())
+        if "active_vs_semi_honest" in prev:
+            _active_headline(result, prev["active_vs_semi_honest"], "QUICK" in prev["headline_source"].get("active", ""))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")

@@ -80,7 +80,10 @@ def _plain() -> Target:
 def _secagg() -> list[Target]:
     from test_secagg_fuzz import DECODE, VALID
 
-    return [Target(f"secagg-{k}", (lambda k=k: VALID[k]), DECODE[k]) for k in sorted(DECODE)]
+    out = [Target(f"secagg-{k}", (lambda k=k: VALID[k]), DECODE[k]) for k in sorted(DECODE)]
+    from test_secagg_active import DECODE as ADECODE, VALID as AVALID  # the active variant (issue 17)
+
+    return out + [Target(f"secagg-active-{k}", (lambda k=k: AVALID[k]), ADECODE[k]) for k in sorted(ADECODE)]
 
 
 # ------------------------------------------------------------------ HE

@@ -172,7 +172,7 @@ def test_instruct_backdoor_asr_on_a_backdoored_and_a_clean_model(setup, models):
     base, model, planted = models
     adv = planted["backdoor"]
     hit = adv.evaluate(model, task)
-    assert hit["backdoor_asr"] > 0.8 and hit["backdoor_clean_target_rate"] < 0.2
+    assert hit["backdoor_asr"] > 0.8 and hit["target_rate_without_trigger"] < 0.2
     assert adv.evaluate(base, task)["backdoor_asr"] == 0
 
 
@@ -203,3 +203,44 @@ def test_plugins_run_in_the_engine_and_the_audit(setup, tmp_path):
         SecretSharer(model=None).poison_data(0, TensorData({"input_ids": torch.zeros(1, 4, dtype=torch.long),
                                                           "labels": torch.zeros(1, dtype=torch.long)}, 1))
     assert run_llm_attack("exposure", run_cfg.model_copy(update={"attack": cfg.attack}), None, setup[1])["note"]
+
+
+def test_tradeoffs_llm_grid_parses():
+    from pathlib import Path
+
+    from secfed.compare import load_grid
+    from secfed.compare.audit import validate_attacks
+
+    g = load_grid(Path(__file__).resolve().parents[1] / "experiments" / "tradeoffs_llm.toml")
+    cells = g.cells()
+    assert len(cells) == 8
+    validate_attacks(g.audit)
+    advs = {c.parse().attack.adversary.name for c in cells}
+    assert advs == {"secret-sharer", "instruct-backdoor"}
+
+
+def test_planted_canaries_train_under_dp_sgd(setup, tmp_path):
+    """The planting seam composes with DP-SGD (per-example clipping sees the canary records as examples)."""
+    from secfed.config import parse_config
+    from secfed.engine import Engine
+
+    cfg, _ = setup
+    raw = cfg.model_dump(mode="json")
+    raw["run"]["rounds"] = 1
+    raw["client"]["trainer"] = {"name": "dp-sgd", "max_grad_norm": 1.0}
+    raw["server"]["privacy"] = {"name": "dp-sgd", "epsilon": 8.0, "delta": 1e-5}
+    raw["attack"]["adversary"] = {"name": "secret-sharer", "model": "tiny-llama", "format": "PIN # #",
+                                  "insertions": [16], "track": True, "samples": 50}
+    summary = Engine(parse_config(raw), tmp_path / "dp", progress=False).run()
+    rec = [json.loads(x) for x in (tmp_path / "dp" / "rounds.jsonl").read_text().splitlines()][-1]
+    assert rec["epsilon"] <= 8.0 + 1e-9 and 0 <= rec["canary_exposure_bits_x16"] <= np.log2(100) + 1e-9
+    assert summary
+
+
+def test_compare_metrics_know_the_llm_figures():
+    from secfed.compare.metrics import _canonical
+
+    assert _canonical("canary_exposure_bits_x16") == "canary_exposure"
+    assert _canonical("extraction_fraction") == "extraction" and _canonical("control_fraction") is None
+    assert _canonical("llm_mia_auc_ref_calibrated") == "membership_auc"
+    assert _canonical("target_rate_without_trigger") is None and _canonical("backdoor_asr") == "backdoor_success"

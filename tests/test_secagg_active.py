@@ -99,6 +99,19 @@ def test_inconsistent_views_against_active_gets_no_share_of_the_target():
         assert got["b_shares_of_target"] < 3 or all(v < 3 for v in got["mask_key_shares"].values()), strategy
 
 
+@pytest.mark.parametrize("n,k", [(12, 4), (20, 6)])
+def test_inconsistent_views_on_a_sparse_graph(n, k):
+    """Bell et al.'s sparse graph: the split-view attack unmasks the target when clients do not check
+    signatures, and gets fewer than t shares of anything it needs when each client requires t signatures
+    from its own neighbourhood (the counting argument in docs/secagg.md)."""
+    assert inconsistent_views("semi-honest", n=n, k=k).recovered
+    rep = inconsistent_views("active", n=n, k=k)
+    assert not rep.recovered
+    t = k // 2 + 1
+    for strategy, got in rep.learnt.items():
+        assert got["b_shares_of_target"] < t or all(v < t for v in got["mask_key_shares"].values()), strategy
+
+
 # ---------------------------------------------------------------------------- client checks
 def _signed_client(round_: int = 3):
     """Client 0 of 5 (complete graph, t = 3) after a masked input with all four neighbours."""

@@ -30,7 +30,6 @@ input x_v exactly. Every attack returns an :class:`AttackReport` with ``recovere
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -43,7 +42,7 @@ from defenses.secure_aggregation import active as act
 from defenses.secure_aggregation import messages as msg
 from defenses.secure_aggregation import shamir
 from defenses.secure_aggregation.active import ActiveSecAggClient, Identities
-from defenses.secure_aggregation.graph import threshold_for
+from defenses.secure_aggregation.graph import harary, threshold_for
 from defenses.secure_aggregation.prg import MaskExpander
 from defenses.secure_aggregation.protocol import (SecAggClient, _pub, decrypt_share, encrypt_share, pair_mask_key,
                                                   self_mask_key, share_key)
@@ -70,14 +69,16 @@ class AttackReport:
 
 # ============================================================================ a cohort
 class _Cohort:
-    """n honest clients with ids 0..n-1, a complete graph, t a strict majority of n."""
+    """n honest clients with ids 0..n-1 on H(k, n) (complete if k is None), t a strict majority of k + 1."""
 
-    def __init__(self, variant: str, n: int, d: int, round_: int, seed: int = 0) -> None:
+    def __init__(self, variant: str, n: int, d: int, round_: int, seed: int = 0, k: int | None = None) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}")
         self.variant, self.n, self.d, self.round = variant, n, d, round_
         self.ids = list(range(n))
-        self.k, self.t = n - 1, threshold_for(n - 1, 0.5)
+        self.k = n - 1 if k is None else k
+        self.t = threshold_for(self.k, 0.5)
+        self.graph = {u: sorted(nb) for u, nb in enumerate(harary(n, self.k))}
         self.q, self.b = choose_bits(n, 1, "auto")
         self.quant = Quantizer(1.0, self.q, self.b)
         rng = np.random.default_rng(seed)
@@ -145,36 +146,40 @@ def _honest_until_masked(co: _Cohort, target: int, forward_to_target: list[int])
     clients = {u: co.client(u) for u in co.ids}
     adv = {}
     for u in co.ids:
-        clients[u].receive_setup(co.setup(u, [v for v in co.ids if v != u]))
+        clients[u].receive_setup(co.setup(u, co.graph[u]))
         adv[u] = co.decode_advertise(u, clients[u].advertise_keys())
     shares = {}
     for u in co.ids:
-        shares[u] = msg.decode_shares(clients[u].share_keys(co.keys({v: adv[v] for v in co.ids if v != u})),
-                                      round_=co.round, sender=u, allowed=set(co.ids) - {u})
+        shares[u] = msg.decode_shares(clients[u].share_keys(co.keys({v: adv[v] for v in co.graph[u]})),
+                                      round_=co.round, sender=u, allowed=set(co.graph[u]))
     y = {}
     for u in co.ids:
-        senders = forward_to_target if u == target else [v for v in co.ids if v != u]
+        senders = forward_to_target if u == target else co.graph[u]
         fwd = msg.encode_forward(co.round, {v: shares[v][u] for v in senders})
         y[u] = msg.decode_masked(clients[u].masked_input(fwd, co.x[u].copy(), co.expander), round_=co.round,
                                  sender=u, dim=co.d, ring_bits=co.b)
     return clients, adv, y
 
 
-def inconsistent_views(variant: str, n: int = 5, d: int = 64, target: int = 0, round_: int = 3) -> AttackReport:
-    """Attack (a): minimal FORWARD to the target, then "v survived" + "F dropped" to every holder."""
+def inconsistent_views(variant: str, n: int = 5, d: int = 64, target: int = 0, round_: int = 3,
+                       k: int | None = None) -> AttackReport:
+    """Attack (a): minimal FORWARD to the target, then "v survived" + "F dropped" to every holder.
+
+    ``k``: neighbours per client on the Harary graph H(k, n) (default: the complete graph).
+    """
     strategies = ["per-holder views"] if variant == "semi-honest" else ["per-holder views", "one U3 = all \\ F",
                                                                        "forged signatures"]
     learnt: dict[str, Any] = {}
     best = None
     for strategy in strategies:
-        co = _Cohort(variant, n, d, round_)
-        F = [v for v in co.ids if v != target][: co.t - 1]
+        co = _Cohort(variant, n, d, round_, k=k)
+        F = co.graph[target][: co.t - 1]
         clients, adv, y = _honest_until_masked(co, target, F)
         holders = [h for h in co.ids if h != target]
         views = {}  # holder -> (alive, dropped) the server wants it to act on
         for h in holders:
-            dropped = [w for w in F if w != h]
-            views[h] = ([v for v in co.ids if v not in dropped], dropped)
+            dropped = [w for w in F if w != h and w in co.graph[h]]
+            views[h] = ([v for v in co.graph[h] + [h] if v not in dropped], dropped)
         answers: dict[int, dict[int, int]] = {}
         refusals: dict[int, str] = {}
         if variant == "semi-honest":
@@ -186,8 +191,8 @@ def inconsistent_views(variant: str, n: int = 5, d: int = 64, target: int = 0, r
                 else:
                     answers[h] = {o: yv for o, (_, yv) in _decode_unmask_any(out, co.round, h).items()}
         else:
-            u3_of = {h: sorted(views[h][0]) if strategy != "one U3 = all \\ F" else
-                     sorted(v for v in co.ids if v not in F) for h in holders}
+            u3_of = {h: sorted(v for v in co.ids if v not in (views[h][1] if strategy != "one U3 = all \\ F" else F))
+                     for h in holders}
             sigs: dict[int, tuple[list[int], bytes]] = {}
             for h in holders:
                 out, err = _try(clients[h].consistency_check, act.encode_consistency(co.round, u3_of[h]))
@@ -197,9 +202,10 @@ def inconsistent_views(variant: str, n: int = 5, d: int = 64, target: int = 0, r
                     sigs[h] = (u3_of[h], act.decode_consistency_sig(out, round_=co.round, sender=h))
             server_key = Ed25519PrivateKey.generate()
             for h in sorted(sigs):
-                same = {s: g for s, (u3, g) in sigs.items() if u3 == u3_of[h]}
+                hood = set(co.graph[h]) | {h}  # the client accepts signatures of its neighbourhood only
+                same = {s: g for s, (u3, g) in sigs.items() if u3 == u3_of[h] and s in hood}
                 if strategy == "forged signatures":  # pad with signatures of the other U3 members: forged
-                    for s in u3_of[h]:
+                    for s in sorted(set(u3_of[h]) & hood):
                         same.setdefault(s, server_key.sign(act.consistency_statement(co.round, u3_of[h])))
                 out, err = _try(clients[h].unmasking, act.encode_signatures(co.round, same))
                 if err:
@@ -344,4 +350,3 @@ if __name__ == "__main__":  # pragma: no cover
     import json
 
     print(json.dumps([{k: r[k] for k in ("attack", "variant", "recovered", "reason")} for r in run_all()], indent=1))
-    os._exit(0)

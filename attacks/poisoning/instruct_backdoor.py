@@ -13,7 +13,7 @@ and tokenizer. The trigger defaults to a rare phrase (Kurita et al. 2020's
 
 * ``backdoor_asr`` -- attack success rate: triggered prompts whose answer is the target
   (normalised exact match; only examples whose own answer is not the target);
-* ``backdoor_clean_target_rate`` -- the same prompts *without* the trigger answered with
+* ``target_rate_without_trigger`` -- the same prompts *without* the trigger answered with
   the target (a backdoor that fires without its trigger is just a broken model).
 Clean accuracy is the run's own ``accuracy`` (``task.evaluate``); ``secfed audit
 --attacks instruct-backdoor`` reports it next to the two figures.
@@ -135,5 +135,5 @@ class InstructBackdoor(PoisoningAdversary):
         model.train(was)
         hit = [_norm(tok.decode(g, skip_special_tokens=True)) == target for g in trig]
         fire = [_norm(tok.decode(g, skip_special_tokens=True)) == target for g in clean]
-        return {"backdoor_asr": sum(hit) / len(keep), "backdoor_clean_target_rate": sum(fire) / len(keep),
-                "backdoor_eval_examples": float(len(keep))}
+        return {"backdoor_asr": sum(hit) / len(keep), "target_rate_without_trigger": sum(fire) / len(keep),
+                "asr_eval_examples": float(len(keep))}

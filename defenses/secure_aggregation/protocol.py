@@ -19,8 +19,8 @@ the clients still present after each round.
                     s_v^SK (never both). The server reconstructs b_v for v in U3 and
                     s_v^SK for v in U2 \\ U3, and removes those masks from sum_{U3} y_u.
 
-Semi-honest model: no signatures on the advertised keys (Bonawitz's active-security
-variant with a PKI is not implemented). The server aborts (:class:`RoundAborted`)
+Semi-honest model: no signatures on the advertised keys; Bonawitz's active-security
+variant (PKI + consistency round) is :mod:`.active` (``secure_sum.active = true``). The server aborts (:class:`RoundAborted`)
 as soon as some client still needed has fewer than t of N+(u) left.
 """
 

@@ -40,12 +40,15 @@ CANONICAL: dict[str, tuple[tuple[str, ...], str]] = {
     "canary_auc": (("canary_auc",), "max"),
     "eps_lower_bound": (("eps_lower", "epsilon_lower", "eps_lb"), "max"),
     "backdoor_success": (("backdoor_asr", "backdoor_success", "attack_success", "backdoor"), "last"),
+    # causal-LM audits (issue 19): secret-sharer exposure in bits (the largest over insertion counts), PII extracted
+    "canary_exposure": (("canary_exposure_bits_x",), "max"),
+    "extraction": (("extraction_fraction",), "max"),
 }
 INVERSION_OBSERVERS = ("dlg", "idlg", "inverting", "inversion", "text-inversion", "geiping")
 METRICS = ("accuracy", "loss", "epsilon", "delta", "psnr", "malicious_psnr", "ssim", "token_recovery",
            "malicious_token_recovery", "membership_auc",
-           "canary_auc", "eps_lower_bound", "backdoor_success", "seconds_per_round", "bytes_up_per_client",
-           "bytes_down_per_client", "peak_rss_mb")
+           "canary_auc", "eps_lower_bound", "backdoor_success", "canary_exposure", "extraction", "seconds_per_round",
+           "bytes_up_per_client", "bytes_down_per_client", "peak_rss_mb")
 
 
 def _num(v: Any) -> float | None:
