@@ -45,6 +45,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 CONFIG = "experiments/instruct_quickstart.toml"
 TINY_SETS = {"model.name": "tiny-llama", "run.rounds": 1, "data.max_examples": 120, "data.test_size": 20,
              "data.num_clients": 3, "data.generate_examples": 2, "data.max_new_tokens": 3, "server.cohort_size": 2}
+# The same experiment with a defence on (--defences): sample-level DP-SGD at epsilon 8 (the
+# record-level preset: Opacus on every client, calibrated for the smallest shard) and SecAgg+.
+DEFENCES = {
+    "dp-sgd-eps8": {"privacy.preset": "record-level", "privacy.epsilon": 8.0, "privacy.delta": 1e-5},
+    "secagg+": {"server.secure_sum": "secagg+"},
+}
 # Used when the experiment file is absent (it belongs to the instruction-tuning task).
 FALLBACK = {
     "run": {"name": "instruct_quickstart", "seed": 0, "rounds": 3},
@@ -158,15 +164,17 @@ def step_worker(tiny: bool, batch: int, warmup: int, reps: int, threads: int) ->
 
 
 # ---------------------------------------------------------------------- run part (worker process)
-def run_worker(tiny: bool, threads: int, out: str) -> dict[str, Any]:
+def run_worker(tiny: bool, threads: int, out: str, defence: str = "") -> dict[str, Any]:
     from secfed.engine import Engine
 
-    cfg, cfg_name = load_cfg(tiny, {"run.threads": threads} if threads else {})
+    sets = {**({"run.threads": threads} if threads else {}), **DEFENCES.get(defence, {})}
+    cfg, cfg_name = load_cfg(tiny, sets)
     t0 = time.perf_counter()
     s = Engine(cfg, out, progress=False).run()
     import torch
 
-    return {"config": cfg_name, "overrides": TINY_SETS if tiny else {}, "model": cfg.model.name,
+    return {"config": cfg_name, "overrides": {**(TINY_SETS if tiny else {}), **DEFENCES.get(defence, {})},
+            "model": cfg.model.name, "epsilon": s.get("epsilon"), "guarantee": s.get("guarantee"),
             "rounds": s["rounds_completed"], "accuracy": s.get("final_accuracy"),
             "zero_shot_accuracy": s.get("zero_shot_accuracy"), "majority_baseline": s.get("majority_baseline"),
             "seconds_per_round": s.get("seconds_per_round"), "peak_rss_mb": s.get("peak_rss_mb"),
@@ -192,14 +200,17 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="timed passes over the 4 batches")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in both workers (0: torch's default)")
     ap.add_argument("--worker", choices=["step", "run"])
+    ap.add_argument("--defences", action="store_true", help="also run the experiment with DP-SGD (epsilon 8) and SecAgg+")
+    ap.add_argument("--defence", default="", choices=["", *DEFENCES], help=argparse.SUPPRESS)
     ap.add_argument("--out", default="")
+    ap.add_argument("--loaded", action="store_true", help="record that other work shared the machine (timings not comparable)")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     if a.worker == "step":
         print(json.dumps(step_worker(a.tiny, a.batch, a.warmup, a.reps, a.threads)))
         return
     if a.worker == "run":
-        print(json.dumps(run_worker(a.tiny, a.threads, a.out)))
+        print(json.dumps(run_worker(a.tiny, a.threads, a.out, a.defence)))
         return
 
     import tempfile
@@ -223,6 +234,15 @@ def main() -> None:
             run = _sub(["--worker", "run", *common, "--out", f"{tmp}/run"])
         print(f"  accuracy {run['accuracy']}  zero-shot {run['zero_shot_accuracy']}  "
               f"{run['seconds_per_round']:.1f} s/round  peak {run['peak_rss_mb']:.0f} MB", flush=True)
+    defences = old.get("defences", {})
+    if a.defences:
+        for name in DEFENCES:
+            print(f"run part with {name} ...", flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                d = _sub(["--worker", "run", *common, "--out", f"{tmp}/run", "--defence", name])
+            d["loaded_machine"] = bool(a.loaded)
+            defences[name] = d
+            print(f"  accuracy {d['accuracy']}  epsilon {d.get('epsilon')}  {d['seconds_per_round']:.1f} s/round", flush=True)
     step, run = step or {}, run or {}
     result = {
         "headline": {
@@ -238,6 +258,7 @@ def main() -> None:
         "command": "python benchmarks/causal_lm.py " + " ".join(sys.argv[1:]),
         "step": step,
         "run": run,
+        "defences": defences,
     }
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(result, indent=2) + "\n")

@@ -198,7 +198,7 @@ def guarantee(cfg: Any, guard: Any = None) -> dict[str, Any]:
         g["level"] = "record-level"
         g["holds_against"] = ("the server, the other organisations and anyone who sees the updates or the final model "
                               "(the noise is added before an update leaves the organisation)")
-        g["not_against"] = "it does not hide properties of an organisation's data set as a whole"
+        g["not_against"] = "properties of an organisation's data set as a whole (only single records are protected)"
     elif "gaussian-share" in pipe:
         g["mechanism_text"] = ("DP-FedAvg with distributed Gaussian noise (each organisation adds a share) under "
                                + (SECURE_SUMS.get(ss, f"the '{ss}' sum")))
