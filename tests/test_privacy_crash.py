@@ -65,7 +65,9 @@ SCRIPT = textwrap.dedent("""
             return orig(out, tensors, state)
         engine.save_checkpoint = patched
     on_end = (lambda t: die() if t == kill_round else None) if point == "after_checkpoint" else None
-    cfg = dp_digits(run={{"rounds": {rounds}}})
+    # 20 clients: private cohorts are secret (os.urandom), so a round must not draw nobody
+    # (5 clients at q = 0.6 draw nobody 1% of the time, the round aborts and the kill never fires)
+    cfg = dp_digits(run={{"rounds": {rounds}}}, data={{"num_clients": 20}})
     engine.Engine(cfg, {out!r}, resume={resume}, progress=False, on_round_end=on_end).run()
 """)
 
