@@ -120,6 +120,17 @@ def run_fuzz(n: int) -> dict:
             "examples": crashes}
 
 
+def _machine() -> dict:
+    """Where the counts were taken (they are counts, not timings, but say so)."""
+    import os
+    import platform
+
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+    return {"cpu_model": cpu, "cores": os.cpu_count(), "load_average_at_end": os.getloadavg(),
+            "python": platform.python_version(), "note": "counts (fuzz crashes, faults survived, findings closed), not timings"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fuzz-n", type=int, default=2000)
@@ -145,6 +156,7 @@ def main() -> None:
             "review_findings": review["review_findings"], "review_findings_closed": review["review_findings_closed"],
         },
         "review_findings": review["review_findings"], "review_findings_closed": review["review_findings_closed"],
+        "machine": _machine(),
         "review": review, "fuzz": fuzz, "faults": faults,
         "load": {k: v for k, v in load.items() if k != "rss_mb_per_round"},
     }

@@ -20,6 +20,7 @@ string; capabilities a plug-in needs are attributes (``image_inputs``, ``text_en
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 import functools
 import math
 from typing import Any
@@ -80,7 +81,7 @@ def make_task(cfg: ExperimentConfig) -> "Task":
     return task_class(cfg)(cfg)
 
 
-class Task:
+class Task(ABC):
     """Base class and factory: ``Task(cfg)`` returns the config's task class (see :func:`task_class`)."""
 
     kind = "base"  # informative only: nothing branches on it
@@ -108,8 +109,9 @@ class Task:
     def _check(self) -> None:
         """Refuse config combinations this task cannot run (one ConfigError / DataError line)."""
 
+    @abstractmethod
     def _load(self) -> None:
-        raise NotImplementedError
+        """Read the data and call :meth:`_split`."""
 
     def _split(self, data: TensorData) -> None:
         """Train / test / root split, canaries, and the partition across clients (by ``labels``)."""
@@ -141,15 +143,17 @@ class Task:
         return []
 
     # ------------------------------------------------------------------ model
+    @abstractmethod
     def build_model(self) -> nn.Module:
-        raise NotImplementedError
+        """The model whose trainable parameters the federation trains."""
 
     def to_device(self, batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
         dev = model_device(model)
         return {k: v.to(dev) for k, v in batch.items()} if dev.type != "cpu" else batch
 
+    @abstractmethod
     def per_example_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        """One loss per example, shape (B,) (DP-SGD clips per example)."""
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean over examples of :meth:`per_example_loss` (the plain trainer's objective)."""
