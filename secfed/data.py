@@ -12,7 +12,7 @@ import importlib.metadata
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -104,7 +104,8 @@ def _read_table(path: Path, fmt: str, text_col: str, label_col: str) -> tuple[li
     return [str(r[text_col]) for r in rows], [str(r[label_col]) for r in rows]
 
 
-def _read_hf(name: str, split: str | None, text_col: str, label_col: str) -> tuple[list[str], list[str]]:
+def load_hf_dataset(name: str, split: str | None) -> "Any":
+    """A HF dataset by id or a local ``save_to_disk`` folder; every failure is one DataError line."""
     try:
         import datasets  # optional dependency: pip install secfed[hf]
     except ImportError:
@@ -119,6 +120,11 @@ def _read_hf(name: str, split: str | None, text_col: str, label_col: str) -> tup
         raise DataError(f"cannot load HF dataset '{name}': {e}") from None
     if hasattr(ds, "keys") and split:
         ds = ds[split]
+    return ds
+
+
+def _read_hf(name: str, split: str | None, text_col: str, label_col: str) -> tuple[list[str], list[str]]:
+    ds = load_hf_dataset(name, split)
     for col, key in ((text_col, "data.text_column"), (label_col, "data.label_column")):
         if col not in ds.column_names:
             raise DataError(f"HF dataset '{name}': column '{col}' ({key}) not found; columns are {ds.column_names}")

@@ -139,20 +139,9 @@ def _read_rows(path: Path, fmt: str) -> list[dict[str, Any]]:
 
 
 def _read_hf_rows(name: str, split: str | None) -> list[dict[str, Any]]:
-    try:
-        import datasets
-    except ImportError:
-        raise DataError("data.source = 'hf' needs the 'datasets' package (pip install 'secfed[hf]')") from None
-    try:
-        p = Path(name)
-        if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()):
-            ds = datasets.load_from_disk(str(p))
-        else:
-            ds = datasets.load_dataset(name, split=split or "train")
-    except Exception as e:  # datasets raises many types; one line for the user
-        raise DataError(f"cannot load HF dataset '{name}': {e}") from None
-    if hasattr(ds, "keys") and split:
-        ds = ds[split]
+    from secfed.data import load_hf_dataset
+
+    ds = load_hf_dataset(name, split)
     return [dict(r) for r in ds]
 
 
