@@ -200,7 +200,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="timed passes over the 4 batches")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in both workers (0: torch's default)")
     ap.add_argument("--worker", choices=["step", "run"])
-    ap.add_argument("--defences", action="store_true", help="also run the experiment with DP-SGD (epsilon 8) and SecAgg+")
+    ap.add_argument("--defences", nargs="*", default=None, choices=list(DEFENCES), metavar="NAME",
+                    help=f"also run the experiment with these defences (none named: all of {', '.join(DEFENCES)}); "
+                         "the others keep their last figures")
     ap.add_argument("--defence", default="", choices=["", *DEFENCES], help=argparse.SUPPRESS)
     ap.add_argument("--out", default="")
     ap.add_argument("--loaded", action="store_true", help="record that other work shared the machine (timings not comparable)")
@@ -235,8 +237,8 @@ def main() -> None:
         print(f"  accuracy {run['accuracy']}  zero-shot {run['zero_shot_accuracy']}  "
               f"{run['seconds_per_round']:.1f} s/round  peak {run['peak_rss_mb']:.0f} MB", flush=True)
     defences = old.get("defences", {})
-    if a.defences:
-        for name in DEFENCES:
+    if a.defences is not None:
+        for name in a.defences or list(DEFENCES):
             print(f"run part with {name} ...", flush=True)
             with tempfile.TemporaryDirectory() as tmp:
                 d = _sub(["--worker", "run", *common, "--out", f"{tmp}/run", "--defence", name])

@@ -221,6 +221,16 @@ def run_flower(xs: list[np.ndarray], drop: set[int], k: int, t: int, sample: int
 
 
 # ----------------------------------------------------------------------------- keystream
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def keystream_throughput(d: int = 1_000_000, ring_bits: int = 32, reps: int = 30) -> dict:
     key = os.urandom(32)
     nbytes = d * ring_bits // 8
@@ -298,6 +308,7 @@ def main() -> None:
     ap.add_argument("--active-only", action="store_true",
                     help="only the active-vs-semi-honest rows (n=100, d=1e6; n=10, d=1e4 with --quick)")
     ap.add_argument("--skip-active", action="store_true", help="full grid without the active-vs-semi-honest rows")
+    ap.add_argument("--loaded", action="store_true", help="record that other work shared the machine")
     ap.add_argument("--active-reps", type=int, default=2, help="alternating repetitions of each variant")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "secagg.json"))
     args = ap.parse_args()
@@ -317,15 +328,17 @@ def main() -> None:
                 s = run_secfed(xs, drop)
                 sample = args.flower_sample if d >= 1_000_000 else None
                 f = run_flower(xs, drop, s["k"], s["t"], sample)
+                a = run_secfed(xs, drop, active=True)  # the actively secure variant, same inputs, same run
                 row = {"n": n, "d": d, "dropout": rate, "k": s["k"], "t": s["t"], "measured": stamp,
                        "flower_clients_timed": "all" if sample is None else f"{sample} (masked-input step)",
-                       "secfed": s, "flower": f,
-                       "client_speedup": f["client_s"] / s["client_s"], "server_speedup": f["server_s"] / s["server_s"]}
+                       "secfed": s, "flower": f, "secfed_active": a,
+                       "client_speedup": f["client_s"] / s["client_s"], "server_speedup": f["server_s"] / s["server_s"],
+                       "client_speedup_active": f["client_s"] / a["client_s"]}
                 rows.append(row)
                 print(f"n={n:4d} d={d:8d} drop={rate:.1f} k={s['k']:3d}  client secfed {s['client_s']*1e3:8.1f} ms "
                       f"flower {f['client_s']*1e3:8.1f} ms (x{row['client_speedup']:.1f})  server secfed "
                       f"{s['server_s']:.2f} s flower {f['server_s']:.2f} s  bytes/client {s['bytes_up_per_client']:.0f} "
-                      f"vs {f['bytes_up_per_client']:.0f}", flush=True)
+                      f"vs {f['bytes_up_per_client']:.0f}  active x{row['client_speedup_active']:.1f}", flush=True)
     done = {(r["n"], r["d"], r["dropout"]) for r in rows}
     rows = sorted([r for r in old_rows if (r["n"], r["d"], r["dropout"]) not in done] + rows,
                   key=lambda r: (r["d"], r["n"], r["dropout"]))
@@ -336,13 +349,14 @@ def main() -> None:
     head = max(big, key=lambda r: (r["d"], r["n"]))  # n = 100, d = 1e6 in the full grid
     result = {
         "headline": {"speedup_vs_flower_client_d1e6_n100": head["client_speedup"],
+                     "speedup_vs_flower_client_d1e6_n100_active": head.get("client_speedup_active"),
                      "mask_expansion_fraction_of_keystream": ks["fraction"]},
         "headline_source": {"speedup": f"n={head['n']}, d={head['d']}, dropout 0%, per-client compute, Flower / secfed",
                             "fraction": "best-of-30 mask expansion (keystream + ring add) / raw AES-256-CTR keystream, d=1e6, 32-bit ring"},
         "quick": args.quick,
         "flower_sample": args.flower_sample,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "note": "2 shared CPU cores, other jobs running: timings are noisy"},
+        "machine": {"platform": platform.platform(), "cpu": _cpu_model(), "cpus": os.cpu_count(),
+                    "python": platform.python_version(), "loaded": args.loaded},
         "keystream": ks,
         "rows": rows,
     }
