@@ -4,6 +4,7 @@ authentication) against the same config in-process, side by side (issue 20).
     python benchmarks/deploy.py                    # flower_local (3 nodes, digits CNN), plain and SecAgg+, 4 rounds
     python benchmarks/deploy.py --rounds 2 --cases quickstart      # shorter
     python benchmarks/deploy.py --inprocess-only --rounds 1         # smoke test: no Flower processes
+    python benchmarks/deploy.py --per-message                       # also Flower's process-per-message mode
 
 Cases: ``quickstart`` = ``experiments/flower_local.toml`` (the README's "Run across machines"
 config), ``secagg`` = the same with ``server.secure_sum = "secagg+"`` (five messages per node
@@ -14,11 +15,12 @@ two. Writes benchmarks/results/deploy.json with
 ``headline.flower_over_inprocess_seconds_per_round_quickstart`` and ``..._secagg`` (goal <= 2)
 and the machine (CPU model, usable CPUs, load average).
 
-Where the time goes (flwr 1.41): a SuperNode's SuperExec starts one ``flwr-clientapp`` process
-per message (``run_clientapp`` pulls one task, runs the ClientApp, pushes the reply and exits;
-``--isolation process`` only moves that launcher out of the SuperNode, and the warm executor
-pools exist only for the Kubernetes executor and agent/model/connector tasks), so every message
-pays a Python start, the torch/flwr/secfed imports and the rebuild of the model and partition.
+The SuperNodes are secfed's (``secfed.flower.worker``, what ``LocalFederation`` and the README
+start): ``flower-supernode --isolation process`` with one long-lived ClientApp worker per node and
+short idle polling. ``--per-message`` adds a third column with Flower's default isolation, where a
+SuperNode's SuperExec starts one ``flwr-clientapp`` process per message (a Python start, the
+torch/flwr/secfed imports and the rebuild of the model and partition every message: slow, about
+46 s per round on 2 cores; off by default).
 """
 
 from __future__ import annotations
@@ -62,7 +64,21 @@ def steady(rounds: list[float]) -> float:
     return sum(rest) / len(rest)
 
 
-def measure(case: str, rounds: int, work: Path, inprocess_only: bool) -> dict:
+def flower_run(cfg, case: str, rounds: int, work: Path, persistent: bool) -> dict:
+    """One run over a local SuperLink + SuperNodes (TLS, node auth): per-round seconds and wall times."""
+    from secfed.flower.deploy import LocalFederation
+
+    tag = "flower" if persistent else "flower-per-message"
+    t0 = time.perf_counter()
+    with LocalFederation(cfg, work / f"{case}-{tag}-fed", persistent=persistent) as fed:
+        started = time.perf_counter()
+        fed.run(work / f"{case}-{tag}", timeout=600 + 300 * rounds)
+    rb = per_round(work / f"{case}-{tag}")
+    return {"rounds": rb, "seconds_per_round": steady(rb), "wall_seconds": time.perf_counter() - t0,
+            "federation_startup_seconds": started - t0}
+
+
+def measure(case: str, rounds: int, work: Path, inprocess_only: bool, per_message: bool = False) -> dict:
     from secfed.engine import Engine
 
     cfg = config(case, rounds)
@@ -74,18 +90,25 @@ def measure(case: str, rounds: int, work: Path, inprocess_only: bool) -> dict:
            "wall_seconds_inprocess": wall_in}
     if inprocess_only:
         return row
-    from secfed.flower.deploy import LocalFederation
-
-    t0 = time.perf_counter()
-    with LocalFederation(cfg, work / f"{case}-fed") as fed:
-        started = time.perf_counter()
-        fed.run(work / f"{case}-flower", timeout=600 + 300 * rounds)
-    wall_fl = time.perf_counter() - t0
-    rb = per_round(work / f"{case}-flower")
-    row.update({"rounds_flower": rb, "seconds_per_round_flower": steady(rb), "wall_seconds_flower": wall_fl,
-                "federation_startup_seconds": started - t0,
-                "flower_over_inprocess": steady(rb) / steady(ra)})
+    fl = flower_run(cfg, case, rounds, work, persistent=True)
+    row.update({"rounds_flower": fl["rounds"], "seconds_per_round_flower": fl["seconds_per_round"],
+                "wall_seconds_flower": fl["wall_seconds"],
+                "federation_startup_seconds": fl["federation_startup_seconds"],
+                "flower_over_inprocess": fl["seconds_per_round"] / steady(ra)})
+    if per_message:
+        pm = flower_run(cfg, case, rounds, work, persistent=False)
+        row.update({"rounds_flower_per_message": pm["rounds"],
+                    "seconds_per_round_flower_per_message": pm["seconds_per_round"],
+                    "flower_per_message_over_inprocess": pm["seconds_per_round"] / steady(ra)})
     return row
+
+
+def _flwr_version() -> str | None:
+    try:
+        from flwr.supercore.version import package_version
+    except ImportError:
+        return None
+    return str(package_version)
 
 
 def main() -> None:
@@ -93,7 +116,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     ap.add_argument("--inprocess-only", action="store_true", help="smoke test: skip the Flower processes")
+    ap.add_argument("--per-message", action="store_true",
+                    help="also run Flower's default isolation (one flwr-clientapp process per message)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "deploy.json"))
+    ap.add_argument("--keep-work", action="store_true",
+                    help="keep the work folder (Flower logs; '[secfed-worker' lines time each message on a node)")
     args = ap.parse_args()
     from robust import cpu_description  # benchmarks/robust.py: CPU model, flags, load
 
@@ -103,11 +130,14 @@ def main() -> None:
     rows = []
     try:
         for case in args.cases:
-            row = measure(case, args.rounds, work, args.inprocess_only)
+            row = measure(case, args.rounds, work, args.inprocess_only, args.per_message)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if not k.startswith("rounds_")}), flush=True)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep_work:
+            print(f"work folder kept: {work}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     headline = {f"flower_over_inprocess_seconds_per_round_{r['case']}":
                 (round(r["flower_over_inprocess"], 2) if "flower_over_inprocess" in r else None) for r in rows}
     out = {
@@ -117,7 +147,9 @@ def main() -> None:
         "environment": {"python": platform.python_version(), "machine": platform.machine(), **cpu,
                         "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
         "method": ("same config and seed on both transports, run.threads = 1; seconds per round from rounds.jsonl, "
-                   "mean over rounds 2.. (round 1 kept in the table)"),
+                   "mean over rounds 2.. (round 1 kept in the table); Flower = local SuperLink + one secfed SuperNode "
+                   "per client (TLS, node auth, --isolation process with one long-lived ClientApp worker each)"),
+        "flwr": _flwr_version(),
         "command": " ".join(["python", "benchmarks/deploy.py"]
                             + [a for a in sys.argv[1:] if not a.startswith("--out")]),
     }

@@ -86,9 +86,35 @@ def cpu_description() -> dict:
             "load_average_at_start": load}
 
 
-def numba_version() -> str | None:
+def kernel_description() -> dict:
+    """numba's version, the min/max instruction set the kernel is compiled for, and the seconds of
+    the first order statistic in this process (numba import + cache load, or a compile when the
+    cache is cold)."""
+    t0 = time.perf_counter()
     kernel = order_stats._compiled()
-    return getattr(getattr(kernel, "numba", None), "__version__", None)
+    if kernel is not None:
+        order_stats.coordinate_median(torch.randn(3, 70))
+    first = time.perf_counter() - t0
+    return {"numba": getattr(getattr(kernel, "numba", None), "__version__", None),
+            "kernel_isa": getattr(kernel, "ISA", None), "kernel_first_call_s": round(first, 3)}
+
+
+def scaling_rows(repeats: int, quick: bool) -> list[dict]:
+    """Median and trimmed mean (secfed only) over cohort sizes outside the ByzFL grid, each as a
+    multiple of one ``X.sum(0)`` on the same input (the 5x goal holds for n = 5..1000)."""
+    cells = [(5, 10_000), (200, 2_000)] if quick else [(5, 1_000_000), (200, 100_000), (1000, 100_000)]
+    rows = []
+    for n, d in cells:
+        X = torch.randn(n, d, generator=torch.Generator().manual_seed(n))
+        t_sum = time_it(lambda X: X.sum(0), X, repeats)[0]
+        for name, fn in (("Median", lambda X: CoordinateMedian()(X)),
+                         ("TrimmedMean", lambda X: TrimmedMean(max(1, round(0.2 * n)))(X))):
+            t = time_it(fn, X, repeats)[0]
+            rows.append({"aggregator": name, "n": n, "d": d, "secfed_s": t, "sum_pass_s": t_sum,
+                         "secfed_over_sum": t / t_sum})
+            print(f"n={n:<4} d={d:<8} {name:<18} secfed {t*1e3:9.1f} ms = {t/t_sum:5.2f} sums", flush=True)
+        del X
+    return rows
 
 
 def import_byzfl():
@@ -187,6 +213,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cpu = cpu_description()
+    kernel = kernel_description()
     A, P, byzfl_version = (None, None, None) if args.no_byzfl else import_byzfl()
     grid = [(10, 10_000)] if args.quick else [(n, d) for d in (100_000, 1_000_000) for n in (10, 50, 100)]
     rows = []
@@ -218,6 +245,7 @@ def main() -> None:
                   f"({m_ours:7.1f} MiB)  byzfl {('%9.1f ms' % (t_byz*1e3)) if t_byz else '      n/a'}  {sp}",
                   flush=True)
         del X
+    scaling = scaling_rows(args.repeats, args.quick)
     key_n, key_d = (10, 10_000) if args.quick else (50, 1_000_000)
     key = [r for r in rows if r["n"] == key_n and r["d"] == key_d and r["aggregator"] in HEADLINE]
     # a ByzFL failure (no time) counts as an unbounded speedup, but is reported by name
@@ -242,7 +270,7 @@ def main() -> None:
             "quick": args.quick,
             "goals": {"max_over_sum_pass_n50_d1e6": "<= 5", "min_speedup_vs_byzfl_n50_d1e6": ">= 10"},
         },
-        "environment": {"torch": torch.__version__, "byzfl": byzfl_version, "numba": numba_version(),
+        "environment": {"torch": torch.__version__, "byzfl": byzfl_version, **kernel,
                         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                         "machine": platform.machine(), "python": platform.python_version(), **cpu,
                         "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
@@ -251,6 +279,9 @@ def main() -> None:
                    " process and threads") % args.repeats,
         "command": " ".join(["python", "benchmarks/robust.py"] + [a for a in sys.argv[1:] if not a.startswith("--out")]),
         "table": rows,
+        "order_stats_scaling": scaling,
+        "max_over_sum_pass_all_n": round(max(r["secfed_over_sum"] for r in scaling + [
+            r for r in rows if r["aggregator"] in ORDER_STATS]), 2),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

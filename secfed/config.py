@@ -218,6 +218,25 @@ class PrivacyConfig(_Section):
     noise: Literal["central", "distributed"] | None = None
 
 
+class LoraConfig(_Section):
+    """``[lora]``: how LoRA factors are aggregated (secfed.lora, docs/lora.md)."""
+
+    aggregation: Literal["fedit", "ffa", "stack"] = Field(
+        "fedit", description="fedit: mean of A and of B; ffa: A frozen, only B sent (exact, linear); "
+        "stack: FLoRA, exact mean of B_i A_i (needs each client's factors)")
+    client_ranks: list[int] = Field([], description="per-client LoRA ranks, cycled over client ids (each <= "
+                                    "model.lora_r); [] = every client uses model.lora_r")
+    hetero: Literal["pad", "svd"] = Field("pad", description="pad: HetLoRA zero-padding (linear); svd: FlexLoRA, "
+                                          "mean of the products redistributed by truncated SVD (needs factors)")
+
+    @field_validator("client_ranks")
+    @classmethod
+    def _ranks(cls, v: list[int]) -> list[int]:
+        if any(r < 1 for r in v):
+            raise ValueError("every rank must be >= 1")
+        return v
+
+
 class ExperimentConfig(_Section):
     privacy: PrivacyConfig | None = None
     run: RunConfig = RunConfig()
@@ -228,6 +247,14 @@ class ExperimentConfig(_Section):
     attack: AttackConfig = AttackConfig()
     faults: FaultConfig = FaultConfig()
     deploy: DeployConfig = DeployConfig()
+    lora: LoraConfig = LoraConfig()
+
+    @model_validator(mode="after")
+    def _lora_ranks(self) -> "ExperimentConfig":
+        if self.lora.client_ranks and max(self.lora.client_ranks) > self.model.lora_r:
+            raise ValueError(f"config key 'lora.client_ranks': {self.lora.client_ranks} go above model.lora_r = "
+                             f"{self.model.lora_r} (the global rank); set model.lora_r = {max(self.lora.client_ranks)}")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -246,6 +273,8 @@ class ExperimentConfig(_Section):
             d["attack"].pop("server", None)
         if not d["client"].get("verify_model"):
             d["client"].pop("verify_model", None)
+        if d.get("lora") == LoraConfig().model_dump(mode="json"):  # issue 18: the default = the runs before it
+            d.pop("lora", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -256,6 +285,8 @@ def _describe(err: dict[str, Any]) -> str:
         return f"unknown config key '{key}' (check the spelling; see experiments/quickstart.toml for the keys)"
     got = err.get("input")
     got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    if not key:  # a check across tables (model validator): its message names the keys
+        return msg
     return f"config key '{key}': {msg}{got_s}"
 
 

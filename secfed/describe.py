@@ -191,7 +191,8 @@ def guarantee(cfg: Any, guard: Any = None) -> dict[str, Any]:
     if facts.get("noise_multiplier") is None and c.trainer.params.get("noise_multiplier") is not None:
         g["noise_multiplier"] = float(c.trainer.params["noise_multiplier"])
     mech = str(facts.get("mechanism"))
-    colluding = next((int(p.params.get("colluding", 0)) for p in c.pipeline if p.name.lower() == "gaussian-share"), 0)
+    colluding = next((int(p.params.get("colluding", 0)) for p in c.pipeline
+                      if p.name.lower() in ("gaussian-share", "ddgauss")), 0)
     if mech == "dp-sgd":
         g["mechanism_text"] = "DP-SGD on each organisation's own machine (per-example clipping and Gaussian noise)"
         g["protected_unit"] = "one record (training example) of one organisation"
@@ -199,9 +200,11 @@ def guarantee(cfg: Any, guard: Any = None) -> dict[str, Any]:
         g["holds_against"] = ("the server, the other organisations and anyone who sees the updates or the final model "
                               "(the noise is added before an update leaves the organisation)")
         g["not_against"] = "properties of an organisation's data set as a whole (only single records are protected)"
-    elif "gaussian-share" in pipe:
-        g["mechanism_text"] = ("DP-FedAvg with distributed Gaussian noise (each organisation adds a share) under "
-                               + (SECURE_SUMS.get(ss, f"the '{ss}' sum")))
+    elif "gaussian-share" in pipe or "ddgauss" in pipe:
+        g["mechanism_text"] = ("DP-FedAvg with the distributed discrete Gaussian (each organisation adds a share in the "
+                               "ring, Kairouz et al. 2021) under " if "ddgauss" in pipe else
+                               "DP-FedAvg with distributed Gaussian noise (each organisation adds a share) under "
+                               ) + (SECURE_SUMS.get(ss, f"the '{ss}' sum"))
         g["protected_unit"] = "one organisation's whole data"
         g["level"] = "user-level"
         if ss in SECURE_SUMS:
@@ -247,7 +250,8 @@ def guarantee(cfg: Any, guard: Any = None) -> dict[str, Any]:
                      + (f"{g['server_clause']}; " if g.get("server_clause") else "")
                      + f"not against {g['not_against']}. "
                      + ("Active defences: " + "; ".join(active) + "." if active else "No other defence is active."))
-    where = "local noise" if mech == "dp-sgd" else ("distributed noise" if "gaussian-share" in pipe else "central noise, not vs server")
+    where = "local noise" if mech == "dp-sgd" else ("distributed noise" if "gaussian-share" in pipe or "ddgauss" in pipe
+                                                    else "central noise, not vs server")
     b = f" eps<={budget:g}" if isinstance(budget, (int, float)) else ""
     g["short"] = f"{g['level']} DP ({where}){b} delta={delta:g}"
     return g

@@ -32,9 +32,12 @@ from secfed.checkpoint import load_checkpoint, save_checkpoint, split_state
 from secfed.config import ExperimentConfig
 from secfed.describe import changed_keys, check_data, data_summary, failure, guarantee
 from secfed.errors import BudgetExhausted, CheckpointError, ConfigError, RoundAborted
-from secfed.interfaces import ClientUpdate, DropoutPlan, RoundContext, ServerView, SumResult, derive_seed
+from secfed.interfaces import ClientUpdate, RoundContext, ServerView, SumResult, derive_seed
 from secfed.ledger import PrivacyLedger, ledger_key_from_env
+from secfed.lora import build_method, check_combination
 from secfed.models import torch_threads
+from secfed.needs import Need, check_needs, needs_of, reveals_of
+from secfed.rounds import ClientRound, metrics_stay_on_node, plugin_context, round_context
 from secfed.secure_sum import group_sums
 from secfed.spec import ParamSpec
 from secfed.task import Task
@@ -82,11 +85,7 @@ class Engine:
     def _build_plugins(self) -> None:
         c, s = self.cfg.client, self.cfg.server
         n = self.cfg.data.num_clients
-        ctx = dict(num_clients=n, seed=self.cfg.run.seed, sample_rate=s.sample_rate if s.sampling == "poisson" else None,
-                   rounds=self.cfg.run.rounds, local_epochs=c.local_epochs, local_steps=c.local_steps,
-                   batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer, momentum=c.momentum,
-                   weight_decay=c.weight_decay, dim=self.spec.numel, max_update_norm=s.max_update_norm,
-                   min_clients=s.min_clients, cohort_size=s.cohort_size or n)
+        ctx = plugin_context(self.cfg, self.spec.numel)
         self.trainer = registry.build("trainer", c.trainer, "client.trainer", **ctx)
         self.pipeline = [registry.build("client_stage", p, f"client.pipeline[{i}]", **ctx) for i, p in enumerate(c.pipeline)]
         self.secure_sum = registry.build("secure_sum", s.secure_sum, "server.secure_sum", **ctx)
@@ -95,16 +94,14 @@ class Engine:
         self.aggregator = registry.build("aggregator", s.aggregator, "server.aggregator", **ctx)
         self.stages = [registry.build("server_stage", p, f"server.stages[{i}]", **ctx) for i, p in enumerate(s.stages)]
         self.observers = [registry.build("observer", p, f"server.observers[{i}]", **ctx) for i, p in enumerate(s.observers)]
-        guard_target = registry.REGISTRY.get("privacy", {}).get(s.privacy.name.lower(), s.privacy.name) if s.privacy else None
-        if guard_target == "defenses.privacy.guard:DPFedAvgGuard":
-            from defenses.privacy.guard import dpfedavg_violations
-
-            bad = dpfedavg_violations(self.cfg)  # every violation in one error, not one per run
+        guard_cls = registry.resolve("privacy", s.privacy.name, "server.privacy") if s.privacy else None
+        if hasattr(guard_cls, "config_violations"):  # the plug-in's own check (secfed imports no defence)
+            bad = guard_cls.config_violations(self.cfg)  # every violation in one error, not one per run
             if bad:
-                raise ConfigError(f"server.privacy = 'dp-fedavg' needs {len(bad)} more setting(s): " + "; ".join(bad)
-                                  + " (or write [privacy] preset = \"user-level\" with epsilon and delta)")
-        if guard_target == "defenses.privacy.guard:DPSGDGuard" and \
-                registry.REGISTRY["trainer"].get(c.trainer.name.lower(), c.trainer.name) != "defenses.privacy.dpsgd:DPSGDTrainer":
+                raise ConfigError(f"server.privacy = '{s.privacy.name}' needs {len(bad)} more setting(s): "
+                                  + "; ".join(bad) + " (or write [privacy] preset = \"user-level\" with epsilon and delta)")
+        mechanism = getattr(guard_cls, "mechanism", None)  # declared by the guard, not matched by class path
+        if mechanism == "dp-sgd" and not hasattr(self.trainer, "resolved_noise_multiplier"):  # per-example clipping
             raise ConfigError("config key 'client.trainer': server.privacy = \"dp-sgd\" needs client.trainer = \"dp-sgd\" "
                               "(or write [privacy] preset = \"record-level\" with epsilon and delta)")
         self.privacy = registry.build("privacy", s.privacy, "server.privacy", **ctx) if s.privacy else None
@@ -119,14 +116,16 @@ class Engine:
         self.server_adversary = registry.build("server_adversary", srv, "attack.server", **ctx) if srv else None
         if self.server_adversary is not None and hasattr(self.server_adversary, "check"):
             self.server_adversary.check(self.spec, self.task)  # a model it cannot craft: one line, before any disk
-        needs_rows = getattr(self.aggregator, "needs_individual", True) or bool(self.pre_aggregators)
-        if needs_rows and not getattr(self.secure_sum, "reveals_individual", True) and s.group_size == 0:
-            raise ConfigError(
-                f"config key 'server.aggregator': '{s.aggregator.name}' needs individual updates, which "
-                f"server.secure_sum = '{s.secure_sum.name}' hides; use aggregator 'mean', or set server.group_size "
-                "to aggregate robustly over secure group sums")
-        if getattr(self.aggregator, "uses_reference", False) and self.task.root is None:
-            raise ConfigError(f"config key 'data.root_size': aggregator '{s.aggregator.name}' needs a server root dataset (> 0)")
+        # what the server side needs against what the secure sum reveals: one check (secfed.needs)
+        check_needs(aggregator=self.aggregator, aggregator_name=s.aggregator.name, pre_aggregators=self.pre_aggregators,
+                    secure_sum=self.secure_sum, secure_sum_name=s.secure_sum.name, group_size=s.group_size,
+                    has_root=self.task.root is not None)
+        needs_rows = Need.ROWS in needs_of(self.aggregator, Need.ROWS) or bool(self.pre_aggregators)
+        # LoRA-aware aggregation (issue 18, secfed.lora): the method and what it cannot run with, in one line
+        self.lora = build_method(self.cfg, self.model, self.spec, self.global_w)
+        dp = None if guard_cls is None else (mechanism if mechanism in ("dp-fedavg", "dp-sgd") else "other")
+        check_combination(self.cfg, self.lora, reveals_individual=Need.ROWS in reveals_of(self.secure_sum),
+                          robust=needs_rows or s.group_size > 0, dp=dp)
 
     def _stateful_objects(self) -> dict[str, Any]:
         objs = {"trainer": self.trainer, "secure_sum": self.secure_sum, "aggregator": self.aggregator,
@@ -173,6 +172,7 @@ class Engine:
             obj.load_state_dict({**state.get("plugins", {}).get(name, {}), **t})
         self.state = {k[6:]: v for k, v in tensors.items() if k.startswith("state.")}
         self.state.update(state.get("state", {}))
+        self.lora.restore(self.model, self.state)  # stack: the merged updates on the freshly built base
         self.start_round = state["round"] + 1
         if self.privacy is not None:
             charged = {e.get("round") for e in self.ledger.entries}
@@ -222,28 +222,17 @@ class Engine:
         return sorted(torch.randperm(n, generator=g)[:k].tolist())
 
     def context(self, t: int, cohort: list[int]) -> RoundContext:
-        s, n = self.cfg.server, self.cfg.data.num_clients
-        expected = s.sample_rate * n if s.sampling == "poisson" else float(min(s.cohort_size or n, n))
-        drops = DropoutPlan({k: set(v) for k, v in self.cfg.faults.dropouts.items()}, self.cfg.faults.dropout_rate)
-        if drops.rate > 0:
-            g = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, t, "dropout"))
-            drops.steps.setdefault("train", set()).update(c for c, r in zip(cohort, torch.rand(len(cohort), generator=g).tolist()) if r < drops.rate)
-        return RoundContext(round=t, seed=self.cfg.run.seed, spec=self.spec, global_weights=self.global_w, cohort=cohort,
-                            num_clients=n, sample_rate=s.sample_rate if s.sampling == "poisson" else None,
-                            expected_cohort=expected, run_dir=self.out, state=self.state, dropouts=drops, task=self.task)
+        return round_context(self.cfg, t, cohort, self.spec, self.global_w, self.state, self.task, self.out)
+
+    @property
+    def client_round(self) -> ClientRound:
+        """One client's round (secfed.rounds.ClientRound): the same code a SuperNode runs for its client."""
+        return ClientRound(self.cfg, self.task, self.model, self.spec, self.trainer, self.pipeline, self.adversary,
+                           self.malicious, self.lora)
 
     def local_update(self, client_id: int, ctx: RoundContext) -> ClientUpdate:
         """One client's round: load the shipped w_t (``ctx.global_weights``), train on its own shard, return the delta."""
-        self.spec.assign(self.model, ctx.global_weights)
-        data = self.task.client_data(client_id)
-        if client_id in self.malicious and hasattr(self.adversary, "poison_data"):
-            data = self.adversary.poison_data(client_id, data)
-        torch.manual_seed(derive_seed(self.cfg.run.seed, ctx.round, client_id, "torch"))
-        gen = ctx.generator(client_id, "batches")
-        metrics = self.trainer.train(self.model, self.task, data, gen, client_id=client_id)
-        delta = self.spec.flatten(self.model) - ctx.global_weights
-        weight = float(len(data)) if self.cfg.client.weighting == "examples" else 1.0
-        return ClientUpdate(client_id, delta, len(data), weight, dict(metrics))
+        return self.client_round.local_update(client_id, ctx)
 
     def server_reference(self, ctx: RoundContext) -> torch.Tensor:
         """The server's own update on its root dataset (FLTrust)."""
@@ -254,7 +243,10 @@ class Engine:
 
     def aggregate(self, result: SumResult, ctx: RoundContext) -> torch.Tensor:
         agg = self.aggregator
-        if not getattr(agg, "needs_individual", True) and not self.pre_aggregators and hasattr(agg, "from_sum"):
+        if self.lora.needs_rows:  # stack / FlexLoRA: from each client's factors (check_combination: rows exist)
+            return self.lora.aggregate_rows(result.updates, result.weights, ctx.global_weights, self.model)
+        need = needs_of(agg, Need.ROWS)
+        if Need.ROWS not in need and not self.pre_aggregators and hasattr(agg, "from_sum"):
             mean_w = float(result.total_weight / max(len(result.client_ids), 1))
             expected_w = ctx.expected_cohort * (1.0 if self.cfg.client.weighting == "uniform" else mean_w)
             return agg.from_sum(result.total, result.total_weight, expected_w)
@@ -262,14 +254,25 @@ class Engine:
         for pre in self.pre_aggregators:
             X, w = pre(X), None  # rows are mixed: the clients' weights no longer apply
         kwargs: dict[str, Any] = {}
-        if getattr(agg, "uses_center", False):
+        if Need.CENTRE in need:
             kwargs["center"] = self.state.get("center", torch.zeros(self.spec.numel))
-        if getattr(agg, "uses_reference", False):
+        if Need.REFERENCE in need:
             kwargs["reference"] = self.server_reference(ctx)
         out = agg(X, w, **kwargs)
-        if getattr(agg, "uses_center", False):
+        if Need.CENTRE in need:
             self.state["center"] = out.detach().clone()
         return out
+
+    def lora_metrics(self, result: SumResult, aggregate: torch.Tensor, before: torch.Tensor) -> dict[str, Any]:
+        """``lora_agg_rel_error`` (secfed.lora) where the server sees the rows and no DP guarantee covers the
+        round; otherwise why it is absent (a statistic of the rows must not leave through the record)."""
+        if not self.lora.layout.modules or not result.client_ids:
+            return {}
+        if result.updates is None or self.cfg.server.group_size > 0 or result.update_ids != result.client_ids:
+            return {"lora_agg_error_hidden": "the secure sum hides the rows"}
+        if self.privacy is not None:
+            return {"lora_agg_error_hidden": "a statistic of the un-noised rows; not released under DP"}
+        return self.lora.round_metrics(result.updates, result.weights, aggregate, before, self.model)
 
     def collect(self, ctx: RoundContext, bar: Any = None) -> tuple[list[Any], dict[int, str]]:
         """Run the cohort's clients: local training, client pipeline, adversary (transports override this)."""
@@ -285,11 +288,7 @@ class Engine:
                 continue
             started = time.perf_counter()
             try:
-                u = self.local_update(cid, ctx)
-                if ctx.dropouts.drops(cid, "pipeline"):
-                    raise RuntimeError("injected crash before the client pipeline")
-                for stage in self.pipeline:
-                    u = stage(u, ctx)
+                u = self.client_round.run(cid, ctx)  # load w_t, train, pipeline (secfed.rounds)
             except (RuntimeError, ValueError, MemoryError, FloatingPointError) as e:  # a client's crash is its dropout
                 dropped[cid] = f"client crashed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                 self._log(f"round {t}: client {cid} dropped, {dropped[cid]}")
@@ -306,7 +305,7 @@ class Engine:
             bad = [u for u in updates if u.client_id in self.malicious]
             good = [u for u in updates if u.client_id not in self.malicious]
             if bad:
-                seen = good if getattr(self.adversary, "omniscient", False) else []
+                seen = good if Need.HONEST_ROWS in needs_of(self.adversary, Need.NONE) else []
                 bad = self.adversary.poison_updates(bad, seen, ctx)
                 by_id = {u.client_id: u for u in bad}
                 updates = [by_id.get(u.client_id, u) for u in updates]
@@ -346,6 +345,7 @@ class Engine:
                 raise RoundAborted("the aggregate is not finite")
             if ctx.global_weights is self.global_w:
                 self.global_w = self.opt.step(self.global_w, aggregate)
+                self.lora.commit(self.model, self.state)  # stack: merge the exact product update into the base
             else:  # a crafted round: the malicious server reads the sum and keeps its own model
                 record["server_crafted_model"] = True
             record["status"] = "ok"
@@ -363,10 +363,11 @@ class Engine:
             "bytes_down": int(sum(result.bytes_down.values()) + d_bytes * len(cohort)),
         })
         # Finding 7: the un-noised cohort mean loss is a per-cohort statistic; under DP or a secure sum it is not logged.
-        if self.privacy is None and getattr(self.secure_sum, "reveals_individual", True):
+        if not metrics_stay_on_node(self.cfg, Need.ROWS in reveals_of(self.secure_sum)):  # every transport
             record["train_loss"] = float(np.mean([u.metrics.get("train_loss", float("nan")) for u in updates])) if updates else None
         record.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))})
         record.update(ctx.metrics)
+        record.update(self.lora_metrics(result, aggregate, before))
         view = ServerView(t, result.transcript, result.updates, result.update_ids, result.weights, aggregate, before,
                           self.global_w, self.spec, self.task)
         for obs in self.observers:
@@ -423,11 +424,13 @@ class Engine:
         self.spec.assign(self.model, self.global_w)
         from secfed.export import export_adapter
 
+        lora_export = self.lora.before_export(self.model, self.state)  # stack: merged updates back into the adapter
         export_adapter(self.model, self.task, self.out / "adapter")  # text runs: PEFT format (+ head, labels)
         samples = self.task.sample_generations(self.model, 5)  # generative tasks: prompt, reference, base, federated
         if samples:
             (self.out / "samples.json").write_text(json.dumps(samples, indent=2))
         summary = self.summarize(time.perf_counter() - t_start, stopped)
+        summary.update(lora_export)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         from secfed.report import write_run_report
 

@@ -42,6 +42,7 @@ class ClientUpdate:
     num_examples: int
     weight: float = 1.0  # aggregation weight (examples for FedAvg, 1 for uniform)
     metrics: dict[str, float] = field(default_factory=dict)
+    ring: Any = None  # ring elements a client stage encoded itself (DDGauss); a secure sum sums them as they are
 
 
 def derive_seed(*parts: Any) -> int:

@@ -22,6 +22,7 @@ REGISTRY: dict[str, dict[str, str]] = {
     "client_stage": {
         "clip": "defenses.privacy.clipping:ClipUpdate",
         "gaussian-share": "defenses.privacy.dpfedavg:DistributedGaussianNoise",
+        "ddgauss": "defenses.privacy.ddgauss:DDGaussNoise",
         "adaptive-clip": "defenses.privacy.dpfedavg:AdaptiveClipClient",
     },
     "secure_sum": {
@@ -59,6 +60,7 @@ REGISTRY: dict[str, dict[str, str]] = {
     "observer": {
         "dlg": "attacks.inversion.observer:GradientInversionObserver",
         "text-inversion": "attacks.inversion.text:TextInversionObserver",
+        "dager": "attacks.inversion.dager_lm:DagerObserver",
         "dp-audit": "attacks.audit.observer:CanaryAuditObserver",
     },
     "adversary": {
@@ -82,6 +84,16 @@ REGISTRY: dict[str, dict[str, str]] = {
     "server_adversary": {
         "imprint": "attacks.inversion.imprint:ImprintAttack",
         "lora-trap": "attacks.inversion.imprint:LoraTrapAttack",
+    },
+    # the post-run audit's attack functions (secfed.compare.audit reaches them here, never by import)
+    "audit_tool": {
+        "llm-attacks": "attacks.audit.llm:LLM_ATTACKS",
+        "is-causal": "attacks.audit.llm:is_causal",
+        "run-llm-attack": "attacks.audit.llm:run_llm_attack",
+        "attack-metrics": "attacks.membership.mia:attack_metrics",
+        "loss-scores": "attacks.membership.mia:loss_scores",
+        "model-logits": "attacks.membership.mia:model_logits",
+        "threshold-epsilon": "attacks.membership.threshold_audit:threshold_epsilon_lower_bound",
     },
 }
 

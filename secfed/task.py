@@ -33,6 +33,7 @@ from secfed.config import ExperimentConfig
 from secfed.data import (TensorData, encode_labels, load_digits, load_text, partition, plant_canaries,
                          synthetic_images, train_test_split)
 from secfed.errors import ConfigError, DataError
+from secfed.lora import prepare_model
 from secfed.models import build_image_model, build_text_model, load_tokenizer
 
 IMAGE_SOURCES = ("digits", "synthetic-images")
@@ -87,6 +88,7 @@ class Task(ABC):
     kind = "base"  # informative only: nothing branches on it
     image_inputs = False  # capability: the inputs are images in tensors["pixels"] (gradient inversion)
     text_encoder_inputs = False  # capability: token ids into an encoder classifier (text inversion)
+    decoder_token_inputs = False  # capability: token ids into a causal decoder with LoRA (DAGER)
 
     def __new__(cls, cfg: ExperimentConfig, *args: Any, **kwargs: Any) -> "Task":
         if cls is Task:
@@ -233,7 +235,7 @@ class TextClassificationTask(ClassificationTask):
                                  lora_dropout=m.lora_dropout, target_modules=m.target_modules or ENCODER_TARGETS,
                                  lora_layers=m.lora_layers, train_embeddings=m.train_embeddings, pooling=m.pooling,
                                  sha256=m.sha256, seed=seed)
-        return model.to(self.device)
+        return prepare_model(model, self.cfg).to(self.device)  # lora.aggregation = "ffa": A frozen
 
 
 class ImageClassificationTask(ClassificationTask):
@@ -278,6 +280,7 @@ class CausalLMTask(Task):
     """
 
     kind = "causal-lm"
+    decoder_token_inputs = True
     label_task = False  # set by _load: every response is its category (accuracy by label likelihood)
 
     def _check(self) -> None:
@@ -309,9 +312,10 @@ class CausalLMTask(Task):
         from secfed.lm_models import build_causal_lm
 
         m, r = self.cfg.model, self.cfg.run
-        return build_causal_lm(m.name, lora_r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
-                               target_modules=m.target_modules or CAUSAL_TARGETS, seed=r.seed, sha256=m.sha256,
-                               gguf_file=m.gguf_file, device=self.device, dtype=r.dtype)
+        return prepare_model(build_causal_lm(m.name, lora_r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+                                             target_modules=m.target_modules or CAUSAL_TARGETS, seed=r.seed,
+                                             sha256=m.sha256, gguf_file=m.gguf_file, device=self.device, dtype=r.dtype),
+                             self.cfg)  # lora.aggregation = "ffa": A frozen
 
     # ------------------------------------------------------------------ loss
     @staticmethod

@@ -136,12 +136,17 @@ def test_supernode_refuses_foreign_config_wrong_client_and_bad_weights(tmp_path,
     rt = ClientRuntime(tiny_cfg, Task(tiny_cfg))
     good = {"v": 1, "round": 1, "client": 0, "fingerprint": tiny_cfg.fingerprint(), "cohort": codec.encode_ids([0, 1]),
             "weights": codec.encode_weights(1, rt.global_w), "state": "{}"}
-    payload, metrics = rt.train(ConfigRecord(good), 0)
+    from flwr.app import RecordDict
+
+    from secfed.flower.client import node_train
+
+    out = node_train(rt, RecordDict(), ConfigRecord(good), 0)
+    payload, metrics = out["payload"], json.loads(out["metrics"])
     assert len(payload) == 28 + 4 * rt.spec.numel and "train_loss" in metrics  # SFU header is 28 bytes
     for change in ({"fingerprint": "0" * 16}, {"client": 1}, {"cohort": codec.encode_ids([1, 2])},
                    {"weights": codec.encode_weights(2, rt.global_w)}, {"round": 0}, {"state": "[]"}):
         with pytest.raises(MalformedMessage):
-            rt.train(ConfigRecord({**good, **change}), 0)
+            node_train(rt, RecordDict(), ConfigRecord({**good, **change}), 0)
 
 
 def test_node_config_is_checked(tiny_cfg, tmp_path):
@@ -168,41 +173,56 @@ def test_flower_engine_refuses_what_does_not_run_over_flower_yet():
         FlowerEngine(tiny_config(attack={"adversary": "alie"}), None, grid=None, progress=False)
 
 
-@pytest.mark.parametrize("drop_step", [None, "masked_input", "unmask"])
-def test_secagg_over_flower_messages_equals_inprocess_secagg(drop_step):
-    """secfed's SecAgg+ as node-side steps with state in Flower's context.state: the same sum as in-process,
-    with the same recovery when a client vanishes at a step (its SuperNode never answers)."""
+@pytest.mark.parametrize("active,drop_step", [(False, None), (False, "masked_input"), (False, "unmask"),
+                                              (True, None), (True, "consistency")])
+def test_secagg_over_flower_messages_equals_inprocess_secagg(active, drop_step):
+    """secfed's SecAgg+ (both variants) as one protocol session: the server's session over Flower-like messages,
+    each node restoring its client session from its own context.state, gives the in-process sum, with the same
+    recovery when a client vanishes at a step (its SuperNode never answers)."""
     from flwr.app import RecordDict
 
     from secfed.engine import Engine
-    from secfed.flower.secagg import FlowerSecAgg, node_step, stash_update
+    from secfed.flower.client import node_step, save_session
+    from secfed.flower.server import SessionSum
 
     faults = {"dropouts": {drop_step: [2]}} if drop_step else {}
-    cfg = tiny_config(data={"num_clients": 5}, server={"cohort_size": 5, "secure_sum": "secagg+"}, faults=faults)
+    cfg = tiny_config(data={"num_clients": 5}, server={"cohort_size": 5, "secure_sum": {"name": "secagg+", "active": active}},
+                      faults=faults)
     eng = Engine(cfg, None, progress=False)
     ctx = eng.context(1, [0, 1, 2, 3, 4])
     ups, _ = eng.collect(ctx)
     ref = eng.secure_sum.aggregate(ups, ctx)
+    node_sum = Engine(cfg, None, progress=False).secure_sum  # the nodes' own copy of the config's secure sum
+    node_sum.use_keys(eng.secure_sum.identities.private_bytes() if active else {})
     states = {u.client_id: RecordDict() for u in ups}
-    rec = [Received(u.client_id, b"", {}, stash_update(states[u.client_id], 1, u.client_id, u.delta, u.weight,
-                                                       eng.secure_sum)) for u in ups]
+    rec = []
+    for u in ups:
+        session = node_sum.client_session(u.client_id, 1, cfg.run.seed, u.delta, u.weight)
+        save_session(states[u.client_id], session)
+        rec.append(Received(u.client_id, b"", {}, session.reason))
     seen: list[str] = []
 
-    def exchange(step, outgoing, ctx):
-        seen.append(step)
-        return {c: node_step(states[c], ConfigRecord({"step": step, "round": 1, "client": c, "payload": p}), c,
-                             cfg.run.seed) for c, p in outgoing.items()}, {}
+    class Nodes:
+        def exchange(self, step, outgoing, ctx):
+            seen.append(step)
+            return {c: node_step(node_sum, states[c], ConfigRecord({"step": step, "round": 1, "client": c, "payload": p}),
+                                 c) for c, p in outgoing.items()}, {}
 
-    got = FlowerSecAgg(eng.secure_sum, exchange).aggregate(rec, ctx)
-    assert seen == ["advertise", "share", "masked_input", "unmask"]
+    got = SessionSum(eng.secure_sum, Nodes()).aggregate(rec, ctx)
+    assert seen == ["advertise", "share", "masked_input"] + (["consistency"] if active else []) + ["unmask"]
     assert torch.equal(got.total, ref.total) and got.total_weight == ref.total_weight
     assert got.client_ids == ref.client_ids and set(got.dropped) == set(ref.dropped)
+    assert got.metrics["secagg_active"] is active
     assert got.updates is None  # the server never holds an individual update
     assert all(len(s) == 0 for s in states.values()) or drop_step  # nodes forget keys and updates after unmask
     # A node refuses a step out of order or for a round it did not train.
     fresh = RecordDict()
     with pytest.raises(MalformedMessage):
-        node_step(fresh, ConfigRecord({"step": "share", "round": 1, "client": 0, "payload": b""}), 0, 0)
+        node_step(node_sum, fresh, ConfigRecord({"step": "share", "round": 1, "client": 0, "payload": b""}), 0)
+    s0 = RecordDict()
+    save_session(s0, node_sum.client_session(0, 1, cfg.run.seed, ups[0].delta, ups[0].weight))
+    with pytest.raises(MalformedMessage, match="before advertise"):
+        node_step(node_sum, s0, ConfigRecord({"step": "share", "round": 1, "client": 0, "payload": b""}), 0)
 
 
 def test_transport_switch_is_not_part_of_the_fingerprint():

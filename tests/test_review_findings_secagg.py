@@ -314,7 +314,7 @@ class FakeGrid:
     def send_and_receive(self, msgs, timeout=None):
         from secfed.flower import codec
         from secfed.flower.client import node_train
-        from secfed.flower.secagg import node_step
+        from secfed.flower.client import node_step
 
         out = []
         for m in msgs:
@@ -326,7 +326,7 @@ class FakeGrid:
                 self.replies.append(vals)
             elif "step" in rec:
                 vals = {"round": rec["round"], "client": cid, "step": rec["step"],
-                        "payload": node_step(self.states[cid], rec, cid, self.cfg.run.seed)}
+                        "payload": node_step(self.rt.secure_sum, self.states[cid], rec, cid)}
             else:
                 vals = {"client": cid, "fingerprint": self.cfg.fingerprint()}
             out.append(_Reply(node, vals))
@@ -467,16 +467,15 @@ def test_finding_07_flower_replies_carry_no_per_client_metrics_under_secure_sum_
 def test_finding_07_out_of_range_node_sends_one_bit():
     """Old code: the SecAgg+ reason said 'max |delta| = 3.2 exceeds ...'."""
     pytest.importorskip("flwr")
-    from flwr.app import RecordDict
-
-    from secfed.flower.secagg import stash_update
-
     sa = SecAggPlus(clip_range=0.5)
-    small = stash_update(RecordDict(), 1, 0, torch.full((4,), 0.75), 1.0, sa)
-    huge = stash_update(RecordDict(), 1, 0, torch.full((4,), 1e6), 1.0, sa)
-    nan = stash_update(RecordDict(), 1, 0, torch.full((4,), float("nan")), 1.0, sa)
-    assert small == huge == nan == OUT_OF_RANGE and not any(ch.isdigit() for ch in OUT_OF_RANGE)
-    assert stash_update(RecordDict(), 1, 0, torch.full((4,), 0.25), 1.0, sa) == ""
+
+    def reason(x: torch.Tensor, w: float = 1.0) -> str:  # what the client session reports to the server
+        return sa.client_session(0, 1, 0, x, w).reason
+
+    small, huge, nan = reason(torch.full((4,), 0.75)), reason(torch.full((4,), 1e6)), reason(torch.full((4,), float("nan")))
+    assert small == huge == nan == reason(torch.full((4,), 0.25), 2.5) == OUT_OF_RANGE
+    assert not any(ch.isdigit() for ch in OUT_OF_RANGE)
+    assert reason(torch.full((4,), 0.25)) == ""
 
 
 def test_finding_02_dpsgd_node_takes_the_guards_z_not_its_own_shard_calibration():

@@ -20,38 +20,110 @@ from defenses.robust.order_stats import (closest_to_median_mean, coordinate_medi
                                          middle_sum_torch, trimmed_mean)
 
 
-def run_network(values: list[int], n: int, lo: int, hi: int) -> list[int]:
-    ca, cb, ck = K.selection_network(n, lo, hi)
-    v = list(values)
-    for a, b, k in zip(ca.tolist(), cb.tolist(), ck.tolist()):
-        a, b = a // K.LANES, b // K.LANES
-        x, y = v[a], v[b]
-        if k != 2:
-            v[a] = min(x, y)
-        if k != 1:
-            v[b] = max(x, y)
+def run_network(values: list[int], n: int, lo: int, hi: int, family: str) -> list[int]:
+    """The kernel's op list run in Python on one column (padding wires hold +inf)."""
+    net, rows = K.selection_network(n, lo, hi, family)
+    v = list(values) + [math.inf] * (rows - n)
+    for op in net.tolist():
+        kind, wires = op[0], [o // K.LANES for o in op[1:]]
+        if kind in (0, 1, 2):
+            a, b = wires[:2]
+            x, y = v[a], v[b]
+            if kind != 2:
+                v[a] = min(x, y)
+            if kind != 1:
+                v[b] = max(x, y)
+        else:
+            for i, j in K.BLOCK_PAIRS[kind]:
+                a, b = wires[i], wires[j]
+                v[a], v[b] = min(v[a], v[b]), max(v[a], v[b])
     return v
 
 
+@pytest.mark.parametrize("family", ["oddeven", "bitonic"])
 @pytest.mark.parametrize("n", range(1, 12))
-def test_networks_select_every_window_of_every_0_1_input(n):
+def test_networks_select_every_window_of_every_0_1_input(n, family):
     """0-1 principle (Knuth, TAOCP 5.3.4): a comparator network that places ranks [lo, hi) correctly for
     every 0/1 input does so for every input."""
     windows = [(0, n), (n // 2, n // 2 + 1), ((n - 1) // 2, n // 2 + 1), (n // 4, n - n // 4)]
     for lo, hi in {w for w in windows if 0 <= w[0] < w[1] <= n}:
         for bits in itertools.product((0, 1), repeat=n):
-            assert run_network(list(bits), n, lo, hi)[lo:hi] == sorted(bits)[lo:hi], (n, lo, hi, bits)
+            assert run_network(list(bits), n, lo, hi, family)[lo:hi] == sorted(bits)[lo:hi], (n, lo, hi, bits)
+
+
+@pytest.mark.parametrize("n", [13, 20, 33, 64, 100])
+def test_bitonic_blocks_sort_random_inputs(n):
+    """The fused bitonic network (blocks of 4 and 8 wires, skipped padding blocks) sorts larger n."""
+    g = torch.Generator().manual_seed(n)
+    for _ in range(5):
+        vals = torch.randint(-20, 20, (n,), generator=g).tolist()
+        assert run_network(vals, n, 0, n, "bitonic")[:n] == sorted(vals)
 
 
 def test_pruning_removes_comparators_but_the_kernel_is_generic_in_n():
-    full = len(K.selection_network(50, 0, 50)[0])
-    assert len(K.selection_network(50, 25, 26)[0]) < full
+    for family in ("oddeven", "bitonic"):
+        assert len(K.selection_network(50, 25, 26, family)[0]) < len(K.selection_network(50, 0, 50, family)[0])
     coordinate_median(torch.randn(3, 40))
     before = len(K._kernel.signatures)
-    for n in (4, 17, 50, 129):  # new cohort sizes and windows compile nothing new
+    for n in (4, 17, 50, 129, 600):  # new cohort sizes, windows and network families compile nothing new
         coordinate_median(torch.randn(n, 40))
         trimmed_mean(torch.randn(n, 40), 1)
     assert len(K._kernel.signatures) == before
+
+
+def test_auto_picks_the_fused_bitonic_network_for_large_cohorts():
+    assert K.selection_network(1000, 500, 501)[1] == 1024  # bitonic: padded to a power of two
+    assert K.selection_network(1000, 500, 501)[0][:, 0].max() == 8  # with fused 8-wire blocks
+
+
+@pytest.mark.parametrize("family", ["oddeven", "bitonic"])
+@pytest.mark.parametrize("n", [5, 24, 100])
+def test_both_families_give_identical_results(n, family, monkeypatch):
+    g = torch.Generator().manual_seed(n)
+    X = torch.round(torch.randn(n, K.LANES * 80 + 7, generator=g) * 4) / 4  # tasks of several groups:
+    X[1, 3] = math.inf  # the padding must be refilled per group (a pruned network leaves it mixed)
+    S = torch.sort(X, dim=0).values
+    build = K.selection_network
+    monkeypatch.setattr(K, "selection_network", lambda n, lo, hi: build(n, lo, hi, family))
+    med = S[n // 2] if n % 2 else (S[n // 2 - 1] + S[n // 2]) * 0.5
+    assert torch.equal(coordinate_median(X), med)
+    f = n // 5
+    assert torch.equal(trimmed_mean(X, f), (S[f:n - f].double().sum(0) / (n - 2 * f)).float())
+
+
+@pytest.mark.parametrize("isa", ["avx", "sse", "generic"])
+def test_min_max_instructions_keep_the_select_semantics(isa, monkeypatch):
+    """x86 min/max intrinsics (used so LLVM cannot turn the comparator into masked stores) and the
+    portable select: min(x, y) = x < y ? x : y and max = x > y ? x : y, lane by lane, for ties of
+    -0/+0 and NaN too (a NaN column is overwritten with NaN afterwards, but no lane may leak)."""
+    import numba
+    import numpy as np
+
+    if isa == "avx" and K.ISA != "avx":
+        pytest.skip("this CPU has no AVX")
+    if isa != "generic" and K.ISA == "generic":
+        pytest.skip("not an x86 CPU")
+    monkeypatch.setattr(K, "ISA", isa)
+    both = K._comparator("both")  # a new intrinsic: compiled now, with the patched ISA
+
+    @numba.njit
+    def apply(t):
+        both(t, 0, K.LANES)
+
+    specials = [0.0, -0.0, 1.0, -1.0, math.nan, math.inf, -math.inf, 2.5]
+    pairs = list(itertools.product(specials, repeat=2))
+    pairs += [(pairs[i % len(pairs)][0], pairs[i % len(pairs)][1]) for i in range(K.LANES * 2 - len(pairs))]
+    for dtype in (np.float32, np.float64):
+        for start in (0, K.LANES):
+            chunk = pairs[start:start + K.LANES]
+            t = np.array([x for x, _ in chunk] + [y for _, y in chunk], dtype=dtype)
+            apply(t)
+            for lane, (x, y) in enumerate(chunk):
+                want_min, want_max = (x if x < y else y), (x if x > y else y)
+                got_min, got_max = t[lane], t[K.LANES + lane]
+                for got, want in ((got_min, want_min), (got_max, want_max)):
+                    assert (math.isnan(got) and math.isnan(want)) or (
+                        got == want and math.copysign(1, got) == math.copysign(1, want)), (isa, x, y, got, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

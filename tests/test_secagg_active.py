@@ -239,9 +239,16 @@ def test_active_variant_from_config_in_the_engine(tmp_path):
     assert rec["status"] == "ok" and rec["secagg_active"] is True and rec["completed"] == 4
 
 
-def test_flower_path_refuses_the_active_variant_instead_of_downgrading():
-    from secfed.flower.secagg import FlowerSecAgg
+def test_flower_path_runs_the_active_variant_only_with_the_nodes_identities():
+    """Over Flower the active variant runs through the same protocol session as in-process (test_parity_matrix);
+    without the nodes' identities on the roster the server refuses, it never downgrades to semi-honest."""
+    pytest.importorskip("flwr")
+    from conftest import tiny_config
+    from secfed.flower.server import FlowerEngine
 
+    cfg = tiny_config(server={"secure_sum": {"name": "secagg+", "active": True}})
     with pytest.raises(ConfigError, match="active"):
-        FlowerSecAgg(SecAggPlus(active=True), exchange=None)
-    FlowerSecAgg(SecAggPlus(), exchange=None)
+        FlowerEngine(cfg, None, grid=None, progress=False)
+    keys = SecAggPlus(active=True, num_clients=4).simulation_keys()
+    eng = FlowerEngine(cfg, None, grid=None, progress=False, keys=keys)
+    assert eng.secure_sum.active and eng.secure_sum.identities.private_bytes() == keys

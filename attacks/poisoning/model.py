@@ -18,7 +18,7 @@ import torch
 
 from attacks.poisoning.base import PoisoningAdversary, replace, stack
 from attacks.poisoning.data import Backdoor
-from defenses.robust._ops import pairwise_sq_dists
+from defenses.robust import pairwise_sq_dists
 from secfed.interfaces import ClientUpdate, RoundContext
 
 

@@ -24,13 +24,9 @@ def clip_to_norm(delta: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, f
     return (delta.double() * (clip_norm / norm)).to(delta.dtype), norm
 
 
-def round_info(ctx: RoundContext) -> dict[str, Any]:
-    """This round's DP bookkeeping shared by the DP stages (reset when the round changes; never checkpointed)."""
-    info = ctx.state.get("_dp_round")
-    if not isinstance(info, dict) or info.get("round") != ctx.round:
-        info = {"round": ctx.round}
-        ctx.state["_dp_round"] = info
-    return info
+# This round's DP bookkeeping shared by the DP stages: defined with the round driver (secfed.rounds), which
+# also carries it to SuperNodes as a typed object (DPRoundParams).
+from secfed.rounds import round_info  # noqa: E402,F401
 
 
 class ClipUpdate:

@@ -10,7 +10,10 @@ counted twice: the ledger may over-count, never under-count.
 * :class:`DPFedAvgGuard` -- user-level DP of DP-FedAvg (McMahan et al. 2018): one
   Poisson-subsampled Gaussian (q, z) per round. Give ``epsilon`` (+ ``delta``) and
   secfed calibrates z for ``run.rounds``; give ``noise_multiplier`` too and it computes
-  how many rounds fit and stops there.
+  how many rounds fit and stops there. With the ``ddgauss`` client stage (the distributed
+  discrete Gaussian under SecAgg+, :mod:`defenses.privacy.ddgauss`) it charges that
+  mechanism's own RDP bound (Kairouz, Liu & Steinke 2021; Zhu & Wang 2019 for sampling)
+  instead of the continuous Gaussian's, and calibrates z against it.
 * :class:`DPSGDGuard` -- sample-level DP of DP-SGD on each client (Abadi et al. 2016):
   per client, K_i steps of rate q_i per round in which it is sampled; the reported
   epsilon is the worst over clients.
@@ -39,6 +42,11 @@ def _target(kind: str, name: str) -> str:
 # knows the cohort, so client-level amplification by subsampling never holds against it.
 OUTSIDERS = "third parties seeing the released models"
 SERVER = "the server"
+
+
+DDGAUSS = "defenses.privacy.ddgauss:DDGaussNoise"
+#: client stages that add distributed noise shares
+DISTRIBUTED = ("defenses.privacy.dpfedavg:DistributedGaussianNoise", DDGAUSS)
 
 
 def refuse_seeded_noise(cfg: Any) -> None:
@@ -80,9 +88,15 @@ class DPFedAvgGuard:
 
     mechanism = "dp-fedavg"
 
+    @classmethod
+    def config_violations(cls, cfg: Any) -> list[str]:
+        """Every setting DP-FedAvg still needs, checked before the guard is built (secfed.engine asks the
+        registry's class, so secfed never imports this module)."""
+        return dpfedavg_violations(cfg)
+
     def __init__(self, epsilon: float | None = None, delta: float = 1e-5, noise_multiplier: float | None = None,
                  accountant: str = "rdp", sample_rate: float | None = None, rounds: int = 1,
-                 min_clients: int = 1, num_clients: int | None = None) -> None:
+                 min_clients: int = 1, num_clients: int | None = None, dim: int | None = None) -> None:
         _check_common(epsilon, delta, accountant)
         if sample_rate is None:
             raise ConfigError("config key 'server.sampling': dp-fedavg needs Poisson client sampling "
@@ -93,16 +107,18 @@ class DPFedAvgGuard:
             raise ConfigError(f"config key '{KEY}.noise_multiplier': must be > 0 (got {noise_multiplier})")
         self.budget, self.delta, self.accountant, self.q = epsilon, float(delta), accountant, float(sample_rate)
         self.max_rounds: int | None = None
-        if noise_multiplier is None:
-            self.z = calibrate_noise(epsilon, self.delta, self.q, rounds, accountant, KEY)
+        self._z: float | None = None
+        if noise_multiplier is None:  # calibrated on first use (validate_config may pick the ddgauss accountant first)
             self.max_rounds = rounds
         else:
             self.z = float(noise_multiplier)
             if epsilon is not None:
                 self.max_rounds = calibrate_rounds(epsilon, self.delta, [(self.z, self.q, 1)], accountant, KEY)
         self.min_clients, self.num_clients = int(min_clients), num_clients
+        self.rounds, self.dim, self.given_z = rounds, dim, noise_multiplier
+        self.ddgauss: Any = None  # the DDGauss accountant when client.pipeline has 'ddgauss' (validate_config)
         self.history: list[tuple[float, float, int]] = []
-        self._eps = 0.0
+        self._eps_spent = 0.0
         self._next: float | None = None
         self._validated = False
         self.noise_placement: str | None = None  # "central" or "distributed" (from the config, or the round)
@@ -110,15 +126,49 @@ class DPFedAvgGuard:
     def validate_config(self, cfg: Any) -> None:
         """Called by the engine at build time: refusals that need the whole config."""
         refuse_seeded_noise(cfg)
-        shares = any(_target("client_stage", p.name) == "defenses.privacy.dpfedavg:DistributedGaussianNoise"
-                     for p in cfg.client.pipeline)
+        shares = any(_target("client_stage", p.name) in DISTRIBUTED for p in cfg.client.pipeline)
         self.noise_placement = "distributed" if shares else "central"
+        if DDGAUSS in [_target("client_stage", p.name) for p in cfg.client.pipeline] and self.ddgauss is None:
+            self._use_ddgauss(cfg)
+        _ = self.z  # calibrated now: a budget out of reach is refused when the run is built
         if cfg.server.sampling == "poisson" and not _same(cfg.server.sample_rate, self.q):
             raise ConfigError(f"config key 'server.privacy': accounts for sample rate {self.q}, the server samples at "
                               f"server.sample_rate = {cfg.server.sample_rate}")
         if self.min_clients != cfg.server.min_clients:
             raise ConfigError(f"config key 'server.privacy': accounts for min_clients {self.min_clients}, the run has "
                               f"server.min_clients = {cfg.server.min_clients}")
+
+    @property
+    def z(self) -> float:
+        """The noise multiplier: given, or calibrated from epsilon for run.rounds by this guard's accountant."""
+        if self._z is None:
+            self._z = calibrate_noise(self.budget, self.delta, self.q, self.rounds, self.accountant, KEY)
+        return self._z
+
+    @z.setter
+    def z(self, value: float) -> None:
+        self._z = float(value)
+
+    def _use_ddgauss(self, cfg: Any) -> None:
+        """Charge the distributed discrete Gaussian (Kairouz et al. 2021) instead of the continuous Gaussian:
+        its own RDP bound (defenses.privacy.ddgauss), z recalibrated against it for run.rounds."""
+        from defenses.privacy.ddgauss import accountant_from_config
+
+        if self.dim is None:
+            raise ConfigError(f"config key '{KEY}': ddgauss accounting needs the model dimension (engine-provided)")
+        self.ddgauss = accountant_from_config(cfg, self.dim, self.num_clients or cfg.data.num_clients)
+        if self.given_z is None:
+            self.z = self.ddgauss.calibrate(self.budget, self.delta, self.q, self.rounds, KEY)
+            self.max_rounds = self.rounds
+        else:
+            self.ddgauss.mechanism(self.z)  # refuses an impossible bit width now, not in round 1
+            if self.budget is not None:
+                self.max_rounds = self.ddgauss.max_rounds(self.budget, self.delta, self.z, self.q, KEY)
+
+    def _eps(self, history: list[tuple[float, float, int]]) -> float:
+        if self.ddgauss is not None:
+            return self.ddgauss.epsilon(history, self.delta)
+        return epsilon(history, self.delta, self.accountant)
 
     def _check_mechanism(self, ctx: RoundContext) -> None:
         """Review finding 1: what the run really does must be what this guard charges."""
@@ -143,10 +193,12 @@ class DPFedAvgGuard:
         self._check_mechanism(ctx)
         info = round_info(ctx)
         info["noise_multiplier"] = self.z
+        if self.ddgauss is not None:
+            info["ddgauss"] = self.ddgauss.mechanism(self.z)  # the 'ddgauss' stage runs exactly this mechanism
         # what this guard charges; every noise stage checks the values it really uses against it
         info["accounted"] = {"noise_multiplier": self.z, "sample_rate": self.q, "min_clients": self.min_clients,
                              "expected_cohort": self.q * ctx.num_clients}
-        self._next = epsilon(self.history + [(self.z, self.q, 1)], self.delta, self.accountant)
+        self._next = self._eps(self.history + [(self.z, self.q, 1)])
         if self.budget is not None and self._next > self.budget * (1 + 1e-9):
             raise BudgetExhausted(f"round {ctx.round} would bring epsilon to {self._next:.4g} > budget {self.budget:g} "
                                   f"(delta={self.delta:g}); the model of round {ctx.round - 1} is the last within budget")
@@ -159,26 +211,29 @@ class DPFedAvgGuard:
                 raise ConfigError(f"config key 'client.pipeline.gaussian-share': the shares were sized for min_clients "
                                   f"{info.get('share_min_clients')}, the run has server.min_clients = {self.min_clients}")
         if self._next is None:
-            self._next = epsilon(self.history + [(self.z, self.q, 1)], self.delta, self.accountant)
+            self._next = self._eps(self.history + [(self.z, self.q, 1)])
         self.history.append((self.z, self.q, 1))
-        self._eps, self._next = self._next, None
-        return {"mechanism": self.mechanism, "accountant": self.accountant, "q": self.q, "z": self.z, "steps": 1,
-                "delta": self.delta, "epsilon": self._eps, "adversary": OUTSIDERS,
-                "noise": self.noise_placement or "central", "epsilon_vs_server": self.epsilon_vs_server()}
+        self._eps_spent, self._next = self._next, None
+        entry = {"mechanism": self.mechanism, "accountant": self.accountant, "q": self.q, "z": self.z, "steps": 1,
+                 "delta": self.delta, "epsilon": self._eps_spent, "adversary": OUTSIDERS,
+                 "noise": self.noise_placement or "central", "epsilon_vs_server": self.epsilon_vs_server()}
+        if self.ddgauss is not None:
+            entry.update(noise="ddgauss", accountant="ddgauss-rdp", ddgauss=self.ddgauss.mechanism(self.z).describe())
+        return entry
 
     def epsilon_vs_server(self) -> float | None:
         """Epsilon against the server, which knows every cohort: no amplification by client sampling
         (q = 1 in every charged round, as if the client took part in each). None when the server sees
         the un-noised aggregate (central noise): nothing is protected against it then."""
-        if (self.noise_placement or "central") != "distributed":
+        if (self.noise_placement or "central") not in ("distributed", "ddgauss"):
             return None
-        return epsilon([(z, 1.0, k) for z, _, k in self.history], self.delta, self.accountant) if self.history else 0.0
+        return self._eps([(z, 1.0, k) for z, _, k in self.history]) if self.history else 0.0
 
     def describe(self) -> dict[str, Any]:
         """What the summary and the report say about who each epsilon holds against."""
         return {"epsilon_adversary": OUTSIDERS, "epsilon_vs_server": self.epsilon_vs_server(),
                 "epsilon_vs_server_note": ("the server knows the cohort: no amplification by client sampling"
-                                           if self.noise_placement == "distributed" else
+                                           if self.noise_placement in ("distributed", "ddgauss") else
                                            "not protected: with central noise the server sees the un-noised aggregate")}
 
     def load(self, entries: list[dict[str, Any]]) -> None:
@@ -187,13 +242,16 @@ class DPFedAvgGuard:
             if e.get("mechanism") != self.mechanism:
                 raise CheckpointError(f"privacy ledger: entry {e.get('seq')} is for mechanism {e.get('mechanism')!r}, "
                                       f"this run uses {self.mechanism!r}")
+            if (e.get("noise") == "ddgauss") != (self.ddgauss is not None):
+                raise CheckpointError(f"privacy ledger: entry {e.get('seq')} was charged with noise {e.get('noise')!r}, "
+                                      "this run's noise is accounted differently")
             self.history.append((float(e["z"]), float(e["q"]), int(e["steps"])))
             if e.get("noise"):
-                self.noise_placement = str(e["noise"])
-        self._eps = epsilon(self.history, self.delta, self.accountant)
+                self.noise_placement = "distributed" if e["noise"] == "ddgauss" else str(e["noise"])
+        self._eps_spent = self._eps(self.history)
 
     def epsilon(self) -> float:
-        return self._eps
+        return self._eps_spent
 
 
 def dpfedavg_violations(cfg: Any) -> list[str]:
@@ -215,15 +273,25 @@ def dpfedavg_violations(cfg: Any) -> list[str]:
     server_targets = [_target("server_stage", p.name) for p in s.stages]
     if not any(t in clip for t in client_targets):
         bad.append("config key 'client.pipeline': dp-fedavg needs a clipping stage ('clip' or 'adaptive-clip')")
-    noise_c = "defenses.privacy.dpfedavg:DistributedGaussianNoise" in client_targets
+    noise_c = any(t in DISTRIBUTED for t in client_targets)
     noise_s = "defenses.privacy.dpfedavg:CentralGaussianNoise" in server_targets
     if not (noise_c or noise_s):
         bad.append("config key 'server.stages': dp-fedavg needs noise: 'central-gaussian' in server.stages "
                    "or 'gaussian-share' in client.pipeline")
     if noise_c:
-        i = client_targets.index("defenses.privacy.dpfedavg:DistributedGaussianNoise")
+        i = min(client_targets.index(t) for t in DISTRIBUTED if t in client_targets)
         if any(t in clip for t in client_targets) and not any(t in clip for t in client_targets[:i]):
-            bad.append("config key 'client.pipeline': put the clipping stage before 'gaussian-share'")
+            bad.append("config key 'client.pipeline': put the clipping stage before the noise stage")
+        if sum(t in DISTRIBUTED for t in client_targets) > 1:
+            bad.append("config key 'client.pipeline': one distributed noise stage ('gaussian-share' or 'ddgauss')")
+        if DDGAUSS in client_targets and _target("secure_sum", s.secure_sum.name) != "defenses.secure_aggregation.secagg:SecAggPlus":
+            bad.append(f"config key 'server.secure_sum': 'ddgauss' needs \"secagg+\" (got '{s.secure_sum.name}'); "
+                       "it hands ring elements to the secure sum")
+        if DDGAUSS in client_targets and cfg.deploy.transport != "inprocess":
+            bad.append("config key 'deploy.transport': 'ddgauss' runs in-process only for now (the Flower round driver "
+                       "does not carry ring elements)")
+        if DDGAUSS in client_targets and noise_s:
+            bad.append("config key 'server.stages': 'ddgauss' already adds the noise; drop 'central-gaussian'")
     adaptive_s = "defenses.privacy.dpfedavg:AdaptiveClipServer" in server_targets
     adaptive_c = "defenses.privacy.dpfedavg:AdaptiveClipClient" in client_targets
     if adaptive_s != adaptive_c:
@@ -237,7 +305,7 @@ def validate_dpfedavg_config(cfg: Any) -> str:
     if bad:
         raise ConfigError("; ".join(bad))
     client_targets = [_target("client_stage", p.name) for p in cfg.client.pipeline]
-    return "distributed" if "defenses.privacy.dpfedavg:DistributedGaussianNoise" in client_targets else "central"
+    return "distributed" if any(t in DISTRIBUTED for t in client_targets) else "central"
 
 
 class DPSGDGuard:

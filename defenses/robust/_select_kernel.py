@@ -20,16 +20,22 @@ How: coordinates are processed in groups of ``LANES = 64``. A group is copied in
 contiguous tile ``t[n][64]`` (row r of the tile = the group's 64 values of client r; 256 bytes
 for float32, so the tile stays in L1 up to n ~ 128 and in L2 up to n ~ 2000), then a comparator
 network sorts every one of the 64 columns at once: each comparator is one vector ``min`` and one
-vector ``max`` over two tile rows (8 ``vminps`` + 8 ``vmaxps`` on AVX2, no branches). 64 lanes
-measured faster than 8, 16 or 32 at n = 50, 200 and 1000 (more independent work per comparator).
-The network is Batcher's odd-even merge sort (Batcher 1968, "Sorting networks and their
-applications") on ``N = 2^ceil(log2 n)`` wires with every comparator touching a wire ``>= n`` dropped (those
-wires would hold +inf and each such comparator is a no-op, so the rest sorts n values), then
-pruned backwards to the comparators whose outputs reach ranks ``[lo, hi)`` (a comparator
-only one of whose outputs is needed becomes a single ``min`` or ``max``). The network is built
-in Python once per ``(n, lo, hi)`` and passed to the kernel as arrays, so the compiled kernel
-is generic in n: no compile per cohort size. Columns run in parallel (``prange`` over chunks of
-groups), the GIL is released.
+vector ``max`` over two tile rows (8 ``vminps`` + 8 ``vmaxps`` on AVX2, no branches; on x86 emitted
+as those intrinsics, see ``_simd_isa``). 64 lanes measured faster than 8, 16 or 32 at n = 50, 200
+and 1000 (more independent work per comparator).
+The network is data (an int array of ops, built in Python once per ``(n, lo, hi)``), so the
+compiled kernel is generic in n: no compile per cohort size. Two families (``selection_network``),
+the cheaper by a store-count model: Batcher's odd-even merge sort (Batcher 1968, "Sorting networks
+and their applications") on ``N = 2^ceil(log2 n)`` wires with every comparator touching a wire
+``>= n`` dropped (those wires would hold +inf, so the rest sorts n values), or Batcher's bitonic
+sort on N wires (rows n..N-1 of the tile hold +inf) whose consecutive half-cleaner steps are fused
+into blocks of 4 or 8 wires done in registers (an 8-wire block loads and stores 8 rows for 12
+comparators; single comparators store 2 rows each, and the stores bound the network: the fused
+bitonic network is ~1.4x faster at n = 500-1000). Both are pruned backwards to the ops whose outputs
+reach ranks ``[lo, hi)`` (a lone comparator only one of whose outputs is needed becomes a single
+``min`` or ``max``). Columns run in parallel (``prange`` over chunks of groups), the GIL is released.
+While a group is copied, the same rows of a later group are prefetched (the n row streams are
+too many for the hardware prefetcher; the copy took 1.6-2x one ``X.sum(0)`` without it).
 
 Cost: O(n log^2 n) vector comparisons per 64 columns, memory O(n d) (input and output) plus one
 tile per thread. The comparators are emitted as LLVM vector instructions (``numba.extending
@@ -121,8 +127,50 @@ def _vec_ptr(context: Any, builder: Any, ary_type: Any, ary: Any, offset: Any) -
     return builder.bitcast(builder.gep(data, [offset]), _vec_type(context, ary_type).as_pointer())
 
 
+def _simd_isa() -> str:
+    """Which min/max instructions the comparators are emitted with: "avx" (8 float32 / 4 float64 per
+    instruction), "sse" (x86-64 baseline, 4 / 2) or "generic" (another architecture).
+
+    On x86 the comparators call the ``vminps``/``vmaxps`` intrinsics directly: written as
+    ``select(x < y, x, y)``, LLVM rewrites "store the select of the old value" into a masked store
+    (``vmaskmovps``), which is microcoded on AMD and made the whole network ~5x slower. The
+    instructions' semantics are exactly the select's (``min(x, y) = x < y ? x : y``, ``max(x, y) =
+    x > y ? x : y``: with a NaN or a -0/+0 tie the second operand), so results do not depend on the
+    choice. The decision follows the CPU numba compiles for (numba keys its cache on it)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "generic"
+    if numba.config.CPU_NAME or numba.config.CPU_FEATURES:  # a user-chosen (portable) target: baseline only
+        return "sse"
+    from llvmlite import binding
+
+    try:
+        return "avx" if binding.get_host_cpu_features().get("avx") else "sse"
+    except RuntimeError:
+        return "sse"
+
+
+ISA = _simd_isa()
+_X86_MINMAX = {("avx", "float"): "llvm.x86.avx.{op}.ps.256", ("avx", "double"): "llvm.x86.avx.{op}.pd.256",
+               ("sse", "float"): "llvm.x86.sse.{op}.ps", ("sse", "double"): "llvm.x86.sse2.{op}.pd"}
+
+
+def _min_max(builder: Any, op: str, x: Any, y: Any) -> Any:
+    """Lane-wise ``x < y ? x : y`` (op "min") or ``x > y ? x : y`` (op "max") of two native vectors."""
+    name = _X86_MINMAX.get((ISA, str(x.type.element)))
+    if name is None:
+        first, second = (x, y) if op == "min" else (y, x)
+        return builder.select(builder.fcmp_ordered("<", first, second), x, y)
+    name = name.format(op=op)
+    fn = builder.module.globals.get(name) or ir.Function(
+        builder.module, ir.FunctionType(x.type, [x.type, x.type]), name)
+    return builder.call(fn, [x, y])
+
+
 def _comparator(which: str) -> Any:
-    """t[a:a+LANES], t[b:b+LANES] <- min, max (``which`` = "both", "min": only a, "max": only b)."""
+    """t[a:a+LANES], t[b:b+LANES] <- min, max (``which`` = "both", "min": only a, "max": only b),
+    as LANES / w native vectors of w lanes (w = 32 bytes for AVX, 16 otherwise)."""
 
     @intrinsic
     def op(typingctx: Any, t: Any, a: Any, b: Any) -> Any:
@@ -130,14 +178,21 @@ def _comparator(which: str) -> Any:
             return None
 
         def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-            pa = _vec_ptr(context, builder, sig.args[0], args[0], args[1])
-            pb = _vec_ptr(context, builder, sig.args[0], args[0], args[2])
-            x = builder.load(pa, align=4)
-            y = builder.load(pb, align=4)
-            if which != "max":  # x < y ? x : y is exactly vminps(x, y)
-                builder.store(builder.select(builder.fcmp_ordered("<", x, y), x, y), pa, align=4)
-            if which != "min":
-                builder.store(builder.select(builder.fcmp_ordered("<", y, x), x, y), pb, align=4)
+            aty = sig.args[0]
+            elem = context.get_data_type(aty.dtype)
+            w = (32 if ISA == "avx" else 16) // (4 if aty.dtype == types.float32 else 8)
+            vt = ir.VectorType(elem, w)
+            data = context.make_array(aty)(context, builder, args[0]).data
+            for v in range(0, LANES, w):
+                off = ir.Constant(args[1].type, v)
+                pa = builder.bitcast(builder.gep(data, [builder.add(args[1], off)]), vt.as_pointer())
+                pb = builder.bitcast(builder.gep(data, [builder.add(args[2], off)]), vt.as_pointer())
+                x = builder.load(pa, align=4)
+                y = builder.load(pb, align=4)
+                if which != "max":
+                    builder.store(_min_max(builder, "min", x, y), pa, align=4)
+                if which != "min":
+                    builder.store(_min_max(builder, "max", x, y), pb, align=4)
             return context.get_dummy_value()
 
         return types.void(t, a, b), codegen
@@ -146,8 +201,11 @@ def _comparator(which: str) -> Any:
 
 
 @intrinsic
-def _copy_lanes(typingctx: Any, dst: Any, doff: Any, src: Any, soff: Any) -> Any:
-    """dst[doff:doff+LANES] = src.flat[soff:soff+LANES]; returns the bit mask of lanes that are NaN."""
+def _copy_lanes(typingctx: Any, dst: Any, doff: Any, src: Any, soff: Any, ahead: Any) -> Any:
+    """dst[doff:doff+LANES] = src.flat[soff:soff+LANES]; returns the bit mask of lanes that are NaN.
+    Also prefetches the LANES values at ``soff + ahead`` (the same row, a later group): the n row
+    streams of a tile outrun the hardware prefetcher (measured: the copy took 1.6-2x one ``X.sum(0)``
+    at n = 50 without it, 1x with it)."""
     if not (isinstance(dst, types.Array) and isinstance(src, types.Array) and dst.dtype == src.dtype):
         return None
 
@@ -156,10 +214,20 @@ def _copy_lanes(typingctx: Any, dst: Any, doff: Any, src: Any, soff: Any) -> Any
         pd = _vec_ptr(context, builder, sig.args[0], args[0], args[1])
         v = builder.load(ps, align=4)
         builder.store(v, pd, align=4)
+        i8p = ir.IntType(8).as_pointer()
+        name = "llvm.prefetch.p0i8"
+        fn = builder.module.globals.get(name) or ir.Function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p] + [ir.IntType(32)] * 3), name)
+        line = 64 // (sig.args[2].dtype.bitwidth // 8)  # values per 64-byte cache line
+        data = context.make_array(sig.args[2])(context, builder, args[2]).data
+        i32 = ir.IntType(32)
+        for e in range(0, LANES, line):  # a prefetch never faults, even past the array's end
+            q = builder.gep(data, [builder.add(builder.add(args[3], args[4]), ir.Constant(args[3].type, e))])
+            builder.call(fn, [builder.bitcast(q, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         nan = builder.fcmp_unordered("uno", v, v)
         return builder.zext(builder.bitcast(nan, ir.IntType(LANES)), ir.IntType(64))
 
-    return types.int64(dst, doff, src, soff), codegen
+    return types.int64(dst, doff, src, soff, ahead), codegen
 
 
 @intrinsic
@@ -182,24 +250,71 @@ def _add_lanes(typingctx: Any, acc: Any, t: Any, off: Any) -> Any:
 
 _both, _only_min, _only_max = _comparator("both"), _comparator("min"), _comparator("max")
 
+# A fused block of a bitonic network: wires w[0..m) (m = 4 or 8, tile offsets), log2(m) half-cleaner
+# steps done in registers: step s compares w[i] with w[i + m / 2^(s+1)] (min to the first) for every i
+# whose bit m / 2^(s+1) is clear. m wires are loaded once and stored once for m/2 * log2(m) comparators,
+# where single comparators load and store two wires each: the network is bound by its stores.
+BLOCK_PAIRS = {m: [(i, i + h) for h in (m // 2, m // 4, m // 8) if h for i in range(m) if not i & h]
+               for m in (4, 8)}
+
+
+def _block_codegen(m: int) -> Any:
+    pairs = BLOCK_PAIRS[m]
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        aty = sig.args[0]
+        width = (32 if ISA == "avx" else 16) // (4 if aty.dtype == types.float32 else 8)
+        vt = ir.VectorType(context.get_data_type(aty.dtype), width)
+        data = context.make_array(aty)(context, builder, args[0]).data
+        for v in range(0, LANES, width):
+            off = ir.Constant(args[1].type, v)
+            ptrs = [builder.bitcast(builder.gep(data, [builder.add(a, off)]), vt.as_pointer()) for a in args[1:]]
+            regs = [builder.load(q, align=4) for q in ptrs]
+            for i, j in pairs:
+                lo_, hi_ = _min_max(builder, "min", regs[i], regs[j]), _min_max(builder, "max", regs[i], regs[j])
+                regs[i], regs[j] = lo_, hi_
+            for q, r in zip(ptrs, regs):
+                builder.store(r, q, align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _float_array(t: Any) -> bool:
+    return isinstance(t, types.Array) and t.dtype in (types.float32, types.float64)
+
+
+@intrinsic
+def _block4(typingctx: Any, t: Any, w0: Any, w1: Any, w2: Any, w3: Any) -> Any:
+    """The fused 4-wire block (two half-cleaner steps) on tile offsets w0..w3."""
+    return (types.void(t, w0, w1, w2, w3), _block_codegen(4)) if _float_array(t) else None
+
+
+@intrinsic
+def _block8(typingctx: Any, t: Any, w0: Any, w1: Any, w2: Any, w3: Any, w4: Any, w5: Any, w6: Any,
+            w7: Any) -> Any:
+    """The fused 8-wire block (three half-cleaner steps) on tile offsets w0..w7."""
+    return (types.void(t, w0, w1, w2, w3, w4, w5, w6, w7), _block_codegen(8)) if _float_array(t) else None
+
 
 @numba.njit(cache=_CACHE is not None, nogil=True, parallel=True)
-def _kernel(X, lo, hi, ca, cb, ck, mode, chunk, out):  # noqa: ANN001 - numba signature
+def _kernel(X, lo, hi, net, rows, mode, chunk, ahead, out):  # noqa: ANN001 - numba signature
     n, d = X.shape
     L = LANES
     groups = (d + L - 1) // L
     tasks = (groups + chunk - 1) // chunk
     for task in numba.prange(tasks):
-        t = np.empty(n * L, X.dtype)
+        t = np.empty(rows * L, X.dtype)
         acc = np.empty(L, np.float64)
         flat = X.reshape(n * d)
         for g in range(task * chunk, min(groups, (task + 1) * chunk)):
             s = g * L
             w = min(L, d - s)
             nan = 0
+            t[n * L:] = np.inf  # padding wires of a bitonic network (a pruned network leaves them mixed)
             if w == L:
                 for r in range(n):
-                    nan |= _copy_lanes(t, r * L, flat, r * d + s)
+                    nan |= _copy_lanes(t, r * L, flat, r * d + s, ahead)
             else:  # the ragged last group: pad with the group's first column
                 for r in range(n):
                     for l in range(L):
@@ -207,14 +322,18 @@ def _kernel(X, lo, hi, ca, cb, ck, mode, chunk, out):  # noqa: ANN001 - numba si
                         t[r * L + l] = v
                         if v != v:
                             nan |= 1 << l
-            for c in range(ca.shape[0]):
-                k = ck[c]
+            for c in range(net.shape[0]):
+                k = net[c, 0]
                 if k == 0:
-                    _both(t, ca[c], cb[c])
+                    _both(t, net[c, 1], net[c, 2])
+                elif k == 8:
+                    _block8(t, net[c, 1], net[c, 2], net[c, 3], net[c, 4], net[c, 5], net[c, 6], net[c, 7], net[c, 8])
+                elif k == 4:
+                    _block4(t, net[c, 1], net[c, 2], net[c, 3], net[c, 4])
                 elif k == 1:
-                    _only_min(t, ca[c], cb[c])
+                    _only_min(t, net[c, 1], net[c, 2])
                 else:
-                    _only_max(t, ca[c], cb[c])
+                    _only_max(t, net[c, 1], net[c, 2])
             if mode == 3:  # Bulyan: mean of the `hi` values closest to the median (the column is sorted)
                 for l in range(w):
                     if n % 2:
@@ -270,25 +389,81 @@ def oddeven_merge_sort(N: int) -> list[tuple[int, int]]:
     return pairs
 
 
-@functools.lru_cache(maxsize=64)
-def selection_network(n: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Comparators that put ranks ``[lo, hi)`` of n values in place: ``(a, b, kind)`` arrays, tile
-    offsets ``a * LANES`` and ``b * LANES``; kind 0 = min to a and max to b, 1 = only the min (b is
-    not read again), 2 = only the max.
+def bitonic_sort(N: int, n: int | None = None) -> list[tuple[int, ...]]:
+    """Batcher's bitonic sort on N = 2^k wires (alternating directions), as fused blocks: each tuple
+    is the wire list of one comparator (2 wires) or one ``BLOCK_PAIRS`` block (4 or 8 wires); the
+    minimum goes to the first-listed wire, so a descending block lists its wires in reverse. Stage
+    ``k`` (sorting blocks of k wires) has half-cleaner steps j = k/2, ..., 1; consecutive steps are
+    fused three (8 wires) or two (4 wires) at a time. With ``n`` (< N real wires, the rest +inf),
+    a stage skips its blocks that lie wholly on padding: they hold only +inf, sorted either way."""
+    ops: list[tuple[int, ...]] = []
+    k = 2
+    while k <= N:
+        j = k // 2
+        while j >= 1:
+            s = min(3, j.bit_length())  # steps fused: j, j/2, ... (3 at most, and not below distance 1)
+            m = 1 << s
+            span = [sum(((idx >> (s - 1 - b)) & 1) * (j >> b) for b in range(s)) for idx in range(m)]
+            mask = sum(j >> b for b in range(s))
+            for base in range(N):
+                if base & mask or (n is not None and base & ~(k - 1) >= n):
+                    continue
+                wires = tuple(base + o for o in span)
+                ops.append(wires if (base & k) == 0 or k == N else wires[::-1])
+            j >>= s
+        k *= 2
+    return ops
 
-    Batcher's network on the next power of two with the comparators on wires >= n dropped (+inf
-    padding never moves), then pruned from the outputs back: a comparator neither of whose
-    outputs is needed later is dropped."""
-    N = 1 << max(0, (n - 1).bit_length())
-    need = [lo <= r < hi for r in range(n)]
+
+def _prune(ops: list[tuple[int, ...]], n: int, lo: int, hi: int) -> list[tuple[int, ...]]:
+    """Drop, from the outputs back, every op none of whose wires reaches ranks [lo, hi)."""
+    need = [lo <= r < hi for r in range(n)] + [False] * max(0, max((max(o) for o in ops), default=0) + 1 - n)
     kept = []
-    for a, b in reversed([(a, b) for a, b in oddeven_merge_sort(N) if b < n]):
-        if need[a] or need[b]:
-            kept.append((a * LANES, b * LANES, 0 if need[a] and need[b] else (1 if need[a] else 2)))
-            need[a] = need[b] = True
+    for op in reversed(ops):
+        if any(need[w] for w in op):
+            if len(op) == 2:  # a lone comparator whose other output is dead becomes a min or a max
+                a, b = op
+                kept.append((0 if need[a] and need[b] else (1 if need[a] else 2), a, b))
+            else:
+                kept.append((len(op),) + op)
+            for w in op:
+                need[w] = True
     kept.reverse()
-    arr = np.array(kept, dtype=np.int64).reshape(-1, 3)
-    return tuple(np.ascontiguousarray(arr[:, i]) for i in range(3))  # type: ignore[return-value]
+    return kept
+
+
+# Relative cost of an op (kind -> units, one unit ~ one vector store): a comparator loads and stores
+# its two wires; a block of m wires stores m and does m/2 log2(m) min/max pairs (two per unit).
+OP_COST = {0: 2, 1: 1, 2: 1, 4: 4, 8: 12}
+
+
+@functools.lru_cache(maxsize=64)
+def selection_network(n: int, lo: int, hi: int, family: str = "auto") -> tuple[np.ndarray, int]:
+    """Ops that put ranks ``[lo, hi)`` of n values in place, and the tile rows they need.
+
+    Returns ``(net, rows)``: ``net`` is an int64 ``(m, 9)`` array, one op per row: kind, then up to
+    8 tile offsets (wire * LANES). Kind 0 = comparator (min to the first wire, max to the second),
+    1 = only its min (the second wire is not read again), 2 = only its max, 4 / 8 = a fused block
+    of 4 / 8 wires (``BLOCK_PAIRS``). ``family``: "oddeven" = Batcher's odd-even merge sort on the
+    next power of two with every comparator on a wire >= n dropped (+inf padding never moves; rows
+    = n); "bitonic" = the fused bitonic sort on N = 2^ceil(log2 n) wires, rows n..N-1 holding +inf
+    (rows = N); "auto" = the cheaper by ``OP_COST``. Both are pruned from the outputs back: an op
+    none of whose outputs reaches [lo, hi) is dropped."""
+    if family == "auto":
+        cands = [selection_network(n, lo, hi, f) for f in ("oddeven", "bitonic")]
+        return min(cands, key=lambda c: int(sum(OP_COST[int(k)] for k in c[0][:, 0])))
+    N = 1 << max(0, (n - 1).bit_length())
+    if family == "oddeven":
+        ops, rows = _prune([(a, b) for a, b in oddeven_merge_sort(N) if b < n], n, lo, hi), n
+    elif family == "bitonic":
+        ops, rows = _prune(bitonic_sort(N, n), n, lo, hi), N
+    else:
+        raise ValueError(f"unknown network family {family!r}")
+    net = np.zeros((len(ops), 9), dtype=np.int64)
+    for i, op in enumerate(ops):
+        net[i, 0] = op[0]
+        net[i, 1:len(op)] = [w * LANES for w in op[1:]]
+    return net, rows
 
 
 def middle_stat(X: torch.Tensor, lo: int, hi: int, mode: str) -> torch.Tensor:
@@ -302,11 +477,13 @@ def middle_stat(X: torch.Tensor, lo: int, hi: int, mode: str) -> torch.Tensor:
     out = np.empty(d, dtype=Xn.dtype)
     if d == 0:
         return torch.from_numpy(out)
-    ca, cb, ck = selection_network(n, 0, n) if mode == "closest_mean" else selection_network(n, lo, hi)
+    net, rows = selection_network(n, 0, n) if mode == "closest_mean" else selection_network(n, lo, hi)
     with _lock:
         threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
         numba.set_num_threads(threads)
         groups = -(-d // LANES)
         chunk = max(1, min(256, groups // (4 * threads)))  # >= 4 tasks per thread for balance
-        _kernel(Xn, lo, hi, ca, cb, ck, MODES[mode], chunk, out)
+        # prefetch 2 groups ahead, 1 when 2 groups of n rows would not stay in L2 (256 KiB assumed)
+        ahead = LANES * (2 if 2 * n * LANES * Xn.itemsize <= 1 << 17 else 1)
+        _kernel(Xn, lo, hi, net, rows, MODES[mode], chunk, ahead, out)
     return torch.from_numpy(out)

@@ -28,7 +28,7 @@ Above ``MAX_NETWORK_ROWS`` rows the network does ``O(log^2 n)`` passes over the 
 cache-blocked ``torch.sort`` along contiguous memory is used instead.
 
 Compiled path: CPU float32/float64 inputs go to ``_select_kernel`` (numba) when numba imports:
-the same kind of network, but run on a 16-coordinate tile that stays in L1, so the data is
+the same kind of network, but run on a 64-coordinate tile that stays in cache, so the data is
 read once (a few times the cost of one ``X.sum(0)`` instead of tens). Results: every order
 statistic, the median and the even-n median ``(a + b) * 0.5`` are bit-identical to this torch
 path; sums of several ranks (``middle_sum``, ``trimmed_mean``) are accumulated in float64 in

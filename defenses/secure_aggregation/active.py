@@ -14,8 +14,8 @@ sparse graph of Bell et al., CCS 2020. On top of :mod:`.protocol`:
   not name (Sybils): SETUP neighbours off the roster are refused.
   In simulation the identities are generated per client by :class:`Identities`;
   in a deployment the identity is the node key the operator registered with
-  Flower (not wired yet: the Flower path of this variant is issue 21's shared
-  round driver).
+  Flower (not wired yet; Flower simulations hand the generated keys to the
+  ServerApp and the nodes, real SuperNodes are refused).
 * **Consistency check** (new round between MaskedInput and Unmasking). The
   server sends every survivor the same set U3; ``u`` checks ``u in U3``,
   ``U3 & N(u)`` is a subset of the neighbours it masked against and
@@ -76,9 +76,15 @@ class ActiveStep(enum.IntEnum):
 
 # ============================================================================ identities
 class Identities:
-    """Ed25519 long-term keys of a simulated cohort; ``roster`` is what every client holds."""
+    """Ed25519 long-term keys of a simulated federation; ``roster`` is what every client holds.
 
-    def __init__(self) -> None:
+    ``num_clients`` > 0: one key per client 0..n-1, so the roster is the whole federation
+    (fixed before the run). A simulation over Flower hands the same identities to the
+    ServerApp and to each simulated node (:meth:`private_bytes` / :meth:`from_private_bytes`).
+    """
+
+    def __init__(self, num_clients: int = 0) -> None:
+        self.num_clients = num_clients
         self._sk: dict[int, Ed25519PrivateKey] = {}
 
     def key(self, client_id: int) -> Ed25519PrivateKey:
@@ -86,8 +92,25 @@ class Identities:
             self._sk[client_id] = Ed25519PrivateKey.generate()
         return self._sk[client_id]
 
+    def ids(self, extra: list[int] | tuple[int, ...] = ()) -> list[int]:
+        """Every client with an identity (the federation, the keys made so far and ``extra``, made now)."""
+        for u in [*range(self.num_clients), *extra]:
+            self.key(u)
+        return sorted(self._sk)
+
     def roster(self, ids: list[int]) -> dict[int, bytes]:
         return {u: self.key(u).public_key().public_bytes_raw() for u in ids}
+
+    def private_bytes(self) -> dict[int, bytes]:
+        """The raw private keys (simulation only: to hand the same identities to simulated nodes)."""
+        self.ids()
+        return {u: k.private_bytes_raw() for u, k in self._sk.items()}
+
+    @classmethod
+    def from_private_bytes(cls, keys: dict[int, bytes]) -> "Identities":
+        out = cls(0)
+        out._sk = {int(u): Ed25519PrivateKey.from_private_bytes(k) for u, k in keys.items()}
+        return out
 
 
 def advertise_statement(round_: int, u: int, c_pk: bytes, s_pk: bytes) -> bytes:
@@ -199,6 +222,15 @@ class ActiveSecAggClient(SecAggClient):
     identity: Ed25519PrivateKey | None = None
     roster: dict[int, bytes] = field(default_factory=dict)
     u3: list[int] | None = None  # the one survivor set this client signed this round
+
+    def to_state(self) -> dict:
+        return {**super().to_state(), "u3": self.u3}
+
+    @classmethod
+    def from_state(cls, d: dict, **extra) -> "ActiveSecAggClient":
+        c = super().from_state(d, **extra)
+        c.u3 = None if d.get("u3") is None else [int(i) for i in d["u3"]]
+        return c
 
     def receive_setup(self, payload: bytes) -> None:
         super().receive_setup(payload)

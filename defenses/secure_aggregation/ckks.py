@@ -35,6 +35,7 @@ import torch
 
 from secfed.errors import ConfigError, MalformedMessage, RoundAborted
 from secfed.interfaces import ClientUpdate, RoundContext, SumResult, WireMessage
+from secfed.rounds import InProcessTransport, Session, drive, failure_reason
 
 from defenses.secure_aggregation.he_params import DEFAULT, HEParams
 from defenses.secure_aggregation.he_wire import (SERVER_SENDER, chunk_sizes, decode_bundle, decode_context,
@@ -54,6 +55,14 @@ class KeyHolder:
             self._ctx = ts.context(ts.SCHEME_TYPE.CKKS, params.poly_modulus_degree, **kw)
             self._ctx.global_scale = 2.0 ** params.scale_bits
         self.key_id = os.urandom(16)
+
+    @classmethod
+    def from_client_context(cls, context: bytes, params: HEParams = DEFAULT) -> "KeyHolder":
+        """The key holder of keys made elsewhere (a simulation hands the same keys to its nodes)."""
+        loaded = decode_context(context, expect_secret=True)
+        out = cls.__new__(cls)
+        out.params, out._ctx, out.key_id = params.validate(), loaded.context, loaded.key_id
+        return out
 
     def client_context(self) -> bytes:
         """Context with the secret key, for clients (send it over an authenticated, confidential channel)."""
@@ -204,44 +213,91 @@ class CKKSSum:
         """The fewest clients whose sum the key holder decrypts: max(2, server.min_clients), or a group's size."""
         return max(2, self.min_clients, override or 0)
 
+    # ------------------------------------------------------------------ keys of a simulation over Flower
+    needs_keys = True  # the clients' secret-key context comes from the key holder, never from the server
+
+    def simulation_keys(self) -> dict[int, bytes]:
+        """Keys a Flower simulation hands out of band: {-1: the clients' secret-key context} (a deployment
+        distributes it over the channel it secures; the server never holds it)."""
+        if self.rotate_keys:
+            raise ConfigError("config key 'server.secure_sum.rotate_keys': fresh keys every round need a key "
+                              "distribution channel, which the Flower path does not have; set rotate_keys = false")
+        return {-1: KeyHolder(self.params).client_context()}
+
+    def use_keys(self, keys: dict[int, bytes]) -> None:
+        if -1 in keys:
+            self._keys = KeyHolder.from_client_context(keys[-1], self.params)
+            self._client_ctx, self._server_ctx = bytes(keys[-1]), self._keys.server_context()
+            self._client = HEClient(self._client_ctx, self.params)
+            self._has_context = set()
+
+    # ------------------------------------------------------------------ client side
+    def client_session(self, client_id: int, round_: int, seed: int, delta: torch.Tensor, weight: float,
+                       workspace: Any = None) -> "HEClientSession":
+        if self._keys is None:
+            self._setup_keys()
+        return HEClientSession(self._client, client_id, round_, delta.detach().to(torch.float32).numpy(), float(weight))
+
+    def restore_session(self, state: dict) -> "HEClientSession":
+        if self._client is None:
+            raise MalformedMessage("he: this node holds no key context")
+        return HEClientSession.from_state(self._client, state)
+
+    # ------------------------------------------------------------------ one round
     def aggregate(self, updates: list[ClientUpdate], ctx: RoundContext, min_sum: int | None = None) -> SumResult:
+        """In-process: every client encrypts here; the session runs over :class:`InProcessTransport`."""
         need = self.min_sum(min_sum)
         if len(updates) < need:  # review finding 5: never encrypt for, let alone decrypt, a sum of one
             raise RoundAborted(f"he: {len(updates)} client(s) could take part, this secure sum needs at least {need}")
-        if len(updates) > self.params.max_clients:
-            raise RoundAborted(f"{len(updates)} updates exceed server.secure_sum.max_clients = {self.params.max_clients}")
         if self._keys is None or self.rotate_keys:
+            self._setup_keys()
+        clients = {u.client_id: self.client_session(u.client_id, ctx.round, ctx.seed, u.delta, u.weight)
+                   for u in updates}
+        transport = InProcessTransport(clients, ctx.state.get("_tamper"))
+        result = drive(self.serve({u.client_id: "" for u in updates}, ctx, min_sum, fresh=False), transport, ctx)
+        # a simulation statistic the server cannot see (each client knows its own; over Flower it stays there)
+        result.metrics["he_clipped"] = sum(c.clipped for c in clients.values())
+        return result
+
+    def serve(self, candidates: dict[int, str], ctx: RoundContext, min_sum: int | None = None,
+              fresh: bool = True) -> Session:
+        """The server's side of one round (one step, ``encrypt``: each client answers with its bundle)."""
+        need = self.min_sum(min_sum)
+        ids_in = sorted(candidates)
+        if len(ids_in) < need:
+            raise RoundAborted(f"he: {len(ids_in)} client(s) could take part, this secure sum needs at least {need}")
+        if len(ids_in) > self.params.max_clients:
+            raise RoundAborted(f"{len(ids_in)} updates exceed server.secure_sum.max_clients = {self.params.max_clients}")
+        if self._keys is None or (fresh and self.rotate_keys):
             self._setup_keys()
         d = ctx.spec.numel
         server = HEServer(self._server_ctx, self.params, d=d)
-        tamper = ctx.state.get("_tamper", lambda cid, p: p)
         ids, transcript = [], []
         dropped: dict[int, str] = {}
         bytes_up: dict[int, int] = {}
         bytes_down: dict[int, int] = {}
-        clipped = 0
-        for u in updates:
-            if ctx.dropouts.drops(u.client_id, "encrypt"):
-                dropped[u.client_id] = "dropped before encrypt"
+        send = {}
+        for u in ids_in:
+            if ctx.dropouts.drops(u, "encrypt"):
+                dropped[u] = "dropped before encrypt"
                 continue
-            if u.client_id not in self._has_context:  # key distribution (secured channel)
-                bytes_down[u.client_id] = len(self._client_ctx)
-                self._has_context.add(u.client_id)
+            if u not in self._has_context:  # key distribution (secured channel)
+                bytes_down[u] = len(self._client_ctx)
+                self._has_context.add(u)
+            send[u] = b""
+        replies, failed = yield "encrypt", send
+        for u, why in failed.items():
+            dropped[u] = failure_reason("encrypt", why, "he")
+        for u in sorted(replies):
+            payload = replies[u]
+            transcript.append(WireMessage(u, "ciphertext", payload))
+            bytes_up[u] = len(payload)
             try:
-                payload, c = self._client.encode(u, ctx.round)
+                server.add(payload, round_=ctx.round, sender=u)
             except MalformedMessage as e:
-                dropped[u.client_id] = f"client refused: {e}"
+                dropped[u] = f"malformed: {e}"
                 continue
-            clipped += c
-            payload = tamper(u.client_id, payload)
-            transcript.append(WireMessage(u.client_id, "ciphertext", payload))
-            bytes_up[u.client_id] = len(payload)
-            try:
-                server.add(payload, round_=ctx.round, sender=u.client_id)
-            except MalformedMessage as e:
-                dropped[u.client_id] = f"malformed: {e}"
-                continue
-            ids.append(u.client_id)
+            ids.append(u)
         if len(ids) < need:
             raise RoundAborted(f"only {len(ids)} valid ciphertexts, this secure sum needs at least {need} "
                                f"(server.min_clients is {self.min_clients}; never fewer than 2)")
@@ -249,9 +305,41 @@ class CKKSSum:
         total, weight = self._keys.decrypt_sum(encrypted_sum, d=d, round_=ctx.round, n=len(ids))
         p = self.params
         metrics = {"he_scheme": p.scheme, "he_ciphertexts_per_client": len(chunk_sizes(d, p)),
-                   "he_sum_bytes": len(encrypted_sum), "he_clipped": clipped}
+                   "he_sum_bytes": len(encrypted_sum)}
         metrics["he_abs_error_bound"] = p.abs_error_bound(len(ids))
         if p.scheme == "ckks":
             metrics["he_release_step"] = p.release_step(len(ids))
         return SumResult(client_ids=ids, total=total, total_weight=weight, updates=None, dropped=dropped,
                          bytes_up=bytes_up, bytes_down=bytes_down, transcript=transcript, metrics=metrics)
+
+
+class HEClientSession:
+    """One client's side of one homomorphic round: weight, encode and encrypt its update (step ``encrypt``)."""
+
+    def __init__(self, client: HEClient, client_id: int, round_: int, delta: np.ndarray, weight: float) -> None:
+        self.client, self.client_id, self.round, self.delta, self.weight = client, client_id, round_, delta, weight
+        self.reason = ""
+        self.clipped = 0
+        self.finished = False
+
+    def handle(self, step: str, payload: bytes) -> bytes:
+        if step != "encrypt":
+            raise MalformedMessage(f"he: unknown step {step[:16]!r}")
+        if self.finished:
+            raise MalformedMessage("he: this client already encrypted its update this round")
+        u = ClientUpdate(self.client_id, torch.from_numpy(self.delta), 0, self.weight)
+        try:
+            out, self.clipped = self.client.encode(u, self.round)
+        except MalformedMessage as e:
+            raise MalformedMessage(f"client refused: {e}") from None
+        self.finished = True
+        return out
+
+    def to_state(self) -> dict:
+        return {"client": self.client_id, "round": self.round, "weight": self.weight,
+                "delta": self.delta.astype("<f4").tobytes().hex()}
+
+    @classmethod
+    def from_state(cls, client: HEClient, d: dict) -> "HEClientSession":
+        delta = np.frombuffer(bytes.fromhex(d["delta"]), dtype="<f4").astype(np.float32)
+        return cls(client, int(d["client"]), int(d["round"]), delta, float(d["weight"]))

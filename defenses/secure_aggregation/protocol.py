@@ -103,8 +103,36 @@ class SecAggClient:
     held: dict[int, tuple[int, int]] = field(default_factory=dict)  # owner -> (y_b, y_s)
     unmasked: bool = False  # answered SURVIVORS once this round: a second answer could hand out both shares
 
+    setup_bytes: bytes = b""  # the SETUP as received (kept so that a node can restore this object)
+
     def receive_setup(self, payload: bytes) -> None:
         self.setup = msg.decode_setup(payload, round_=self.round, me=self.me)
+        self.setup_bytes = bytes(payload)
+
+    # ------------------------------------------------------------------ persistence on a node
+    def to_state(self) -> dict:
+        """This round's secrets as a JSON-able dict, for a node that keeps them between messages in its own
+        storage (Flower's ``context.state``: it never leaves the node). :meth:`from_state` restores it."""
+        raw = (lambda k: k.private_bytes_raw().hex() if k is not None else "")
+        return {"me": self.me, "round": self.round, "setup": self.setup_bytes.hex(), "c_sk": raw(self.c_sk),
+                "s_sk": raw(self.s_sk), "keys": {str(v): [a.hex(), b.hex()] for v, (a, b) in self.keys.items()},
+                "b": self.b.hex(), "own_share": list(self.own_share),
+                "held": {str(v): list(y) for v, y in self.held.items()}, "unmasked": self.unmasked}
+
+    @classmethod
+    def from_state(cls, d: dict, **extra) -> "SecAggClient":
+        """The client :meth:`to_state` saved (``extra``: fields a subclass does not persist, e.g. its identity)."""
+        key = (lambda h: X25519PrivateKey.from_private_bytes(bytes.fromhex(h)) if h else None)
+        c = cls(int(d["me"]), int(d["round"]), **extra)
+        if d["setup"]:
+            c.receive_setup(bytes.fromhex(d["setup"]))
+        c.c_sk, c.s_sk = key(d["c_sk"]), key(d["s_sk"])
+        c.keys = {int(v): (bytes.fromhex(a), bytes.fromhex(b)) for v, (a, b) in d["keys"].items()}
+        c.b = bytes.fromhex(d["b"])
+        c.own_share = tuple(d["own_share"])
+        c.held = {int(v): tuple(y) for v, y in d["held"].items()}
+        c.unmasked = bool(d["unmasked"])
+        return c
 
     def advertise_keys(self) -> bytes:
         """Round 0: two fresh X25519 key pairs per round."""

@@ -18,8 +18,8 @@ Config (``server.secure_sum = {name = "secagg+", ...}``)::
     security_bits       sigma: P[corrupt neighbours hold t shares] <= 2^-sigma (>= 40).
     active              false (default): semi-honest server. true: the actively secure
                         variant (:mod:`.active`): Ed25519 identities on a roster, signed
-                        keys, a signed consistency round before unmasking (in-process only;
-                        the Flower path is issue 21's shared round driver).
+                        keys, a signed consistency round before unmasking (in-process and in
+                        Flower simulations through the same session; real SuperNodes: not yet).
 
 The in-process run passes the real bytes of every message between
 :class:`~.protocol.SecAggClient` objects and a :class:`~.protocol.SecAggServer`; the
@@ -37,16 +37,31 @@ import numpy as np
 import torch
 
 from secfed.errors import ConfigError, MalformedMessage, RoundAborted
-from secfed.interfaces import ClientUpdate, RoundContext, SumResult, WireMessage
+from secfed.interfaces import ClientUpdate, RoundContext, SumResult, WireMessage, derive_seed
+from secfed.rounds import InProcessTransport, Session, drive, failure_reason
 
 from . import messages as msg
 from .graph import choose_degree, graph_digest, neighbour_graph, security_ok, threshold_for
 from .prg import MaskExpander
 from .active import ActiveSecAggClient, ActiveSecAggServer, Identities
 from .protocol import SecAggClient, SecAggServer
-from .quantize import Quantizer, Workspace, choose_bits
+from .quantize import OUT_OF_RANGE, Quantizer, Workspace, choose_bits
 
 _KEY = "server.secure_sum"
+
+
+def ring_codec(updates: list[ClientUpdate]) -> Any:
+    """ddgauss: the codec shared by every update's ring elements (``update.ring``), None when no update has them."""
+    rings = [getattr(u, "ring", None) for u in updates]
+    if all(r is None for r in rings):
+        return None
+    if any(r is None for r in rings) or len({id(r.codec) for r in rings}) != 1:
+        raise ConfigError("config key 'client.pipeline': some clients encoded into the ring (ddgauss) and others did "
+                          "not, or with other parameters; every client must run the same pipeline")
+    codec = rings[0].codec
+    if any(r.values.shape != (codec.ring_dim,) for r in rings):
+        raise ConfigError("config key 'client.pipeline': a ddgauss ring vector has the wrong length")
+    return codec
 
 
 class SecAggPlus:
@@ -58,7 +73,7 @@ class SecAggPlus:
     def __init__(self, clip_range: float = 1.0, bits: int | str = "auto", max_weight: int = 65536,
                  threshold: float = 0.5, degree: int | str = "auto", corrupt_fraction: float = 0.05,
                  dropout_fraction: float = 0.1, failure_probability: float = 1e-6, security_bits: int = 40,
-                 min_clients: int = 1, active: bool = False) -> None:
+                 min_clients: int = 1, active: bool = False, num_clients: int = 0) -> None:
         if not (isinstance(clip_range, (int, float)) and math.isfinite(clip_range) and clip_range > 0):
             raise ConfigError(f"config key '{_KEY}.clip_range': must be a positive number, got {clip_range!r}")
         if bits != "auto" and not (isinstance(bits, int) and 2 <= bits <= 62):
@@ -80,7 +95,8 @@ class SecAggPlus:
         if not isinstance(active, bool):
             raise ConfigError(f"config key '{_KEY}.active': true or false, got {active!r}")
         self.active = active
-        self.identities = Identities() if active else None  # simulation: one Ed25519 key per client, fixed for the run
+        # simulation: one Ed25519 key per client, fixed for the run (a Flower simulation shares them with its nodes)
+        self.identities = Identities(num_clients) if active else None
         self.clip_range, self.bits, self.max_weight = float(clip_range), bits, max_weight
         self.threshold, self.degree = float(threshold), degree
         self.corrupt_fraction, self.dropout_fraction = float(corrupt_fraction), float(dropout_fraction)
@@ -110,6 +126,20 @@ class SecAggPlus:
         """The fewest clients whose sum this secure sum releases: max(2, server.min_clients), or a group's size."""
         return max(2, self.min_clients, override or 0)
 
+    @property
+    def needs_keys(self) -> bool:
+        """The active variant needs every client's identity key on a roster the clients hold."""
+        return self.active
+
+    def use_keys(self, private_keys: dict[int, bytes]) -> None:
+        """Simulation over Flower: the ServerApp and every simulated node sign with the same generated keys."""
+        if self.active:
+            self.identities = Identities.from_private_bytes(private_keys)
+
+    def simulation_keys(self) -> dict[int, bytes]:
+        """Fresh Ed25519 keys for every client of a simulation (raw private bytes; simulation only)."""
+        return Identities(self.identities.num_clients).private_bytes() if self.active else {}
+
     #: Tests only: a seed that pins the neighbour graph (None: fresh OS randomness every round).
     graph_seed: int | None = None
 
@@ -118,115 +148,206 @@ class SecAggPlus:
         gen = None if self.graph_seed is None else torch.Generator().manual_seed(self.graph_seed)
         return neighbour_graph(ids, k, gen)
 
+    # ------------------------------------------------------------------ client side
+    def client_session(self, client_id: int, round_: int, seed: int, delta: torch.Tensor, weight: float,
+                       workspace: Workspace | None = None) -> "SecAggClientSession":
+        """Client ``client_id``'s side of this round, holding its update (it never leaves the client unmasked)."""
+        identity = roster = None
+        if self.active:
+            identity, roster = self.identities.key(client_id), self.identities.roster(self.identities.ids())
+        return SecAggClientSession(client_id, round_, seed, delta.detach().to(torch.float32).numpy(), float(weight),
+                                   self.clip_range, self.max_weight, self.active, identity, roster, workspace)
+
+    def restore_session(self, state: dict) -> "SecAggClientSession":
+        """A client side that :meth:`SecAggClientSession.to_state` saved (a node between two messages)."""
+        identity = roster = None
+        if self.active:
+            me = int(state["client"])
+            identity, roster = self.identities.key(me), self.identities.roster(self.identities.ids())
+        return SecAggClientSession.from_state(state, self.clip_range, self.max_weight, self.active, identity, roster)
+
     # ------------------------------------------------------------------ one round
     def aggregate(self, updates: list[ClientUpdate], ctx: RoundContext, min_sum: int | None = None) -> SumResult:
+        """In-process: every client's side is an object here; the session runs over :class:`InProcessTransport`."""
+        d = ctx.spec.numel
+        if self.active:
+            self.identities.ids([u.client_id for u in updates])  # every roster member has its key before the round
+        workspace = Workspace(d, choose_bits(max(len(updates), 1), self.max_weight, self.bits)[1])
+        clients = {u.client_id: self.client_session(u.client_id, ctx.round, ctx.seed, u.delta, u.weight, workspace)
+                   for u in updates}  # the in-process clients run one after another and share buffers
+        codec = ring_codec(updates)  # ddgauss: clients encoded into the ring themselves, no second quantisation
+        if codec is not None:
+            for u in updates:
+                clients[u.client_id].use_ring(u.ring.values)
+        transport = InProcessTransport(clients, ctx.state.get("_tamper"))
+        result = drive(self.serve({u: c.reason for u, c in clients.items()}, ctx, min_sum, codec), transport, ctx)
+        result.metrics["secagg_client_seconds"] = transport.client_seconds / max(len(clients), 1)
+        return result
+
+    def serve(self, candidates: dict[int, str], ctx: RoundContext, min_sum: int | None = None,
+              codec: Any = None) -> Session:
+        """The server's side of one round, as a protocol session (:mod:`secfed.rounds`) over any transport.
+
+        ``candidates``: each client that trained -> ``''`` if its update can be encoded, else the
+        (one fixed) reason it cannot. Steps: advertise, share, masked_input, [consistency], unmask.
+        """
         d = ctx.spec.numel
         need = self.min_sum(min_sum)
         dropped: dict[int, str] = {}
         transcript: list[WireMessage] = []
         bytes_up: dict[int, int] = {}
         bytes_down: dict[int, int] = {}
-        tamper = ctx.state.get("_tamper")
-        t_client = t_server = 0.0
+        clock = {"server": 0.0, "since": time.perf_counter()}
 
-        q, b = choose_bits(max(len(updates), 1), self.max_weight, self.bits)
+        def step(name: str, outgoing: dict[int, bytes], server_fn):
+            send = {}
+            for u in sorted(outgoing):
+                if ctx.dropouts.drops(u, name):
+                    dropped[u] = f"dropped at secagg+ {name}"
+                else:
+                    send[u] = outgoing[u]
+                    bytes_down[u] = bytes_down.get(u, 0) + len(outgoing[u])
+            clock["server"] += time.perf_counter() - clock["since"]
+            replies, failed = yield name, send
+            clock["since"] = time.perf_counter()
+            for u, why in failed.items():
+                dropped[u] = failure_reason(name, why, "secagg+")
+            for u in sorted(replies):
+                payload = replies[u]
+                transcript.append(WireMessage(u, name, payload))
+                bytes_up[u] = bytes_up.get(u, 0) + len(payload)
+                try:
+                    server_fn(u, payload)
+                except MalformedMessage as e:
+                    dropped[u] = f"malformed: {e}"
+
+        q, b = choose_bits(max(len(candidates), 1), self.max_weight, self.bits)
+        if codec is not None:  # ddgauss: the clients' ring and dimension (rotation padding), see ring_codec
+            q, b, d = codec.bits, codec.ring_bits, codec.ring_dim - 1
         quant = Quantizer(self.clip_range, q, b)
-        inputs: dict[int, tuple[np.ndarray, int]] = {}
         out_of_range = 0
-        for u in updates:  # the client checks its own update and is told if it cannot be encoded
-            delta = u.delta.detach().to(torch.float32).numpy()
-            reason = quant.check(delta, u.weight, self.max_weight)
-            if reason is not None:
-                dropped[u.client_id] = f"out of quantisation range: {reason}"
+        for u, reason in candidates.items():  # whatever a client said, the server keeps one bit (finding 7)
+            if reason:
+                dropped[u] = f"out of quantisation range: {OUT_OF_RANGE}"
                 out_of_range += 1
-            else:
-                inputs[u.client_id] = (delta, int(round(u.weight)))
-        ids = sorted(inputs)
+        ids = sorted(u for u, reason in candidates.items() if not reason)
         if len(ids) < need:  # a "sum" of one update is the update itself (review finding 5)
             raise RoundAborted(f"secagg+: {len(ids)} client(s) could take part, this secure sum needs at least {need}")
         k, t = self.parameters(len(ids))
-        graph = self.draw_graph(ids, k)
+        graph = self.draw_graph(ids, k)  # fresh OS randomness once the cohort is fixed (review finding 8)
         setups = {u: msg.Setup(t, q, b, self.clip_range, d, sorted(graph[u])) for u in ids}
         if self.active:  # the roster is fixed before the round and held by every client
-            roster = self.identities.roster(sorted(set(ids) | set(self.identities._sk)))
-            server = ActiveSecAggServer(ctx.round, graph, setups, b, d, t, roster=roster)
-            clients = {u: ActiveSecAggClient(u, ctx.round, identity=self.identities.key(u), roster=roster) for u in ids}
+            roster = self.identities.roster(self.identities.ids(ids))
+            server: SecAggServer = ActiveSecAggServer(ctx.round, graph, setups, b, d, t, roster=roster)
         else:
             server = SecAggServer(ctx.round, graph, setups, b, d, t)
-            clients = {u: SecAggClient(u, ctx.round) for u in ids}
-        expander = MaskExpander(d + 1, b)
-        workspace = Workspace(d, b)  # the in-process clients run one after another and share buffers
-
-        def down(u: int, payload: bytes) -> bytes:
-            bytes_down[u] = bytes_down.get(u, 0) + len(payload)
-            return payload
-
-        def up(u: int, step: str, payload: bytes) -> bytes:
-            if tamper is not None:
-                payload = tamper(u, payload)
-            transcript.append(WireMessage(u, step, payload))
-            bytes_up[u] = bytes_up.get(u, 0) + len(payload)
-            return payload
-
-        def run_step(step: str, outgoing: dict[int, bytes], client_fn, server_fn) -> None:
-            nonlocal t_client, t_server
-            for u in sorted(outgoing):
-                if ctx.dropouts.drops(u, step):
-                    dropped[u] = f"dropped at secagg+ {step}"
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    payload = client_fn(u, down(u, outgoing[u]))
-                except MalformedMessage as e:  # the client refuses what the server sent
-                    dropped[u] = f"refused at secagg+ {step}: {e}"
-                    continue
-                t1 = time.perf_counter()
-                t_client += t1 - t0
-                try:
-                    server_fn(u, up(u, step, payload))
-                except MalformedMessage as e:
-                    dropped[u] = f"malformed: {e}"
-                t_server += time.perf_counter() - t1
-
-        def timed(fn):
-            nonlocal t_server
-            t0 = time.perf_counter()
-            out = fn()
-            t_server += time.perf_counter() - t0
-            return out
-
-        def setup_and_advertise(u: int, payload: bytes) -> bytes:
-            clients[u].receive_setup(payload)
-            return clients[u].advertise_keys()
-
-        def masked(u: int, payload: bytes) -> bytes:
-            delta, w = inputs[u]
-            x = quant.encode(delta, w, ctx.generator(u, "secagg-quantize"), workspace)
-            return clients[u].masked_input(payload, x, expander)
-
-        run_step("advertise", timed(server.setup_messages), setup_and_advertise, server.receive_advertise)
-        run_step("share", timed(server.keys_messages), lambda u, p: clients[u].share_keys(p), server.receive_shares)
-        run_step("masked_input", timed(server.forward_messages), masked, server.receive_masked)
+        yield from step("advertise", server.setup_messages(), server.receive_advertise)
+        yield from step("share", server.keys_messages(), server.receive_shares)
+        yield from step("masked_input", server.forward_messages(), server.receive_masked)
         survivors = set(server.masked)
         if len(survivors) < need:  # never unmask a sum of fewer clients (review finding 5)
             raise RoundAborted(f"secagg+: {len(survivors)} masked input(s) arrived, this secure sum needs at least {need}")
         before = set(dropped)  # later dropouts are in U3: their input is in the sum already
         if self.active:
-            run_step("consistency", timed(server.consistency_messages), lambda u, p: clients[u].consistency_check(p),
-                     server.receive_consistency)
-            asked = timed(server.signature_messages)
+            yield from step("consistency", server.consistency_messages(), server.receive_consistency)
+            asked = server.signature_messages()
         else:
-            asked = timed(server.survivor_messages)
-        run_step("unmask", asked, lambda u, p: clients[u].unmasking(p), server.receive_unmask)
-        late = {u: dropped.pop(u) for u in set(dropped) - before}  # their input is in the sum already
-        acc = timed(lambda: server.unmask_sum(expander))
-        total, total_weight = quant.decode(acc)
+            asked = server.survivor_messages()
+        yield from step("unmask", asked, server.receive_unmask)
+        late = {u: dropped.pop(u) for u in set(dropped) - before}
+        acc = server.unmask_sum(MaskExpander(d + 1, b))
+        total, total_weight = codec.decode(acc) if codec is not None else quant.decode(acc)  # ddgauss
+        clock["server"] += time.perf_counter() - clock["since"]
         metrics: dict[str, Any] = {
             "secagg_graph_sha256": graph_digest(graph),
-            "secagg_active": self.active, "secagg_degree": k, "secagg_threshold": t, "secagg_bits": q, "secagg_ring_bits": b,
+            "secagg_active": self.active, "secagg_ring_input": "ddgauss" if codec is not None else "quantised", "secagg_degree": k, "secagg_threshold": t, "secagg_bits": q, "secagg_ring_bits": b,
             "secagg_out_of_range": out_of_range, "secagg_unmask_dropouts": len(late),
-            "secagg_client_seconds": t_client / max(len(ids), 1), "secagg_server_seconds": t_server,
+            "secagg_server_seconds": clock["server"],
         }
         return SumResult(client_ids=sorted(survivors), total=torch.from_numpy(total.astype(np.float32)),
                          total_weight=float(total_weight), updates=None, dropped=dropped, bytes_up=bytes_up,
                          bytes_down=bytes_down, transcript=transcript, metrics=metrics)
+
+
+class SecAggClientSession:
+    """One client's side of one SecAgg+ round: its update, its protocol object, one method per step.
+
+    ``reason`` is ``''`` when the update fits the quantisation range, else the one fixed
+    string :data:`~.quantize.OUT_OF_RANGE` (never its magnitude, review finding 7). The
+    masked input quantises with the round's seeded stochastic rounding
+    (``derive_seed(seed, round, client, "secagg-quantize")``) and the SETUP's parameters.
+    """
+
+    STEPS = ("advertise", "share", "masked_input", "consistency", "unmask")
+
+    def __init__(self, client_id: int, round_: int, seed: int, delta: np.ndarray, weight: float, clip_range: float,
+                 max_weight: int, active: bool, identity: Any = None, roster: dict[int, bytes] | None = None,
+                 workspace: Workspace | None = None, reason: str | None = None) -> None:
+        self.client_id, self.round, self.seed = client_id, round_, seed
+        self.delta, self.weight, self.active, self.workspace = delta, weight, active, workspace
+        if reason is None:
+            reason = OUT_OF_RANGE if Quantizer(clip_range, 16, 32).check(delta, weight, max_weight) else ""
+        self.reason = reason
+        if active:
+            self.protocol: SecAggClient = ActiveSecAggClient(client_id, round_, identity=identity, roster=roster or {})
+        else:
+            self.protocol = SecAggClient(client_id, round_)
+
+    def handle(self, step: str, payload: bytes) -> bytes:
+        c = self.protocol
+        if step not in self.STEPS or (step == "consistency" and not self.active):
+            raise MalformedMessage(f"secagg: unknown step {step[:16]!r}")
+        if self.reason:
+            raise MalformedMessage("secagg: this client's update is out of range; it takes no part")
+        if step != "advertise" and c.c_sk is None:
+            raise MalformedMessage(f"secagg: {step} before advertise")
+        if step == "advertise":
+            if c.c_sk is not None:
+                raise MalformedMessage("secagg: advertise twice in one round")
+            c.receive_setup(payload)
+            return c.advertise_keys()
+        if step == "share":
+            return c.share_keys(payload)
+        if step == "masked_input" and self.ring is not None:  # ddgauss: ring elements the client encoded itself
+            if self.ring.size != c.setup.dim + 1:
+                raise MalformedMessage(f"secagg: SETUP dimension {c.setup.dim} != this client's ring input")
+            return c.masked_input(payload, self.ring, MaskExpander(c.setup.dim + 1, c.setup.ring_bits))
+        if step == "masked_input":
+            s = c.setup
+            if self.delta.size != s.dim:
+                raise MalformedMessage(f"secagg: SETUP dimension {s.dim} != this client's update ({self.delta.size})")
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, self.round, self.client_id, "secagg-quantize"))
+            x = Quantizer(s.clip_range, s.bits, s.ring_bits).encode(self.delta, int(round(self.weight)), gen,
+                                                                     self.workspace)
+            return c.masked_input(payload, x, MaskExpander(s.dim + 1, s.ring_bits))
+        if step == "consistency":
+            return c.consistency_check(payload)
+        return c.unmasking(payload)
+
+    #: ddgauss: the (d' + 1,) ring vector this client hands over instead of its quantised update
+    ring: np.ndarray | None = None
+
+    def use_ring(self, values: np.ndarray) -> None:
+        """Take part with ring elements encoded by a client stage (ddgauss); the float update is not used."""
+        self.ring, self.reason = values, ""
+
+    @property
+    def finished(self) -> bool:
+        return self.protocol.unmasked
+
+    # ------------------------------------------------------------------ persistence on a node
+    def to_state(self) -> dict:
+        """JSON-able: the update, weight and protocol secrets, for the node's own storage between messages."""
+        return {"client": self.client_id, "round": self.round, "seed": self.seed, "weight": self.weight,
+                "reason": self.reason, "delta": self.delta.astype("<f4").tobytes().hex(),
+                "protocol": self.protocol.to_state()}
+
+    @classmethod
+    def from_state(cls, d: dict, clip_range: float, max_weight: int, active: bool, identity: Any = None,
+                   roster: dict[int, bytes] | None = None) -> "SecAggClientSession":
+        delta = np.frombuffer(bytes.fromhex(d["delta"]), dtype="<f4").astype(np.float32)
+        s = cls(int(d["client"]), int(d["round"]), int(d["seed"]), delta, float(d["weight"]), clip_range, max_weight,
+                active, identity, roster, reason=str(d["reason"]))
+        extra = {"identity": identity, "roster": roster or {}} if active else {}
+        s.protocol = type(s.protocol).from_state(d["protocol"], **extra)
+        return s

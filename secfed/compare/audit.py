@@ -50,10 +50,40 @@ from typing import Any
 import numpy as np
 import torch
 
-from attacks.audit.llm import LLM_ATTACKS, is_causal, run_llm_attack
-from attacks.membership.mia import attack_metrics, loss_scores, model_logits
-from attacks.membership.threshold_audit import threshold_epsilon_lower_bound
+from secfed import registry
 from secfed.errors import ConfigError, SecfedError
+
+
+def _tool(name: str) -> Any:
+    """An attack function of the audit, found through the registry (secfed never imports ``attacks``)."""
+    return registry.resolve("audit_tool", name, "audit")
+
+
+def is_causal(task: Any) -> bool:
+    return _tool("is-causal")(task)
+
+
+def run_llm_attack(*args: Any, **kw: Any) -> Any:
+    return _tool("run-llm-attack")(*args, **kw)
+
+
+def attack_metrics(*args: Any, **kw: Any) -> Any:
+    return _tool("attack-metrics")(*args, **kw)
+
+
+def loss_scores(*args: Any, **kw: Any) -> Any:
+    return _tool("loss-scores")(*args, **kw)
+
+
+def model_logits(*args: Any, **kw: Any) -> Any:
+    return _tool("model-logits")(*args, **kw)
+
+
+def threshold_epsilon_lower_bound(*args: Any, **kw: Any) -> Any:
+    return _tool("threshold-epsilon")(*args, **kw)
+
+
+LLM_ATTACKS: tuple[str, ...] = tuple(_tool("llm-attacks"))
 
 RED = "🔴"
 GREEN = "🟢"

@@ -44,7 +44,7 @@ CANONICAL: dict[str, tuple[tuple[str, ...], str]] = {
     "canary_exposure": (("canary_exposure_bits_x",), "max"),
     "extraction": (("extraction_fraction",), "max"),
 }
-INVERSION_OBSERVERS = ("dlg", "idlg", "inverting", "inversion", "text-inversion", "geiping")
+INVERSION_OBSERVERS = ("dlg", "idlg", "inverting", "inversion", "text-inversion", "geiping", "dager")
 METRICS = ("accuracy", "loss", "epsilon", "delta", "psnr", "malicious_psnr", "ssim", "token_recovery",
            "malicious_token_recovery", "membership_auc",
            "canary_auc", "eps_lower_bound", "backdoor_success", "canary_exposure", "extraction", "seconds_per_round",

@@ -80,6 +80,19 @@ def app(out: Path = typer.Argument(..., help="folder for the Flower App (pyproje
     typer.echo(str(write_app(out)))
 
 
+@deploy_app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                      "help_option_names": []})
+def supernode(ctx: typer.Context) -> None:
+    """flower-supernode's arguments: a SuperNode whose ClientApp process stays alive across messages.
+
+    Runs `flower-supernode ARGS --isolation process` plus one secfed ClientApp worker
+    (secfed.flower.worker): no process start-up per message, short idle polling.
+    """
+    from secfed.flower.worker import supernode_main
+
+    supernode_main(list(ctx.args))
+
+
 @deploy_app.command()
 def local(config: Path = typer.Argument(..., help="experiment TOML"),
           out: Optional[Path] = typer.Option(None, "--out", help="run directory (default: runs/<run.name>)"),

@@ -1,11 +1,12 @@
 """The SuperNode side: secfed's client round as a Flower ``ClientApp`` (Message API).
 
 A SuperNode plays exactly one secfed client, its ``partition-id``. For a
-``train`` message it does what the in-process engine does for that client
-(:meth:`secfed.engine.Engine.local_update`, the client pipeline, a
-non-omniscient adversary's ``poison_updates``), encodes the result with the
-secure sum's client side (``PlainSum.encode`` -> :mod:`secfed.wire` ``SFU``) and
-replies with those bytes.
+``train`` message it runs the engine's own client round for that client
+(:class:`secfed.rounds.ClientRound`: load w_t, train, pipeline; then a
+non-omniscient adversary's ``poison_updates``) and either encodes the result
+(``PlainSum.encode`` -> :mod:`secfed.wire` ``SFU``) or, for a multi-step secure
+sum, keeps it in its client session (in the node's own ``context.state``) and
+answers the protocol steps that follow as ``query`` messages (:func:`node_step`).
 
 Node config (``flower-supernode --node-config``):
 
@@ -55,8 +56,12 @@ def _node_setup(node_config: dict[str, Any], cfg: ExperimentConfig | None) -> tu
     return cfg, cid, str(data_file) if data_file else None
 
 
-def make_client_app(cfg: ExperimentConfig | None = None) -> Any:
-    """The Flower ``ClientApp``. ``cfg`` is given for simulation; a SuperNode reads its node config."""
+def make_client_app(cfg: ExperimentConfig | None = None, keys: dict[int, bytes] | None = None) -> Any:
+    """The Flower ``ClientApp``. ``cfg`` is given for simulation; a SuperNode reads its node config.
+
+    ``keys`` (simulation only): what the secure sum's clients hold from outside the server (the active
+    SecAgg+ variant's Ed25519 identities, the ServerApp's roster; HE's secret-key context).
+    """
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.clientapp import ClientApp
 
@@ -69,10 +74,8 @@ def make_client_app(cfg: ExperimentConfig | None = None) -> Any:
     def query(msg: Message, context: Any) -> Message:
         run_cfg, cid, _ = _node_setup(dict(context.node_config), cfg)
         rec = codec.record_of(msg.content)
-        if "step" in rec:  # one step of secfed's SecAgg+ (secfed.flower.secagg)
-            from secfed.flower.secagg import node_step
-
-            out = node_step(context.state, rec, cid, run_cfg.run.seed)
+        if "step" in rec:  # one step of a multi-step secure sum (its client session, secfed.rounds)
+            out = node_step(node_secure_sum(run_cfg, keys), context.state, rec, cid)
             return reply(msg, {"round": int(rec["round"]), "client": cid, "step": str(rec["step"]), "payload": out})
         return reply(msg, {"client": cid, "fingerprint": run_cfg.fingerprint()})
 
@@ -83,9 +86,24 @@ def make_client_app(cfg: ExperimentConfig | None = None) -> Any:
         from secfed.flower.runtime import runtime_for  # torch & co. only for real work
 
         rt = runtime_for(run_cfg, cid, data_file)
+        if keys is not None:
+            rt.secure_sum.use_keys(keys)
         return reply(msg, node_train(rt, context.state, rec, cid))
 
     return app
+
+
+SESSION = "secfed-session"  # the node's own storage of its client session between messages (Flower context.state)
+
+
+def node_secure_sum(cfg: ExperimentConfig, keys: dict[int, bytes] | None = None) -> Any:
+    """The secure sum's client side as this node's config builds it (no model, no data)."""
+    from secfed.flower.runtime import secure_sum_for
+
+    ss = secure_sum_for(cfg)
+    if keys is not None:
+        ss.use_keys(keys)
+    return ss
 
 
 def node_train(rt: Any, state: Any, rec: Any, cid: int) -> dict[str, Any]:
@@ -94,24 +112,56 @@ def node_train(rt: Any, state: Any, rec: Any, cid: int) -> dict[str, Any]:
     A ConfigError on the node (its noise or clip differs from the server guard's,
     review finding 2) is answered as ``refused`` with the one line, and the server
     stops the run with it, as the in-process engine would. Under a secure sum or DP
-    the reply carries no per-client metric and, for SecAgg+, at most the one fixed
-    out-of-range string (review finding 7).
+    the reply carries no per-client metric and, for a multi-step secure sum, at most
+    the one fixed out-of-range string (review finding 7).
     """
     from secfed.errors import ConfigError
 
+    rt.load_node_state(state)  # a stateful trainer's per-client state (momentum) lives on the node
     try:
         u, ctx = rt.update(rec, cid)
     except ConfigError as e:
         return {"round": int(rec["round"]), "client": cid, "refused": str(e)[:1000]}
+    rt.save_node_state(state)
     extra: dict[str, Any] = {}
-    if getattr(rt.secure_sum, "reveals_individual", True):
-        payload = rt.secure_sum.encode(u, ctx)
-    else:  # SecAgg+: keep the update on the node; the masking steps follow as query messages
-        from secfed.flower.secagg import stash_update
+    from secfed.needs import Need, reveals_of
 
+    if Need.ROWS in reveals_of(rt.secure_sum):
+        payload = rt.secure_sum.encode(u, ctx)
+    else:  # keep the update on the node in its client session; the protocol steps follow as query messages
+        session = rt.secure_sum.client_session(cid, ctx.round, ctx.seed, u.delta, u.weight)
+        save_session(state, session)
         payload = b""
-        extra["reason"] = stash_update(state, ctx.round, cid, u.delta, u.weight, rt.secure_sum)
+        extra["reason"] = session.reason
     return {"round": int(rec["round"]), "client": cid, "payload": payload, "metrics": json.dumps(rt.metrics(u)), **extra}
+
+
+def save_session(state: Any, session: Any) -> None:
+    from flwr.app import ConfigRecord
+
+    state[SESSION] = ConfigRecord({"json": json.dumps(session.to_state())})
+
+
+def node_step(secure_sum: Any, state: Any, rec: Any, client_id: int) -> bytes:
+    """One protocol step on the node: restore this client's session from the node's own state, answer the
+    server's bytes, keep the session (or forget keys, shares and update once the round is over)."""
+    from secfed.errors import MalformedMessage
+
+    step = codec.get(rec, "step", str, max_len=16)
+    t = codec.get(rec, "round", int)
+    payload = codec.get(rec, "payload", bytes)
+    if SESSION not in state:
+        raise MalformedMessage("secure sum: no trained update on this node for this round")
+    kept = json.loads(state[SESSION]["json"])
+    if kept["round"] != t or kept["client"] != client_id:
+        raise MalformedMessage(f"secure sum: step for round {t}, this node trained round {kept['round']}")
+    session = secure_sum.restore_session(kept)
+    out = session.handle(step, payload)
+    if session.finished:
+        del state[SESSION]
+    else:
+        save_session(state, session)
+    return out
 
 
 # ``flower-supernode`` loads this (see secfed.flower.deploy.write_app).

@@ -157,22 +157,23 @@ def decode_state(s: Any) -> dict[str, Any]:
     return d
 
 
-#: The guard's round parameters a node applies (review finding 2): name -> kind.
-DP_KEYS = {"noise_multiplier": float, "clip_norm": float, "share_divisor": int, "distributed": bool,
-           "dpsgd_noise_multiplier": float, "max_grad_norm": float}
+def encode_dp(params: Any) -> str:
+    """The DP parameters the server's guard and stages fixed for this round (:class:`secfed.rounds.DPRoundParams`
+    or its dict), for the nodes to apply."""
+    from secfed.rounds import DPRoundParams
+
+    return json.dumps(DPRoundParams.of(params).items(), sort_keys=True)
 
 
-def encode_dp(params: dict[str, Any]) -> str:
-    """The DP parameters the server's guard and stages fixed for this round, for the nodes to apply."""
-    return json.dumps({k: params[k] for k in DP_KEYS if params.get(k) is not None}, sort_keys=True)
+def decode_dp(s: Any) -> Any:
+    """Validated :class:`~secfed.rounds.DPRoundParams`: known keys only, finite positive numbers, an int
+    divisor, a bool flag."""
+    from secfed.rounds import DPRoundParams
 
-
-def decode_dp(s: Any) -> dict[str, Any]:
-    """Validated round parameters: known keys only, finite positive numbers, an int divisor, a bool flag."""
     d = decode_state(s)
     out: dict[str, Any] = {}
     for k, v in d.items():
-        kind = DP_KEYS.get(k)
+        kind = DPRoundParams.KINDS.get(k)
         if kind is None:
             raise MalformedMessage(f"dp: unknown key '{k[:32]}'")
         if kind is bool:
@@ -184,21 +185,8 @@ def decode_dp(s: Any) -> dict[str, Any]:
         elif isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
             raise MalformedMessage(f"dp: '{k}' is not a finite positive number")
         out[k] = kind(v)
-    return out
+    return DPRoundParams(**out)
 
 
-#: Plug-ins whose presence makes a run DP (their parameters come from the server's guard).
-DP_CLIENT_STAGES = ("gaussian-share", "adaptive-clip")
-DP_SERVER_STAGES = ("central-gaussian", "adaptive-clip")
-
-
-def run_is_dp(cfg: Any) -> bool:
-    """True when the run promises DP: a privacy guard, a noise or adaptive-clip stage, or DP-SGD."""
-    return (cfg.server.privacy is not None or cfg.client.trainer.name == "dp-sgd"
-            or any(p.name in DP_CLIENT_STAGES for p in cfg.client.pipeline)
-            or any(p.name in DP_SERVER_STAGES for p in cfg.server.stages))
-
-
-def metrics_stay_on_node(cfg: Any, reveals_individual: bool) -> bool:
-    """Review finding 7: under a secure sum or DP no per-client metric leaves a node in the clear."""
-    return not reveals_individual or run_is_dp(cfg)
+# Which runs keep per-client metrics on the client (review finding 7): one rule for every transport.
+from secfed.rounds import DP_CLIENT_STAGES, DP_SERVER_STAGES, metrics_stay_on_node, run_is_dp  # noqa: E402,F401

@@ -10,9 +10,10 @@
 * :func:`write_partitions` - one ``partition-<i>.safetensors`` per client;
 * :func:`write_app` - the Flower App folder (``pyproject.toml`` naming
   ``secfed.flower.server:app`` and ``secfed.flower.client:app``) that ``flwr run`` ships;
-* :class:`LocalFederation` - starts ``flower-superlink`` and N ``flower-supernode``
-  processes on this machine with TLS, submits the run with ``flwr run`` and
-  stops everything it started.
+* :class:`LocalFederation` - starts ``flower-superlink`` and N SuperNodes on this
+  machine with TLS (secfed's SuperNode, :mod:`secfed.flower.worker`: Flower's
+  ``flower-supernode`` with one long-lived ClientApp process each), submits the
+  run with ``flwr run`` and stops everything it started.
 
 Each SuperNode gets ``--node-config "partition-id=i config-file=... data-file=..."``
 and reads only its own partition file. Flower 1.41 serves the Fleet, Control and
@@ -250,7 +251,7 @@ class LocalFederation:
 
     def __init__(self, cfg: ExperimentConfig | str | Path, work_dir: str | Path, *, num_nodes: int | None = None,
                  host: str = "127.0.0.1", port: int | None = None, certs: dict[str, Path] | None = None,
-                 env: dict[str, str] | None = None, node_auth: bool = True) -> None:
+                 env: dict[str, str] | None = None, node_auth: bool = True, persistent: bool = True) -> None:
         from secfed.flower.client import load_experiment
 
         self.cfg: ExperimentConfig = cfg if isinstance(cfg, ExperimentConfig) else load_experiment(str(cfg))
@@ -270,6 +271,7 @@ class LocalFederation:
                     "FLWR_HOME": str(self.work / "flwr_home"),
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.node_auth = node_auth
+        self.persistent = persistent
         self.superlink: subprocess.Popen | None = None
         self.supernodes: dict[int, subprocess.Popen] = {}
         self.app_dir = write_app(self.work / "app")
@@ -327,11 +329,19 @@ class LocalFederation:
         return paths
 
     def start_supernode(self, i: int) -> None:
-        """SuperNode ``i``: its own FLWR_HOME, its own partition file, its own auth key (registered once)."""
+        """SuperNode ``i``: its own FLWR_HOME, its own partition file, its own auth key (registered once).
+
+        ``persistent`` (the default): secfed's SuperNode (:mod:`secfed.flower.worker`), i.e.
+        ``flower-supernode --isolation process`` with one long-lived ClientApp worker (its
+        ``AcquireTask`` calls signed with a fresh per-node SuperExec secret) and short idle
+        polling. Otherwise plain ``flower-supernode``: one ``flwr-clientapp`` process per message.
+        """
         part = self.partitions()[i]
         node_dir = self.work / "nodes" / str(i)
         node_dir.mkdir(parents=True, exist_ok=True)
-        args = [_bin("flower-supernode"), "--superlink", self.address, "--root-certificates", str(self.certs["ca"]),
+        launcher = ([sys.executable, "-m", "secfed.flower.worker", "supernode"] if self.persistent
+                    else [_bin("flower-supernode")])
+        args = [*launcher, "--superlink", self.address, "--root-certificates", str(self.certs["ca"]),
                 "--node-config", f'partition-id={i} config-file="{self.cfg_path}" data-file="{part}"',
                 "--host", "127.0.0.1", "--port", str(free_port())]
         if self.node_auth:

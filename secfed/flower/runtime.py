@@ -20,22 +20,14 @@ import numpy as np
 from secfed import registry
 from secfed.config import ExperimentConfig
 from secfed.data import TensorData
-from secfed.engine import Engine
 from secfed.errors import ConfigError, DataError, MalformedMessage
 from secfed.flower import codec
 from secfed.interfaces import ClientUpdate, RoundContext
+from secfed.rounds import ClientRound, DPRoundParams, plugin_context, round_context, round_info
 from secfed.models import torch_threads
+from secfed.needs import Need, reveals_of
 from secfed.spec import ParamSpec
 from secfed.task import Task, task_class
-
-
-def plugin_context(cfg: ExperimentConfig, dim: int) -> dict[str, Any]:
-    """The engine context arguments plug-ins receive (mirrors ``Engine._build_plugins``)."""
-    c, s, n = cfg.client, cfg.server, cfg.data.num_clients
-    return dict(num_clients=n, seed=cfg.run.seed, sample_rate=s.sample_rate if s.sampling == "poisson" else None,
-                rounds=cfg.run.rounds, local_epochs=c.local_epochs, local_steps=c.local_steps, batch_size=c.batch_size,
-                lr=c.lr, optimizer=c.optimizer, momentum=c.momentum, weight_decay=c.weight_decay, dim=dim,
-                max_update_norm=s.max_update_norm, min_clients=s.min_clients, cohort_size=s.cohort_size or n)
 
 
 class PartitionTask(Task):
@@ -76,7 +68,9 @@ class PartitionTask(Task):
         self.train = TensorData(tensors, int(meta["num_classes"]), names)
         self.test = TensorData({k: v[:0] for k, v in tensors.items()}, self.train.num_classes, names)
         self.root = None
-        self.shards = {self._client_id: np.arange(len(self.train))}  # type: ignore[assignment]
+        # the same shape as in-process (a list indexed by client id): this node's shard, nobody else's examples
+        self.shards = [np.arange(0) for _ in range(self.cfg.data.num_clients)]
+        self.shards[self._client_id] = np.arange(len(self.train))
 
 
 def write_partitions(cfg: ExperimentConfig, out_dir: str | Path) -> list[Path]:
@@ -98,42 +92,39 @@ def write_partitions(cfg: ExperimentConfig, out_dir: str | Path) -> list[Path]:
 
 
 class ClientRuntime:
-    """Everything one SuperNode needs to play client ``client_id``: model, trainer, pipeline, adversary."""
+    """Everything one SuperNode needs to play client ``client_id``: the engine's :class:`ClientRound`
+    (model, trainer, pipeline), the secure sum's client side and the adversary, built from the node's config."""
 
     def __init__(self, cfg: ExperimentConfig, task: Task) -> None:
+        from secfed.lora import build_method
+
         torch_threads(cfg.run.threads)
         self.cfg, self.task = cfg, task
-        self.model = task.build_model()
-        self.spec = ParamSpec.from_module(self.model)
-        self.global_w = self.spec.flatten(self.model)
+        model = task.build_model()
+        self.spec = ParamSpec.from_module(model)
+        self.global_w = self.spec.flatten(model)
         ctx = plugin_context(cfg, self.spec.numel)
-        self.trainer = registry.build("trainer", cfg.client.trainer, "client.trainer", **ctx)
-        self.pipeline = [registry.build("client_stage", p, f"client.pipeline[{i}]", **ctx)
-                         for i, p in enumerate(cfg.client.pipeline)]
+        trainer = registry.build("trainer", cfg.client.trainer, "client.trainer", **ctx)
+        pipeline = [registry.build("client_stage", p, f"client.pipeline[{i}]", **ctx) for i, p in enumerate(cfg.client.pipeline)]
         self.secure_sum = registry.build("secure_sum", cfg.server.secure_sum, "server.secure_sum", **ctx)
         a = cfg.attack.adversary
         self.adversary = registry.build("adversary", a, "attack.adversary", **ctx) if a else None
         self.malicious = set(self.adversary.malicious(cfg.data.num_clients, cfg.run.seed)) if self.adversary else set()
-        self.out, self.state = None, {}
+        self.client = ClientRound(cfg, task, model, self.spec, trainer, pipeline, self.adversary, self.malicious,
+                                  build_method(cfg, model, self.spec, self.global_w))
+        self.trainer = trainer
 
-    # Engine.context / Engine.local_update only read attributes this object also has
-    # (cfg, spec, global_w, out, state, task, model, trainer, adversary, malicious),
-    # so the SuperNode runs the engine's own code for its client, not a copy of it.
-    def context(self, t: int, cohort: list[int]) -> RoundContext:
-        return Engine.context(self, t, cohort)  # type: ignore[arg-type]
+    def context(self, t: int, cohort: list[int], state: dict[str, Any] | None = None) -> RoundContext:
+        """This round's context as the node knows it (the engine's own, on the weights the server shipped)."""
+        return round_context(self.cfg, t, cohort, self.spec, self.global_w, state if state is not None else {}, self.task)
 
     def local_update(self, client_id: int, ctx: RoundContext) -> ClientUpdate:
-        return Engine.local_update(self, client_id, ctx)  # type: ignore[arg-type]
-
-    def train(self, rec: Any, client_id: int) -> tuple[bytes, dict[str, float]]:
-        """Handle one ``train`` record with a plain secure sum: (payload bytes, metrics)."""
-        u, ctx = self.update(rec, client_id)
-        return self.secure_sum.encode(u, ctx), self.metrics(u)
+        return self.client.local_update(client_id, ctx)
 
     @property
     def private(self) -> bool:
         """True when the run hides updates (secure sum) or promises DP: then nothing per-client leaves in the clear."""
-        return codec.metrics_stay_on_node(self.cfg, getattr(self.secure_sum, "reveals_individual", True))
+        return codec.metrics_stay_on_node(self.cfg, Need.ROWS in reveals_of(self.secure_sum))
 
     def metrics(self, u: ClientUpdate) -> dict[str, float]:
         """What a node reports besides its update: nothing under a secure sum or DP (review finding 7:
@@ -142,7 +133,7 @@ class ClientRuntime:
             return {}
         return {k: float(v) for k, v in u.metrics.items() if isinstance(v, (int, float))}
 
-    def apply_dp(self, dp: dict[str, Any], ctx: RoundContext) -> None:
+    def apply_dp(self, dp: DPRoundParams | dict[str, Any], ctx: RoundContext) -> None:
         """Seed this round's DP bookkeeping with the server guard's parameters (review finding 2).
 
         The node's noise stages read z from here, exactly as in-process, so a stage
@@ -150,48 +141,59 @@ class ClientRuntime:
         ConfigError on the node; DP-SGD takes the guard's z (a node cannot calibrate
         it: it holds one shard, the guard calibrates for all of them).
         """
-        from defenses.privacy.clipping import round_info
-
+        dp = DPRoundParams.of(dp)
+        trainer = self.client.trainer
         cfg = self.cfg
-        needs = (cfg.server.privacy is not None or cfg.client.trainer.name == "dp-sgd"
+        needs = (cfg.server.privacy is not None or hasattr(trainer, "resolved_noise_multiplier")
                  or any(p.name in codec.DP_CLIENT_STAGES for p in cfg.client.pipeline))
         if needs and not dp:
             raise ConfigError("server.privacy: the server sent no privacy-guard parameters for this round; "
                               "the node refuses to add noise the guard did not fix")
-        info = round_info(ctx)
-        if "noise_multiplier" in dp:
-            info["noise_multiplier"] = dp["noise_multiplier"]
-        if "dpsgd_noise_multiplier" in dp:
-            own = getattr(self.trainer, "noise_multiplier", None)
-            z = dp["dpsgd_noise_multiplier"]
+        if dp.noise_multiplier is not None:
+            round_info(ctx)["noise_multiplier"] = dp.noise_multiplier
+        if dp.dpsgd_noise_multiplier is not None:
+            own, z = getattr(trainer, "noise_multiplier", None), dp.dpsgd_noise_multiplier
             if own is not None and not math.isclose(own, z, rel_tol=1e-9):
                 raise ConfigError(f"config key 'client.trainer.noise_multiplier': {own} differs from the privacy "
                                   f"guard's {z}; leave it out and let server.privacy set it")
-            if not hasattr(self.trainer, "_z"):
+            if not hasattr(trainer, "_z"):
                 raise ConfigError("config key 'client.trainer': the server's guard runs dp-sgd, this node's trainer does not")
-            self.trainer._z = z
-        if "max_grad_norm" in dp and not math.isclose(getattr(self.trainer, "max_grad_norm", -1.0), dp["max_grad_norm"],
-                                                      rel_tol=1e-9):
+            trainer._z = z
+        if dp.max_grad_norm is not None and not math.isclose(getattr(trainer, "max_grad_norm", -1.0), dp.max_grad_norm,
+                                                             rel_tol=1e-9):
             raise ConfigError(f"config key 'client.trainer.max_grad_norm': "
-                              f"{getattr(self.trainer, 'max_grad_norm', None)} differs from the server's {dp['max_grad_norm']}")
+                              f"{getattr(trainer, 'max_grad_norm', None)} differs from the server's {dp.max_grad_norm}")
 
-    @staticmethod
-    def check_dp(dp: dict[str, Any], ctx: RoundContext) -> None:
-        """After the pipeline: the clip norm and noise placement the node applied are the server's."""
-        from defenses.privacy.clipping import round_info
+    NODE_STATE = "secfed-trainer"  # the trainer's per-client state (e.g. momentum buffers) in the node's storage
 
-        info = round_info(ctx)
-        for k in ("clip_norm", "share_divisor", "distributed"):
-            mine, theirs = info.get(k), dp.get(k)
-            same = mine == theirs if not isinstance(mine, float) or theirs is None else math.isclose(mine, theirs, rel_tol=1e-9)
-            if not same:
-                raise ConfigError(f"client.pipeline: this node applied {k} = {mine}, the server's guard "
-                                  f"accounts for {theirs}; the node refuses the round")
+    def load_node_state(self, state: Any) -> None:
+        """A stateful trainer (worker momentum) continues from this node's own storage (Flower keeps
+        ``context.state`` on the node for the run; a fresh ClientApp process per message would otherwise
+        restart it). The state never leaves the node; safetensors bytes, never pickle."""
+        trainer = self.client.trainer
+        if not (hasattr(trainer, "state_dict") and hasattr(trainer, "load_state_dict")):
+            return
+        tensors: dict[str, Any] = {}
+        if self.NODE_STATE in state:
+            from safetensors import SafetensorError
+            from safetensors.torch import load
 
-    @property
-    def private_dp(self) -> bool:
-        """True when the run promises DP (a guard, a noise stage, adaptive clipping or DP-SGD)."""
-        return codec.run_is_dp(self.cfg)
+            try:
+                tensors = load(bytes(state[self.NODE_STATE]["tensors"]))
+            except (SafetensorError, KeyError, TypeError):
+                raise MalformedMessage("node state: the trainer's saved state is unreadable") from None
+        trainer.load_state_dict(tensors)
+
+    def save_node_state(self, state: Any) -> None:
+        trainer = self.client.trainer
+        if not (hasattr(trainer, "state_dict") and hasattr(trainer, "load_state_dict")):
+            return
+        import torch
+        from flwr.app import ConfigRecord
+        from safetensors.torch import save
+
+        tensors = {k: v.contiguous() for k, v in trainer.state_dict().items() if isinstance(v, torch.Tensor)}
+        state[self.NODE_STATE] = ConfigRecord({"tensors": save(tensors)})
 
     def update(self, rec: Any, client_id: int) -> tuple[ClientUpdate, RoundContext]:
         """Validate a ``train`` record and run this client's round: its update after pipeline (and adversary)."""
@@ -207,20 +209,19 @@ class ClientRuntime:
         if client_id not in cohort:
             raise MalformedMessage("train: this client is not in the cohort")
         self.global_w = codec.decode_weights(codec.get(rec, "weights", bytes), expected_dim=self.spec.numel, round_=t)
-        self.state = codec.decode_state(codec.get(rec, "state", str))
-        dp = codec.decode_dp(codec.get(rec, "dp", str)) if "dp" in rec else {}
-        ctx = self.context(t, cohort)
+        state = codec.decode_state(codec.get(rec, "state", str))
+        dp = codec.decode_dp(codec.get(rec, "dp", str)) if "dp" in rec else DPRoundParams()
+        ctx = self.context(t, cohort, state)
         self.apply_dp(dp, ctx)  # the guard's z and clip, before any noise is drawn (review finding 2)
-        u = self.local_update(client_id, ctx)
-        for stage in self.pipeline:
-            u = stage(u, ctx)
-        self.check_dp(dp, ctx)
+        u = self.client.run(client_id, ctx)
+        dp.check_applied(ctx)
         if client_id in self.malicious and hasattr(self.adversary, "poison_updates"):
             u = self.adversary.poison_updates([u], [], ctx)[0]
         return u, ctx
 
 
 _RUNTIMES: dict[tuple, ClientRuntime] = {}
+_SUMS: dict[str, Any] = {}
 
 
 def runtime_for(cfg: ExperimentConfig, client_id: int, data_file: str | None) -> ClientRuntime:
@@ -231,3 +232,16 @@ def runtime_for(cfg: ExperimentConfig, client_id: int, data_file: str | None) ->
         _RUNTIMES.clear()  # one run per process at a time
         _RUNTIMES[key] = ClientRuntime(cfg, task)
     return _RUNTIMES[key]
+
+
+def secure_sum_for(cfg: ExperimentConfig) -> Any:
+    """The secure sum's client side for a protocol step: from the runtime if this process has one, else
+    built alone (a step needs no model and no data)."""
+    for (fp, _, _), rt in _RUNTIMES.items():
+        if fp == cfg.fingerprint():
+            return rt.secure_sum
+    if cfg.fingerprint() not in _SUMS:
+        _SUMS.clear()
+        _SUMS[cfg.fingerprint()] = registry.build("secure_sum", cfg.server.secure_sum, "server.secure_sum",
+                                                  **plugin_context(cfg, 0))
+    return _SUMS[cfg.fingerprint()]

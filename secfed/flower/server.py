@@ -3,7 +3,10 @@
 :class:`FlowerEngine` is the in-process :class:`~secfed.engine.Engine` with two
 pieces swapped: ``collect`` sends each sampled client's SuperNode a ``train``
 message (global weights as ``SFW`` bytes) and waits for the replies, and
-``secure_aggregate`` decodes the reply bytes (:class:`WirePlainSum`). Sampling,
+``secure_aggregate`` decodes the reply bytes (:class:`WirePlainSum`) or, for a
+multi-step secure sum (SecAgg+ both variants, the homomorphic sum), drives the
+secure sum's own protocol session over the nodes (:class:`SessionSum`,
+:mod:`secfed.rounds`: the code the in-process run executes). Sampling,
 the privacy guard and its fsynced ledger, robust aggregation, server stages, the
 server optimizer, observers, evaluation and checkpoints are the engine's own
 code, so the same config and seed give the same model on either transport.
@@ -30,9 +33,10 @@ from secfed.engine import Engine
 from secfed.errors import ConfigError, MalformedMessage
 from secfed.flower import codec
 from secfed.interfaces import ClientUpdate, RoundContext, SumResult
+from secfed.needs import Need, needs_of, reveals_of
+from secfed.rounds import DPRoundParams, drive, round_info
 from secfed.secure_sum import PlainSum
 
-SUPPORTED_SECURE_SUMS = ("plain", "secagg+", "secagg")
 POLL_START, POLL_MAX = 0.02, 0.5  # seconds between pulls for replies (Server._exchange)
 
 
@@ -44,6 +48,19 @@ class Received:
     payload: bytes
     metrics: dict[str, float] = field(default_factory=dict)
     reason: str = ""  # SecAgg+: why the node's update cannot be encoded ('' = it can)
+
+
+class SessionSum:
+    """A multi-step secure sum (e.g. SecAgg+, both variants) over Flower: its own protocol session
+    (``secure_sum.serve``, :mod:`secfed.rounds`), every step's bytes exchanged with the SuperNodes."""
+
+    def __init__(self, secure_sum: Any, transport: Any) -> None:
+        self.secure_sum, self.transport = secure_sum, transport
+        self.reveals_individual = getattr(secure_sum, "reveals_individual", True)
+
+    def aggregate(self, received: list[Received], ctx: RoundContext, min_sum: int | None = None) -> SumResult:
+        candidates = {r.client_id: r.reason for r in received}
+        return drive(self.secure_sum.serve(candidates, ctx, min_sum), self.transport, ctx)
 
 
 class WirePlainSum(PlainSum):
@@ -59,27 +76,29 @@ class WirePlainSum(PlainSum):
 class FlowerEngine(Engine):
     """The engine with its clients behind a Flower ``Grid`` (SuperLink or the simulation runtime)."""
 
-    def __init__(self, cfg: ExperimentConfig, out_dir: str | Path | None, grid: Any, **kw: Any) -> None:
+    def __init__(self, cfg: ExperimentConfig, out_dir: str | Path | None, grid: Any, *, keys: dict[int, bytes] | None = None,
+                 **kw: Any) -> None:
         super().__init__(cfg, out_dir, **kw)
-        name = cfg.server.secure_sum.name.lower()
-        if name not in SUPPORTED_SECURE_SUMS:
-            raise ConfigError(f"config key 'server.secure_sum': '{cfg.server.secure_sum.name}' does not run over "
-                              f"Flower yet (supported: {', '.join(SUPPORTED_SECURE_SUMS)}); use deploy.transport = "
-                              "'inprocess'")
-        if self.adversary is not None and getattr(self.adversary, "omniscient", False):
+        hides = Need.ROWS not in reveals_of(self.secure_sum)
+        if hides and not hasattr(self.secure_sum, "serve"):
+            raise ConfigError(f"config key 'server.secure_sum': '{cfg.server.secure_sum.name}' has no protocol session "
+                              "to run over Flower yet; use deploy.transport = 'inprocess'")
+        if getattr(self.secure_sum, "needs_keys", False):  # active SecAgg+'s roster, HE's key holder
+            if keys is None:
+                raise ConfigError(f"config key 'server.secure_sum': '{cfg.server.secure_sum.name}' "
+                                  f"{'(active) ' if getattr(self.secure_sum, 'active', False) else ''}needs client keys "
+                                  "distributed outside the server (identity roster / HE key holder), wired for Flower "
+                                  "simulations only; run it in-process or with deploy.transport = 'flower-ray'")
+            self.secure_sum.use_keys(keys)
+        if Need.HONEST_ROWS in needs_of(self.adversary, Need.NONE):
             raise ConfigError("config key 'attack.adversary': an omniscient adversary reads honest clients' updates, "
                               "which SuperNodes never share; run it with deploy.transport = 'inprocess'")
         if any(p.name == "adaptive-clip" for p in cfg.client.pipeline):
             raise ConfigError("config key 'client.pipeline': adaptive clipping over Flower would send every node's "
                               "clipping bit to the server in the clear; use 'clip', or deploy.transport = 'inprocess'")
         self.grid = grid
-        if getattr(self.secure_sum, "reveals_individual", True):
-            self.wire: Any = WirePlainSum(cfg.server.max_update_norm)
-        else:
-            from secfed.flower.secagg import FlowerSecAgg
-
-            self.wire = FlowerSecAgg(self.secure_sum, self.exchange)
-        self.private_metrics = codec.metrics_stay_on_node(cfg, getattr(self.secure_sum, "reveals_individual", True))
+        self.wire: Any = SessionSum(self.secure_sum, self) if hides else WirePlainSum(cfg.server.max_update_norm)
+        self.private_metrics = codec.metrics_stay_on_node(cfg, not hides)
         self.nodes: dict[int, int] = {}  # client id -> Flower node id
         self.round_timeout = cfg.deploy.round_timeout
         self.connect_timeout = cfg.deploy.connect_timeout
@@ -160,7 +179,7 @@ class FlowerEngine(Engine):
             self.connect()
         return super().run()
 
-    def round_params(self, ctx: RoundContext) -> dict[str, Any]:
+    def round_params(self, ctx: RoundContext) -> DPRoundParams:
         """The DP parameters every node must apply this round (review finding 2), fixed by the server.
 
         The server plays its own copy of the client pipeline on a zero update, so the
@@ -171,18 +190,16 @@ class FlowerEngine(Engine):
         The nodes get the guard's z and these values in the ``train`` message and refuse
         to train with anything else.
         """
-        from defenses.privacy.clipping import round_info
-
         probe = ClientUpdate(-1, torch.zeros(self.spec.numel), 0, 1.0)
         for stage in self.pipeline:
             probe = stage(probe, ctx)
         info = round_info(ctx)
         params = {k: info.get(k) for k in ("noise_multiplier", "clip_norm", "share_divisor", "distributed")}
-        if self.cfg.client.trainer.name == "dp-sgd":  # the z the guard charges (or the trainer's own, unguarded)
+        if hasattr(self.trainer, "resolved_noise_multiplier"):  # DP-SGD: the z the guard charges (or the trainer's own)
             guard_z = getattr(self.privacy, "z", None) if getattr(self.privacy, "mechanism", "") == "dp-sgd" else None
             params["dpsgd_noise_multiplier"] = guard_z if guard_z is not None else self.trainer.resolved_noise_multiplier(self.task)
             params["max_grad_norm"] = getattr(self.trainer, "max_grad_norm", None)
-        return {k: v for k, v in params.items() if v is not None and v is not False}
+        return DPRoundParams.of(params)
 
     def collect(self, ctx: RoundContext, bar: Any = None) -> tuple[list[Received], dict[int, str]]:
         t = ctx.round
@@ -275,7 +292,8 @@ class FlowerEngine(Engine):
 
 
 def make_server_app(cfg: ExperimentConfig | None = None, out_dir: str | Path | None = None, *,
-                    resume: bool = False, result: dict[str, Any] | None = None) -> Any:
+                    resume: bool = False, result: dict[str, Any] | None = None,
+                    keys: dict[int, bytes] | None = None) -> Any:
     """The Flower ``ServerApp``. Given ``cfg`` for simulation; under ``flwr run`` it reads the run config
     keys ``config`` (path of the experiment TOML or JSON on the SuperLink's machine), ``out`` and
     ``resume``."""
@@ -288,12 +306,14 @@ def make_server_app(cfg: ExperimentConfig | None = None, out_dir: str | Path | N
         run_cfg, out, res = cfg, out_dir, resume
         if run_cfg is None:
             from secfed.flower.client import load_experiment
+            from secfed.flower.worker import shorten_object_pull_backoff
 
+            shorten_object_pull_backoff()  # replies: retry missing objects after 10 ms, not 1 s, 2 s, ... (helper F)
             rc = dict(context.run_config)
             run_cfg = load_experiment(str(rc["config"]))
             out = str(rc.get("out") or "") or None
             res = bool(rc.get("resume", False))
-        engine = FlowerEngine(run_cfg, out, grid, resume=res, progress=False)
+        engine = FlowerEngine(run_cfg, out, grid, resume=res, progress=False, keys=keys)
         summary = engine.run()
         if result is not None:
             result.update(summary)

@@ -40,9 +40,14 @@ def run_ray_simulation(cfg: ExperimentConfig, out_dir: str | Path | None = None,
     if d.ray_num_cpus:
         init_args["num_cpus"] = d.ray_num_cpus
     backend_config = {"client_resources": {"num_cpus": d.ray_client_cpus, "num_gpus": 0.0}, "init_args": init_args}
+    from secfed.flower.runtime import secure_sum_for
+
+    # keys the clients hold from outside the server (active SecAgg+: one Ed25519 identity per client on the
+    # server's roster; HE: the key holder's secret-key context), generated here for the simulation
+    keys = getattr(secure_sum_for(cfg), "simulation_keys", dict)() or None
     result: dict[str, Any] = {}
-    server_app = make_server_app(cfg, out_dir, resume=resume, result=result)
-    client_app = make_client_app(cfg)
+    server_app = make_server_app(cfg, out_dir, resume=resume, result=result, keys=keys)
+    client_app = make_client_app(cfg, keys)
     try:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.data.num_clients,
                        backend_name="ray", backend_config=backend_config, verbose_logging=verbose)

@@ -2,8 +2,9 @@
 
 * ``inprocess`` - the engine's own loop (default; :class:`secfed.engine.Engine`);
 * ``flower-ray`` - Flower's simulation runtime with the Ray backend (:mod:`secfed.flower.simulation`);
-* ``flower`` - a real local federation: a ``flower-superlink`` and one
-  ``flower-supernode`` per client as separate OS processes with TLS and node
+* ``flower`` - a real local federation: a ``flower-superlink`` and one SuperNode
+  per client (``secfed deploy supernode``: ``flower-supernode`` with one
+  long-lived ClientApp worker) as separate OS processes with TLS and node
   authentication on loopback (:class:`secfed.flower.deploy.LocalFederation`).
 
 All three give the same model for the same config and seed.

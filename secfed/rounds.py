@@ -1,0 +1,244 @@
+"""The round driver every transport shares: a secure sum is a *protocol session*, a transport moves bytes.
+
+A multi-step secure sum (SecAgg+, semi-honest or active) is written once, as a
+server-side generator (the session)::
+
+    replies, failed = yield step, {client: bytes to send}   # one step of the protocol
+    ...
+    return SumResult                                         # what the server learns
+
+and a client-side object per client with ``handle(step, payload) -> bytes``.
+:func:`drive` runs a session over a :class:`Transport`, which only delivers each
+step's bytes and brings back the replies (or why a client gave none):
+
+* :class:`InProcessTransport`: the clients are objects in this process;
+* ``secfed.flower.server.FlowerTransport``: the clients sit behind SuperNodes
+  (Flower Grid messages; the node restores its client object from its own state).
+
+So the in-process engine and a Flower run execute the same protocol code, step
+for step, and produce the same sum for the same inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generator, Protocol
+
+from secfed.errors import ConfigError, MalformedMessage
+
+if TYPE_CHECKING:  # this module stays free of torch (a Flower query imports it)
+    from secfed.interfaces import RoundContext, SumResult
+
+#: What a session yields (step name, {client: payload}) and is sent back ({client: reply}, {client: reason}).
+Step = tuple[str, dict[int, bytes]]
+Replies = tuple[dict[int, bytes], dict[int, str]]
+Session = Generator[Step, Replies, "SumResult"]
+
+
+class Transport(Protocol):
+    """Moves one step's bytes to the clients and back; knows nothing of the protocol."""
+
+    def exchange(self, step: str, outgoing: dict[int, bytes], ctx: RoundContext) -> Replies: ...
+
+
+class ClientSession(Protocol):
+    """One client's side of one round of a multi-step secure sum."""
+
+    def handle(self, step: str, payload: bytes) -> bytes: ...
+
+
+def drive(session: Session, transport: Transport, ctx: RoundContext) -> SumResult:
+    """Run ``session`` to its result, every step's messages through ``transport``."""
+    try:
+        step, outgoing = next(session)
+        while True:
+            step, outgoing = session.send(transport.exchange(step, outgoing, ctx))
+    except StopIteration as done:
+        return done.value
+
+
+class InProcessTransport:
+    """Clients as objects of this process: ``clients[u].handle(step, payload)``.
+
+    A :class:`~secfed.errors.MalformedMessage` raised by a client is its refusal of
+    what the server sent (the reason comes back as its failure). ``tamper(u, reply)``
+    is the fault-injection seam of the tests (a client that sends other bytes).
+    ``client_seconds`` adds up the time spent in the clients.
+    """
+
+    def __init__(self, clients: dict[int, ClientSession],
+                 tamper: Callable[[int, bytes], bytes] | None = None) -> None:
+        self.clients, self.tamper = clients, tamper
+        self.client_seconds = 0.0
+
+    def exchange(self, step: str, outgoing: dict[int, bytes], ctx: RoundContext) -> Replies:
+        replies: dict[int, bytes] = {}
+        failed: dict[int, str] = {}
+        for u in sorted(outgoing):
+            t0 = time.perf_counter()
+            try:
+                out = self.clients[u].handle(step, outgoing[u])
+            except MalformedMessage as e:
+                failed[u] = str(e)
+                continue
+            finally:
+                self.client_seconds += time.perf_counter() - t0
+            replies[u] = self.tamper(u, out) if self.tamper is not None else out
+        return replies, failed
+
+
+def failure_reason(step: str, why: str, protocol: str) -> str:
+    """How a client's failure at ``step`` reads in ``SumResult.dropped`` (same words on every transport)."""
+    return why if why.startswith(("no reply", "malformed")) else f"refused at {protocol} {step}: {why}"
+
+
+def step_timer() -> dict[str, Any]:
+    """A mutable clock a session uses to add up its own (server-side) seconds between yields."""
+    return {"seconds": 0.0, "since": time.perf_counter()}
+
+
+# ============================================================================ the client's round
+def plugin_context(cfg: Any, dim: int) -> dict[str, Any]:
+    """The context arguments every plug-in may take (the engine and a SuperNode build plug-ins alike)."""
+    c, s, n = cfg.client, cfg.server, cfg.data.num_clients
+    return dict(num_clients=n, seed=cfg.run.seed, sample_rate=s.sample_rate if s.sampling == "poisson" else None,
+                rounds=cfg.run.rounds, local_epochs=c.local_epochs, local_steps=c.local_steps, batch_size=c.batch_size,
+                lr=c.lr, optimizer=c.optimizer, momentum=c.momentum, weight_decay=c.weight_decay, dim=dim,
+                max_update_norm=s.max_update_norm, min_clients=s.min_clients, cohort_size=s.cohort_size or n)
+
+
+class ClientRound:
+    """One client's side of a round, the same object in-process and on a SuperNode.
+
+    ``run(client_id, ctx)``: load the shipped w_t (``ctx.global_weights``), train on the
+    client's own data (a malicious client's data may be poisoned first), take the delta,
+    run the client pipeline (clip, noise, ...). The adversary's update step and the
+    secure sum's encoding follow in the transport's collect (they may span clients).
+    """
+
+    def __init__(self, cfg: Any, task: Any, model: Any, spec: Any, trainer: Any, pipeline: list[Any],
+                 adversary: Any, malicious: set[int], lora: Any) -> None:
+        self.cfg, self.task, self.model, self.spec = cfg, task, model, spec
+        self.trainer, self.pipeline, self.adversary, self.malicious, self.lora = trainer, pipeline, adversary, malicious, lora
+
+    def local_update(self, client_id: int, ctx: RoundContext) -> Any:
+        """Load w_t, train on the client's own shard, return the delta (before the pipeline)."""
+        import torch
+
+        from secfed.interfaces import ClientUpdate, derive_seed
+
+        self.spec.assign(self.model, ctx.global_weights)
+        data = self.task.client_data(client_id)
+        if client_id in self.malicious and hasattr(self.adversary, "poison_data"):
+            data = self.adversary.poison_data(client_id, data)
+        torch.manual_seed(derive_seed(self.cfg.run.seed, ctx.round, client_id, "torch"))
+        gen = ctx.generator(client_id, "batches")
+        with self.lora.client_view(self.model, client_id):  # lora.client_ranks: train the first r_i components
+            metrics = self.trainer.train(self.model, self.task, data, gen, client_id=client_id)
+            self.lora.truncate_after_training(self.model, client_id)
+            delta = self.spec.flatten(self.model) - ctx.global_weights
+        weight = float(len(data)) if self.cfg.client.weighting == "examples" else 1.0
+        return ClientUpdate(client_id, delta, len(data), weight, dict(metrics))
+
+    def run(self, client_id: int, ctx: RoundContext) -> Any:
+        """The client's update after its pipeline (what it hands the adversary step and the secure sum)."""
+        u = self.local_update(client_id, ctx)
+        if ctx.dropouts.drops(client_id, "pipeline"):
+            raise RuntimeError("injected crash before the client pipeline")
+        for stage in self.pipeline:
+            u = stage(u, ctx)
+        return u
+
+
+# ============================================================================ DP parameters of a round
+def round_info(ctx: RoundContext) -> dict[str, Any]:
+    """This round's DP bookkeeping shared by the DP stages (reset when the round changes; never checkpointed)."""
+    info = ctx.state.get("_dp_round")
+    if not isinstance(info, dict) or info.get("round") != ctx.round:
+        info = {"round": ctx.round}
+        ctx.state["_dp_round"] = info
+    return info
+
+
+@dataclass(frozen=True)
+class DPRoundParams:
+    """The DP parameters the server's guard and stages fixed for one round; every client applies exactly these.
+
+    In-process the stages read them from :func:`round_info`; over Flower they travel in the
+    ``train`` message (``secfed.flower.codec.encode_dp``) and the node seeds its own
+    :func:`round_info` with them before any noise is drawn (review finding 2).
+    """
+
+    noise_multiplier: float | None = None  # z of the client noise stage (gaussian-share), the guard's
+    clip_norm: float | None = None  # C the client pipeline clips to
+    share_divisor: int | None = None  # n of the distributed noise shares
+    distributed: bool = False  # noise placement: shares on the clients
+    dpsgd_noise_multiplier: float | None = None  # DP-SGD's z (the guard's calibration over all shards)
+    max_grad_norm: float | None = None  # DP-SGD's per-example clip
+
+    KINDS: ClassVar[dict[str, type]] = {"noise_multiplier": float, "clip_norm": float, "share_divisor": int, "distributed": bool,
+             "dpsgd_noise_multiplier": float, "max_grad_norm": float}
+
+    @classmethod
+    def of(cls, values: "DPRoundParams | dict[str, Any] | None") -> "DPRoundParams":
+        if isinstance(values, DPRoundParams):
+            return values
+        return cls(**{k: v for k, v in (values or {}).items() if k in cls.KINDS and v is not None})
+
+    def items(self) -> dict[str, Any]:
+        """The set fields (what goes on the wire)."""
+        return {k: getattr(self, k) for k in self.KINDS if getattr(self, k) not in (None, False)}
+
+    def __bool__(self) -> bool:
+        return bool(self.items())
+
+    def check_applied(self, ctx: RoundContext) -> None:
+        """After the pipeline: the clip norm and noise placement the client applied are the server's."""
+        info = round_info(ctx)
+        for k in ("clip_norm", "share_divisor", "distributed"):
+            mine, theirs = info.get(k), getattr(self, k)
+            theirs = None if theirs is False else theirs
+            same = mine == theirs if not isinstance(mine, float) or theirs is None else math.isclose(mine, theirs,
+                                                                                                     rel_tol=1e-9)
+            if not same:
+                raise ConfigError(f"client.pipeline: this node applied {k} = {mine}, the server's guard "
+                                  f"accounts for {theirs}; the node refuses the round")
+
+
+def round_context(cfg: Any, t: int, cohort: list[int], spec: Any, global_w: Any, state: dict[str, Any], task: Any,
+                  run_dir: Any = None) -> "RoundContext":
+    """Round ``t``'s context (the engine's and a SuperNode's alike): cohort, expected size, injected dropouts."""
+    import torch
+
+    from secfed.interfaces import DropoutPlan, RoundContext, derive_seed
+
+    s, n = cfg.server, cfg.data.num_clients
+    expected = s.sample_rate * n if s.sampling == "poisson" else float(min(s.cohort_size or n, n))
+    drops = DropoutPlan({k: set(v) for k, v in cfg.faults.dropouts.items()}, cfg.faults.dropout_rate)
+    if drops.rate > 0:
+        g = torch.Generator().manual_seed(derive_seed(cfg.run.seed, t, "dropout"))
+        drops.steps.setdefault("train", set()).update(
+            c for c, r in zip(cohort, torch.rand(len(cohort), generator=g).tolist()) if r < drops.rate)
+    return RoundContext(round=t, seed=cfg.run.seed, spec=spec, global_weights=global_w, cohort=cohort, num_clients=n,
+                        sample_rate=s.sample_rate if s.sampling == "poisson" else None, expected_cohort=expected,
+                        run_dir=run_dir, state=state, dropouts=drops, task=task)
+
+
+#: Plug-ins whose presence makes a run DP (their parameters come from the server's guard).
+DP_CLIENT_STAGES = ("gaussian-share", "adaptive-clip", "ddgauss")
+DP_SERVER_STAGES = ("central-gaussian", "adaptive-clip")
+
+
+def run_is_dp(cfg: Any) -> bool:
+    """True when the run promises DP: a privacy guard, a noise or adaptive-clip stage, or DP-SGD."""
+    return (cfg.server.privacy is not None or cfg.client.trainer.name == "dp-sgd"
+            or any(p.name in DP_CLIENT_STAGES for p in cfg.client.pipeline)
+            or any(p.name in DP_SERVER_STAGES for p in cfg.server.stages))
+
+
+def metrics_stay_on_node(cfg: Any, reveals_individual: bool) -> bool:
+    """Review finding 7: under a secure sum or DP no per-client metric leaves a client in the clear
+    (and the round record carries no cohort statistic of them), on every transport."""
+    return not reveals_individual or run_is_dp(cfg)

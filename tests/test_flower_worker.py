@@ -1,0 +1,187 @@
+"""secfed's SuperNode (secfed.flower.worker): the flwr internals it leans on, its idle-poll clock, the FAB check.
+
+The end-to-end behaviour (one worker process handles every message of a 2-round run
+over TLS) is ``tests/test_flower_deploy.py::test_three_supernodes_over_tls_equal_the_inprocess_run``.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from secfed.flower import worker as W  # noqa: E402
+from secfed.flower.deploy import APP_PYPROJECT  # noqa: E402
+
+
+def test_installed_flwr_is_the_one_the_worker_follows():
+    # Fails loudly on a flwr upgrade: the worker replays run_clientapp's Runtime API calls and the
+    # launcher replaces the literals of start_client_internal's sleeps. Re-read both, then extend TESTED_FLWR.
+    from flwr.supercore.version import package_version
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    assert package_version.rsplit(".", 1)[0] in W.TESTED_FLWR, package_version
+    assert W.poll_patch_problem() is None
+    for name in ("pull_task_input", "push_message", "push_task_output"):
+        assert callable(getattr(rc, name)), name
+
+
+def test_poll_patch_problem_names_a_moved_symbol(monkeypatch):
+    import flwr.supernode.start_client_internal as sci
+
+    monkeypatch.delattr(sci, "_pull_and_store_message")
+    assert "_pull_and_store_message" in W.poll_patch_problem()
+
+
+def test_poll_clock_backs_off_when_idle_and_resets_on_a_message(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr(W, "_time", SimpleNamespace(sleep=slept.append, monotonic=lambda: 7.0))
+    clock = W.PollClock(idle_min=0.1, idle_max=0.3, reply_wait=0.02)
+    for _ in range(5):
+        clock.sleep(3)  # flwr's idle sleep
+    clock.activity()
+    clock.sleep(3)
+    clock.sleep(0.5)  # flwr's reply wait
+    clock.sleep(1.25)  # anything else is unchanged
+    assert slept == pytest.approx([0.1, 0.15, 0.225, 0.3, 0.3, 0.1, 0.02, 1.25])
+    assert clock.monotonic() == 7.0  # other attributes are the time module's
+
+
+def test_patch_supernode_polling_installs_the_clock_and_notes_messages(monkeypatch):
+    import flwr.supernode.start_client_internal as sci
+
+    results = iter([None, 42])
+    monkeypatch.setattr(sci, "time", sci.time)  # restored after the test
+    monkeypatch.setattr(sci, "_pull_and_store_message", lambda **kw: next(results))
+    clock = W.PollClock(idle_min=0.05, idle_max=1.0)
+    assert W.patch_supernode_polling(clock)
+    assert sci.time is clock
+    clock._idle = 0.9
+    assert sci._pull_and_store_message() is None and clock._idle == 0.9  # nothing pulled: keep backing off
+    assert sci._pull_and_store_message() == 42 and clock._idle == 0.05  # a message: poll fast again
+
+
+def _fab(pyproject: str) -> SimpleNamespace:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("pyproject.toml", pyproject)
+    return SimpleNamespace(content=buf.getvalue())
+
+
+def test_worker_runs_secfeds_clientapp_only():
+    W.TaskWorker.check_fab(_fab(APP_PYPROJECT))  # the bundle `secfed deploy app` writes
+    other = APP_PYPROJECT.replace('clientapp = "secfed.flower.client:app"', 'clientapp = "evil.app:app"')
+    with pytest.raises(W.ForeignAppError, match="evil.app:app"):
+        W.TaskWorker.check_fab(_fab(other))
+    with pytest.raises(W.ForeignAppError, match="cannot be read"):
+        W.TaskWorker.check_fab(SimpleNamespace(content=b"not a zip"))
+
+
+def test_supernode_launcher_refuses_subprocess_isolation():
+    with pytest.raises(SystemExit, match="isolation process"):
+        W.supernode_main(["--superlink", "127.0.0.1:1", "--isolation", "subprocess"])
+    with pytest.raises(SystemExit, match="usage"):
+        W.main(["nonsense"])
+
+
+def test_object_pull_backoff_is_shortened_with_the_same_patience(monkeypatch):
+    from flwr.supercore.inflatable import inflatable_utils as iu
+
+    for f in (iu.pull_objects, iu.pull_and_inflate_object_from_tree):
+        monkeypatch.setattr(f, "__kwdefaults__", dict(f.__kwdefaults__))  # restored after the test
+        assert f.__kwdefaults__["initial_backoff"] == 1  # flwr 1.41's default: 1 s before the first retry
+    assert W.shorten_object_pull_backoff()
+    for f in (iu.pull_objects, iu.pull_and_inflate_object_from_tree):
+        kw = f.__kwdefaults__
+        assert (kw["initial_backoff"], kw["backoff_cap"]) == (W.PULL_INITIAL_BACKOFF, W.PULL_BACKOFF_CAP)
+        assert kw["max_tries_per_object"] * kw["backoff_cap"] >= 500 * 10  # no less patient than flwr's
+
+    calls: list[float] = []
+    monkeypatch.setattr(iu.random, "uniform", lambda a, b: 0.0)
+    tries = iter(range(3))
+
+    def pull(obj_id: str) -> bytes:  # unavailable twice, then there
+        if next(tries) < 2:
+            calls.append(iu.time.monotonic())
+            raise iu.ObjectUnavailableError(obj_id)
+        return b"x"
+
+    t0 = iu.time.monotonic()
+    assert iu.pull_objects(["a"], pull) == {"a": b"x"}
+    assert iu.time.monotonic() - t0 < 0.5  # flwr's default would wait 1 s + 2 s
+
+
+def test_one_worker_runs_several_tasks_with_one_clientapp_and_reports_errors(monkeypatch):
+    """run_task as flwr-clientapp would: the task input in, the reply and the Context out; the same ClientApp
+    object serves every task of the process, and an exception becomes an Error reply (the worker lives on)."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.common.constant import SubStatus
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    for k, v in (("_run_id", 1), ("_node_id", 2), ("_task_id", 3)):
+        monkeypatch.setattr(TaskIdentity, k, v, raising=False)
+    fab = _fab(APP_PYPROJECT)
+    pushed: list[tuple[str, object]] = []
+
+    class Client:
+        def SendTaskHeartbeat(self, req):  # noqa: N802 - flwr's method name
+            pushed.append(("heartbeat", None))
+
+        def close(self) -> None:
+            pushed.append(("closed", None))
+
+    def pull_task_input(client):
+        msg = Message(RecordDict({"secfed": ConfigRecord({"v": 1})}), dst_node_id=2, message_type="query")
+        ctx = Context(run_id=1, node_id=2, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+        return msg, ctx, None, fab
+
+    monkeypatch.setattr(rc, "pull_task_input", pull_task_input)
+    monkeypatch.setattr(rc, "push_message", lambda client, reply, context: pushed.append(("reply", reply)))
+    monkeypatch.setattr(rc, "push_task_output",
+                        lambda client, context, sub_status, details: pushed.append(("output", (sub_status, context))))
+    seen: list[int] = []
+
+    def app(message, context):
+        seen.append(id(app))
+        if len(seen) == 3:
+            raise ValueError("boom")
+        context.state["n"] = ConfigRecord({"n": len(seen)})  # the Context goes back to the SuperNode
+        return Message(RecordDict({"secfed": ConfigRecord({"ok": len(seen)})}), reply_to=message)
+
+    worker = W.TaskWorker("127.0.0.1:1", app=app)
+    monkeypatch.setattr(worker, "_task_client", lambda token: Client())
+    assert [worker.run_task(t) for t in ("a", "b", "c")] == [SubStatus.COMPLETED] * 2 + [SubStatus.FAILED]
+    assert worker.handled == 3 and len(set(seen)) == 1  # one ClientApp object, three tasks
+    replies = [r for k, r in pushed if k == "reply"]
+    outputs = [o for k, o in pushed if k == "output"]
+    assert [r.content["secfed"]["ok"] for r in replies[:2]] == [1, 2]
+    assert replies[2].has_error() and "boom" in replies[2].error.reason
+    assert outputs[1][1].state["n"]["n"] == 2
+    assert [k for k, _ in pushed].count("closed") == 3 and ("heartbeat", None) not in pushed  # short tasks: no beat
+
+    other = _fab(APP_PYPROJECT.replace('clientapp = "secfed.flower.client:app"', 'clientapp = "evil.app:app"'))
+    monkeypatch.setattr(rc, "pull_task_input", lambda client: (*pull_task_input(client)[:3], other))
+    assert worker.run_task("d") == SubStatus.FAILED and len(seen) == 3  # the foreign app was never called
+    assert "evil.app:app" in [r for k, r in pushed if k == "reply"][-1].error.reason
+
+
+def test_supernode_stops_when_its_worker_dies(tmp_path):
+    # The worker exits at once (bad setting); the SuperNode must not stay connected and silent.
+    import os
+    import subprocess
+    import sys
+
+    from secfed.flower.deploy import free_port
+
+    env = {**os.environ, "SECFED_WORKER_POLL_MIN": "abc", "FLWR_HOME": str(tmp_path), "FLWR_TELEMETRY_ENABLED": "0"}
+    proc = subprocess.run([sys.executable, "-m", "secfed.flower.worker", "supernode", "--superlink", "127.0.0.1:1",
+                           "--insecure", "--port", str(free_port())], env=env, capture_output=True, text=True,
+                          timeout=180, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert "SECFED_WORKER_POLL_MIN must be" in out
+    assert "the ClientApp worker exited (1); stopping this SuperNode" in out
