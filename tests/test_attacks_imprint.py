@@ -120,7 +120,7 @@ def test_new_keys_keep_old_fingerprints():
     cfg = _cfg("plain", attack=False)
     d = cfg.model_dump(mode="json")
     d["run"].pop("rounds"), d["run"].pop("out"), d.pop("deploy")
-    d["attack"].pop("server"), d["client"].pop("verify_model")
+    d["attack"].pop("server"), d["client"].pop("verify_model"), d.pop("lora")
     assert cfg.fingerprint() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
     assert _cfg("plain").fingerprint() != cfg.fingerprint()
 

@@ -156,7 +156,13 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+#: in the default suite (one per transport path: plain sum, both SecAgg+ sessions, HE, node-kept state);
+#: the other families run with ``pytest -m slow`` (each ~5 s; the default suite stays under 10 minutes)
+DEFAULT_FAMILIES = {"plain", "secagg+-active", "dp-fedavg-distributed", "homomorphic-sum", "momentum-trainer"}
+
+
+@pytest.mark.parametrize("family", [f if f in DEFAULT_FAMILIES else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in sorted(FAMILIES)])
 def test_inprocess_and_flower_give_the_same_run(family, tmp_path):
     sections, same_weights = FAMILIES[family]
     cfg = tiny_config(run={"rounds": 2, "threads": 1}, **{k: dict(v) for k, v in sections.items()})
