@@ -85,6 +85,7 @@ def test_csv_source_works(tmp_path):
     assert (tmp_path / "out" / "summary.json").exists()
 
 
+@pytest.mark.slow  # builds a datasets folder and runs the CLI (about 25 s)
 def test_hf_datasets_local_folder(tmp_path):
     datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_dict({"sentence": ["good great fine", "bad awful poor"] * 60, "y": [1, 0] * 60})

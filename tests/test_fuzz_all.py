@@ -13,7 +13,12 @@ from fuzz_targets import run, targets
 TARGETS = {t.name: t for t in targets()}
 
 
-@pytest.mark.parametrize("name", sorted(TARGETS))
+#: the HE bundle target builds CKKS contexts (about 20 s): in ``pytest -m slow`` with the long fuzzing
+SLOW_TARGETS = {"he-bundle"}
+
+
+@pytest.mark.parametrize("name", [n if n not in SLOW_TARGETS else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(TARGETS)])
 def test_fuzz_bounded(name):
     n, crashes = run(TARGETS[name], 150)
     assert not crashes, crashes[:3]

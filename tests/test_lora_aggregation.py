@@ -281,6 +281,7 @@ def test_ranks_above_the_model_rank_and_lora_methods_without_lora_are_refused(tm
         Engine(digits_config(lora={"aggregation": "ffa"}), tmp_path / "d", progress=False)
 
 
+@pytest.mark.slow  # a CLI subprocess (about 12 s); the refusals themselves are tested in-process above
 def test_the_cli_refuses_stack_under_secagg_in_one_line(tmp_path):
     (tmp_path / "c.toml").write_text("""
 [run]

@@ -158,7 +158,7 @@ FAMILIES = {
 
 #: in the default suite (one per transport path: plain sum, both SecAgg+ sessions, HE, node-kept state);
 #: the other families run with ``pytest -m slow`` (each ~5 s; the default suite stays under 10 minutes)
-DEFAULT_FAMILIES = {"plain", "secagg+-active", "dp-fedavg-distributed", "homomorphic-sum", "momentum-trainer"}
+DEFAULT_FAMILIES = {"plain", "secagg+-active", "homomorphic-sum", "momentum-trainer"}
 
 
 @pytest.mark.parametrize("family", [f if f in DEFAULT_FAMILIES else pytest.param(f, marks=pytest.mark.slow)

@@ -281,6 +281,7 @@ def test_pinned_hub_id_is_refused_before_any_network_attempt():
     assert time.perf_counter() - t0 < 2.0
 
 
+@pytest.mark.slow  # a whole CLI run in a subprocess (about 15 s)
 def test_quiet_is_quiet(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('[run]\nname = "q"\nrounds = 1\n[data]\nsource = "synthetic-text"\nnum_clients = 2\ntest_size = 50\n'
