@@ -270,6 +270,7 @@ missing = {"server.aggregator" = "no_such_module:Agg"}
     return p
 
 
+@pytest.mark.slow  # kills a grid subprocess mid-run and reruns it (about 25 s)
 def test_kill_mid_grid_then_rerun_completes_only_missing_cells(tmp_path):
     grid, out = _grid_file(tmp_path), tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -40,6 +40,8 @@ def _weights(run_dir: Path) -> torch.Tensor:
 WORKER_LINE = re.compile(r"\[secfed-worker pid=(\d+)\] task done: (\w+) message, (\S+) in [\d.]+ s, (\d+) tasks")
 
 
+@pytest.mark.slow  # real SuperLink + 3 SuperNodes with TLS (about 50 s); the Flower message path is in the
+# default suite through tests/test_parity_matrix.py, the worker through tests/test_flower_worker.py
 def test_three_supernodes_over_tls_equal_the_inprocess_run(tmp_path):
     # One round: both messages a node gets (the fingerprint query, then train) are handled by one
     # long-lived worker per SuperNode (no flwr-clientapp process per message); the slow test below

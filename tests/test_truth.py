@@ -42,6 +42,7 @@ def secfed(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 # ---------------------------------------------------------------------------- 1. false success
+@pytest.mark.slow  # a whole CLI run in a subprocess (about 15 s)
 def test_run_that_aggregated_no_round_exits_non_zero_with_one_line(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(DIGITS_TOML)
