@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _machine import machine  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from attacks.audit.canary import CanaryAudit, audit_dpfedavg, best_over_guesses, gaussian_sum  # noqa: E402
@@ -507,6 +508,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="", help="comma list of parts: dlg,ig,defenses,secagg,text,membership,audit,imprint,lora_trap "
                     "(written to results/attacks_parts/, then combine with --merge)")
+    ap.add_argument("--loaded", action="store_true", help="record that other work shared the machine")
     ap.add_argument("--merge", action="store_true", help="combine results/attacks_parts/*.json into the results file")
     ap.add_argument("--tables", action="store_true", help="print the results file as Markdown tables")
     args = ap.parse_args()
@@ -558,7 +560,8 @@ def main() -> None:
         res["lora_trap"] = bench_lora_trap(q)
     if args.only:
         parts_dir.mkdir(parents=True, exist_ok=True)
-        res["meta"] = {"seconds": time.perf_counter() - t_all}
+        res["meta"] = {"seconds": time.perf_counter() - t_all, "machine": machine(loaded=args.loaded),
+                       "command": "python benchmarks/attacks.py " + " ".join(sys.argv[1:])}
         (parts_dir / f"{args.only.replace(',', '_')}.json").write_text(json.dumps(res, indent=2, default=float))
         log(f"wrote part {args.only}")
         return
@@ -579,7 +582,9 @@ def main() -> None:
     if lt:
         res["headline"]["lora_trap_token_recall_secagg_r128_cohort2"] = lt.get((128, 2, "none"), {}).get("token_recall")
     res["meta"] = {"quick": q, "seconds_total_this_invocation": time.perf_counter() - t_all, "torch": torch.__version__,
-                   "python": platform.python_version(), "machine": "2 shared CPU cores (timings noisy)",
+                   "python": platform.python_version(),
+                   "machine": machine(note="merged from results/attacks_parts/: each part's meta.machine says where "
+                                           "it ran") if args.merge else machine(loaded=args.loaded),
                    "command": "python benchmarks/attacks.py" + (" --quick" if q else "")}
     out_path.write_text(json.dumps(res, indent=2, default=float))
     log(f"headline: {res['headline']}")

@@ -45,6 +45,8 @@ import sys
 import time
 from pathlib import Path
 
+from _machine import machine
+
 import numpy as np
 import torch
 
@@ -221,16 +223,6 @@ def run_flower(xs: list[np.ndarray], drop: set[int], k: int, t: int, sample: int
 
 
 # ----------------------------------------------------------------------------- keystream
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def keystream_throughput(d: int = 1_000_000, ring_bits: int = 32, reps: int = 30) -> dict:
     key = os.urandom(32)
     nbytes = d * ring_bits // 8
@@ -355,8 +347,7 @@ def main() -> None:
                             "fraction": "best-of-30 mask expansion (keystream + ring add) / raw AES-256-CTR keystream, d=1e6, 32-bit ring"},
         "quick": args.quick,
         "flower_sample": args.flower_sample,
-        "machine": {"platform": platform.platform(), "cpu": _cpu_model(), "cpus": os.cpu_count(),
-                    "python": platform.python_version(), "loaded": args.loaded},
+        "machine": machine(loaded=args.loaded),
         "keystream": ks,
         "rows": rows,
     }
