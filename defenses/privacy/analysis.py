@@ -132,16 +132,22 @@ def calibrate_noise_for(histories, target_epsilon: float, delta: float, accounta
         hs = h if h and isinstance(h[0], list) else [h]
         return max(epsilon(x, delta, accountant) for x in hs)
 
+    return smallest_noise(worst, target_epsilon, delta, key)
+
+
+def smallest_noise(eps_of, target_epsilon: float, delta: float, key: str = "server.privacy",
+                   what: str = "this sampling rate and number of steps") -> float:
+    """The smallest z (to 0.1%) with ``eps_of(z) <= target``: doubling from 1, then bisection
+    (epsilon falls monotonically in z); ConfigError naming ``key`` past ``MAX_NOISE``."""
     lo, hi = 0.0, 1.0
-    while worst(hi) > target_epsilon:
+    while eps_of(hi) > target_epsilon:
         lo, hi = hi, hi * 2
         if hi > MAX_NOISE:
             raise ConfigError(f"config key '{key}.epsilon': epsilon={target_epsilon} at delta={delta} is out of reach "
-                              f"for this sampling rate and number of steps (noise multiplier > {MAX_NOISE:g}); "
-                              "raise epsilon or lower run.rounds")
+                              f"for {what} (noise multiplier > {MAX_NOISE:g}); raise epsilon or lower run.rounds")
     while hi - lo > 1e-3 * hi:
         mid = (lo + hi) / 2
-        if worst(mid) <= target_epsilon:
+        if eps_of(mid) <= target_epsilon:
             hi = mid
         else:
             lo = mid

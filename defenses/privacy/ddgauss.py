@@ -84,6 +84,7 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from scipy import special
 
 from defenses.privacy import discrete_gaussian
+from defenses.privacy.analysis import smallest_noise
 from secfed.errors import ConfigError
 
 KEY = "client.pipeline.ddgauss"
@@ -423,22 +424,8 @@ class DDGaussAccountant:
     def calibrate(self, target_epsilon: float, delta: float, sample_rate: float, rounds: int,
                   key: str = "server.privacy") -> float:
         """The smallest z (to 0.1%) with epsilon((z, q, rounds)) <= target."""
-        def eps(z: float) -> float:
-            return self.epsilon([(z, sample_rate, rounds)], delta)
-
-        lo, hi = 0.0, 1.0
-        while eps(hi) > target_epsilon:
-            lo, hi = hi, hi * 2
-            if hi > 1e4:
-                raise ConfigError(f"config key '{key}.epsilon': epsilon={target_epsilon} at delta={delta} is out of reach "
-                                  "for ddgauss at this sampling rate and number of rounds; raise epsilon or lower run.rounds")
-        while hi - lo > 1e-3 * hi:
-            mid = (lo + hi) / 2
-            if eps(mid) <= target_epsilon:
-                hi = mid
-            else:
-                lo = mid
-        return hi
+        return smallest_noise(lambda z: self.epsilon([(z, sample_rate, rounds)], delta), target_epsilon, delta, key,
+                              "ddgauss at this sampling rate and number of rounds")
 
     def max_rounds(self, target_epsilon: float, delta: float, z: float, sample_rate: float,
                    key: str = "server.privacy") -> int:
