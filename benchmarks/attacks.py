@@ -40,8 +40,8 @@ import torch  # noqa: E402
 from _machine import machine  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from attacks.audit.canary import CanaryAudit, audit_dpfedavg, best_over_guesses, gaussian_sum  # noqa: E402
-from attacks.audit.one_run import claimed_epsilon  # noqa: E402
+from attacks.dp_audit.canary import CanaryAudit, audit_dpfedavg, best_over_guesses, gaussian_sum  # noqa: E402
+from attacks.dp_audit.one_run import claimed_epsilon  # noqa: E402
 from attacks.inversion.dlg import (dlg, dlg_init, dp_defense, gaussian_defense, idlg_label,  # noqa: E402
                                    inverting_gradients, model_gradients)
 from attacks.inversion.metrics import psnr, ssim  # noqa: E402

@@ -6,7 +6,7 @@
     python benchmarks/attacks_llm.py --only dager    # DAGER grid only (parts accumulate in the JSON)
 
 Each part is a federated run (``secfed.engine.Engine``) of ``experiments/instruct_faq.toml``
-with overrides, audited by ``secfed.compare.audit.audit_run``:
+with overrides, audited by ``secfed.compare.post_run.audit_run``:
 
 * ``exposure`` -- secret-sharer canaries (x1, x4, x16) + 20 PII records in client 0's data, no DP
   and DP-SGD at epsilon 8: canary exposure (bits), extraction fraction, LLM membership inference.
@@ -39,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from secfed.compare.audit import audit_run  # noqa: E402
+from secfed.compare.post_run import audit_run  # noqa: E402
 from secfed.config import parse_config, read_toml  # noqa: E402
 from secfed.engine import Engine  # noqa: E402
 

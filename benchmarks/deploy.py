@@ -7,8 +7,8 @@ authentication) against the same config in-process, side by side (issue 20).
     python benchmarks/deploy.py --per-message                       # also Flower's process-per-message mode
 
 Cases: ``quickstart`` = ``experiments/flower_local.toml`` (the README's "Run across machines"
-config), ``secagg`` = the same with ``server.secure_sum = "secagg+"`` (five messages per node
-per round). Both transports run the same config and seed with ``run.threads = 1``. Per-round
+config), ``secagg`` = the same with ``server.secure_sum = "secagg+"`` (active by default: six
+messages per node per round, the nodes signing with their node keys). Both transports run the same config and seed with ``run.threads = 1``. Per-round
 seconds come from each run's ``rounds.jsonl``; the first round is reported apart (it includes
 the first ``flwr-clientapp`` start-ups) and the headline uses rounds 2.. when there are at least
 two. Writes benchmarks/results/deploy.json with

@@ -42,6 +42,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _machine import machine  # noqa: E402
+
 OUT = ROOT / "benchmarks" / "results" / "dp.json"
 VARIANTS = ("plain", "dp-sgd", "dp-sgd-ghost")
 
@@ -259,6 +262,11 @@ def utility_part(quick: bool, only: str | None = None, model_path: str | None = 
     return {"runs": rows}
 
 
+def utility_part_keys(only: str | None) -> list[str]:
+    """The run keys a --part utility call runs (each row records the machine it ran on)."""
+    return [k for k, _, _ in utility_runs(False) if not only or k in only.split(",")]
+
+
 def _noise_info(run_dir: Path) -> dict:
     led = run_dir / "privacy_ledger.jsonl"
     if not led.exists():
@@ -311,6 +319,8 @@ def main() -> None:
     ap.add_argument("--rows-out", help="utility: write the rows to this JSON instead of the results file")
     ap.add_argument("--merge-rows", nargs="*", help="merge row files written with --rows-out into the results file")
     ap.add_argument("--merge-step", help="merge a step_part() JSON written on another machine into the results file")
+    ap.add_argument("--loaded", action="store_true", help="record that other work shared the machine (seconds "
+                                                           "do not hold; accuracies do)")
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=128)
@@ -322,29 +332,29 @@ def main() -> None:
     if a.worker:
         print(json.dumps(worker(a.worker, a.model, a.batch, a.seq, a.warmup, a.steps)))
         return
-    out = OUT.with_name("dp_quick.json") if a.quick else OUT
+    out = Path("/tmp/dp_quick.json") if a.quick else OUT  # quick results stay out of results/ (headlines.py)
     doc = json.loads(out.read_text()) if out.exists() else {}
     chosen = doc.get("tune", {}).get("chosen", {})
     lr = a.lr if a.lr is not None else chosen.get("lr", 3e-3)
     clip = a.clip if a.clip is not None else chosen.get("clip", 1.0)
     if a.rows_out:
         rows = utility_part(a.quick, a.only, a.model_path, a.threads, lr, clip)["runs"]
-        Path(a.rows_out).write_text(json.dumps({"machine": f"{os.cpu_count()} CPU cores", "runs": rows}, indent=2))
+        Path(a.rows_out).write_text(json.dumps({"machine": machine(a.loaded), "runs": rows}, indent=2))
         return
     doc.update({"quick": a.quick})
     if a.merge_step:
         doc["step"] = json.loads(Path(a.merge_step).read_text())
     if a.merge_rows is not None:
-        runs, machines = dict(doc.get("utility", {}).get("runs", {})), set()
+        runs, machines = dict(doc.get("utility", {}).get("runs", {})), []
         for f in a.merge_rows:
             d = json.loads(Path(f).read_text())
             runs.update(d["runs"])
-            machines.add(d["machine"])
-        doc["utility"] = {"runs": runs, "machine": ", ".join(sorted(machines))}
+            machines.append(d["machine"])
+        doc["utility"] = {"runs": runs, "machines": machines}
     elif a.part in ("all", "step") and not a.merge_step:
         print("step time and peak memory:", flush=True)
         doc["step"] = step_part(a.quick, a.model_path)
-        doc["step"]["machine"] = f"{os.cpu_count()} CPU cores (shared with other jobs; timings are noisy)"
+        doc["step"]["machine"] = machine(a.loaded)
     if a.merge_rows is None and not a.merge_step and a.part in ("all", "tune"):
         print("tuning DP-SGD on the validation split:", flush=True)
         doc["tune"] = tune(a.quick, a.model_path, a.threads)
@@ -353,7 +363,9 @@ def main() -> None:
         print(f"utility (lr {lr:g}, clip {clip:g}):", flush=True)
         runs = dict(doc.get("utility", {}).get("runs", {})) if a.only else {}
         runs.update(utility_part(a.quick, a.only, a.model_path, a.threads, lr, clip)["runs"])
-        doc["utility"] = {"runs": runs, "machine": f"{os.cpu_count()} CPU cores", "lr": lr, "clip": clip}
+        for k in utility_part_keys(a.only):
+            runs[k]["machine"] = machine(a.loaded)
+        doc["utility"] = {"runs": runs, "lr": lr, "clip": clip}
     step, runs = doc.get("step", {}), doc.get("utility", {}).get("runs", {})
     doc["headline"] = {"dp_step_over_plain": step.get("dp_step_over_plain"),
                        **{k: runs.get(v, {}).get("final_accuracy") for k, v in HEADLINE.items()}}
@@ -363,7 +375,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     if runs:
-        plot_curve(doc, out.with_name("dp_quick_curve.png" if a.quick else "dp_curve.png"))
+        plot_curve(doc, out.with_name("dp_quick_curve.png") if a.quick else OUT.with_name("dp_curve.png"))
     print(json.dumps(doc["headline"], indent=2))
 
 

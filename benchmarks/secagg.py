@@ -10,7 +10,13 @@ Active vs semi-honest (issue 17): the same inputs through ``SecAggPlus(active=Fa
 ``SecAggPlus(active=True)`` (Ed25519-signed keys + the signed consistency round), run
 alternately ``--active-reps`` times, best of reps; ``headline.active_over_semi_honest_client_time``
 is the ratio of per-client compute, ``headline.active_over_semi_honest_bytes`` the ratio of
-per-client bytes sent + received.
+per-client bytes sent + received. ``active_p384_over_semi_honest_client_time``: the same
+with ECDSA P-384 identities, the Flower node keys real SuperNodes sign with.
+
+Active is secfed's default (``secure_sum = "secagg+"``), so
+``headline.speedup_vs_flower_client_d1e6_n100`` is the **active** variant's speedup over
+Flower's SecAgg+ (``..._semi_honest``: the ``active = false`` variant; ``..._active_p384``:
+active with P-384 node keys); ``headline.default_variant`` says which one it is.
 
 Both sides run the whole four-step protocol in one process, every client and the
 server, on identical inputs (x_i uniform in [-0.5, 0.5]^d, weight 1, clip range 1,
@@ -54,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # noqa: E402
 
+from defenses.secure_aggregation.identity import Identities  # noqa: E402
 from defenses.secure_aggregation.prg import MaskExpander  # noqa: E402
 from defenses.secure_aggregation.secagg import SecAggPlus  # noqa: E402
 from secfed.interfaces import ClientUpdate, DropoutPlan, RoundContext  # noqa: E402
@@ -74,13 +81,17 @@ def dropped_set(n: int, rate: float, seed: int = 0) -> set[int]:
 
 
 # ----------------------------------------------------------------------------- secfed
-def run_secfed(xs: list[np.ndarray], drop: set[int], active: bool = False) -> dict:
+def run_secfed(xs: list[np.ndarray], drop: set[int], active: bool = False, scheme: str = "ed25519") -> dict:
+    """One secfed round; ``scheme``: the active variant's identity keys (ed25519 = simulation, ecdsa-p384 = Flower node keys)."""
     n, d = len(xs), xs[0].size
     ctx = RoundContext(round=1, seed=0, spec=ParamSpec(("w",), ((d,),)), global_weights=torch.zeros(0), cohort=list(range(n)),
                        num_clients=n, sample_rate=None, expected_cohort=float(n),
                        dropouts=DropoutPlan({"masked_input": set(drop)}))
     ups = [ClientUpdate(i, torch.from_numpy(x), 1, 1.0) for i, x in enumerate(xs)]
     sa = SecAggPlus(clip_range=CLIP, max_weight=1, active=active)
+    if active:
+        sa.identities = Identities(n, scheme)  # keys made before the round, like a deployment's node keys
+        sa.identities.ids()
     k, t = sa.parameters(n)
     r = sa.aggregate(ups, ctx)
     plain = np.sum([x.astype(np.float64) for i, x in enumerate(xs) if i not in drop], axis=0)
@@ -250,20 +261,24 @@ def keystream_throughput(d: int = 1_000_000, ring_bits: int = 32, reps: int = 30
 def active_vs_semi_honest(n: int, d: int, reps: int = 1, rate: float = 0.0) -> dict:
     """The two secfed variants side by side on the same inputs (alternating, best of ``reps``)."""
     xs, drop = make_inputs(n, d), dropped_set(n, rate)
-    runs: dict[str, list[dict]] = {"semi_honest": [], "active": []}
+    runs: dict[str, list[dict]] = {"semi_honest": [], "active": [], "active_p384": []}
     for _ in range(reps):
         runs["semi_honest"].append(run_secfed(xs, drop, active=False))
         runs["active"].append(run_secfed(xs, drop, active=True))
+        runs["active_p384"].append(run_secfed(xs, drop, active=True, scheme="ecdsa-p384"))
     best = {k: min(v, key=lambda r: r["client_s"]) for k, v in runs.items()}
-    sh, ac = best["semi_honest"], best["active"]
+    sh, ac, ap = best["semi_honest"], best["active"], best["active_p384"]
     row = {"n": n, "d": d, "dropout": rate, "reps": reps, "k": sh["k"], "t": sh["t"], "semi_honest": sh, "active": ac,
+           "active_p384": ap, "client_time_ratio_p384": ap["client_s"] / sh["client_s"],
+           "bytes_ratio_p384": ap["bytes_per_client"] / sh["bytes_per_client"],
            "client_time_ratio": ac["client_s"] / sh["client_s"], "server_time_ratio": ac["server_s"] / sh["server_s"],
            "bytes_ratio": ac["bytes_per_client"] / sh["bytes_per_client"],
            "bytes_up_ratio": ac["bytes_up_per_client"] / sh["bytes_up_per_client"],
            "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     print(f"active vs semi-honest n={n} d={d} drop={rate}: client x{row['client_time_ratio']:.3f} "
           f"({ac['client_s']*1e3:.1f} vs {sh['client_s']*1e3:.1f} ms), server x{row['server_time_ratio']:.3f}, "
-          f"bytes x{row['bytes_ratio']:.4f} ({ac['bytes_per_client']:.0f} vs {sh['bytes_per_client']:.0f})", flush=True)
+          f"bytes x{row['bytes_ratio']:.4f} ({ac['bytes_per_client']:.0f} vs {sh['bytes_per_client']:.0f}); "
+          f"P-384 identities: client x{row['client_time_ratio_p384']:.3f}", flush=True)
     return row
 
 
@@ -271,6 +286,8 @@ def _active_headline(result: dict, rows: list[dict], quick: bool) -> None:
     head = max((r for r in rows if r["dropout"] == 0.0), key=lambda r: (r["d"], r["n"]))
     result.setdefault("headline", {}).update({"active_over_semi_honest_client_time": head["client_time_ratio"],
                                               "active_over_semi_honest_bytes": head["bytes_ratio"]})
+    if "client_time_ratio_p384" in head:
+        result["headline"]["active_p384_over_semi_honest_client_time"] = head["client_time_ratio_p384"]
     result.setdefault("headline_source", {})["active"] = (
         f"n={head['n']}, d={head['d']}, dropout 0%, secfed active / secfed semi-honest, per-client compute "
         f"(best of {head['reps']}) and per-client bytes sent + received" + (" (QUICK smoke size)" if quick else ""))
@@ -320,12 +337,14 @@ def main() -> None:
                 s = run_secfed(xs, drop)
                 sample = args.flower_sample if d >= 1_000_000 else None
                 f = run_flower(xs, drop, s["k"], s["t"], sample)
-                a = run_secfed(xs, drop, active=True)  # the actively secure variant, same inputs, same run
+                a = run_secfed(xs, drop, active=True)  # the actively secure variant (the default), same inputs
+                a384 = run_secfed(xs, drop, active=True, scheme="ecdsa-p384")  # ... signing with Flower node keys
                 row = {"n": n, "d": d, "dropout": rate, "k": s["k"], "t": s["t"], "measured": stamp,
                        "flower_clients_timed": "all" if sample is None else f"{sample} (masked-input step)",
-                       "secfed": s, "flower": f, "secfed_active": a,
+                       "secfed": s, "flower": f, "secfed_active": a, "secfed_active_p384": a384,
                        "client_speedup": f["client_s"] / s["client_s"], "server_speedup": f["server_s"] / s["server_s"],
-                       "client_speedup_active": f["client_s"] / a["client_s"]}
+                       "client_speedup_active": f["client_s"] / a["client_s"],
+                       "client_speedup_active_p384": f["client_s"] / a384["client_s"]}
                 rows.append(row)
                 print(f"n={n:4d} d={d:8d} drop={rate:.1f} k={s['k']:3d}  client secfed {s['client_s']*1e3:8.1f} ms "
                       f"flower {f['client_s']*1e3:8.1f} ms (x{row['client_speedup']:.1f})  server secfed "
@@ -340,10 +359,15 @@ def main() -> None:
     big = [r for r in rows if r["dropout"] == 0.0]
     head = max(big, key=lambda r: (r["d"], r["n"]))  # n = 100, d = 1e6 in the full grid
     result = {
-        "headline": {"speedup_vs_flower_client_d1e6_n100": head["client_speedup"],
-                     "speedup_vs_flower_client_d1e6_n100_active": head.get("client_speedup_active"),
+        "headline": {"default_variant": "active",
+                     "speedup_vs_flower_client_d1e6_n100": head["client_speedup_active"],  # the default variant
+                     "speedup_vs_flower_client_d1e6_n100_active": head["client_speedup_active"],
+                     "speedup_vs_flower_client_d1e6_n100_active_p384": head["client_speedup_active_p384"],
+                     "speedup_vs_flower_client_d1e6_n100_semi_honest": head["client_speedup"],
                      "mask_expansion_fraction_of_keystream": ks["fraction"]},
-        "headline_source": {"speedup": f"n={head['n']}, d={head['d']}, dropout 0%, per-client compute, Flower / secfed",
+        "headline_source": {"speedup": f"n={head['n']}, d={head['d']}, dropout 0%, per-client compute, Flower / secfed's "
+                                       "default variant (active = true, Ed25519 identities; _active_p384: ECDSA P-384 "
+                                       "node keys as on real SuperNodes; _semi_honest: active = false)",
                             "fraction": "best-of-30 mask expansion (keystream + ring add) / raw AES-256-CTR keystream, d=1e6, 32-bit ring"},
         "quick": args.quick,
         "flower_sample": args.flower_sample,

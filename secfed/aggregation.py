@@ -6,17 +6,19 @@ from typing import Any
 
 import torch
 
+from secfed.needs import Need
+
 
 class Mean:
     """Weighted mean: sum_i w_i x_i / sum_i w_i (example-weighted FedAvg, McMahan et al. 2017).
 
-    Works on a secure sum (``needs_individual = False``): the engine calls
+    Works on a secure sum (``needs = Need.SUM``, secfed.needs): the engine calls
     :meth:`from_sum` with the sum and total weight. With ``denominator =
     "expected"`` it divides by the expected cohort weight instead (DP-FedAvg's
     fixed denominator qN, McMahan et al. 2018).
     """
 
-    needs_individual = False
+    needs = Need.SUM
 
     def __init__(self, denominator: str = "actual") -> None:
         if denominator not in ("actual", "expected"):

@@ -155,7 +155,7 @@ def audit(target: Path = typer.Argument(..., help="a finished run directory (run
     if quiet:
         _silence()
     try:
-        from secfed.compare.audit import audit_run, validate_attacks
+        from secfed.compare.post_run import audit_run, validate_attacks
 
         names = [a.strip() for a in attacks.split(",") if a.strip()]
         validate_attacks(names)  # before any run or file

@@ -28,12 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from secfed.errors import DataError
+from secfed import registry
+from secfed.errors import ConfigError, DataError
+from secfed.needs import DPRole, Need, dp_role, is_private
 
 ACCOUNTANT_NAMES = {"rdp": "RDP accountant (Mironov 2017)", "prv": "PRV accountant (Gopi et al. 2021)"}
 SECURE_SUMS = {"secagg+": "SecAgg+ secure sum (Bell et al. 2020)", "secagg": "SecAgg+ secure sum (Bell et al. 2020)",
-               "ckks": "CKKS homomorphic secure sum"}
-CLIP_STAGES = ("clip", "adaptive-clip")
+               "he": "homomorphic secure sum", "ckks": "homomorphic secure sum"}  # "ckks": old name of "he"
 
 
 # ---------------------------------------------------------------------------- data
@@ -131,6 +132,37 @@ def _names(specs: list[Any]) -> list[str]:
     return [p.name.lower() for p in specs]
 
 
+def _resolve(kind: str, name: str) -> Any:
+    """The registry-resolved plug-in class (None if it cannot be resolved: a report of an old run)."""
+    try:
+        return registry.resolve(kind, name, kind)
+    except ConfigError:
+        return None
+
+
+def _roles(specs: list[Any], kind: str) -> list[DPRole]:
+    """The declared DP role of each stage (secfed.needs.DPRole): an alias or a subclass reads as its class."""
+    return [dp_role(_resolve(kind, p.name)) for p in specs]
+
+
+def _hides_rows(cfg: Any) -> bool:
+    """The secure sum declares that the server learns the sum only (secfed.needs: Need.ROWS not in reveals)."""
+    reveals = getattr(_resolve("secure_sum", cfg.server.secure_sum.name), "reveals", Need.SUM | Need.ROWS)
+    return Need.ROWS not in reveals
+
+
+def _secure_text(cfg: Any) -> str:
+    ss = cfg.server.secure_sum.name.lower()
+    if ss in ("he", "ckks"):  # name the scheme it really runs (BFV unless scheme = "ckks")
+        return f"{str(cfg.server.secure_sum.params.get('scheme', 'bfv')).upper()} {SECURE_SUMS[ss]} (TenSEAL)"
+    return SECURE_SUMS.get(ss, f"the '{ss}' secure sum")
+
+
+def _record_level(guard: Any) -> bool:
+    """A guard that accounts for a private trainer's noise (declares Need.PRIVATE_TRAINER: DP-SGD)."""
+    return Need.PRIVATE_TRAINER in getattr(guard, "needs", Need.NONE)
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -139,22 +171,21 @@ def defences(cfg: Any) -> list[str]:
     """Every active defence of the config, one phrase each (the DP mechanism itself excluded)."""
     c, s = cfg.client, cfg.server
     out: list[str] = []
-    ss = s.secure_sum.name.lower()
-    if ss in SECURE_SUMS:
-        out.append(f"{SECURE_SUMS[ss]}: the server learns only the sum of the updates, not one organisation's update")
+    if _hides_rows(cfg):
+        out.append(f"{_secure_text(cfg)}: the server learns only the sum of the updates, not one organisation's update")
     if s.group_size:
         out.append(f"robust aggregation over secure sums of groups of {s.group_size} organisations "
                    "(the server sees each group's sum)")
     if s.pre_aggregators:
         out.append("robust pre-aggregation " + ", ".join(_names(s.pre_aggregators)))
-    if s.aggregator.name.lower() != "mean":
+    if Need.ROWS in getattr(_resolve("aggregator", s.aggregator.name), "needs", Need.NONE):
         out.append(f"robust aggregation rule '{s.aggregator.name}'")
-    for p in c.pipeline:
-        if p.name.lower() == "clip":
-            out.append(f"clipping of each organisation's update to L2 norm {_fmt(p.params.get('clip_norm'))}")
-        elif p.name.lower() == "adaptive-clip":
+    for p, role in zip(c.pipeline, _roles(c.pipeline, "client_stage")):
+        if DPRole.ADAPTIVE in role:
             out.append(f"adaptive clipping of each update (initial L2 norm {_fmt(p.params.get('initial_clip_norm', 0.1))})")
-    if c.trainer.name.lower() == "dp-sgd":
+        elif DPRole.CLIP in role:
+            out.append(f"clipping of each organisation's update to L2 norm {_fmt(p.params.get('clip_norm'))}")
+    if is_private(_resolve("trainer", c.trainer.name)):
         out.append(f"per-example gradient clipping to L2 norm {_fmt(c.trainer.params.get('max_grad_norm', 1.0))}")
     if s.max_update_norm < 1e6:
         out.append(f"updates above L2 norm {_fmt(s.max_update_norm)} are rejected")
@@ -176,12 +207,15 @@ def guarantee(cfg: Any, guard: Any = None) -> dict[str, Any]:
     """The run's privacy guarantee as data plus ``sentence`` (report.md) and ``short`` (progress bar)."""
     c, s = cfg.client, cfg.server
     active = defences(cfg)
-    stages, pipe = _names(s.stages), _names(c.pipeline)
-    ss = s.secure_sum.name.lower()
+    pipe_roles, stage_roles = _roles(c.pipeline, "client_stage"), _roles(s.stages, "server_stage")
+    shares = any(DPRole.SHARE in r for r in pipe_roles)
+    ring = any(DPRole.RING_SHARE in r for r in pipe_roles)
+    ss, hides = s.secure_sum.name.lower(), _hides_rows(cfg)
     g: dict[str, Any] = {"defences": active}
     if guard is None:
         g.update(mechanism=None, protected_unit=None, holds_against=None, epsilon=None, delta=None)
-        dp = " DP-SGD noise is added but no guard accounts for it, so no epsilon is claimed." if c.trainer.name == "dp-sgd" else ""
+        dp = (" DP-SGD noise is added but no guard accounts for it, so no epsilon is claimed."
+              if is_private(_resolve("trainer", c.trainer.name)) else "")
         g["sentence"] = ("This run claims no formal privacy guarantee (no server.privacy guard)." + dp +
                          (" Active defences: " + "; ".join(active) + "." if active else " No defence is active."))
         g["short"] = "no DP"
@@ -190,24 +224,23 @@ def guarantee(cfg: Any, guard: Any = None) -> dict[str, Any]:
     g.update(facts)
     if facts.get("noise_multiplier") is None and c.trainer.params.get("noise_multiplier") is not None:
         g["noise_multiplier"] = float(c.trainer.params["noise_multiplier"])
-    mech = str(facts.get("mechanism"))
-    colluding = next((int(p.params.get("colluding", 0)) for p in c.pipeline
-                      if p.name.lower() in ("gaussian-share", "ddgauss")), 0)
-    if mech == "dp-sgd":
+    record_level = _record_level(guard)
+    colluding = next((int(p.params.get("colluding", 0)) for p, r in zip(c.pipeline, pipe_roles) if DPRole.SHARE in r), 0)
+    if record_level:
         g["mechanism_text"] = "DP-SGD on each organisation's own machine (per-example clipping and Gaussian noise)"
         g["protected_unit"] = "one record (training example) of one organisation"
         g["level"] = "record-level"
         g["holds_against"] = ("the server, the other organisations and anyone who sees the updates or the final model "
                               "(the noise is added before an update leaves the organisation)")
         g["not_against"] = "properties of an organisation's data set as a whole (only single records are protected)"
-    elif "gaussian-share" in pipe or "ddgauss" in pipe:
+    elif shares:
         g["mechanism_text"] = ("DP-FedAvg with the distributed discrete Gaussian (each organisation adds a share in the "
-                               "ring, Kairouz et al. 2021) under " if "ddgauss" in pipe else
+                               "ring, Kairouz et al. 2021) under " if ring else
                                "DP-FedAvg with distributed Gaussian noise (each organisation adds a share) under "
                                ) + (SECURE_SUMS.get(ss, f"the '{ss}' sum"))
         g["protected_unit"] = "one organisation's whole data"
         g["level"] = "user-level"
-        if ss in SECURE_SUMS:
+        if hides:
             h = s.min_clients - colluding
             g["holds_against"] = "the other organisations and anyone who sees the released or final models"
             vs = facts.get("epsilon_vs_server")
@@ -225,13 +258,13 @@ def guarantee(cfg: Any, guard: Any = None) -> dict[str, Any]:
             g["not_against"] = ("the server: under the plain sum each update carries only part of the noise "
                                 "(allow_plain is for tests)")
     else:
-        central = "central-gaussian" in stages
+        central = any(DPRole.CENTRAL_NOISE in r for r in stage_roles)
         g["mechanism_text"] = ("DP-FedAvg with central Gaussian noise added by the server" if central
                                else "DP-FedAvg")
         g["protected_unit"] = "one organisation's whole data"
         g["level"] = "user-level"
         g["holds_against"] = "the other organisations and anyone who sees the released models or the final model"
-        g["not_against"] = ("the server, which sees " + ("the sum of the updates" if ss in SECURE_SUMS else "every update")
+        g["not_against"] = ("the server, which sees " + ("the sum of the updates" if hides else "every update")
                             + " before it adds the noise")
     eps, delta, budget = facts.get("epsilon"), facts.get("delta"), facts.get("epsilon_budget")
     acc = ACCOUNTANT_NAMES.get(str(facts.get("accountant")), str(facts.get("accountant")))
@@ -243,15 +276,14 @@ def guarantee(cfg: Any, guard: Any = None) -> dict[str, Any]:
     if facts.get("sample_rate") is not None and g["level"] == "user-level":
         parts.append(f"client sampling rate q = {facts['sample_rate']:g}")
     parts.append(acc)
-    worst = "; epsilon is the worst over the organisations" if mech == "dp-sgd" else ""
+    worst = "; epsilon is the worst over the organisations" if record_level else ""
     g["sentence"] = (f"{g['level'].capitalize()} differential privacy: {g['protected_unit']} is protected with "
                      f"{eps_s}, delta = {delta:g} by {g['mechanism_text']} (noise multiplier {', '.join(parts)}{worst}), "
                      f"against {g['holds_against']}; "
                      + (f"{g['server_clause']}; " if g.get("server_clause") else "")
                      + f"not against {g['not_against']}. "
                      + ("Active defences: " + "; ".join(active) + "." if active else "No other defence is active."))
-    where = "local noise" if mech == "dp-sgd" else ("distributed noise" if "gaussian-share" in pipe or "ddgauss" in pipe
-                                                    else "central noise, not vs server")
+    where = "local noise" if record_level else ("distributed noise" if shares else "central noise, not vs server")
     b = f" eps<={budget:g}" if isinstance(budget, (int, float)) else ""
     g["short"] = f"{g['level']} DP ({where}){b} delta={delta:g}"
     return g

@@ -36,11 +36,12 @@ from secfed.interfaces import ClientUpdate, RoundContext, ServerView, SumResult,
 from secfed.ledger import PrivacyLedger, ledger_key_from_env
 from secfed.lora import build_method, check_combination
 from secfed.models import torch_threads
-from secfed.needs import Need, check_needs, needs_of, reveals_of
+from secfed.needs import Need, call_aggregator, check_needs, needs_of, reveals_of
 from secfed.rounds import ClientRound, metrics_stay_on_node, plugin_context, round_context
 from secfed.secure_sum import group_sums
 from secfed.spec import ParamSpec
 from secfed.task import Task
+from secfed.truth import GroundTruth
 
 
 def _stateful(obj: Any) -> bool:
@@ -53,6 +54,9 @@ def peak_rss_mb() -> float:
 
 class Engine:
     """Build a run from a validated config and execute it. ``run()`` returns the summary."""
+
+    #: the transport can hand an omniscient adversary the honest clients' updates (secfed.needs.check_needs)
+    shares_honest_rows = True
 
     def __init__(self, cfg: ExperimentConfig, out_dir: str | Path | None = None, *, resume: bool = False,
                  progress: bool = True, task: Task | None = None,
@@ -78,6 +82,9 @@ class Engine:
         self.state: dict[str, Any] = {}
         self.start_round = 1
         self.malicious: set[int] = set()
+        # evaluation-only ground truth (secfed.truth): kept when an observer or the malicious server scores against it
+        evaluators = [*self.observers, self.server_adversary]
+        self.truth = GroundTruth() if any(Need.GROUND_TRUTH in self.needs_truth(o) for o in evaluators) else None
         if self.adversary is not None:
             self.malicious = set(self.adversary.malicious(cfg.data.num_clients, cfg.run.seed))
 
@@ -100,10 +107,6 @@ class Engine:
             if bad:
                 raise ConfigError(f"server.privacy = '{s.privacy.name}' needs {len(bad)} more setting(s): "
                                   + "; ".join(bad) + " (or write [privacy] preset = \"user-level\" with epsilon and delta)")
-        mechanism = getattr(guard_cls, "mechanism", None)  # declared by the guard, not matched by class path
-        if mechanism == "dp-sgd" and not hasattr(self.trainer, "resolved_noise_multiplier"):  # per-example clipping
-            raise ConfigError("config key 'client.trainer': server.privacy = \"dp-sgd\" needs client.trainer = \"dp-sgd\" "
-                              "(or write [privacy] preset = \"record-level\" with epsilon and delta)")
         self.privacy = registry.build("privacy", s.privacy, "server.privacy", **ctx) if s.privacy else None
         if self.privacy is not None and hasattr(self.privacy, "validate_config"):
             self.privacy.validate_config(self.cfg)  # seeded noise, accounted vs real parameters (findings 1, 9)
@@ -116,16 +119,17 @@ class Engine:
         self.server_adversary = registry.build("server_adversary", srv, "attack.server", **ctx) if srv else None
         if self.server_adversary is not None and hasattr(self.server_adversary, "check"):
             self.server_adversary.check(self.spec, self.task)  # a model it cannot craft: one line, before any disk
-        # what the server side needs against what the secure sum reveals: one check (secfed.needs)
+        # what every plug-in declares it needs against what the round can give: one check (secfed.needs)
         check_needs(aggregator=self.aggregator, aggregator_name=s.aggregator.name, pre_aggregators=self.pre_aggregators,
                     secure_sum=self.secure_sum, secure_sum_name=s.secure_sum.name, group_size=s.group_size,
-                    has_root=self.task.root is not None)
-        needs_rows = Need.ROWS in needs_of(self.aggregator, Need.ROWS) or bool(self.pre_aggregators)
+                    has_root=self.task.root is not None, observers=self.observers, adversary=self.adversary,
+                    privacy=self.privacy, privacy_name=s.privacy.name if s.privacy else "", trainer=self.trainer,
+                    secret_sample=self.privacy is not None, honest_rows=self.shares_honest_rows)
+        needs_rows = Need.ROWS in self.aggregator.needs or bool(self.pre_aggregators)  # declared (checked above)
         # LoRA-aware aggregation (issue 18, secfed.lora): the method and what it cannot run with, in one line
         self.lora = build_method(self.cfg, self.model, self.spec, self.global_w)
-        dp = None if guard_cls is None else (mechanism if mechanism in ("dp-fedavg", "dp-sgd") else "other")
-        check_combination(self.cfg, self.lora, reveals_individual=Need.ROWS in reveals_of(self.secure_sum),
-                          robust=needs_rows or s.group_size > 0, dp=dp)
+        check_combination(self.cfg, self.lora, reveals=self.secure_sum.reveals, robust=needs_rows or s.group_size > 0,
+                          noise_on_sum=Need.SUM in needs_of(self.privacy, "server.privacy"))
 
     def _stateful_objects(self) -> dict[str, Any]:
         objs = {"trainer": self.trainer, "secure_sum": self.secure_sum, "aggregator": self.aggregator,
@@ -228,7 +232,7 @@ class Engine:
     def client_round(self) -> ClientRound:
         """One client's round (secfed.rounds.ClientRound): the same code a SuperNode runs for its client."""
         return ClientRound(self.cfg, self.task, self.model, self.spec, self.trainer, self.pipeline, self.adversary,
-                           self.malicious, self.lora)
+                           self.malicious, self.lora, truth=self.truth)
 
     def local_update(self, client_id: int, ctx: RoundContext) -> ClientUpdate:
         """One client's round: load the shipped w_t (``ctx.global_weights``), train on its own shard, return the delta."""
@@ -245,23 +249,31 @@ class Engine:
         agg = self.aggregator
         if self.lora.needs_rows:  # stack / FlexLoRA: from each client's factors (check_combination: rows exist)
             return self.lora.aggregate_rows(result.updates, result.weights, ctx.global_weights, self.model)
-        need = needs_of(agg, Need.ROWS)
-        if Need.ROWS not in need and not self.pre_aggregators and hasattr(agg, "from_sum"):
+        need = agg.needs  # declared (secfed.needs; check_needs: a sum-only aggregator has from_sum)
+        if Need.ROWS not in need and not self.pre_aggregators:
             mean_w = float(result.total_weight / max(len(result.client_ids), 1))
             expected_w = ctx.expected_cohort * (1.0 if self.cfg.client.weighting == "uniform" else mean_w)
             return agg.from_sum(result.total, result.total_weight, expected_w)
-        X, w = result.updates, result.weights
-        for pre in self.pre_aggregators:
-            X, w = pre(X), None  # rows are mixed: the clients' weights no longer apply
-        kwargs: dict[str, Any] = {}
-        if Need.CENTRE in need:
-            kwargs["center"] = self.state.get("center", torch.zeros(self.spec.numel))
-        if Need.REFERENCE in need:
-            kwargs["reference"] = self.server_reference(ctx)
-        out = agg(X, w, **kwargs)
+        out = call_aggregator(agg, self.pre_aggregators, result.updates, result.weights,
+                              center=lambda: self.state.get("center", torch.zeros(self.spec.numel)),
+                              reference=lambda: self.server_reference(ctx))
         if Need.CENTRE in need:
             self.state["center"] = out.detach().clone()
         return out
+
+    def evaluate_with_truth(self, plugin: Any, call: Callable[..., Any], view: ServerView, ctx: RoundContext) -> Any:
+        """Call an observer (or ``recover``); one that declares Need.GROUND_TRUTH also gets ``truth=``, the
+        record of what each client trained on (secfed.truth; evaluation only, never sent or logged)."""
+        if Need.GROUND_TRUTH in self.needs_truth(plugin):
+            return call(view, ctx, truth=self.truth)
+        return call(view, ctx)
+
+    def needs_truth(self, plugin: Any) -> Need:
+        """Need.GROUND_TRUTH if the observer / malicious server declares it (its ``needs``), else Need.NONE."""
+        if plugin is None:
+            return Need.NONE
+        key = "attack.server" if plugin is self.server_adversary else "server.observers"
+        return needs_of(plugin, key) & Need.GROUND_TRUTH
 
     def lora_metrics(self, result: SumResult, aggregate: torch.Tensor, before: torch.Tensor) -> dict[str, Any]:
         """``lora_agg_rel_error`` (secfed.lora) where the server sees the rows and no DP guarantee covers the
@@ -305,7 +317,7 @@ class Engine:
             bad = [u for u in updates if u.client_id in self.malicious]
             good = [u for u in updates if u.client_id not in self.malicious]
             if bad:
-                seen = good if Need.HONEST_ROWS in needs_of(self.adversary, Need.NONE) else []
+                seen = good if Need.HONEST_ROWS in self.adversary.needs else []  # declared (check_needs)
                 bad = self.adversary.poison_updates(bad, seen, ctx)
                 by_id = {u.client_id: u for u in bad}
                 updates = [by_id.get(u.client_id, u) for u in updates]
@@ -323,6 +335,8 @@ class Engine:
         ctx = self.context(t, cohort)
         if self.privacy is not None:
             self.privacy.check(ctx)  # raises BudgetExhausted before any work
+        if self.truth is not None:
+            self.truth.start(t)
         if self.server_adversary is not None:  # the model this round ships (crafted by a malicious server)
             ctx.global_weights = self.server_adversary.craft(self.global_w, self.spec, self.task, ctx)
         updates, dropped = self.collect(ctx, bar)
@@ -371,10 +385,10 @@ class Engine:
         view = ServerView(t, result.transcript, result.updates, result.update_ids, result.weights, aggregate, before,
                           self.global_w, self.spec, self.task)
         for obs in self.observers:
-            m = obs(view, ctx) or {}
+            m = self.evaluate_with_truth(obs, obs, view, ctx) or {}
             record.update(m)
         if self.server_adversary is not None:
-            record.update(self.server_adversary.recover(view, ctx) or {})
+            record.update(self.evaluate_with_truth(self.server_adversary, self.server_adversary.recover, view, ctx) or {})
         last = t == self.cfg.run.rounds
         if t % self.cfg.run.eval_every == 0 or last:
             self.spec.assign(self.model, self.global_w)

@@ -8,7 +8,7 @@ by a short registry name (:mod:`secfed.registry`).
 ==================  ======================================================  =========================
 stage               method                                                  plain implementation
 ==================  ======================================================  =========================
-LocalTrainer        ``train(model, data, ctx, client_id) -> metrics``       :class:`secfed.training.SGDTrainer`
+LocalTrainer        ``train(model, task, data, gen, client_id, used)``      :class:`secfed.training.SGDTrainer`
 ClientStage         ``__call__(update, ctx) -> ClientUpdate``               (none; e.g. clipping)
 Adversary           ``poison_data`` / ``poison_updates`` / ``evaluate``     (none)
 SecureSum           ``aggregate(updates, ctx) -> SumResult``                :class:`secfed.secure_sum.PlainSum`
@@ -19,6 +19,9 @@ PrivacyGuard        ``check / record / load / epsilon``                     (non
 Observer            ``__call__(view, ctx) -> dict | None``                  (none)
 ServerAdversary     ``craft(w, spec, task, ctx)``, ``recover(view, ctx)``   (none; a malicious server)
 ==================  ======================================================  =========================
+
+A trainer appends the example indices of every local step to ``used`` (a list, when
+given): the engine's evaluation-only ground truth (:mod:`secfed.truth`).
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from secfed.needs import Need
 from secfed.spec import ParamSpec
 
 
@@ -43,6 +47,22 @@ class ClientUpdate:
     weight: float = 1.0  # aggregation weight (examples for FedAvg, 1 for uniform)
     metrics: dict[str, float] = field(default_factory=dict)
     ring: Any = None  # ring elements a client stage encoded itself (DDGauss); a secure sum sums them as they are
+
+
+@dataclass(frozen=True)
+class GroupId:
+    """The id of one row of a group-mode ``SumResult`` (robust aggregation over secure group sums).
+
+    Not an ``int``: a group's row can never be read as a client's (``task.client_data(GroupId)``
+    fails, :meth:`secfed.truth.GroundTruth.of` resolves it to its members). ``members`` are the
+    client ids whose updates the group sum holds (the server formed the groups, so it knows them).
+    """
+
+    index: int
+    members: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"group{self.index}"
 
 
 def derive_seed(*parts: Any) -> int:
@@ -118,7 +138,7 @@ class SumResult:
     total_weight: float
     updates: torch.Tensor | None = None
     weights: torch.Tensor | None = None
-    update_ids: list[int] | None = None  # client id (or group id) of each row of ``updates``
+    update_ids: list[int | GroupId] | None = None  # client id (or GroupId in group mode) of each row of ``updates``
     dropped: dict[int, str] = field(default_factory=dict)
     bytes_up: dict[int, int] = field(default_factory=dict)
     bytes_down: dict[int, int] = field(default_factory=dict)
@@ -134,7 +154,7 @@ class SecureSum(Protocol):
     """
 
     name: str
-    reveals_individual: bool
+    reveals: Need  # what the server learns (secfed.needs): Need.SUM, or Need.SUM | Need.ROWS for the plain sum
 
     def aggregate(self, updates: list[ClientUpdate], ctx: RoundContext) -> SumResult: ...
 
@@ -143,13 +163,15 @@ class SecureSum(Protocol):
 class Aggregator(Protocol):
     """``(n, d)`` updates (and optional ``(n,)`` weights) -> ``(d,)`` aggregate.
 
-    Attributes the engine reads (all optional):
-    ``needs_individual`` (default True): needs the rows of X, so it cannot run on a
-    secure sum unless group mode is on. ``uses_center``: the engine passes
-    ``center=`` (the previous round's aggregate) and stores the new one.
-    ``uses_reference``: the engine passes ``reference=`` (the server's update on its
-    root dataset, FLTrust).
+    Declares ``needs`` (:class:`secfed.needs.Need`, required): ``Need.ROWS`` needs the
+    rows of X, so it cannot run on a secure sum unless group mode is on; without ROWS
+    it must implement ``from_sum(total, total_weight, expected_weight)``.
+    ``Need.CENTRE``: the engine passes ``center=`` (the previous round's aggregate) and
+    stores the new one. ``Need.REFERENCE``: the engine passes ``reference=`` (the
+    server's update on its root dataset, FLTrust). See :func:`secfed.needs.call_aggregator`.
     """
+
+    needs: Need
 
     def __call__(self, X: torch.Tensor, weights: torch.Tensor | None = None, **kw: Any) -> torch.Tensor: ...
 
@@ -184,7 +206,7 @@ class ServerView:
     round: int
     transcript: list[WireMessage]
     updates: torch.Tensor | None  # individual decoded updates if the secure sum revealed them
-    update_ids: list[int] | None
+    update_ids: list[int | GroupId] | None  # client ids; GroupId objects in group mode (never a client's id)
     weights: torch.Tensor | None
     aggregate: torch.Tensor
     global_before: torch.Tensor
@@ -203,11 +225,12 @@ class Adversary(Protocol):
     ``malicious(num_clients, seed) -> set[int]``;
     ``poison_data(client_id, data) -> data`` (before local training);
     ``poison_updates(malicious, honest, ctx) -> list[ClientUpdate]`` (after the
-    client pipeline, before the secure sum; ``honest`` is empty unless
-    ``omniscient``); ``evaluate(model, task) -> dict`` (e.g. backdoor success).
+    client pipeline, before the secure sum; ``honest`` is empty unless ``needs``
+    has ``Need.HONEST_ROWS``, an omniscient attacker); ``evaluate(model, task) -> dict``
+    (e.g. backdoor success). ``needs`` (:class:`secfed.needs.Need`) is required.
     """
 
-    omniscient: bool
+    needs: Need
 
     def malicious(self, num_clients: int, seed: int) -> set[int]: ...
 
@@ -226,5 +249,3 @@ class ServerAdversary(Protocol):
     def craft(self, global_w: torch.Tensor, spec: ParamSpec, task: Any, ctx: RoundContext) -> torch.Tensor: ...
     def recover(self, view: "ServerView", ctx: RoundContext) -> dict[str, Any] | None: ...
 
-
-Factory = Callable[..., Any]

@@ -187,12 +187,13 @@ class FedIT:
         self.hetero = hetero
         self.server_lr = server_lr
         self._products: list[torch.Tensor] | None = None  # row methods: the aggregate's product update per module
-        if self.needs_rows:
+        if self.hetero == "svd" and not self.freezes_a:  # FlexLoRA re-factorises the mean of the clients' products
             self.needs = Need.ROWS | Need.FACTORS
 
     @property
     def needs_rows(self) -> bool:
-        return self.hetero == "svd"
+        """Aggregated from each client's factors (declared: ``Need.FACTORS in needs``), not from a sum."""
+        return Need.FACTORS in self.needs
 
     def client_rank(self, client_id: int) -> int:
         """``client_ranks`` cycled over client ids (a list of num_clients entries names each client's rank)."""
@@ -294,10 +295,6 @@ class FFA(FedIT):
     name = "ffa"
     freezes_a = True
 
-    @property
-    def needs_rows(self) -> bool:
-        return False
-
 
 class Stack(FedIT):
     """FLoRA stacking (Wang et al., NeurIPS 2024): exact mean of products, merged into the base weights;
@@ -310,10 +307,6 @@ class Stack(FedIT):
     def __init__(self, model: nn.Module, spec: ParamSpec, **kw: Any) -> None:
         super().__init__(model, spec, **kw)
         self._pending: list[torch.Tensor] | None = None
-
-    @property
-    def needs_rows(self) -> bool:
-        return True
 
     def aggregate_rows(self, X: torch.Tensor, weights: torch.Tensor | None, global_w: torch.Tensor,
                        model: nn.Module) -> torch.Tensor:
@@ -403,8 +396,12 @@ def build_method(cfg: Any, model: nn.Module, spec: ParamSpec, global_w: torch.Te
     return method
 
 
-def check_combination(cfg: Any, method: FedIT, *, reveals_individual: bool, robust: bool, dp: str | None) -> None:
-    """Refuse, in one line, what a method cannot run with (docs/lora.md has the table and the reasons)."""
+def check_combination(cfg: Any, method: FedIT, *, reveals: Need, robust: bool, noise_on_sum: bool) -> None:
+    """Refuse, in one line, what a method cannot run with (docs/lora.md has the table and the reasons).
+
+    ``reveals``: what the secure sum declares it reveals (secfed.needs); ``robust``: a robust aggregator,
+    pre-aggregator or group sums; ``noise_on_sum``: the privacy guard's noise covers the linear sum only
+    (it declares ``Need.SUM``: DP-FedAvg)."""
     lc, s = cfg.lora, cfg.server
     what = f"lora.aggregation = '{lc.aggregation}'" + (" with lora.hetero = 'svd'" if lc.hetero == "svd" else "")
     if lc.aggregation == "ffa" and lc.hetero == "svd":
@@ -415,11 +412,11 @@ def check_combination(cfg: Any, method: FedIT, *, reveals_individual: bool, robu
                           "round's update into the base weights, which are not shipped to SuperNodes)")
     if not method.needs_rows:
         return
-    if not reveals_individual or s.group_size > 0:
+    if Need.ROWS not in reveals or s.group_size > 0:
         raise ConfigError(f"config key 'server.secure_sum': {what} needs each client's LoRA factors, which "
                           f"server.secure_sum = '{s.secure_sum.name}'{' with group sums' if s.group_size else ''} "
                           "hides; use 'fedit' or 'ffa' (linear, exact for ffa) under a secure sum")
-    if dp == "dp-fedavg":
+    if noise_on_sum:
         raise ConfigError(f"config key 'server.privacy': {what} combines the clients' factors non-linearly, so "
                           "DP-FedAvg's noise on the sum does not cover it; use lora.aggregation = 'ffa' "
                           "(linear, exact) with user-level DP")

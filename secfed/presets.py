@@ -180,7 +180,7 @@ def _user_level(ex: _Expander, p: dict[str, Any], clip: float) -> None:
         if ss_name is None:
             server["secure_sum"] = "secagg+"
         elif ss_name == "plain":
-            ex.conflicts.append("server.secure_sum = 'plain' (distributed noise needs 'secagg+' or 'ckks')")
+            ex.conflicts.append("server.secure_sum = 'plain' (distributed noise needs 'secagg+' or 'he')")
     else:
         ex.conflicts.append(f"privacy.noise = {noise!r} (one of 'central', 'distributed')")
     client["pipeline"] = pipe

@@ -29,7 +29,8 @@ REGISTRY: dict[str, dict[str, str]] = {
         "plain": "secfed.secure_sum:PlainSum",
         "secagg+": "defenses.secure_aggregation.secagg:SecAggPlus",
         "secagg": "defenses.secure_aggregation.secagg:SecAggPlus",
-        "ckks": "defenses.secure_aggregation.ckks:CKKSSum",
+        "he": "defenses.secure_aggregation.ckks:HomomorphicSum",  # TenSEAL BFV by default, scheme = "ckks" for CKKS
+        "ckks": "defenses.secure_aggregation.ckks:HomomorphicSum",  # old name of "he" (it runs BFV unless scheme = "ckks")
     },
     "pre_aggregator": {
         "nnm": "defenses.robust.preagg:NNM",
@@ -61,7 +62,7 @@ REGISTRY: dict[str, dict[str, str]] = {
         "dlg": "attacks.inversion.observer:GradientInversionObserver",
         "text-inversion": "attacks.inversion.text:TextInversionObserver",
         "dager": "attacks.inversion.dager_lm:DagerObserver",
-        "dp-audit": "attacks.audit.observer:CanaryAuditObserver",
+        "dp-audit": "attacks.dp_audit.observer:CanaryAuditObserver",
     },
     "adversary": {
         "label-flip": "attacks.poisoning.data:LabelFlip",
@@ -85,15 +86,15 @@ REGISTRY: dict[str, dict[str, str]] = {
         "imprint": "attacks.inversion.imprint:ImprintAttack",
         "lora-trap": "attacks.inversion.imprint:LoraTrapAttack",
     },
-    # the post-run audit's attack functions (secfed.compare.audit reaches them here, never by import)
+    # the post-run audit's attack functions (secfed.compare.post_run reaches them here, never by import)
     "audit_tool": {
-        "llm-attacks": "attacks.audit.llm:LLM_ATTACKS",
-        "is-causal": "attacks.audit.llm:is_causal",
-        "run-llm-attack": "attacks.audit.llm:run_llm_attack",
+        "llm-attacks": "attacks.post_run.llm:LLM_ATTACKS",
+        "is-causal": "attacks.post_run.llm:is_causal",
+        "run-llm-attack": "attacks.post_run.llm:run_llm_attack",
         "attack-metrics": "attacks.membership.mia:attack_metrics",
         "loss-scores": "attacks.membership.mia:loss_scores",
         "model-logits": "attacks.membership.mia:model_logits",
-        "threshold-epsilon": "attacks.membership.threshold_audit:threshold_epsilon_lower_bound",
+        "threshold-epsilon": "attacks.dp_audit.threshold:threshold_epsilon_lower_bound",
     },
 }
 

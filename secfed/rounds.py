@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generator, Protocol
 
 from secfed.errors import ConfigError, MalformedMessage
+from secfed.needs import DPRole, dp_role, is_private
 
 if TYPE_CHECKING:  # this module stays free of torch (a Flower query imports it)
     from secfed.interfaces import RoundContext, SumResult
@@ -64,7 +65,8 @@ class InProcessTransport:
 
     A :class:`~secfed.errors.MalformedMessage` raised by a client is its refusal of
     what the server sent (the reason comes back as its failure). ``tamper(u, reply)``
-    is the fault-injection seam of the tests (a client that sends other bytes).
+    is the fault-injection seam of the tests (a client that sends other bytes); tests
+    reach it only through :func:`tampering_transport`, never through round state.
     ``client_seconds`` adds up the time spent in the clients.
     """
 
@@ -85,8 +87,23 @@ class InProcessTransport:
                 continue
             finally:
                 self.client_seconds += time.perf_counter() - t0
-            replies[u] = self.tamper(u, out) if self.tamper is not None else out
+            replies[u] = self.relay(u, out)
         return replies, failed
+
+    def relay(self, u: int, reply: bytes) -> bytes:
+        """Client ``u``'s bytes as the server receives them (through ``tamper`` in fault-injection tests)."""
+        return self.tamper(u, reply) if self.tamper is not None else reply
+
+
+def tampering_transport(tamper: Callable[[int, bytes], bytes]) -> Callable[[dict[int, ClientSession]], InProcessTransport]:
+    """**Test only**: a transport factory whose deliveries pass through ``tamper(client, reply) -> bytes``.
+
+    In-process secure sums build their transport with their ``transport_factory`` attribute
+    (default :class:`InProcessTransport`, no tamper). A fault-injection test sets
+    ``secure_sum.transport_factory = tampering_transport(f)`` on the object it built; the
+    round context and the engine's state carry no hook.
+    """
+    return lambda clients: InProcessTransport(clients, tamper)
 
 
 def failure_reason(step: str, why: str, protocol: str) -> str:
@@ -116,12 +133,20 @@ class ClientRound:
     client's own data (a malicious client's data may be poisoned first), take the delta,
     run the client pipeline (clip, noise, ...). The adversary's update step and the
     secure sum's encoding follow in the transport's collect (they may span clients).
+
+    ``truth`` (a :class:`secfed.truth.GroundTruth`, the engine's evaluation record, or None):
+    when set, the trainer reports each step's example indices (``train(..., used=)``) and they
+    are filed there with the data trained on; a SuperNode keeps none (nothing leaves the node).
     """
 
     def __init__(self, cfg: Any, task: Any, model: Any, spec: Any, trainer: Any, pipeline: list[Any],
-                 adversary: Any, malicious: set[int], lora: Any) -> None:
+                 adversary: Any, malicious: set[int], lora: Any, truth: Any = None) -> None:
+        import inspect
+
         self.cfg, self.task, self.model, self.spec = cfg, task, model, spec
         self.trainer, self.pipeline, self.adversary, self.malicious, self.lora = trainer, pipeline, adversary, malicious, lora
+        self.truth = truth
+        self.reports_batches = "used" in inspect.signature(trainer.train).parameters  # a plug-in trainer may not
 
     def local_update(self, client_id: int, ctx: RoundContext) -> Any:
         """Load w_t, train on the client's own shard, return the delta (before the pipeline)."""
@@ -135,10 +160,14 @@ class ClientRound:
             data = self.adversary.poison_data(client_id, data)
         torch.manual_seed(derive_seed(self.cfg.run.seed, ctx.round, client_id, "torch"))
         gen = ctx.generator(client_id, "batches")
+        used: list[Any] | None = [] if self.truth is not None and self.reports_batches else None
+        extra = {} if used is None else {"used": used}
         with self.lora.client_view(self.model, client_id):  # lora.client_ranks: train the first r_i components
-            metrics = self.trainer.train(self.model, self.task, data, gen, client_id=client_id)
+            metrics = self.trainer.train(self.model, self.task, data, gen, client_id=client_id, **extra)
             self.lora.truncate_after_training(self.model, client_id)
             delta = self.spec.flatten(self.model) - ctx.global_weights
+        if used is not None:  # evaluation only (secfed.truth): never in the update, the wire or the record
+            self.truth.record(client_id, data, used)
         weight = float(len(data)) if self.cfg.client.weighting == "examples" else 1.0
         return ClientUpdate(client_id, delta, len(data), weight, dict(metrics))
 
@@ -153,11 +182,50 @@ class ClientRound:
 
 
 # ============================================================================ DP parameters of a round
-def round_info(ctx: RoundContext) -> dict[str, Any]:
-    """This round's DP bookkeeping shared by the DP stages (reset when the round changes; never checkpointed)."""
+@dataclass(frozen=True)
+class Accounted:
+    """What the privacy guard charges this round; every DP mechanism checks the values it really uses against it
+    (review finding 1)."""
+
+    noise_multiplier: float
+    sample_rate: float
+    min_clients: int
+    expected_cohort: float
+
+
+@dataclass
+class DPRound:
+    """This round's DP bookkeeping shared by the guard and the DP stages, typed (the stage order and the
+    parameters are checked through these fields, never through an untyped dict)."""
+
+    round: int
+    noise_multiplier: float | None = None  # the guard's z (DP-FedAvg)
+    accounted: Accounted | None = None  # set by a guard: what it charges
+    ddgauss: Any = None  # the guard's ddgauss mechanism (defenses.privacy.ddgauss), when it charges that one
+    ddgauss_codec: Any = None  # the round's ddgauss encoder (shared by the clients of the round)
+    clip_norm: float | None = None  # C the client pipeline clipped to
+    adaptive: bool = False  # adaptive clipping ran on the clients
+    unclipped: dict[int, float] = field(default_factory=dict)  # adaptive clipping: b_i of each client
+    distributed: bool = False  # a client stage added a distributed noise share
+    share_divisor: int | None = None  # the shares' divisor h
+    share_min_clients: int | None = None  # the min_clients the shares were sized for
+    share_grid_step: float | None = None  # gaussian-share's grid step
+    count_noise_std: float | None = None  # adaptive clipping's server half ran (sigma_b)
+    noise_added: bool = False  # the central noise stage ran
+
+    def update(self, **values: Any) -> None:
+        """Set several fields at once; a name that is not a field is an error (never a new untyped key)."""
+        for k, v in values.items():
+            if k not in self.__dataclass_fields__:
+                raise AttributeError(f"DPRound has no field {k!r}")
+            setattr(self, k, v)
+
+
+def round_info(ctx: RoundContext) -> DPRound:
+    """This round's :class:`DPRound` (a fresh one when the round changes; never checkpointed)."""
     info = ctx.state.get("_dp_round")
-    if not isinstance(info, dict) or info.get("round") != ctx.round:
-        info = {"round": ctx.round}
+    if not isinstance(info, DPRound) or info.round != ctx.round:
+        info = DPRound(ctx.round)
         ctx.state["_dp_round"] = info
     return info
 
@@ -198,8 +266,8 @@ class DPRoundParams:
         """After the pipeline: the clip norm and noise placement the client applied are the server's."""
         info = round_info(ctx)
         for k in ("clip_norm", "share_divisor", "distributed"):
-            mine, theirs = info.get(k), getattr(self, k)
-            theirs = None if theirs is False else theirs
+            mine, theirs = getattr(info, k), getattr(self, k)
+            mine, theirs = (None if mine is False else mine), (None if theirs is False else theirs)
             same = mine == theirs if not isinstance(mine, float) or theirs is None else math.isclose(mine, theirs,
                                                                                                      rel_tol=1e-9)
             if not same:
@@ -226,19 +294,40 @@ def round_context(cfg: Any, t: int, cohort: list[int], spec: Any, global_w: Any,
                         run_dir=run_dir, state=state, dropouts=drops, task=task)
 
 
-#: Plug-ins whose presence makes a run DP (their parameters come from the server's guard).
-DP_CLIENT_STAGES = ("gaussian-share", "adaptive-clip", "ddgauss")
-DP_SERVER_STAGES = ("central-gaussian", "adaptive-clip")
+#: The DP roles whose presence makes a run DP (their parameters come from the server's guard); plain
+#: clipping alone does not (it also serves robustness).
+DP_ROLES = DPRole.ADAPTIVE | DPRole.SHARE | DPRole.RING_SHARE | DPRole.CENTRAL_NOISE
+
+
+def stage_roles(cfg: Any, side: str) -> list[DPRole]:
+    """The declared :class:`~secfed.needs.DPRole` of each ``client.pipeline`` (side "client") or ``server.stages``
+    (side "server") entry, from the registry-resolved classes (an alias or a subclass plays its class's role)."""
+    from secfed import registry
+
+    kind, key, specs = (("client_stage", "client.pipeline", cfg.client.pipeline) if side == "client"
+                        else ("server_stage", "server.stages", cfg.server.stages))
+    return [dp_role(registry.resolve(kind, p.name, f"{key}[{i}]")) for i, p in enumerate(specs)]
+
+
+def trainer_is_private(cfg: Any) -> bool:
+    """True when ``client.trainer`` resolves to a class that declares ``private = True`` (DP-SGD, any alias)."""
+    from secfed import registry
+
+    return is_private(registry.resolve("trainer", cfg.client.trainer.name, "client.trainer"))
+
+
+def pipeline_is_dp(cfg: Any) -> bool:
+    """True when a client stage adds DP noise or clips adaptively (its parameters come from the guard)."""
+    return any(r & DP_ROLES for r in stage_roles(cfg, "client"))
 
 
 def run_is_dp(cfg: Any) -> bool:
-    """True when the run promises DP: a privacy guard, a noise or adaptive-clip stage, or DP-SGD."""
-    return (cfg.server.privacy is not None or cfg.client.trainer.name == "dp-sgd"
-            or any(p.name in DP_CLIENT_STAGES for p in cfg.client.pipeline)
-            or any(p.name in DP_SERVER_STAGES for p in cfg.server.stages))
+    """True when the run promises DP: a privacy guard, a noise or adaptive-clip stage, or a private trainer."""
+    return (cfg.server.privacy is not None or trainer_is_private(cfg) or pipeline_is_dp(cfg)
+            or any(r & DP_ROLES for r in stage_roles(cfg, "server")))
 
 
-def metrics_stay_on_node(cfg: Any, reveals_individual: bool) -> bool:
+def metrics_stay_on_node(cfg: Any, reveals_rows: bool) -> bool:
     """Review finding 7: under a secure sum or DP no per-client metric leaves a client in the clear
     (and the round record carries no cohort statistic of them), on every transport."""
-    return not reveals_individual or run_is_dp(cfg)
+    return not reveals_rows or run_is_dp(cfg)

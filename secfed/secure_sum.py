@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 from secfed.errors import ConfigError, MalformedMessage, RoundAborted
-from secfed.interfaces import ClientUpdate, RoundContext, SumResult, WireMessage
+from secfed.interfaces import ClientUpdate, GroupId, RoundContext, SumResult, WireMessage
+from secfed.rounds import InProcessTransport
+from secfed.needs import Need
 from secfed.wire import decode_update, encode_update
 
 
@@ -18,7 +20,9 @@ class PlainSum:
     """No protection: the server decodes every client's update (individual updates visible)."""
 
     name = "plain"
-    reveals_individual = True
+    reveals = Need.SUM | Need.ROWS  # secfed.needs: the server decodes every row
+
+    transport_factory = InProcessTransport  # tests only: secfed.rounds.tampering_transport
 
     def __init__(self, max_update_norm: float = float("inf")) -> None:
         self.max_update_norm = max_update_norm
@@ -29,14 +33,14 @@ class PlainSum:
 
     # server side ---------------------------------------------------------
     def aggregate(self, updates: list[ClientUpdate], ctx: RoundContext) -> SumResult:
-        tamper = ctx.state.get("_tamper", lambda cid, p: p)  # fault injection seam (tests)
+        transport = self.transport_factory({})  # relays each upload (a fault-injection test may tamper with it)
         sent: list[tuple[int, bytes]] = []
         dropped: dict[int, str] = {}
         for u in updates:
             if ctx.dropouts.drops(u.client_id, "upload"):
                 dropped[u.client_id] = "dropped before upload"
                 continue
-            sent.append((u.client_id, tamper(u.client_id, self.encode(u, ctx))))
+            sent.append((u.client_id, transport.relay(u.client_id, self.encode(u, ctx))))
         result = self.decode(sent, ctx)
         result.dropped.update(dropped)
         return result
@@ -94,7 +98,7 @@ def group_sums(secure_sum, updates: list[ClientUpdate], ctx: RoundContext, group
     still in it (``min_sum`` = the group's size): a group that loses a member to a
     dropout is left out of the round, never released as a smaller sum.
     """
-    hides = not getattr(secure_sum, "reveals_individual", True)
+    hides = Need.ROWS not in secure_sum.reveals  # declared (secfed.needs; checked when the run was built)
     groups = [[updates[i] for i in g] for g in partition_groups(len(updates), group_size, ctx.generator("groups"))]
     rows, weights, gid, ids = [], [], [], []
     merged = SumResult(client_ids=[], total=torch.zeros(ctx.spec.numel), total_weight=0.0)
@@ -120,7 +124,7 @@ def group_sums(secure_sum, updates: list[ClientUpdate], ctx: RoundContext, group
             continue
         rows.append(r.total / r.total_weight)
         weights.append(r.total_weight)
-        gid.append(g)
+        gid.append(GroupId(g, tuple(r.client_ids)))  # a group's row is never read as a client's
         ids.extend(r.client_ids)
         merged.total += r.total
         merged.total_weight += r.total_weight

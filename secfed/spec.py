@@ -38,14 +38,6 @@ class ParamSpec:
         params = dict(model.named_parameters())
         return torch.cat([params[n].detach().reshape(-1).to(torch.float32) for n in self.names])
 
-    def flatten_grads(self, model: nn.Module) -> torch.Tensor:
-        params = dict(model.named_parameters())
-        out = []
-        for n in self.names:
-            g = params[n].grad
-            out.append(torch.zeros(params[n].numel()) if g is None else g.detach().reshape(-1).float())
-        return torch.cat(out)
-
     def assign(self, model: nn.Module, flat: torch.Tensor) -> None:
         """Write ``flat`` into the spec's parameters of ``model`` (in place)."""
         if flat.numel() != self.numel:

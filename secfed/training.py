@@ -1,8 +1,11 @@
 """Local training on a client's shard: the plain (non-private) trainer.
 
-A trainer is one object with ``train(model, task, data, generator) -> metrics``.
+A trainer is one object with ``train(model, task, data, generator, client_id=0, used=None) -> metrics``.
 It updates the trainable parameters of ``model`` in place; the engine computes
-the delta. The DP-SGD trainer (``defenses.privacy``) has the same shape.
+the delta. When ``used`` is a list, the trainer appends the example indices of each
+local step to it, in order: the engine's evaluation-only ground truth
+(:mod:`secfed.truth`); attacks read that and never rebuild the schedule. The DP-SGD
+trainer (``defenses.privacy``) has the same shape.
 """
 
 from __future__ import annotations
@@ -48,17 +51,22 @@ def batch_schedule(n: int, batch_size: int, local_epochs: int, local_steps: int,
 class SGDTrainer:
     """Minibatch training on the task's loss (``task.loss``); a fresh optimizer per client and round."""
 
+    private = False  # no per-example clipping or noise (secfed.needs.is_private)
+
     def __init__(self, local_epochs: int = 1, local_steps: int = 0, batch_size: int = 16, lr: float = 5e-3,
                  optimizer: str = "adam", momentum: float = 0.0, weight_decay: float = 0.0) -> None:
         self.local_epochs, self.local_steps, self.batch_size = local_epochs, local_steps, batch_size
         self.lr, self.optimizer, self.momentum, self.weight_decay = lr, optimizer, momentum, weight_decay
 
-    def train(self, model: nn.Module, task: Any, data: TensorData, generator: torch.Generator, client_id: int = 0) -> dict[str, float]:
+    def train(self, model: nn.Module, task: Any, data: TensorData, generator: torch.Generator, client_id: int = 0,
+              used: list[torch.Tensor] | None = None) -> dict[str, float]:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(params, self.optimizer, self.lr, self.momentum, self.weight_decay)
         model.train()
         total, steps, seen = 0.0, 0, 0
         for idx in batch_schedule(len(data), self.batch_size, self.local_epochs, self.local_steps, generator):
+            if used is not None:
+                used.append(idx)
             batch = data.batch(idx)
             opt.zero_grad(set_to_none=True)
             loss = task.loss(model, batch)

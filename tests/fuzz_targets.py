@@ -83,7 +83,10 @@ def _secagg() -> list[Target]:
     out = [Target(f"secagg-{k}", (lambda k=k: VALID[k]), DECODE[k]) for k in sorted(DECODE)]
     from test_secagg_active import DECODE as ADECODE, VALID as AVALID  # the active variant (issue 17)
 
-    return out + [Target(f"secagg-active-{k}", (lambda k=k: AVALID[k]), ADECODE[k]) for k in sorted(ADECODE)]
+    from test_secagg_identity import DECODE as MDECODE, MIXED  # v2 messages mixing Ed25519 / ECDSA signatures
+
+    return (out + [Target(f"secagg-active-{k}", (lambda k=k: AVALID[k]), ADECODE[k]) for k in sorted(ADECODE)]
+            + [Target(f"secagg-active-mixed-{k}", (lambda k=k: MIXED[k]), MDECODE[k]) for k in sorted(MDECODE)])
 
 
 # ------------------------------------------------------------------ HE

@@ -7,8 +7,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from attacks.audit.canary import CanaryAudit, audit_dpfedavg, canary_directions, clip_rows
-from attacks.audit.one_run import audit_from_scores, claimed_epsilon, eps_lower_bound, p_value
+from attacks.dp_audit.canary import CanaryAudit, audit_dpfedavg, canary_directions
+from defenses.robust import clip_rows
+from attacks.dp_audit.one_run import audit_from_scores, claimed_epsilon, eps_lower_bound, p_value
 
 
 def test_p_value_golden_by_hand():
@@ -43,14 +44,25 @@ def test_random_guessing_gives_no_bound():
     assert res.eps_lower_bound < 0.3
 
 
-def test_claimed_epsilon_is_opacus_rdp():
+@pytest.mark.parametrize("z,q,rounds", [(2.0, 1.0, 3), (5.0, 0.01, 10), (1.1, 0.3, 20)])
+def test_claimed_epsilon_is_the_ledgers_epsilon(z, q, rounds):
+    """Issue 21: the one-run audit's "claimed" epsilon and the DP-FedAvg ledger's epsilon come from one
+    accountant with one set of RDP orders (defenses.privacy.analysis.ORDERS), so they are equal."""
+    from defenses.privacy.guard import DPFedAvgGuard
+
+    guard = DPFedAvgGuard(noise_multiplier=z, sample_rate=q, delta=1e-5)
+    guard.load([{"mechanism": "dp-fedavg", "z": z, "q": q, "steps": 1}] * rounds)  # the ledger replayed
+    assert claimed_epsilon(z, q, rounds, 1e-5) == guard.epsilon()
+    assert claimed_epsilon(0.0, 1.0, 1, 1e-5) == math.inf
+
+
+def test_claimed_epsilon_does_not_use_opacus_default_orders():
+    """Opacus' default orders give another figure here; the claim must follow the ledger's orders."""
     from opacus.accountants import RDPAccountant
 
     acc = RDPAccountant()
-    for _ in range(3):
-        acc.step(noise_multiplier=2.0, sample_rate=1.0)
-    assert claimed_epsilon(2.0, 1.0, 3, 1e-5) == pytest.approx(acc.get_epsilon(1e-5))
-    assert claimed_epsilon(0.0, 1.0, 1, 1e-5) == math.inf
+    acc.history = [(5.0, 0.01, 10)]  # optimal order above Opacus' largest default (63): 0.047 vs 0.104
+    assert claimed_epsilon(5.0, 0.01, 10, 1e-5) < 0.6 * acc.get_epsilon(1e-5)
 
 
 def test_canaries_orthonormal_and_clipping():

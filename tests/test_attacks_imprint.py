@@ -182,7 +182,7 @@ def test_compare_report_has_curious_and_malicious_server_columns(tmp_path):
 
 def test_audit_replays_a_run_with_the_malicious_server(tmp_path):
     """`secfed audit --attacks imprint`: one more round of the run's own protocol (SecAgg+), crafted by the server."""
-    from secfed.compare.audit import audit_run, validate_attacks
+    from secfed.compare.post_run import audit_run, validate_attacks
 
     cfg = _cfg("secagg", attack=False)
     Engine(cfg, tmp_path / "run", progress=False).run()

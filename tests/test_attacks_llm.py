@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from attacks.audit.llm import run_llm_attack
+from attacks.post_run.llm import run_llm_attack
 from attacks.membership.llm import llm_membership, min_k_prob
 from attacks.memorisation.extraction import extraction_rate, make_pii, recovered_digits
 from attacks.memorisation.secret_sharer import (SecretSharer, append, canary_exposure, encode_pairs, exact_exposure,
@@ -178,7 +178,7 @@ def test_instruct_backdoor_asr_on_a_backdoored_and_a_clean_model(setup, models):
 
 # ----------------------------------------------------------------------------- wiring
 def test_plugins_run_in_the_engine_and_the_audit(setup, tmp_path):
-    from secfed.compare.audit import audit_run, validate_attacks
+    from secfed.compare.post_run import audit_run, validate_attacks
     from secfed.config import parse_config
     from secfed.engine import Engine
 
@@ -209,7 +209,7 @@ def test_tradeoffs_llm_grid_parses():
     from pathlib import Path
 
     from secfed.compare import load_grid
-    from secfed.compare.audit import validate_attacks
+    from secfed.compare.post_run import validate_attacks
 
     g = load_grid(Path(__file__).resolve().parents[1] / "experiments" / "tradeoffs_llm.toml")
     cells = g.cells()

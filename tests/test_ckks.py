@@ -13,12 +13,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from defenses.secure_aggregation.ckks import CKKSSum, HEClient, HEServer, KeyHolder
+from defenses.secure_aggregation.ckks import CKKSSum, HEClient, HEServer, HomomorphicSum, KeyHolder
 from defenses.secure_aggregation.he_params import DEFAULT, MAX_LOG_Q, NVFLARE, HEParams
 from defenses.secure_aggregation.he_wire import decode_context, encode_bundle
 from secfed.engine import Engine
 from secfed.errors import ConfigError, MalformedMessage, RoundAborted
 from secfed.interfaces import ClientUpdate, DropoutPlan, RoundContext
+from secfed.needs import Need
+from secfed.rounds import tampering_transport
 from secfed.spec import ParamSpec
 
 from conftest import tiny_config
@@ -171,12 +173,34 @@ def test_key_holder_decrypts_the_sum():
     assert weight == sum(u.weight for u in ups)
 
 
+def test_he_is_the_name_and_ckks_an_alias_of_the_bfv_default():
+    """Issue 21: the homomorphic sum is named for what it is; "ckks" / CKKSSum stay as old aliases."""
+    from secfed import registry
+    from secfed.describe import guarantee
+
+    assert CKKSSum is HomomorphicSum and HomomorphicSum().params.scheme == "bfv" and HomomorphicSum.name == "he"
+    assert registry.resolve("secure_sum", "he", "k") is registry.resolve("secure_sum", "ckks", "k") is HomomorphicSum
+    text = guarantee(tiny_config(server={"secure_sum": "he"}), None)["sentence"]
+    assert "BFV homomorphic secure sum" in text and "CKKS" not in text
+
+
+def test_a_hook_in_round_state_is_not_a_fault_injection_seam():
+    """The test-only seam is the transport factory; a '_tamper' left in the round state changes nothing."""
+    d, n = 300, 4
+    ups = _updates(d, n)
+    ctx = _ctx(d, n)
+    ctx.state["_tamper"] = lambda c, p: b"garbage"
+    r = HomomorphicSum().aggregate(ups, ctx)
+    assert sorted(r.client_ids) == list(range(n)) and not r.dropped
+
+
 # ---------------------------------------------------------------- malformed input
 def _tampered_run(tamper, n=4, d=300, **kw):
     ups = _updates(d, n)
     ctx = _ctx(d, n, **kw)
-    ctx.state["_tamper"] = tamper
-    r = CKKSSum().aggregate(ups, ctx)
+    ss = CKKSSum()
+    ss.transport_factory = tampering_transport(tamper)  # the test-only seam; no hook in the round state
+    r = ss.aggregate(ups, ctx)
     good = [u for u in ups if u.client_id in r.client_ids]
     assert torch.allclose(r.total, sum(u.weight * u.delta for u in good), atol=1e-6)
     return r
@@ -313,7 +337,7 @@ def test_bundle_framing_rejects_bad_headers():
 class RowMean:
     """An aggregator that needs individual rows (to test the engine's refusal and group mode)."""
 
-    needs_individual = True
+    needs = Need.ROWS  # secfed.needs
 
     def __call__(self, X, weights=None, **kw):
         w = torch.ones(len(X)) if weights is None else weights

@@ -16,8 +16,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from attacks.membership.threshold_audit import clopper_pearson, epsilon_lower_bound
-from secfed.compare.audit import (audit_markdown, audit_run, membership_attack,
+from attacks.dp_audit.threshold import clopper_pearson, epsilon_lower_bound
+from secfed.compare.post_run import (audit_markdown, audit_run, membership_attack,
                                   verdicts)
 from secfed.compare.grid import apply_overrides, parse_grid
 from secfed.compare.metrics import aggregate

@@ -13,6 +13,7 @@ from scipy import stats
 
 from defenses.privacy import discrete_gaussian as dg
 from defenses.privacy.clipping import round_info
+from secfed.rounds import Accounted
 from defenses.privacy.ddgauss import (ORDERS, DDGaussAccountant, DDGaussMechanism, DDGaussNoise, Rotation, ddgauss_rdp,
                                       fwht, poisson_subsampled_rdp, rounded_l1_bound, rounded_l2_bound, shares_for, tau)
 from defenses.secure_aggregation.secagg import SecAggPlus
@@ -185,7 +186,7 @@ def test_secagg_plus_sums_ddgauss_ring_elements_with_dropouts(active):
     d, c, n, z = 2000, 1.0, 8, 1.0
     drops = {"masked_input": {103}, "unmask": {105}}  # 103 never sends its input; 105's is in the sum already
     ctx = _ctx(d, drops)
-    round_info(ctx)["clip_norm"] = c
+    round_info(ctx).clip_norm = c
     stage = DDGaussNoise(noise_multiplier=z, min_clients=4, num_clients=n, bits=32)
     g = torch.Generator().manual_seed(0)
     ups = []
@@ -197,7 +198,7 @@ def test_secagg_plus_sums_ddgauss_ring_elements_with_dropouts(active):
     assert 103 not in res.client_ids and 105 in res.client_ids and res.total_weight == n - 1
     clear = sum(u.delta.double() for u in ups if u.client_id in res.client_ids)
     err = res.total.double() - clear
-    mech = round_info(ctx)["ddgauss_codec"].mechanism
+    mech = round_info(ctx).ddgauss_codec.mechanism
     assert mech.shares == 4
     want = math.sqrt(n - 1) * mech.sigma * mech.gamma  # 7 shares in the sum: more than the 4 charged
     assert float(err.std()) == pytest.approx(want, rel=0.1)
@@ -208,12 +209,12 @@ def test_stage_refusals():
     ctx = _ctx(10)
     with pytest.raises(ConfigError, match="clip"):
         DDGaussNoise(noise_multiplier=1.0)(ClientUpdate(1, torch.zeros(10), 1), ctx)
-    round_info(ctx)["clip_norm"] = 1.0
+    round_info(ctx).clip_norm = 1.0
     with pytest.raises(ConfigError, match="uniform"):
         DDGaussNoise(noise_multiplier=1.0)(ClientUpdate(1, torch.zeros(10), 1, weight=3.0), ctx)
     with pytest.raises(ConfigError, match="noise multiplier"):
         DDGaussNoise()(ClientUpdate(1, torch.zeros(10), 1), ctx)
-    round_info(ctx)["accounted"] = {"noise_multiplier": 1.0}
+    round_info(ctx).accounted = Accounted(noise_multiplier=1.0, sample_rate=1.0, min_clients=1, expected_cohort=1.0)
     with pytest.raises(ConfigError, match="does not account for ddgauss"):
         DDGaussNoise(noise_multiplier=1.0)(ClientUpdate(1, torch.zeros(10), 1), ctx)
 

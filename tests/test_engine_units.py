@@ -198,7 +198,9 @@ def test_malformed_client_is_dropped_round_goes_on(tmp_path):
     from secfed.engine import read_rounds
 
     e = Engine(tiny_config(), tmp_path / "m", progress=False)
-    e.state["_tamper"] = lambda cid, p: p[:-3] if cid == 1 else p
+    from secfed.rounds import tampering_transport
+
+    e.secure_sum.transport_factory = tampering_transport(lambda cid, p: p[:-3] if cid == 1 else p)
     e.run()
     for r in read_rounds(tmp_path / "m"):
         assert r["status"] == "ok" and r["completed"] == 3 and r["rejected"] == 1

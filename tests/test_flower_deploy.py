@@ -165,3 +165,28 @@ def test_secagg_over_ray_equals_inprocess(tmp_path):
     assert summary["rounds_completed"] == 2
     assert all(r["secagg_degree"] == 3 and r["completed"] == 4 for r in read_rounds(tmp_path / "ray"))
     assert torch.equal(_weights(tmp_path / "ray"), _weights(tmp_path / "inprocess"))
+
+
+@pytest.mark.slow  # real SuperLink + 3 SuperNodes with TLS and node auth (about a minute)
+def test_active_secagg_on_real_supernodes_signs_with_the_node_keys(tmp_path):
+    """Active SecAgg+ (the default) on three real SuperNodes: each node signs with the key it authenticates
+    to the SuperLink with (node config identity-key = its --auth-supernode-private-key), the server verifies
+    against the registered public keys (the roster LocalFederation writes), one node drops out after the
+    masked input (consistency step), and the weights equal the in-process run's (generated keys)."""
+    cfg = digits_config(run={"name": "fl3a", "rounds": 1, "threads": 1}, data={"num_clients": 3, "test_size": 200},
+                        client={"local_steps": 2}, server={"cohort_size": 3, "secure_sum": "secagg+"},
+                        deploy={"round_timeout": 240, "connect_timeout": 120}, faults={"dropouts": {"consistency": [1]}})
+    with LocalFederation(cfg, tmp_path / "work") as fed:
+        assert fed.identities and sorted(p.name for p in (tmp_path / "work" / "roster").iterdir()) == \
+            ["client-0.pub", "client-1.pub", "client-2.pub"]
+        for i in range(3):  # the roster entry is the key registered for node i's Flower authentication
+            assert (tmp_path / "work" / "roster" / f"client-{i}.pub").read_bytes() == \
+                (tmp_path / "work" / "nodes" / str(i) / "node.pub").read_bytes()
+        summary = fed.run(tmp_path / "flower", timeout=420)
+    ref = Engine(cfg, tmp_path / "inprocess", progress=False).run()
+    rec = read_rounds(tmp_path / "flower")[0]
+    assert summary["rounds_completed"] == 1 and rec["secagg_active"] is True and rec["completed"] == 3
+    assert rec["secagg_unmask_dropouts"] == 1  # client 1 dropped after its masked input: its input is in the sum
+    assert torch.equal(_weights(tmp_path / "flower"), _weights(tmp_path / "inprocess"))
+    assert summary["final_accuracy"] == ref["final_accuracy"]
+    assert (tmp_path / "work" / "logs" / "flwr-cli.log").read_text().count("registered successfully") == 3

@@ -154,7 +154,7 @@ def test_one_worker_runs_several_tasks_with_one_clientapp_and_reports_errors(mon
         return Message(RecordDict({"secfed": ConfigRecord({"ok": len(seen)})}), reply_to=message)
 
     worker = W.TaskWorker("127.0.0.1:1", app=app)
-    monkeypatch.setattr(worker, "_task_client", lambda token: Client())
+    monkeypatch.setattr(worker, "_client", lambda token=None: Client())
     assert [worker.run_task(t) for t in ("a", "b", "c")] == [SubStatus.COMPLETED] * 2 + [SubStatus.FAILED]
     assert worker.handled == 3 and len(set(seen)) == 1  # one ClientApp object, three tasks
     replies = [r for k, r in pushed if k == "reply"]
@@ -185,3 +185,38 @@ def test_supernode_stops_when_its_worker_dies(tmp_path):
     out = proc.stdout + proc.stderr
     assert "SECFED_WORKER_POLL_MIN must be" in out
     assert "the ClientApp worker exited (1); stopping this SuperNode" in out
+
+
+def test_one_round_sends_every_node_the_same_train_content(tmp_path, monkeypatch):
+    """Issue 20: Flower stores and pushes a message's content as content-addressed objects, so a round whose
+    train messages share one content pushes the weights once, not once per SuperNode (n + 2 objects, not 3n)."""
+    from conftest import tiny_config
+    from test_parity_matrix import NodeGrid, run_flower
+
+    sent: list = []
+    deliver = NodeGrid.send_and_receive
+
+    def record(self, msgs, timeout=None):
+        sent.extend(m for m in msgs if m.metadata.message_type == "train")
+        return deliver(self, msgs, timeout)
+
+    monkeypatch.setattr(NodeGrid, "send_and_receive", record)
+    eng, _ = run_flower(tiny_config(run={"rounds": 1, "threads": 1}, data={"num_clients": 3},
+                                    server={"cohort_size": 3}), tmp_path / "flower")
+    assert len(sent) == 3 and len({m.metadata.dst_node_id for m in sent}) == 3
+    assert len({m.content.object_id for m in sent}) == 1  # one RecordDict (and ConfigRecord) for all three
+    rounds = (eng.out / "rounds.jsonl").read_text().splitlines()
+    assert len(rounds) == 1 and "flower_dropped" not in rounds[0]  # every node trained and was accepted
+
+
+def test_json_fields_with_huge_integers_are_malformed_not_a_traceback():
+    # json.loads reads a 400-digit number as an int that math.isfinite cannot take (OverflowError before)
+    from secfed.errors import MalformedMessage
+    from secfed.flower import codec
+
+    huge = "1" + "0" * 400
+    for decode, key in ((codec.decode_metrics, "loss"), (codec.decode_dp, "noise_multiplier"),
+                        (codec.decode_state, "round")):
+        with pytest.raises(MalformedMessage, match="flat JSON object"):
+            decode(f'{{"{key}": {huge}}}')
+    assert codec.decode_state('{"round": 3}') == {"round": 3}

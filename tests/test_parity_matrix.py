@@ -96,6 +96,7 @@ def run_flower(cfg, out: Path):
     keys = probe.simulation_keys() if getattr(probe, "needs_keys", False) else None
     grid = NodeGrid(cfg, keys)
     eng = FlowerEngine(cfg, out, grid, progress=False, keys=keys)
+    grid.rt.client.truth = eng.truth  # simulation harness: the evaluation-only record (secfed.truth) a node never sends
     names = [n for n in vars(TaskIdentity) if n.startswith("_") and n.endswith("_id")]
     old = {n: getattr(TaskIdentity, n) for n in names}
     for n in names:  # Flower messages need ids outside a SuperLink
@@ -141,8 +142,8 @@ FAMILIES = {
     "dp-fedavg-central": (_dp_fedavg([{"name": "clip", "clip_norm": 1.0}], ["central-gaussian"]), False),
     "dp-fedavg-distributed": (_dp_fedavg([{"name": "clip", "clip_norm": 1.0}, "gaussian-share"], [],
                                          secure_sum={"name": "secagg+", "clip_range": 64.0}, min_clients=2), False),
-    "secagg+": ({"server": {"cohort_size": 4, "secure_sum": "secagg+"}}, True),
-    "secagg+-active": ({"server": {"cohort_size": 4, "secure_sum": {"name": "secagg+", "active": True}},
+    "secagg+-semi-honest": ({"server": {"cohort_size": 4, "secure_sum": {"name": "secagg+", "active": False}}}, True),
+    "secagg+-active": ({"server": {"cohort_size": 4, "secure_sum": "secagg+"},  # active is the default
                         "faults": {"dropouts": {"consistency": [1]}}}, True),
     "secagg+-dropout": ({"server": {"cohort_size": 4, "secure_sum": "secagg+"},
                          "faults": {"dropouts": {"masked_input": [2]}}}, True),

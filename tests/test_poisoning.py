@@ -14,6 +14,7 @@ from attacks.poisoning.model import alie_z
 from defenses.robust import CoordinateMedian
 from secfed.data import TensorData
 from secfed.interfaces import ClientUpdate, RoundContext
+from secfed.needs import Need
 from secfed.spec import ParamSpec
 
 
@@ -54,7 +55,7 @@ def test_alie_vector():
     assert c.metrics["alie_z"] == pytest.approx(0.430727, abs=1e-5)
     # not omniscient: statistics of its own (honestly trained) updates
     own = ALIE(z=1.0, omniscient=False)
-    assert own.omniscient is False
+    assert own.needs == Need.NONE and ALIE(z=1.0).needs == Need.HONEST_ROWS  # declared (secfed.needs)
     bad = own.poison_updates(ups([[0, 4], [2, 0]], 10), [], ctx(5))
     assert torch.allclose(bad[1].delta, torch.tensor([1 - s2, 2 - 2 * s2]))
 

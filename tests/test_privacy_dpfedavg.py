@@ -100,7 +100,7 @@ def test_adaptive_clip_tracks_the_target_quantile():
     state: dict = {}
     for t in range(1, 121):
         ctx = _ctx(round_=t, expected=100.0, state=state)
-        round_info(ctx)["noise_multiplier"] = 1.0
+        round_info(ctx).noise_multiplier = 1.0
         ids = list(range(100))
         for i in ids:
             norm = 2 * float(torch.rand(1, generator=g))

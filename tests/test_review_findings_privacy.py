@@ -102,18 +102,18 @@ def test_finding_01_guard_checks_the_mechanisms_real_parameters():
     g = DPFedAvgGuard(noise_multiplier=1.0, sample_rate=0.5, min_clients=2)
     ctx = _ctx()
     g.check(ctx)
-    round_info(ctx)["clip_norm"] = 1.0
+    round_info(ctx).clip_norm = 1.0
     with pytest.raises(ConfigError, match="min_clients"):  # a share sized for 100 clients
         DistributedGaussianNoise(min_clients=100, allow_plain=True)(ClientUpdate(0, torch.zeros(4), 1), ctx)
     info = round_info(ctx)
-    info.update(distributed=True, share_min_clients=100)
+    info.distributed, info.share_min_clients = True, 100
     with pytest.raises(ConfigError, match="server.min_clients"):
         g.record(ctx)
     # the central noise divides by the expected cohort the guard charges
     ctx2 = _ctx()
     g2 = DPFedAvgGuard(noise_multiplier=1.0, sample_rate=0.5)
     g2.check(ctx2)
-    round_info(ctx2)["clip_norm"] = 1.0
+    round_info(ctx2).clip_norm = 1.0
     ctx2.expected_cohort = 100.0
     with pytest.raises(ConfigError, match="expected_cohort"):
         CentralGaussianNoise()(torch.zeros(4), SumResult([0], torch.zeros(4), 1.0), ctx2)
@@ -406,7 +406,7 @@ def test_finding_09_seeded_noise_is_refused_under_any_guard(where):
 def test_finding_09_stage_refuses_seeded_noise_when_a_guard_accounts_for_it():
     ctx = _ctx()
     DPFedAvgGuard(noise_multiplier=1.0, sample_rate=0.5).check(ctx)
-    round_info(ctx)["clip_norm"] = 1.0
+    round_info(ctx).clip_norm = 1.0
     with pytest.raises(ConfigError, match="seeded"):
         CentralGaussianNoise(noise="seeded")(torch.zeros(4), SumResult([0], torch.zeros(4), 1.0), ctx)
     # without a guard (a non-private simulation), seeded noise stays available

@@ -350,7 +350,11 @@ def _flower_round(cfg, out):
     from flwr.supercore.task_identity import TaskIdentity
 
     grid = FakeGrid(cfg)
-    eng = FlowerEngine(cfg, out, grid, progress=False)
+    ss = grid.rt.secure_sum  # active SecAgg+ (the default): identities made outside the server (simulation)
+    keys = ss.simulation_keys() if getattr(ss, "needs_keys", False) else None
+    if keys:
+        ss.use_keys(keys)
+    eng = FlowerEngine(cfg, out, grid, progress=False, keys=keys)
     names = [n for n in vars(TaskIdentity) if n.startswith("_") and n.endswith("_id")]
     old = {n: getattr(TaskIdentity, n) for n in names}
     for n in names:  # Flower messages need ids outside a SuperLink

@@ -55,11 +55,15 @@ def test_honest_active_run_is_exact_with_dropouts_at_every_step_at_once():
     assert torch.equal(r.total, exp) and r.total_weight == w
 
 
+def test_active_is_the_default_and_semi_honest_stays_available():
+    assert SecAggPlus().active is True and SecAggPlus(active=False).active is False
+
+
 def test_active_transcript_has_the_consistency_round_and_semi_honest_is_unchanged():
     d = 10
     ups = make_updates(5, d)
     a = _active().aggregate(ups, make_ctx(d))
-    s = SecAggPlus().aggregate(ups, make_ctx(d))
+    s = SecAggPlus(active=False).aggregate(ups, make_ctx(d))
     assert {m.step for m in a.transcript} == set(STEPS)
     assert {m.step for m in s.transcript} == set(STEPS) - {"consistency"} and s.metrics["secagg_active"] is False
     assert torch.equal(a.total, s.total)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from secfed.engine import Engine, read_rounds
+from secfed.needs import Need
 
 from conftest import tiny_config
 
@@ -34,14 +35,28 @@ def test_secagg_group_sums_with_median_and_mean(tmp_path):
     assert torch.isfinite(med.global_w).all() and not torch.equal(med.global_w, plain.global_w)
 
 
+class _Recorder:
+    """An observer that keeps the ServerView it was given (declares what it reads: secfed.needs)."""
+
+    needs = Need.ROWS | Need.SUM
+
+    def __init__(self, seen: dict) -> None:
+        self.seen = seen
+
+    def __call__(self, view, ctx):
+        self.seen.update(view=view)
+        return {}
+
+
 def test_secagg_dropout_in_engine_and_observer_view(tmp_path):
     cfg = tiny_config(run={"rounds": 1}, faults={"dropouts": {"masked_input": [1]}})
     cfg.server.secure_sum.name = "secagg+"
     seen = {}
     eng = Engine(cfg, tmp_path / "drop", progress=False)
-    eng.observers.append(lambda view, ctx: seen.update(view=view) or {})
+    eng.observers.append(_Recorder(seen))
     eng.run()
     rec = read_rounds(tmp_path / "drop")[0]
     assert rec["status"] == "ok" and rec["completed"] == 3 and rec["dropped"] == 1
     view = seen["view"]
-    assert view.updates is None and {m.step for m in view.transcript} == {"advertise", "share", "masked_input", "unmask"}
+    assert view.updates is None and {m.step for m in view.transcript} == {"advertise", "share", "masked_input",
+                                                                           "consistency", "unmask"}  # active: the default

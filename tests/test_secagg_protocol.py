@@ -120,7 +120,7 @@ def test_masked_input_is_uniform_on_the_ring(ring_bits):
 def test_server_sees_only_masked_inputs_and_the_sum():
     d = 16
     ups = make_updates(5, d)
-    r = SecAggPlus().aggregate(ups, make_ctx(d))
+    r = SecAggPlus(active=False).aggregate(ups, make_ctx(d))  # the active variant: tests/test_secagg_active.py
     assert {m.step for m in r.transcript} == set(STEPS)
     assert all(len(m.payload) > 0 for m in r.transcript)
     raw = [u.delta.numpy().tobytes() for u in ups]
@@ -169,7 +169,7 @@ def test_server_redirecting_a_share_makes_the_client_refuse(monkeypatch):
     monkeypatch.setattr(secagg, "SecAggServer", Redirecting)
     d = 8
     ups = [ClientUpdate(i, torch.full((d,), 0.1), 1, 1.0) for i in range(6)]
-    r = SecAggPlus().aggregate(ups, make_ctx(d))
+    r = SecAggPlus(active=False).aggregate(ups, make_ctx(d))  # the semi-honest server class is the one patched
     assert "bad AES-GCM tag" in r.dropped[1] and 1 not in r.client_ids
     assert torch.allclose(r.total, torch.full((d,), 0.5), atol=1e-6)  # the other 5 still sum correctly
 
@@ -177,7 +177,7 @@ def test_server_redirecting_a_share_makes_the_client_refuse(monkeypatch):
 def test_replayed_message_from_earlier_round_and_duplicates_are_rejected():
     d = 8
     ups = make_updates(4, d)
-    r1 = SecAggPlus().aggregate(ups, make_ctx(d, round_=1))
+    r1 = SecAggPlus(active=False).aggregate(ups, make_ctx(d, round_=1))  # a version-1 ADVERTISE
     old = [m for m in r1.transcript if m.step == "advertise"][0]
     g = {u.client_id: {v.client_id for v in ups} - {u.client_id} for u in ups}
     server = protocol.SecAggServer(2, g, {}, 64, d, 3)
@@ -202,7 +202,11 @@ def test_tampered_masked_input_drops_that_client_only():
     def tamper(cid, payload):
         return payload[:-1] if cid == 4 and payload[5] == msg.Step.MASKED else payload
 
-    r = SecAggPlus().aggregate(ups, make_ctx(d, state={"_tamper": tamper}))
+    from secfed.rounds import tampering_transport
+
+    ss = SecAggPlus()
+    ss.transport_factory = tampering_transport(tamper)  # the test-only seam; no hook in the round state
+    r = ss.aggregate(ups, make_ctx(d))
     assert r.dropped[4].startswith("malformed") and 4 not in r.client_ids
     assert torch.allclose(r.total, torch.full((d,), 0.5), atol=1e-6)
 

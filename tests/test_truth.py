@@ -207,7 +207,7 @@ def _finished_run(tmp_path: Path) -> Path:
 
 
 def test_audit_validates_attack_names_first_and_never_overwrites(tmp_path):
-    from secfed.compare.audit import audit_run
+    from secfed.compare.post_run import audit_run
 
     run = _finished_run(tmp_path)
     with pytest.raises(ConfigError, match="unknown attack 'membrship'.*did you mean 'membership'"):
@@ -294,7 +294,7 @@ def test_quiet_is_quiet(tmp_path):
 
 
 def test_an_attack_that_did_not_run_says_not_run_never_zero(tmp_path):
-    from secfed.compare.audit import audit_markdown
+    from secfed.compare.post_run import audit_markdown
 
     cfg = tiny_config(run={"rounds": 1}, client={"optimizer": "adam", "local_steps": 1},
                       server={"observers": [{"name": "text-inversion", "attack_rounds": [1]}]})

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from attacks.inversion.text import content_tokens, rouge_n, split_update
+from secfed.needs import Need
 
 LLAMA_LORA_RE = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
                            r"\.lora_([AB])(?:\.default)?\.weight$")
@@ -411,7 +412,8 @@ class DagerObserver:
     shared training hyper-parameters and sees what the secure sum revealed. Under SecAgg+ / CKKS
     there is no per-client update and the observer reports ``dager_status = "blocked: ..."``
     (nothing to attack). Adam/AdamW clients: not run (the update is not in the inputs' span).
-    The true batch (the engine's seeded batch schedule) is read for metrics only. Per round it
+    The true batch (what the client's trainer reported using: the engine's evaluation record,
+    :mod:`secfed.truth`; a group row is scored against all its members) is read for metrics only. Per round it
     returns ``dager_exact`` (fraction of the attacked batches' sequences recovered exactly, special
     tokens excluded), ``dager_rouge1``/``dager_rouge2`` (best match per sequence),
     ``dager_token_recall``/``dager_token_precision``, the span dimensions and the rank bound
@@ -423,23 +425,24 @@ class DagerObserver:
         max_clients = 1
     """
 
+    needs = Need.ROWS | Need.GROUND_TRUTH  # each update; scored against what the clients trained on (secfed.truth)
+
     def __init__(self, attack_rounds: list[int] | None = None, clients: list[int] | None = None, max_clients: int = 1,
                  tau: float = 0.05, tau_sequence: float = 0.01, rel_tol: float = 1e-5, max_beam: int = 256,
-                 batch_size: int = 16, local_epochs: int = 1, local_steps: int = 0, optimizer: str = "adam",
-                 momentum: float = 0.0, weight_decay: float = 0.0, seed: int = 0) -> None:
+                 optimizer: str = "adam", momentum: float = 0.0, weight_decay: float = 0.0, seed: int = 0) -> None:
         from secfed.errors import ConfigError
 
         if tau <= 0 or tau_sequence <= 0:
             raise ConfigError("config key 'server.observers.tau': must be > 0")
         self.rounds, self.clients, self.max_clients = list(attack_rounds or []), list(clients or []), max_clients
         self.tau, self.tau_sequence, self.rel_tol, self.max_beam = tau, tau_sequence, rel_tol, max_beam
-        self.batch_size, self.local_epochs, self.local_steps = batch_size, local_epochs, local_steps
         self.optimizer, self.momentum, self.weight_decay = optimizer, momentum, weight_decay
 
-    def __call__(self, view: Any, ctx: Any) -> dict[str, Any] | None:
+    def __call__(self, view: Any, ctx: Any, truth: Any = None) -> dict[str, Any] | None:
         from pathlib import Path
 
-        from secfed.training import batch_schedule
+        from secfed.interfaces import GroupId
+        from secfed.truth import chosen_rows
 
         if self.rounds and view.round not in self.rounds:
             return None
@@ -451,20 +454,20 @@ class DagerObserver:
         if self.optimizer != "sgd":
             return {"dager_exact": None, "dager_status": f"not run: client optimizer {self.optimizer} normalises "
                     "per coordinate (the update is not in the inputs' span); needs client.optimizer = 'sgd'"}
+        if truth is None or not truth.clients:  # no record (over Flower) or a trainer that reports no batches
+            return {"dager_exact": None, "dager_status": "no ground truth: the engine kept no record of the clients' "
+                    "batches (over Flower, or a trainer that reports none)"}
         model = task.build_model()
         view.spec.assign(model, view.global_before)
         model.eval()
         ids = list(view.update_ids or [])
-        chosen = [c for c in ids if c in self.clients] if self.clients else ids[: self.max_clients]
+        chosen = [u for u in chosen_rows(ids, self.clients, self.max_clients) if truth.has(u)]
         special = set(task.tokenizer.all_special_ids)
         rows: list[dict[str, Any]] = []
+        record = truth  # the engine's evaluation record; ``truth`` below: one row's true sequences
         for cid in chosen:
-            data = task.client_data(cid)
-            sched = batch_schedule(len(data), self.batch_size, self.local_epochs, self.local_steps,
-                                   ctx.generator(cid, "batches"))
-            idx = torch.cat(sched).unique() if sched else torch.zeros(0, dtype=torch.long)
-            batch = data.batch(idx)
-            truth = [row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["attention_mask"])]
+            truth = [row[m.bool()].tolist() for o in record.of(cid)  # what the trainer(s) reported using
+                     for row, m in zip(o.batch()["input_ids"], o.batch()["attention_mask"])]
             res = dager_lm(model, view.spec.names, view.spec.shapes, view.updates[ids.index(cid)],
                            task.cfg.data.max_length, tau=self.tau, tau_sequence=self.tau_sequence,
                            rel_tol=self.rel_tol, max_beam=self.max_beam, keep=max(len(truth), 1))
@@ -472,7 +475,8 @@ class DagerObserver:
             rows.append(m)
             if ctx.run_dir is not None:
                 tok = task.tokenizer
-                path = Path(ctx.run_dir) / "attacks" / f"dager_round{view.round}_client{cid}.txt"
+                name = str(cid) if isinstance(cid, GroupId) else f"client{cid}"
+                path = Path(ctx.run_dir) / "attacks" / f"dager_round{view.round}_{name}.txt"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(f"status: {res.status}\n"
                                 + "".join(f"recovered: {tok.decode(s)}\n" for s in res.sequences)

@@ -52,6 +52,7 @@ import torch
 from attacks.inversion.metrics import psnr
 from secfed.errors import ConfigError
 from secfed.interfaces import RoundContext, ServerView
+from secfed.needs import Need
 from secfed.spec import ParamSpec
 
 EXACT_DB = 30.0  # a reconstruction at or above this PSNR counts as recovered exactly
@@ -138,6 +139,8 @@ def score(recons: torch.Tensor, truth: torch.Tensor) -> dict[str, Any]:
 class ImprintAttack:
     """A malicious server running the imprint attack (module docstring); registry kind ``server_adversary``."""
 
+    needs = Need.SUM  # reads the round's aggregate (all a secure sum releases)
+
     def __init__(self, attack_rounds: list[int] | None = None, save_images: bool = True, measure: str = "random",
                  seed: int = 0, local_steps: int = 0, local_epochs: int = 1, optimizer: str = "adam",
                  momentum: float = 0.0) -> None:
@@ -213,16 +216,18 @@ class LoraTrapAttack:
     against it -- on the SecAgg+ sum, as if the cohort were one batch. It recovers the cohort's tokens
     (at most ``cohort x batch`` per position, not who wrote them) while their count stays below the
     rank r and the hidden size; the server sets r in the config. Needs ``model.lora_layers`` to include
-    layer 0 and plain SGD (one step). Ground truth (the cohort's batches) is read for metrics only.
+    layer 0 and plain SGD (one step). Ground truth (the cohort's batches, as their trainers reported them:
+    :mod:`secfed.truth`) is read for metrics only.
     Config: ``[attack.server] name = "lora-trap"``.
     """
 
+    needs = Need.SUM | Need.GROUND_TRUTH  # reads the sum; scores against what the cohort trained on (secfed.truth)
+
     def __init__(self, attack_rounds: list[int] | None = None, b_scale: float = 0.02, tau: float = 0.05,
-                 seed: int = 0, batch_size: int = 16, local_steps: int = 0, local_epochs: int = 1,
-                 optimizer: str = "adam") -> None:
+                 seed: int = 0, optimizer: str = "adam") -> None:
         self.rounds = list(attack_rounds if attack_rounds is not None else [1])
         self.b_scale, self.tau, self.seed = b_scale, tau, seed
-        self.batch_size, self.local_steps, self.local_epochs, self.optimizer = batch_size, local_steps, local_epochs, optimizer
+        self.optimizer = optimizer
 
     def attacks(self, t: int) -> bool:
         return not self.rounds or t in self.rounds
@@ -252,11 +257,10 @@ class LoraTrapAttack:
             piece.copy_(self.b_scale * torch.randn(piece.shape, generator=g))
         return w
 
-    def recover(self, view: ServerView, ctx: RoundContext) -> dict[str, Any] | None:
+    def recover(self, view: ServerView, ctx: RoundContext, truth: Any = None) -> dict[str, Any] | None:
         if not self.attacks(view.round):
             return None
         from attacks.inversion.text import invert_text_update, score as text_score
-        from secfed.training import batch_schedule
 
         agg = view.aggregate
         if not bool(torch.isfinite(agg).all()) or float(agg.abs().max()) == 0.0:
@@ -264,13 +268,13 @@ class LoraTrapAttack:
         task = view.task
         model = task.build_model()
         view.spec.assign(model, view.global_before)
+        if truth is None or not truth.clients:  # no record (over Flower) or a trainer that reports no batches
+            return {"lora_trap_token_recall": None, "lora_trap_status": "no ground truth: the engine kept no record "
+                    "of the clients' batches"}
         true_ids: list[list[int]] = []
-        for c in ctx.cohort:  # metrics only: the cohort's batches (the engine's seeded schedule)
-            data = task.client_data(c)
-            sched = batch_schedule(len(data), self.batch_size, self.local_epochs, self.local_steps,
-                                   ctx.generator(c, "batches"))
-            if sched:
-                b = data.batch(torch.cat(sched).unique())
+        for c in ctx.cohort:  # metrics only: the cohort's batches, as each client's trainer reported them
+            if c in truth.clients and len(truth.clients[c].used()):
+                b = truth.clients[c].batch()
                 true_ids += [row[m.bool()].tolist() for row, m in zip(b["input_ids"], b["attention_mask"])]
         res = invert_text_update(model, view.spec.names, view.spec.shapes, agg, task.cfg.data.max_length,
                                  batch_size=max(len(true_ids), 1), tau=self.tau)

@@ -15,9 +15,14 @@ attacks the round's mean update instead (what the server has under any secure su
 if it knows there was one client; against n clients it shows averaging's effect).
 
 Ground truth is used **for metrics only**: to score a reconstruction the observer
-reads the attacked client's batch from the run's own data (the same seeded batch
-schedule the engine used); the attack itself never sees it. PNGs (originals on top,
-reconstructions below) go to ``<run_dir>/attacks/``. Config::
+reads the examples the attacked client's trainer reported using (the engine's
+evaluation record, :mod:`secfed.truth`; it never rebuilds a batch schedule, which
+DP-SGD's secret Poisson batches would make wrong); the attack itself never sees them.
+In group mode a row is a group's mean (:class:`~secfed.interfaces.GroupId`) and is
+scored against every member's examples, never one client's. Without a record (over
+Flower, or a trainer that reports no batches) it reports ``dlg_status = "no ground
+truth ..."``. PNGs (originals on top, reconstructions below) go to
+``<run_dir>/attacks/``. Config::
 
     [[server.observers]]
     name = "dlg"
@@ -38,8 +43,9 @@ import torch
 from attacks.inversion.dlg import dlg, idlg_label, inverting_gradients
 from attacks.inversion.metrics import mse, psnr, ssim
 from secfed.errors import ConfigError
-from secfed.interfaces import RoundContext, ServerView
-from secfed.training import batch_schedule
+from secfed.interfaces import GroupId, RoundContext, ServerView
+from secfed.needs import Need
+from secfed.truth import GroundTruth, chosen_rows
 
 METHODS = ("idlg", "dlg", "ig")
 
@@ -72,11 +78,14 @@ def save_side_by_side(path: Path, originals: torch.Tensor, recons: torch.Tensor,
 
 
 class GradientInversionObserver:
+    # reads each client's update (target "client") or the sum ("aggregate"); scores against what the
+    # clients trained on (Need.GROUND_TRUTH: the engine's evaluation record, secfed.truth)
+    needs = Need.ROWS | Need.SUM | Need.GROUND_TRUTH
+
     def __init__(self, method: str = "idlg", attack_rounds: list[int] | None = None, clients: list[int] | None = None,
                  max_clients: int = 1, iterations: int = 300, target: str = "client", tv: float = 1e-2,
                  ig_lr: float = 0.1, save_images: bool = True, lr: float = 5e-3, optimizer: str = "adam",
-                 momentum: float = 0.0, local_steps: int = 0, local_epochs: int = 1, batch_size: int = 16,
-                 seed: int = 0) -> None:
+                 momentum: float = 0.0, batch_size: int = 16, seed: int = 0) -> None:
         if method not in METHODS:
             raise ConfigError(f"config key 'server.observers.method': '{method}' is not one of {METHODS}")
         if target not in ("client", "aggregate"):
@@ -85,13 +94,9 @@ class GradientInversionObserver:
         self.max_clients, self.iterations, self.target = max_clients, iterations, target
         self.tv, self.ig_lr, self.save_images = tv, ig_lr, save_images
         self.lr, self.optimizer, self.momentum = lr, optimizer, momentum
-        self.local_steps, self.local_epochs, self.batch_size, self.seed = local_steps, local_epochs, batch_size, seed
+        self.batch_size, self.seed = batch_size, seed
 
     # ------------------------------------------------------------------ helpers
-    def _batches(self, task: Any, cid: int, ctx: RoundContext) -> list[torch.Tensor]:
-        n = len(task.shards[cid])
-        return batch_schedule(n, self.batch_size, self.local_epochs, self.local_steps, ctx.generator(cid, "batches"))
-
     def _attack(self, model: torch.nn.Module, delta: torch.Tensor, view: ServerView, steps: int, bsz: int,
                 shape: tuple[int, ...], num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         pieces = [p.view(s) for p, s in zip(torch.split(delta, view.spec.sizes), view.spec.shapes)]
@@ -113,7 +118,7 @@ class GradientInversionObserver:
         return r.x, r.label
 
     # ------------------------------------------------------------------ the observer
-    def __call__(self, view: ServerView, ctx: RoundContext) -> dict[str, Any] | None:
+    def __call__(self, view: ServerView, ctx: RoundContext, truth: GroundTruth | None = None) -> dict[str, Any] | None:
         if self.rounds and view.round not in self.rounds:
             return None
         task = view.task
@@ -124,32 +129,36 @@ class GradientInversionObserver:
         if self.optimizer != "sgd" or self.momentum > 0:
             return {"dlg_psnr": None, "dlg_status": f"client optimizer {self.optimizer} (momentum {self.momentum}): "
                     "the update is not a scaled gradient; set client.optimizer = 'sgd'"}
+        if truth is None or not truth.clients:  # no record (over Flower) or a trainer that reports no batches
+            return {"dlg_psnr": None, "dlg_status": "no ground truth: the engine kept no record of the clients' "
+                    "batches (over Flower, or a trainer that reports none)"}
         model = task.build_model()
         view.spec.assign(model, view.global_before)
         model.eval()
         shape = tuple(task.train.tensors["pixels"].shape[1:])
         if self.target == "aggregate":
-            jobs = [(-1, view.aggregate, list(ctx.cohort))]
+            jobs = [(-1, view.aggregate, [truth.clients[c] for c in ctx.cohort if c in truth.clients])]
         else:
             ids = list(view.update_ids or [])
-            chosen = [c for c in ids if c in self.clients] if self.clients else ids[: self.max_clients]
-            jobs = [(c, view.updates[ids.index(c)], [c]) for c in chosen]
+            chosen = [u for u in chosen_rows(ids, self.clients, self.max_clients) if truth.has(u)]
+            jobs = [(u, view.updates[ids.index(u)], truth.of(u)) for u in chosen]
         out: dict[str, list[float]] = {"psnr": [], "ssim": [], "mse": [], "label_acc": []}
         for cid, delta, owners in jobs:
-            truth_x, truth_y = [], []
-            for o in owners:
-                data = task.client_data(o)
-                first = self._batches(task, o, ctx)
-                steps = len(first)
-                idx = torch.cat(first).unique() if first else torch.zeros(0, dtype=torch.long)
-                truth_x.append(data.tensors["pixels"][idx])
-                truth_y.append(data.labels[idx])
-            bsz = int(truth_x[0].shape[0]) if self.target == "client" else min(self.batch_size, int(truth_x[0].shape[0]))
+            if not owners or not any(len(o.used()) for o in owners):
+                continue
+            truth_x = [o.batch()["pixels"] for o in owners]  # what each owner's trainer reported using
+            truth_y = [o.batch()["labels"] for o in owners]
+            steps = len(owners[0].steps)
+            if isinstance(cid, int) and cid >= 0:  # one client: its batch is what the update holds
+                bsz = int(truth_x[0].shape[0])
+            else:  # the aggregate or a group mean: one reconstruction, best match over the owners' examples
+                bsz = min(self.batch_size, int(truth_x[0].shape[0]))
             if steps > 1 and self.method != "ig":
                 steps_note = f"{steps} local steps: use method 'ig' (unrolled FedAvg variant)"
                 return {"dlg_psnr": None, "dlg_status": steps_note}
+            tag = cid.index if isinstance(cid, GroupId) else max(cid, 0)
             x_hat, y_hat = self._attack(model, delta, view, steps, bsz, shape, task.num_classes,
-                                        seed=self.seed + view.round * 1000 + max(cid, 0))
+                                        seed=self.seed + view.round * 1000 + tag)
             # metrics only: best match over the owners' true examples
             cand = torch.cat(truth_x)
             labels = torch.cat(truth_y)
@@ -160,7 +169,7 @@ class GradientInversionObserver:
             out["mse"].append(mse(x_hat[0], cand[best]))
             out["label_acc"].append(float(int(y_hat[0]) == int(labels[best])))
             if self.save_images and ctx.run_dir is not None:
-                name = "aggregate" if cid < 0 else f"client{cid}"
+                name = str(cid) if isinstance(cid, GroupId) else "aggregate" if cid < 0 else f"client{cid}"
                 save_side_by_side(Path(ctx.run_dir) / "attacks" / f"{self.method}_round{view.round}_{name}.png",
                                   cand[best : best + 1], x_hat[:1], f"{self.method} round {view.round} {name}: "
                                   f"PSNR {scores[best]:.1f} dB")

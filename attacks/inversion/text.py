@@ -37,8 +37,9 @@ import torch
 from torch import nn
 
 from secfed.errors import ConfigError
-from secfed.interfaces import RoundContext, ServerView
-from secfed.training import batch_schedule
+from secfed.interfaces import GroupId, RoundContext, ServerView
+from secfed.needs import Need
+from secfed.truth import GroundTruth, chosen_rows
 
 LORA_RE = re.compile(r"layer\.0\.attention\.self\.(query|key|value)\.lora_([AB])(?:\.default)?\.weight$")
 
@@ -253,8 +254,9 @@ class TextInversionObserver:
     Per attacked client it writes ``<run_dir>/attacks/text_round<t>_client<i>.txt``
     with the recovered and the true text, and returns ``text_token_recall``,
     ``text_token_precision``, ``text_rouge1``, ``text_rouge2``, ``text_exact``. The
-    true batch is read from the run's data for metrics only (as for ``dlg``).
-    Config::
+    true batch is what the client's trainer reported using (the engine's evaluation
+    record, :mod:`secfed.truth`), for metrics only; a group row (group mode) is scored
+    against all its members' examples. Config::
 
         [[server.observers]]
         name = "text-inversion"
@@ -262,16 +264,18 @@ class TextInversionObserver:
         max_clients = 1
     """
 
+    needs = Need.ROWS | Need.GROUND_TRUTH  # each update; scored against what the clients trained on (secfed.truth)
+
     def __init__(self, attack_rounds: list[int] | None = None, clients: list[int] | None = None, max_clients: int = 1,
-                 tau: float = 0.05, noisy: bool = False, batch_size: int = 16, local_epochs: int = 1,
-                 local_steps: int = 0, optimizer: str = "adam", seed: int = 0) -> None:
+                 tau: float = 0.05, noisy: bool = False, batch_size: int = 16, optimizer: str = "adam",
+                 seed: int = 0) -> None:
         if tau <= 0:
             raise ConfigError("config key 'server.observers.tau': must be > 0")
         self.rounds, self.clients, self.max_clients = list(attack_rounds or []), list(clients or []), max_clients
         self.tau, self.noisy = tau, noisy
-        self.batch_size, self.local_epochs, self.local_steps, self.optimizer = batch_size, local_epochs, local_steps, optimizer
+        self.batch_size, self.optimizer = batch_size, optimizer
 
-    def __call__(self, view: ServerView, ctx: RoundContext) -> dict[str, Any] | None:
+    def __call__(self, view: ServerView, ctx: RoundContext, truth: GroundTruth | None = None) -> dict[str, Any] | None:
         if self.rounds and view.round not in self.rounds:
             return None
         task = view.task
@@ -279,18 +283,19 @@ class TextInversionObserver:
             return {"text_token_recall": None, "text_status": "not a text-classification task (token ids into an encoder)"}
         if view.updates is None:
             return {"text_token_recall": None, "text_status": "no per-client update"}
+        if truth is None or not truth.clients:  # no record (over Flower) or a trainer that reports no batches
+            return {"text_token_recall": None, "text_status": "no ground truth: the engine kept no record of the "
+                    "clients' batches (over Flower, or a trainer that reports none)"}
         model = task.build_model()
         view.spec.assign(model, view.global_before)
         ids = list(view.update_ids or [])
-        chosen = [c for c in ids if c in self.clients] if self.clients else ids[: self.max_clients]
+        chosen = [u for u in chosen_rows(ids, self.clients, self.max_clients) if truth.has(u)]
         special = set(task.tokenizer.all_special_ids)
         rows: list[dict[str, Any]] = []
         for cid in chosen:
-            data = task.client_data(cid)
-            sched = batch_schedule(len(data), self.batch_size, self.local_epochs, self.local_steps,
-                                   ctx.generator(cid, "batches"))
-            idx = torch.cat(sched).unique() if sched else torch.zeros(0, dtype=torch.long)
-            bs = int(idx.numel()) if len(sched) == 1 else self.batch_size
+            owners = truth.of(cid)  # one client, or every member of a group (never one client for a group)
+            single = len(owners) == 1 and len(owners[0].steps) == 1
+            bs = int(owners[0].used().numel()) if single else self.batch_size
             res = invert_text_update(model, view.spec.names, view.spec.shapes, view.updates[ids.index(cid)],
                                      task.cfg.data.max_length, batch_size=max(bs, 1), noisy=self.noisy, tau=self.tau)
             if res["method"] == "none":  # nothing the attack could use: it did not run
@@ -301,8 +306,8 @@ class TextInversionObserver:
                 # Adam's per-coordinate normalisation destroys the span structure: report nothing, not noise
                 res = {"bag": set(), "sequence": None,
                        "method": f"not run: span check needs client.optimizer = sgd (the clients used {self.optimizer})"}
-            batch = data.batch(idx)
-            true_ids = [row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["attention_mask"])]
+            true_ids = [row[m.bool()].tolist() for o in owners
+                        for row, m in zip(o.batch()["input_ids"], o.batch()["attention_mask"])]
             m = score(res, true_ids, special)
             if res["method"].startswith("not run"):  # an attack that did not run reports nothing, never 0
                 m = {k: None for k in m}
@@ -312,7 +317,8 @@ class TextInversionObserver:
                 tok = task.tokenizer
                 rec = (tok.decode([p[0] for p in res["sequence"]]) if res["sequence"] and len(true_ids) == 1
                        else " ".join(tok.convert_ids_to_tokens(sorted(res["bag"] or []))))
-                path = Path(ctx.run_dir) / "attacks" / f"text_round{view.round}_client{cid}.txt"
+                name = str(cid) if isinstance(cid, GroupId) else f"client{cid}"
+                path = Path(ctx.run_dir) / "attacks" / f"text_round{view.round}_{name}.txt"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(f"method: {res['method']}\nrecovered: {rec}\n" +
                                 "".join(f"original: {tok.decode(t)}\n" for t in true_ids) +

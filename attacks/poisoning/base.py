@@ -1,8 +1,9 @@
 """What every poisoning adversary shares: which clients it controls.
 
 ``fraction`` of the population (a seeded choice) or an explicit list ``ids``.
-``omniscient`` says whether the attacker sees the honest updates of the round
-(the engine then passes them to ``poison_updates``); a non-omniscient model
+``needs`` (secfed.needs) says whether the attacker sees the honest updates of the round:
+``Need.HONEST_ROWS`` (omniscient; the engine then passes them to ``poison_updates``,
+in-process only) or ``Need.NONE``; a non-omniscient model
 attacker estimates the honest statistics from its own clients' honestly
 trained updates instead.
 """
@@ -15,12 +16,13 @@ from typing import Any, Sequence
 import torch
 
 from secfed.interfaces import ClientUpdate, derive_seed
+from secfed.needs import Need
 
 
 class PoisoningAdversary:
     """Base class: picks the malicious clients; subclasses add ``poison_data`` / ``poison_updates``."""
 
-    omniscient = False
+    needs = Need.NONE  # Need.HONEST_ROWS: an omniscient attacker (secfed.needs)
 
     def __init__(self, fraction: float = 0.2, ids: Sequence[int] | None = None, num_clients: int | None = None,
                  seed: int = 0) -> None:

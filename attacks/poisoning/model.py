@@ -1,7 +1,7 @@
 """Model poisoning: malicious clients rewrite their update after local training.
 
-Each class says whether it is omniscient (sees the round's honest updates, which
-the engine then passes to ``poison_updates``). The statistic-based attacks
+Each class declares whether it is omniscient (``needs = Need.HONEST_ROWS``: it sees the
+round's honest updates, which the engine then passes to ``poison_updates``). The statistic-based attacks
 (ALIE, IPM, Min-Max, Min-Sum) take ``omniscient`` as an argument: when False they
 estimate the honest mean and spread from their own clients' honestly trained
 updates, as Baruch et al. (2019) assume. All malicious clients of a round send
@@ -20,6 +20,7 @@ from attacks.poisoning.base import PoisoningAdversary, replace, stack
 from attacks.poisoning.data import Backdoor
 from defenses.robust import pairwise_sq_dists
 from secfed.interfaces import ClientUpdate, RoundContext
+from secfed.needs import Need, call_aggregator
 
 
 def _reference(malicious: list[ClientUpdate], honest: list[ClientUpdate]) -> torch.Tensor:
@@ -92,7 +93,7 @@ class _StatisticAttack(PoisoningAdversary, ABC):
     def __init__(self, fraction: float = 0.2, ids: Sequence[int] | None = None, omniscient: bool = True,
                  num_clients: int | None = None, seed: int = 0) -> None:
         super().__init__(fraction, ids, num_clients, seed)
-        self.omniscient = bool(omniscient)
+        self.needs = Need.HONEST_ROWS if omniscient else Need.NONE
 
     @abstractmethod
     def craft(self, G: torch.Tensor, n: int, f: int, ctx: RoundContext) -> torch.Tensor:
@@ -229,7 +230,7 @@ class Mimic(PoisoningAdversary):
     ``Mimic(epsilon)``); the paper picks the worker along the top principal direction
     after a warm-up, which ``target="pca"`` does per round."""
 
-    omniscient = True
+    needs = Need.HONEST_ROWS
 
     def __init__(self, fraction: float = 0.2, ids: Sequence[int] | None = None, target: int | str = 0,
                  num_clients: int | None = None, seed: int = 0) -> None:
@@ -266,7 +267,7 @@ class Adaptive(PoisoningAdversary):
     update equals the honest mean (it cannot see the root data).
     """
 
-    omniscient = True
+    needs = Need.HONEST_ROWS
 
     def __init__(self, fraction: float = 0.2, ids: Sequence[int] | None = None, aggregator: Any = "median",
                  pre_aggregators: Sequence[Any] = (), directions: Sequence[str] = ("std", "unit", "sign"),
@@ -288,14 +289,10 @@ class Adaptive(PoisoningAdversary):
         self.gammas = tuple(float(g) for g in gammas) if gammas is not None else (0.0,) + tuple(2.0 ** k for k in range(-4, 9))
 
     def _aggregate(self, X: torch.Tensor, ctx: RoundContext, mu: torch.Tensor) -> torch.Tensor:
-        for p in self.pre:
-            X = p(X)
-        kw: dict[str, Any] = {}
-        if getattr(self.agg, "uses_center", False):
-            kw["center"] = ctx.state.get("center", torch.zeros(X.shape[1]))
-        if getattr(self.agg, "uses_reference", False):
-            kw["reference"] = mu
-        return self.agg(X, None, **kw)
+        """The server's aggregation as the engine runs it (secfed.needs.call_aggregator): the pre-aggregators,
+        then the aggregator with the inputs it declares (the carried center; mu standing in for the root update)."""
+        return call_aggregator(self.agg, self.pre, X, None, center=lambda: ctx.state.get("center", torch.zeros(X.shape[1])),
+                               reference=lambda: mu)
 
     def poison_updates(self, malicious: list[ClientUpdate], honest: list[ClientUpdate], ctx: RoundContext) -> list[ClientUpdate]:
         G = _reference(malicious, honest)

@@ -3,7 +3,7 @@
 The L2 norm is over the whole flat adapter/head update (``flat`` clipping in the
 paper's terms; TensorFlow Federated's ``DifferentiallyPrivateFactory`` also clips the
 whole structure). The clip norm C the cohort used this round is published in
-``ctx.state["_dp_round"]`` so the noise stages calibrate to the clip actually applied.
+the round's :class:`secfed.rounds.DPRound` so the noise stages calibrate to the clip actually applied.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 from secfed.errors import ConfigError
 from secfed.interfaces import ClientUpdate, RoundContext
+from secfed.needs import DPRole
 
 
 def clip_to_norm(delta: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, float]:
@@ -26,11 +27,13 @@ def clip_to_norm(delta: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, f
 
 # This round's DP bookkeeping shared by the DP stages: defined with the round driver (secfed.rounds), which
 # also carries it to SuperNodes as a typed object (DPRoundParams).
-from secfed.rounds import round_info  # noqa: E402,F401
+from secfed.rounds import DPRound, round_info  # noqa: E402,F401
 
 
 class ClipUpdate:
     """Clip every client's update to L2 norm ``clip_norm`` (fixed clipping)."""
+
+    dp_role = DPRole.CLIP  # secfed.needs: the privacy guard recognises clipping by this
 
     def __init__(self, clip_norm: float) -> None:
         if not (clip_norm > 0):
@@ -39,9 +42,9 @@ class ClipUpdate:
 
     def __call__(self, update: ClientUpdate, ctx: RoundContext) -> ClientUpdate:
         info = round_info(ctx)
-        if info.get("clip_norm", self.clip_norm) != self.clip_norm:
+        if info.clip_norm is not None and info.clip_norm != self.clip_norm:
             raise ConfigError("config key 'client.pipeline': two clipping stages with different clip norms")
-        info["clip_norm"] = self.clip_norm
+        info.clip_norm = self.clip_norm
         update.delta, norm = clip_to_norm(update.delta, self.clip_norm)
         update.metrics["update_norm"] = norm
         return update

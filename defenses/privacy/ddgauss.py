@@ -86,6 +86,7 @@ from scipy import special
 from defenses.privacy import discrete_gaussian
 from defenses.privacy.analysis import smallest_noise
 from secfed.errors import ConfigError
+from secfed.needs import DPRole
 
 KEY = "client.pipeline.ddgauss"
 #: integer RDP orders (Zhu & Wang's bound is for integer alpha)
@@ -486,6 +487,8 @@ class DDGaussNoise:
     a guard (tests), built from this stage's own ``noise_multiplier``.
     """
 
+    dp_role = DPRole.SHARE | DPRole.RING_SHARE  # shares in Z_m for SecAgg+
+
     def __init__(self, bits: int = 32, beta: float = DEFAULT_BETA, rotate: bool = True, colluding: int = 0,
                  max_wrap_probability: float = 1e-9, noise_multiplier: float | None = None,
                  min_clients: int = 1, num_clients: int = 1, dim: int | None = None) -> None:
@@ -497,8 +500,9 @@ class DDGaussNoise:
             raise ConfigError(f"config key '{KEY}.bits': an integer in [8, 62] (got {bits!r})")
         self._own: DDGaussMechanism | None = None
 
-    def mechanism(self, info: dict[str, Any], clip_norm: float, dim: int) -> DDGaussMechanism:
-        mech = info.get("ddgauss")
+    def mechanism(self, info: Any, clip_norm: float, dim: int) -> DDGaussMechanism:
+        """The guard's mechanism (``info``: the round's secfed.rounds.DPRound), checked against this stage's own."""
+        mech = info.ddgauss
         if mech is not None:
             if self.noise_multiplier is not None and not math.isclose(self.noise_multiplier, mech.noise_multiplier, rel_tol=1e-9):
                 raise ConfigError(f"config key '{KEY}.noise_multiplier': {self.noise_multiplier} differs from the privacy "
@@ -524,32 +528,34 @@ class DDGaussNoise:
         if cfg is not None:
             from secfed import registry
 
-            target = registry.REGISTRY["secure_sum"].get(cfg.server.secure_sum.name.lower(), cfg.server.secure_sum.name)
-            if target != "defenses.secure_aggregation.secagg:SecAggPlus":
+            from defenses.secure_aggregation.secagg import SecAggPlus
+
+            cls = registry.resolve("secure_sum", cfg.server.secure_sum.name, "server.secure_sum")
+            if not (isinstance(cls, type) and issubclass(cls, SecAggPlus)):  # any alias or subclass of SecAgg+
                 raise ConfigError(f"config key '{KEY}': the distributed discrete Gaussian needs server.secure_sum = "
                                   f"'secagg+' (got '{cfg.server.secure_sum.name}'); it sums ring elements")
             if cfg.deploy.transport != "inprocess":
                 raise ConfigError(f"config key '{KEY}': runs in-process only for now (deploy.transport = 'inprocess'); "
                                   "the Flower round driver does not carry ring elements")
-        if info.get("adaptive"):
+        if info.adaptive:
             raise ConfigError(f"config key '{KEY}': needs the fixed 'clip' stage (adaptive clipping is not supported)")
         if update.weight != 1:
             raise ConfigError(f"config key 'client.weighting': ddgauss needs \"uniform\" (weight 1, got {update.weight})")
-        c = info.get("clip_norm")
+        c = info.clip_norm
         if c is None:
             raise ConfigError(f"config key '{KEY}': no clip norm; put 'clip' before 'ddgauss' in client.pipeline")
-        if "accounted" in info and info.get("ddgauss") is None:  # a guard that would charge another mechanism
+        if info.accounted is not None and info.ddgauss is None:  # a guard that would charge another mechanism
             raise ConfigError(f"config key '{KEY}': server.privacy does not account for ddgauss; use \"dp-fedavg\"")
         mech = self.mechanism(info, float(c), update.delta.numel())
-        codec = info.get("ddgauss_codec")
+        codec = info.ddgauss_codec
         if codec is None or codec.mechanism is not mech:
             seed = int(ctx.generator("ddgauss-rotation").initial_seed())  # public: the rotation is not noise
-            codec = info["ddgauss_codec"] = RoundCodec(mech, seed)
+            codec = info.ddgauss_codec = RoundCodec(mech, seed)
         x = update.delta.detach().double().flatten().numpy()
         update.ring = RingInput(codec.encode(x), codec)
-        info["distributed"] = True
-        info["share_min_clients"] = self.min_clients
-        info["share_divisor"] = self.shares
+        info.distributed = True
+        info.share_min_clients = self.min_clients
+        info.share_divisor = self.shares
         ctx.metrics["dp_mechanism"] = "ddgauss"
         ctx.metrics["dp_grid_step"] = mech.gamma
         ctx.metrics["dp_share_std"] = mech.sigma * mech.gamma

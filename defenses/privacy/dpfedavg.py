@@ -63,15 +63,17 @@ import numpy as np
 
 from defenses.privacy import discrete_gaussian
 from defenses.privacy.analysis import adaptive_update_noise
-from defenses.privacy.clipping import clip_to_norm, round_info
+from defenses.privacy.clipping import DPRound, clip_to_norm, round_info
 from defenses.privacy.noise import SOURCES, gaussian_like
+from secfed import registry
 from secfed.errors import ConfigError
 from secfed.interfaces import ClientUpdate, RoundContext, SumResult
+from secfed.needs import DPRole, Need, reveals_of
 
 
-def _noise_multiplier(own: float | None, info: dict[str, Any], key: str) -> float:
+def _noise_multiplier(own: float | None, info: DPRound, key: str) -> float:
     """z from the stage's own argument or from the privacy guard (which calibrates it); they must agree."""
-    guard = info.get("noise_multiplier")
+    guard = info.noise_multiplier
     if own is None and guard is None:
         raise ConfigError(f"config key '{key}.noise_multiplier': no noise multiplier; give one, or set "
                           "server.privacy = {name = \"dp-fedavg\", epsilon = ..., delta = ...}")
@@ -81,13 +83,18 @@ def _noise_multiplier(own: float | None, info: dict[str, Any], key: str) -> floa
     return float(own if own is not None else guard)
 
 
-def _clip_norm(own: float | None, info: dict[str, Any], key: str) -> float:
-    c = own if own is not None else info.get("clip_norm")
+def _clip_norm(own: float | None, info: DPRound, key: str) -> float:
+    c = own if own is not None else info.clip_norm
     if c is None:
         raise ConfigError(f"config key '{key}': no clip norm; put 'clip' or 'adaptive-clip' in client.pipeline")
-    if own is not None and info.get("clip_norm") is not None and not math.isclose(own, info["clip_norm"], rel_tol=1e-9):
-        raise ConfigError(f"config key '{key}.clip_norm': {own} differs from the clients' clip norm {info['clip_norm']}")
+    if own is not None and info.clip_norm is not None and not math.isclose(own, info.clip_norm, rel_tol=1e-9):
+        raise ConfigError(f"config key '{key}.clip_norm': {own} differs from the clients' clip norm {info.clip_norm}")
     return float(c)
+
+
+def _sum_reveals_rows(cfg: Any) -> bool:
+    """True when server.secure_sum declares that the server sees every row (the plain sum, or any alias/subclass)."""
+    return Need.ROWS in reveals_of(registry.resolve("secure_sum", cfg.server.secure_sum.name, "server.secure_sum"))
 
 
 def _check_source(noise: str, key: str) -> str:
@@ -96,19 +103,20 @@ def _check_source(noise: str, key: str) -> str:
     return noise
 
 
-def _refuse_seeded_under_guard(noise: str, info: dict[str, Any], key: str) -> None:
+def _refuse_seeded_under_guard(noise: str, info: DPRound, key: str) -> None:
     """Finding 9: seeded noise is rebuilt by anyone with the config; never under a privacy guard."""
-    if noise == "seeded" and "accounted" in info:
+    if noise == "seeded" and info.accounted is not None:
         raise ConfigError(f"config key '{key}.noise': \"seeded\" noise can be rebuilt from the config and carries no "
                           "epsilon; it is refused with server.privacy (leave it out: \"csprng\")")
 
 
-def _accounted(info: dict[str, Any], name: str, real: float, key: str) -> None:
+def _accounted(info: DPRound, name: str, real: float, key: str) -> None:
     """Finding 1: the value a mechanism really uses must be the one the guard charges."""
-    acc = info.get("accounted")
-    if acc is not None and name in acc and not math.isclose(float(real), float(acc[name]), rel_tol=1e-9, abs_tol=1e-12):
+    acc = info.accounted
+    charged = None if acc is None else getattr(acc, name)
+    if charged is not None and not math.isclose(float(real), float(charged), rel_tol=1e-9, abs_tol=1e-12):
         raise ConfigError(f"config key '{key}': the mechanism uses {name} = {real}, server.privacy accounts for "
-                          f"{acc[name]}; {name} is set by the engine only")
+                          f"{charged}; {name} is set by the engine only")
 
 
 def power_of_two_grid(clip_norm: float, d: int, rho: float) -> float:
@@ -151,6 +159,8 @@ def discrete_release(total: np.ndarray, sensitivity: float, z: float, gamma: flo
 class CentralGaussianNoise:
     """Server stage: aggregate + N(0, (z_eff C / qN)^2 I), z_eff = z, or z_Delta under adaptive clipping."""
 
+    dp_role = DPRole.CENTRAL_NOISE
+
     #: grid step factor rho of :func:`power_of_two_grid` (the rounding costs a factor <= 1 + rho of noise)
     RHO = 2.0**-10
 
@@ -166,15 +176,15 @@ class CentralGaussianNoise:
         c = _clip_norm(self.clip_norm, info, key)
         _accounted(info, "expected_cohort", ctx.expected_cohort, key)
         _accounted(info, "sample_rate", ctx.sample_rate if ctx.sample_rate is not None else float("nan"), key)
-        if info.get("distributed"):
+        if info.distributed:
             raise ConfigError(f"config key '{key}': clients already add distributed noise ('gaussian-share'); use one of the two")
-        if info.get("adaptive"):
-            if "count_noise_std" not in info:
+        if info.adaptive:
+            if info.count_noise_std is None:
                 raise ConfigError("config key 'server.stages': list 'adaptive-clip' before 'central-gaussian'")
-            z = adaptive_update_noise(z, info["count_noise_std"])
+            z = adaptive_update_noise(z, info.count_noise_std)
         qn = ctx.expected_cohort
         std = z * c / qn
-        info["noise_added"] = True
+        info.noise_added = True
         ctx.metrics["dp_noise_std"] = std
         ctx.metrics["dp_clip_norm"] = c
         if self.noise == "seeded":  # non-private simulations only (float Gaussian, reproducible)
@@ -193,6 +203,8 @@ class CentralGaussianNoise:
 class DistributedGaussianNoise:
     """Client stage: delta + N(0, (zC)^2 / h I), h = min_clients - colluding (see module docstring)."""
 
+    dp_role = DPRole.SHARE
+
     #: grid step factor rho (kept coarse enough that k * gamma is exact in float32)
     RHO = 2.0**-6
 
@@ -210,19 +222,19 @@ class DistributedGaussianNoise:
         key = "client.pipeline.gaussian-share"
         info = round_info(ctx)
         cfg = getattr(ctx.task, "cfg", None)
-        if cfg is not None and cfg.server.secure_sum.name == "plain" and not self.allow_plain:
-            raise ConfigError(f"config key '{key}': distributed noise needs server.secure_sum = 'secagg+' or 'ckks'; "
+        if cfg is not None and _sum_reveals_rows(cfg) and not self.allow_plain:
+            raise ConfigError(f"config key '{key}': distributed noise needs server.secure_sum = 'secagg+' or 'he'; "
                               "with the plain sum each update carries only part of the noise (allow_plain = true for tests)")
-        if info.get("adaptive"):
+        if info.adaptive:
             raise ConfigError(f"config key '{key}': adaptive clipping is supported with 'central-gaussian' only")
         _refuse_seeded_under_guard(self.noise, info, key)
         _accounted(info, "min_clients", self.min_clients, key)
         z = _noise_multiplier(self.noise_multiplier, info, key)
         c = _clip_norm(self.clip_norm, info, key)
         std = z * c / math.sqrt(self.share_divisor)
-        info["distributed"] = True
-        info["share_divisor"] = self.share_divisor
-        info["share_min_clients"] = self.min_clients  # the guard checks it against server.min_clients
+        info.distributed = True
+        info.share_divisor = self.share_divisor
+        info.share_min_clients = self.min_clients  # the guard checks it against server.min_clients
         ctx.metrics["dp_share_std"] = std
         if self.noise == "seeded":  # non-private simulations only
             gen = ctx.generator(update.client_id, "dp-share")
@@ -236,7 +248,7 @@ class DistributedGaussianNoise:
             raise ConfigError(f"config key '{key}': the share is {sigma_k:.3g} grid steps; need >= 4 (raise noise_multiplier)")
         k = np.rint(update.delta.detach().to(torch.float64).flatten().numpy() / gamma).astype(np.int64)
         k += discrete_gaussian.sample(sigma_k, d)
-        info["share_grid_step"] = gamma
+        info.share_grid_step = gamma
         ctx.metrics["dp_mechanism"] = "discrete-gaussian"
         ctx.metrics["dp_grid_step"] = gamma
         update.delta = torch.from_numpy(k.astype(np.float64) * gamma).to(update.delta.dtype).view_as(update.delta)
@@ -246,6 +258,8 @@ class DistributedGaussianNoise:
 class AdaptiveClipClient:
     """Client stage: clip to the current C (broadcast in ``ctx.state["dp_clip_norm"]``) and report b_i."""
 
+    dp_role = DPRole.CLIP | DPRole.ADAPTIVE
+
     def __init__(self, initial_clip_norm: float = 0.1) -> None:
         if not initial_clip_norm > 0:
             raise ConfigError(f"config key 'client.pipeline.adaptive-clip.initial_clip_norm': must be > 0 (got {initial_clip_norm})")
@@ -254,11 +268,11 @@ class AdaptiveClipClient:
     def __call__(self, update: ClientUpdate, ctx: RoundContext) -> ClientUpdate:
         info = round_info(ctx)
         c = float(ctx.state.get("dp_clip_norm", self.initial_clip_norm))
-        if info.get("clip_norm", c) != c:
+        if info.clip_norm is not None and info.clip_norm != c:
             raise ConfigError("config key 'client.pipeline': 'adaptive-clip' together with another clipping stage")
-        info["clip_norm"], info["adaptive"] = c, True
+        info.clip_norm, info.adaptive = c, True
         update.delta, norm = clip_to_norm(update.delta, c)
-        info.setdefault("unclipped", {})[update.client_id] = 1.0 if norm <= c else 0.0
+        info.unclipped[update.client_id] = 1.0 if norm <= c else 0.0
         return update
 
 
@@ -271,6 +285,8 @@ class AdaptiveClipServer:
         clip_lr: eta_C of C <- C exp(-eta_C (b~ - gamma)).
         count_noise_std: sigma_b; default qN / 20 (the paper's choice). Must exceed z / 2.
     """
+
+    dp_role = DPRole.ADAPTIVE
 
     def __init__(self, initial_clip_norm: float = 0.1, target_quantile: float = 0.5, clip_lr: float = 0.2,
                  count_noise_std: float | None = None, noise: str = "csprng") -> None:
@@ -292,16 +308,16 @@ class AdaptiveClipServer:
 
     def __call__(self, aggregate: torch.Tensor, result: SumResult, ctx: RoundContext) -> torch.Tensor:
         info = round_info(ctx)
-        if not info.get("adaptive"):
+        if not info.adaptive:
             raise ConfigError("config key 'server.stages.adaptive-clip': needs 'adaptive-clip' in client.pipeline too")
-        if info.get("noise_added"):
+        if info.noise_added:
             raise ConfigError("config key 'server.stages': list 'adaptive-clip' before 'central-gaussian'")
-        if not math.isclose(info["clip_norm"], self.clip_norm, rel_tol=1e-9):
+        if not math.isclose(info.clip_norm, self.clip_norm, rel_tol=1e-9):
             raise ConfigError(f"config key 'server.stages.adaptive-clip.initial_clip_norm': the clients clipped to "
-                              f"{info['clip_norm']}, the server expects {self.clip_norm}; give both stages the same value")
+                              f"{info.clip_norm}, the server expects {self.clip_norm}; give both stages the same value")
         _refuse_seeded_under_guard(self.noise, info, "server.stages.adaptive-clip")
         sigma_b = self.sigma_b(ctx)
-        bits = info.get("unclipped", {})
+        bits = info.unclipped
         centered = sum(bits.get(cid, 0.0) - 0.5 for cid in result.client_ids)
         if self.noise == "seeded":
             gen = ctx.generator("dp-count-noise")
@@ -310,7 +326,7 @@ class AdaptiveClipServer:
             twice = int(round(2 * centered))
             noisy = (twice + discrete_gaussian.sample_exact(4 * sigma_b * sigma_b)) / 2.0
         b = noisy / ctx.expected_cohort + 0.5
-        info["count_noise_std"] = sigma_b
+        info.count_noise_std = sigma_b
         ctx.metrics["dp_clip_norm"] = self.clip_norm
         ctx.metrics["dp_unclipped_estimate"] = b
         self.clip_norm = self.clip_norm * math.exp(-self.clip_lr * (b - self.target_quantile))

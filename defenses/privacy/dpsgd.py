@@ -49,7 +49,9 @@ from torch import nn
 
 from defenses.privacy.analysis import calibrate_noise_for
 from defenses.privacy.noise import SOURCES, _urandom_uniform, gaussian_like
+from secfed import registry
 from secfed.errors import ConfigError
+from secfed.needs import Need, needs_of
 from secfed.training import make_optimizer
 
 _OPACUS_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample", "summed_grad", "_processed")
@@ -81,7 +83,9 @@ def resolve_noise_multiplier(cfg: Any, shard_sizes: list[int]) -> float:
     if params.get("noise_multiplier") is not None:
         return float(params["noise_multiplier"])
     priv = cfg.server.privacy
-    if priv is None or priv.name != "dp-sgd" or priv.params.get("epsilon") is None:
+    accounts = priv is not None and Need.PRIVATE_TRAINER in needs_of(registry.resolve("privacy", priv.name, "server.privacy"),
+                                                                     "server.privacy")  # the guard of this trainer's noise
+    if not accounts or priv.params.get("epsilon") is None:
         raise ConfigError("config key 'client.trainer.noise_multiplier': give it, or set server.privacy = "
                           "{name = \"dp-sgd\", epsilon = ..., delta = ...} to calibrate it")
     c = cfg.client
@@ -123,7 +127,12 @@ class DPSGDTrainer:
         ghost_clipping: Opacus' ghost clipping (no per-example gradients in memory;
             two backward passes). Works for the Linear layers of LoRA and the head.
         noise: ``"csprng"`` (default) or ``"seeded"`` (reproducible experiments only).
+
+    Declares ``private = True`` (secfed.needs.is_private): it clips per example and adds noise, so the
+    ``dp-sgd`` guard accepts it, and every subclass or alias of it.
     """
+
+    private = True
 
     def __init__(self, max_grad_norm: float = 1.0, noise_multiplier: float | None = None, ghost_clipping: bool = False,
                  noise: str = "csprng", local_epochs: int = 1, local_steps: int = 0, batch_size: int = 16,
@@ -138,6 +147,10 @@ class DPSGDTrainer:
         self.local_epochs, self.local_steps, self.batch_size = local_epochs, local_steps, batch_size
         self.lr, self.optimizer, self.momentum, self.weight_decay = lr, optimizer, momentum, weight_decay
         self._z: float | None = noise_multiplier
+
+    def use_noise_multiplier(self, z: float) -> None:
+        """Train with the privacy guard's z (a SuperNode holds one shard; the guard calibrates over all of them)."""
+        self._z = float(z)
 
     def resolved_noise_multiplier(self, task: Any) -> float:
         if self._z is None:
@@ -165,7 +178,10 @@ class DPSGDTrainer:
             return torch.nonzero(torch.rand(n, generator=generator) < q).flatten()
         return torch.from_numpy(np.nonzero(_urandom_uniform(n) <= q)[0]).to(torch.long)
 
-    def train(self, model: nn.Module, task: Any, data: Any, generator: torch.Generator, client_id: int = 0) -> dict[str, float]:
+    def train(self, model: nn.Module, task: Any, data: Any, generator: torch.Generator, client_id: int = 0,
+              used: list[torch.Tensor] | None = None) -> dict[str, float]:
+        """K Poisson-batch DP-SGD steps; each step's (secret) batch indices go to ``used`` when given
+        (the engine's evaluation-only ground truth, :mod:`secfed.truth`; never sent)."""
         self._check_against_guard(task)
         z = self.resolved_noise_multiplier(task)
         n = len(data)
@@ -192,6 +208,8 @@ class DPSGDTrainer:
         try:
             for _ in range(steps):
                 idx = self._poisson_batch(n, q, generator)
+                if used is not None:
+                    used.append(idx)
                 opt.zero_grad(set_to_none=True)
                 if len(idx) == 0:  # empty Poisson batch: the step releases noise only
                     self._noise_only_step(params, base, z, expected, opt)

@@ -28,14 +28,19 @@ from defenses.privacy.analysis import ACCOUNTANTS, calibrate_noise, calibrate_ro
 from defenses.privacy.clipping import round_info
 from defenses.privacy.dpsgd import client_plan, resolve_noise_multiplier
 from secfed import registry
+from secfed.aggregation import Mean
 from secfed.errors import BudgetExhausted, CheckpointError, ConfigError
 from secfed.interfaces import RoundContext
+from secfed.needs import DPRole, Need
+from secfed.rounds import Accounted, stage_roles, trainer_is_private
 
 KEY = "server.privacy"
 
 
-def _target(kind: str, name: str) -> str:
-    return registry.REGISTRY.get(kind, {}).get(name.lower(), name)
+def _is(kind: str, name: str, key: str, base: type) -> bool:
+    """True when the registry resolves ``name`` to ``base`` or a subclass of it (aliases and subclasses count)."""
+    cls = registry.resolve(kind, name, key)
+    return isinstance(cls, type) and issubclass(cls, base)
 
 
 # Who each reported epsilon holds against (review finding 4). The server runs the sampler and
@@ -44,9 +49,9 @@ OUTSIDERS = "third parties seeing the released models"
 SERVER = "the server"
 
 
-DDGAUSS = "defenses.privacy.ddgauss:DDGaussNoise"
-#: client stages that add distributed noise shares
-DISTRIBUTED = ("defenses.privacy.dpfedavg:DistributedGaussianNoise", DDGAUSS)
+# The DP stages are recognised by their declared role (secfed.needs.DPRole, ``dp_role`` on the class):
+# CLIP (clip, adaptive-clip), SHARE (gaussian-share, ddgauss), RING_SHARE (ddgauss), CENTRAL_NOISE
+# (central-gaussian), ADAPTIVE (adaptive-clip, both halves). A subclass or an alias plays its class's role.
 
 
 def refuse_seeded_noise(cfg: Any) -> None:
@@ -86,7 +91,10 @@ class DPFedAvgGuard:
         accountant: "rdp" (default) or "prv".
     """
 
-    mechanism = "dp-fedavg"
+    mechanism = "dp-fedavg"  # the ledger's name of what it charges
+    #: secfed.needs: its noise covers the (linear) sum of clipped updates only, and its accounting
+    #: assumes amplification by client subsampling (a cohort no one holding the config can rebuild)
+    needs = Need.SUM | Need.SECRET_SAMPLE
 
     @classmethod
     def config_violations(cls, cfg: Any) -> list[str]:
@@ -126,9 +134,9 @@ class DPFedAvgGuard:
     def validate_config(self, cfg: Any) -> None:
         """Called by the engine at build time: refusals that need the whole config."""
         refuse_seeded_noise(cfg)
-        shares = any(_target("client_stage", p.name) in DISTRIBUTED for p in cfg.client.pipeline)
-        self.noise_placement = "distributed" if shares else "central"
-        if DDGAUSS in [_target("client_stage", p.name) for p in cfg.client.pipeline] and self.ddgauss is None:
+        roles = stage_roles(cfg, "client")
+        self.noise_placement = "distributed" if any(DPRole.SHARE in r for r in roles) else "central"
+        if any(DPRole.RING_SHARE in r for r in roles) and self.ddgauss is None:
             self._use_ddgauss(cfg)
         _ = self.z  # calibrated now: a budget out of reach is refused when the run is built
         if cfg.server.sampling == "poisson" and not _same(cfg.server.sample_rate, self.q):
@@ -192,12 +200,12 @@ class DPFedAvgGuard:
             self._validated = True
         self._check_mechanism(ctx)
         info = round_info(ctx)
-        info["noise_multiplier"] = self.z
+        info.noise_multiplier = self.z
         if self.ddgauss is not None:
-            info["ddgauss"] = self.ddgauss.mechanism(self.z)  # the 'ddgauss' stage runs exactly this mechanism
+            info.ddgauss = self.ddgauss.mechanism(self.z)  # the 'ddgauss' stage runs exactly this mechanism
         # what this guard charges; every noise stage checks the values it really uses against it
-        info["accounted"] = {"noise_multiplier": self.z, "sample_rate": self.q, "min_clients": self.min_clients,
-                             "expected_cohort": self.q * ctx.num_clients}
+        info.accounted = Accounted(noise_multiplier=self.z, sample_rate=self.q, min_clients=self.min_clients,
+                                   expected_cohort=self.q * ctx.num_clients)
         self._next = self._eps(self.history + [(self.z, self.q, 1)])
         if self.budget is not None and self._next > self.budget * (1 + 1e-9):
             raise BudgetExhausted(f"round {ctx.round} would bring epsilon to {self._next:.4g} > budget {self.budget:g} "
@@ -205,11 +213,11 @@ class DPFedAvgGuard:
 
     def record(self, ctx: RoundContext) -> dict[str, Any]:
         info = round_info(ctx)
-        if info.get("distributed"):  # the client stage ran: check the shares' divisor against min_clients
+        if info.distributed:  # the client stage ran: check the shares' divisor against min_clients
             self.noise_placement = "distributed"
-            if info.get("share_min_clients") != self.min_clients:
+            if info.share_min_clients != self.min_clients:
                 raise ConfigError(f"config key 'client.pipeline.gaussian-share': the shares were sized for min_clients "
-                                  f"{info.get('share_min_clients')}, the run has server.min_clients = {self.min_clients}")
+                                  f"{info.share_min_clients}, the run has server.min_clients = {self.min_clients}")
         if self._next is None:
             self._next = self._eps(self.history + [(self.z, self.q, 1)])
         self.history.append((self.z, self.q, 1))
@@ -263,37 +271,39 @@ def dpfedavg_violations(cfg: Any) -> list[str]:
         bad.append("config key 'server.sampling': dp-fedavg needs \"poisson\" (its accounting assumes Poisson sampling)")
     if c.weighting != "uniform":
         bad.append("config key 'client.weighting': dp-fedavg needs \"uniform\" (example weights would raise the sensitivity)")
-    if _target("aggregator", s.aggregator.name) != "secfed.aggregation:Mean" or s.aggregator.params.get("denominator") != "expected":
+    if not _is("aggregator", s.aggregator.name, "server.aggregator", Mean) or s.aggregator.params.get("denominator") != "expected":
         bad.append("config key 'server.aggregator': dp-fedavg needs {name = \"mean\", denominator = \"expected\"} "
                    "(the fixed denominator qN)")
     if s.pre_aggregators or s.group_size:
         bad.append("config key 'server.pre_aggregators': dp-fedavg's sensitivity analysis covers the plain mean only")
-    clip = {"defenses.privacy.clipping:ClipUpdate", "defenses.privacy.dpfedavg:AdaptiveClipClient"}
-    client_targets = [_target("client_stage", p.name) for p in c.pipeline]
-    server_targets = [_target("server_stage", p.name) for p in s.stages]
-    if not any(t in clip for t in client_targets):
+    client_roles, server_roles = stage_roles(cfg, "client"), stage_roles(cfg, "server")  # declared, not matched by name
+    clips = [DPRole.CLIP in r for r in client_roles]
+    shares = [DPRole.SHARE in r for r in client_roles]
+    ring = any(DPRole.RING_SHARE in r for r in client_roles)
+    if not any(clips):
         bad.append("config key 'client.pipeline': dp-fedavg needs a clipping stage ('clip' or 'adaptive-clip')")
-    noise_c = any(t in DISTRIBUTED for t in client_targets)
-    noise_s = "defenses.privacy.dpfedavg:CentralGaussianNoise" in server_targets
+    noise_c = any(shares)
+    noise_s = any(DPRole.CENTRAL_NOISE in r for r in server_roles)
     if not (noise_c or noise_s):
         bad.append("config key 'server.stages': dp-fedavg needs noise: 'central-gaussian' in server.stages "
                    "or 'gaussian-share' in client.pipeline")
     if noise_c:
-        i = min(client_targets.index(t) for t in DISTRIBUTED if t in client_targets)
-        if any(t in clip for t in client_targets) and not any(t in clip for t in client_targets[:i]):
+        i = shares.index(True)
+        if any(clips) and not any(clips[:i]):
             bad.append("config key 'client.pipeline': put the clipping stage before the noise stage")
-        if sum(t in DISTRIBUTED for t in client_targets) > 1:
+        if sum(shares) > 1:
             bad.append("config key 'client.pipeline': one distributed noise stage ('gaussian-share' or 'ddgauss')")
-        if DDGAUSS in client_targets and _target("secure_sum", s.secure_sum.name) != "defenses.secure_aggregation.secagg:SecAggPlus":
+        secagg = registry.resolve("secure_sum", "secagg+", "server.secure_sum")
+        if ring and not _is("secure_sum", s.secure_sum.name, "server.secure_sum", secagg):
             bad.append(f"config key 'server.secure_sum': 'ddgauss' needs \"secagg+\" (got '{s.secure_sum.name}'); "
                        "it hands ring elements to the secure sum")
-        if DDGAUSS in client_targets and cfg.deploy.transport != "inprocess":
+        if ring and cfg.deploy.transport != "inprocess":
             bad.append("config key 'deploy.transport': 'ddgauss' runs in-process only for now (the Flower round driver "
                        "does not carry ring elements)")
-        if DDGAUSS in client_targets and noise_s:
+        if ring and noise_s:
             bad.append("config key 'server.stages': 'ddgauss' already adds the noise; drop 'central-gaussian'")
-    adaptive_s = "defenses.privacy.dpfedavg:AdaptiveClipServer" in server_targets
-    adaptive_c = "defenses.privacy.dpfedavg:AdaptiveClipClient" in client_targets
+    adaptive_s = any(DPRole.ADAPTIVE in r for r in server_roles)
+    adaptive_c = any(DPRole.ADAPTIVE in r for r in client_roles)
     if adaptive_s != adaptive_c:
         bad.append("config key 'server.stages': adaptive clipping needs 'adaptive-clip' in both client.pipeline and server.stages")
     return bad
@@ -304,8 +314,7 @@ def validate_dpfedavg_config(cfg: Any) -> str:
     bad = dpfedavg_violations(cfg)
     if bad:
         raise ConfigError("; ".join(bad))
-    client_targets = [_target("client_stage", p.name) for p in cfg.client.pipeline]
-    return "distributed" if any(t in DISTRIBUTED for t in client_targets) else "central"
+    return "distributed" if any(DPRole.SHARE in r for r in stage_roles(cfg, "client")) else "central"
 
 
 class DPSGDGuard:
@@ -317,7 +326,9 @@ class DPSGDGuard:
     charges every client of the cohort (dropped ones too) K_i steps at rate q_i.
     """
 
-    mechanism = "dp-sgd"
+    mechanism = "dp-sgd"  # the ledger's name of what it charges
+    #: secfed.needs: a trainer that clips per example and adds noise (``private = True``, DP-SGD or a subclass)
+    needs = Need.PRIVATE_TRAINER
 
     def __init__(self, epsilon: float | None = None, delta: float = 1e-5, accountant: str = "rdp",
                  batch_size: int = 16, local_epochs: int = 1, local_steps: int = 0) -> None:
@@ -352,7 +363,7 @@ class DPSGDGuard:
             raise ConfigError(f"config key '{KEY}': dp-sgd needs the task (shard sizes) to account")
         if self.z is None:
             self.validate_config(task.cfg)
-            if _target("trainer", task.cfg.client.trainer.name) != "defenses.privacy.dpsgd:DPSGDTrainer":
+            if not trainer_is_private(task.cfg):
                 raise ConfigError("config key 'client.trainer': server.privacy = \"dp-sgd\" needs client.trainer = \"dp-sgd\"")
             self.z = resolve_noise_multiplier(task.cfg, [len(s) for s in task.shards])
             if not self.z > 0:

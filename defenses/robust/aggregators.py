@@ -9,7 +9,7 @@ Estimator style, as in scikit-learn: the constructor takes the hyper-parameters
 All are vectorised torch (pairwise distances via one Gram-matrix product,
 order statistics via ``kthvalue``/``topk`` along dim 0, batched Weiszfeld
 iterations) with memory O(n d + n^2). None of them keeps hidden state between
-calls: CenteredClipping's center is carried by the engine (``uses_center``),
+calls: CenteredClipping's center is carried by the engine (``Need.CENTRE``),
 FLAME's noise comes from a seeded counter that is checkpointed.
 
 Weights: the robust rules are defined for uniform weights in their papers and
@@ -25,10 +25,12 @@ from typing import Any
 
 import torch
 
-from defenses.robust._ops import check_f, check_updates, clip_rows, dists_to, pairwise_sq_dists, row_norms
+from defenses.robust._ops import (check_f, check_updates, clip_rows, dists_to, fused, gram64, pairwise_sq_dists,
+                                  row_norms)
 from defenses.robust.order_stats import closest_to_median_mean, coordinate_median, trimmed_mean
 from secfed.aggregation import Mean
 from secfed.interfaces import derive_seed
+from secfed.needs import Need
 
 __all__ = ["Mean", "CoordinateMedian", "TrimmedMean", "Krum", "MultiKrum", "Bulyan", "GeometricMedian",
            "CenteredClipping", "FLTrust", "FLAME", "NormBound", "krum_scores"]
@@ -45,6 +47,8 @@ class CoordinateMedian:
     at n = 50.
     """
 
+    needs = Need.ROWS
+
     def __call__(self, X: torch.Tensor, weights: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
         return coordinate_median(check_updates(X, "CoordinateMedian"))
 
@@ -59,6 +63,8 @@ class TrimmedMean:
     ``CoordinateMedian`` (``order_stats.middle_sum``); only the kept values are summed, so
     huge Byzantine values cannot cancel out the honest ones in floating point.
     """
+
+    needs = Need.ROWS
 
     def __init__(self, f: int = 1) -> None:
         self.f = check_f(f, "TrimmedMean")
@@ -104,6 +110,8 @@ class Krum:
     distances instead; pass ``neighbours=n-f-1`` to reproduce its selection.
     Cost: one Gram-matrix product (n x n x d), then O(n^2 log n).
     """
+
+    needs = Need.ROWS
 
     def __init__(self, f: int = 1, neighbours: int | None = None) -> None:
         self.f = check_f(f, "Krum")
@@ -156,6 +164,8 @@ class Bulyan:
     ByzFL has no Bulyan; FLPoison's uses Krum with ``n' - f`` neighbours.
     """
 
+    needs = Need.ROWS
+
     def __init__(self, f: int = 1) -> None:
         self.f = check_f(f, "Bulyan")
 
@@ -196,7 +206,20 @@ class GeometricMedian:
     change of the objective ``sum_i alpha_i ||z - x_i||`` is below ``tol``
     (RFA's stopping rule). ByzFL's ``GeometricMedian(nu=0.1, T=3)`` starts from
     0 and always runs T iterations; ``init="zeros", max_iter=T, tol=0`` matches it.
+
+    Cost: every iterate is ``z = sum_j a_j x_j``, so with the Gram matrix ``G = X X^T`` (one matrix
+    product, ``gram64``) its distances are an n-space quadratic form,
+    ``||x_i - z||^2 = G_ii - 2 (G a)_i + a^T G a``: all iterations run on (n, n) numbers and X is
+    read once more for the final ``z = a^T X``, instead of twice per iteration. Cancellation guard:
+    the Gram path is kept only while every ``||x_i - z||^2 >= rho (G_ii + a^T G a)`` (rho = 0.1 for
+    float32 and lower precision, 1e-6 for float64); with G's error (``gram64``: about 2.3e-6 max|G|
+    for float32), each distance is then within ~2.5e-5 relative of the exact one (float64: ~1e-9).
+    Otherwise (an iterate close to an update relative to their norms, e.g. a large common offset
+    or convergence onto a data point) the call is redone by the exact path: distances from
+    block-wise differences ``dists_to``, two passes over X per iteration.
     """
+
+    needs = Need.ROWS
 
     def __init__(self, nu: float = 1e-6, max_iter: int = 100, tol: float = 1e-6, init: str = "mean") -> None:
         if nu <= 0 or max_iter < 0 or tol < 0:
@@ -209,6 +232,48 @@ class GeometricMedian:
         X = check_updates(X, "GeometricMedian")
         n = X.shape[0]
         alpha = torch.full((n,), 1.0 / n, dtype=X.dtype) if weights is None else weights.to(X.dtype) / weights.sum()
+        if self.max_iter > 0 and X.shape[1] > n:  # for d <= n the exact path is as cheap
+            beta = self._gram_weiszfeld(X, alpha.double())
+            if beta is not None:
+                return (beta / beta.sum()).to(X.dtype) @ X
+        return self._exact(X, alpha)
+
+    def _gram_weiszfeld(self, X: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor | None:
+        """The Weiszfeld weights ``beta`` (float64) of the last iterate computed in n-space from the Gram
+        matrix, or None if the cancellation guard (class docstring) fails at some iterate."""
+        G = gram64(X)
+        sq = G.diagonal()
+        rho = 1e-6 if X.dtype == torch.float64 else 0.1
+
+        def dists(a: torch.Tensor) -> torch.Tensor | None:
+            Ga = G @ a
+            zz = a @ Ga
+            D = sq - 2.0 * Ga + zz
+            if bool((D < rho * (sq + zz)).any()):
+                return None
+            return D.sqrt()
+
+        dist = dists(alpha) if self.init == "mean" else sq.sqrt()
+        if dist is None:
+            return None
+        obj = float(alpha @ dist)
+        beta = alpha
+        for it in range(self.max_iter):
+            beta = alpha / dist.clamp_min(self.nu)
+            if self.tol == 0 and it == self.max_iter - 1:
+                break  # the distances to the last iterate are not needed
+            dist = dists(beta / beta.sum())
+            if dist is None:
+                return None
+            if self.tol > 0:
+                new = float(alpha @ dist)
+                if abs(obj - new) <= self.tol * max(new, 1e-30):
+                    break
+                obj = new
+        return beta
+
+    def _exact(self, X: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """Weiszfeld with every distance from block-wise differences (two passes over X per iteration)."""
         z = alpha @ X if self.init == "mean" else X.new_zeros(X.shape[1])
         dist = dists_to(X, z) if self.init == "mean" else row_norms(X)
         obj = float(alpha @ dist)
@@ -230,7 +295,7 @@ class CenteredClipping:
     """Centered clipping (Karimireddy, He & Jaggi 2021, "Learning from history"):
     ``v <- v + (1/n) sum_i (x_i - v) min(1, tau / ||x_i - v||)``, ``L`` iterations,
     starting from ``v = center`` (the previous round's aggregate, which the engine
-    passes and stores: ``uses_center = True``; zeros if absent).
+    passes and stores: ``needs = Need.ROWS | Need.CENTRE``; zeros if absent).
 
     The paper pairs it with worker momentum (``defenses.robust.momentum``).
     ByzFL's ``CenteredClipping(m, L=1, tau=100.0)`` keeps the center inside the
@@ -238,7 +303,7 @@ class CenteredClipping:
     its type check rejects every value); same maths otherwise.
     """
 
-    uses_center = True
+    needs = Need.ROWS | Need.CENTRE
 
     def __init__(self, tau: float = 1.0, L: int = 1) -> None:
         if tau <= 0 or L < 1:
@@ -248,26 +313,35 @@ class CenteredClipping:
     def __call__(self, X: torch.Tensor, weights: torch.Tensor | None = None, center: torch.Tensor | None = None,
                  **kw: Any) -> torch.Tensor:
         X = check_updates(X, "CenteredClipping")
+        kernel = fused()
+        if kernel is not None and kernel.supports(X):
+            # one read of X from memory per step: rows in cache-sized groups, distances then the
+            # clipped sum while the group is still in cache (float64 sums, ``_fused_kernel``)
+            v = None if center is None else center.to(X.dtype)
+            for _ in range(self.L):
+                v = kernel.clip_step(X, v, self.tau)[0]
+            return v
         v = X.new_zeros(X.shape[1]) if center is None else center.to(X.dtype)
         n = X.shape[0]
         for it in range(self.L):
-            # sum_i c_i (x_i - v) = c @ X - (sum_i c_i) v: two passes over X, no (n, d) temporary
+            # v + (1/n) sum_i c_i (x_i - v) = (1 - sum_i c_i / n) v + (c / n) @ X: two passes over X
+            # (distances, one GEMV), no (n, d) temporary and one (d,) temporary
             dist = row_norms(X) if center is None and it == 0 else dists_to(X, v)
             c = torch.clamp(self.tau / dist.clamp_min(1e-30), max=1.0)
-            v = v + (c @ X - c.sum() * v) / n
+            v = torch.addmv(v, X.T, c / n, beta=1.0 - float(c.sum()) / n)
         return v
 
 
 class FLTrust:
     """FLTrust (Cao et al., NDSS 2021). With the server's update ``g0`` on its root dataset
-    (``reference=``, ``uses_reference = True``):
+    (``reference=``, ``needs = Need.ROWS | Need.REFERENCE``):
     ``TS_i = ReLU(cos(g_i, g0))``, ``g_i' = g_i * ||g0|| / ||g_i||``,
     output ``sum_i TS_i g_i' / sum_i TS_i`` (zeros if every TS_i is 0).
 
     As in the paper (and FLPoison). ByzFL and Flower have no FLTrust.
     """
 
-    uses_reference = True
+    needs = Need.ROWS | Need.REFERENCE
 
     def __call__(self, X: torch.Tensor, weights: torch.Tensor | None = None, reference: torch.Tensor | None = None,
                  **kw: Any) -> torch.Tensor:
@@ -300,6 +374,8 @@ class FLAME:
     is checkpointed (``state_dict``); it is a backdoor-removal heuristic, not a DP
     guarantee. FLPoison follows the same steps; ByzFL and Flower have no FLAME.
     """
+
+    needs = Need.ROWS
 
     def __init__(self, noise: float = 0.001, seed: int = 0) -> None:
         if noise < 0:
@@ -354,6 +430,8 @@ class NormBound:
     The same as ``StaticClip(max_norm)`` followed by ``Mean``; FLPoison's
     ``NormClipping`` agrees, ByzFL's ``Clipping`` is the pre-aggregator part only.
     """
+
+    needs = Need.ROWS
 
     def __init__(self, max_norm: float = 1.0) -> None:
         if not max_norm > 0 or math.isinf(max_norm):

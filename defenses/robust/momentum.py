@@ -26,6 +26,8 @@ from secfed.training import batch_schedule
 class MomentumTrainer:
     """Local SGD with a per-client momentum buffer that persists across rounds."""
 
+    private = False  # no per-example clipping or noise (secfed.needs.is_private)
+
     def __init__(self, beta: float = 0.9, local_epochs: int = 1, local_steps: int = 0, batch_size: int = 16,
                  lr: float = 5e-3, weight_decay: float = 0.0) -> None:
         if not 0 <= beta < 1:
@@ -35,7 +37,7 @@ class MomentumTrainer:
         self.buffers: dict[int, torch.Tensor] = {}
 
     def train(self, model: nn.Module, task: Any, data: TensorData, generator: torch.Generator,
-              client_id: int = 0) -> dict[str, float]:
+              client_id: int = 0, used: list[torch.Tensor] | None = None) -> dict[str, float]:
         params = [p for p in model.parameters() if p.requires_grad]
         d = sum(p.numel() for p in params)
         m = self.buffers.get(client_id)
@@ -44,6 +46,8 @@ class MomentumTrainer:
         model.train()
         total, steps, seen = 0.0, 0, 0
         for idx in batch_schedule(len(data), self.batch_size, self.local_epochs, self.local_steps, generator):
+            if used is not None:  # the engine's evaluation-only ground truth (secfed.truth)
+                used.append(idx)
             batch = data.batch(idx)
             for p in params:
                 p.grad = None

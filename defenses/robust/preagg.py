@@ -10,6 +10,7 @@ import torch
 
 from defenses.robust._ops import check_f, check_updates, clip_rows, pairwise_sq_dists
 from secfed.interfaces import derive_seed
+from secfed.needs import Need
 
 __all__ = ["NNM", "Bucketing", "StaticClip"]
 
@@ -22,6 +23,8 @@ class NNM:
     one Gram-matrix product for the distances and one ``(n, n) @ (n, d)`` product
     for the means.
     """
+
+    needs = Need.ROWS
 
     def __init__(self, f: int = 1) -> None:
         self.f = check_f(f, "NNM")
@@ -49,6 +52,8 @@ class Bucketing:
     is checkpointed (``state_dict``). ByzFL's ``Bucketing(s)`` is the same rule with
     torch's global RNG.
     """
+
+    needs = Need.ROWS
 
     def __init__(self, s: int = 2, seed: int = 0) -> None:
         if isinstance(s, bool) or not isinstance(s, int) or s < 1:
@@ -78,6 +83,8 @@ class Bucketing:
 
 class StaticClip:
     """Static clipping: ``x_i * min(1, max_norm / ||x_i||)`` for each row (ByzFL ``Clipping(c)``)."""
+
+    needs = Need.ROWS
 
     def __init__(self, max_norm: float = 1.0) -> None:
         if not max_norm > 0:

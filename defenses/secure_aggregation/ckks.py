@@ -14,7 +14,8 @@ Roles (single-key HE, the design NVFLARE uses):
 * :class:`HEServer` validates each bundle and adds it into the running sum; a bundle
   that fails validation drops its sender, the round goes on.
 
-:class:`CKKSSum` (registry name ``ckks``) plays all three in-process behind the
+:class:`HomomorphicSum` (registry name ``he``; ``ckks`` and the class name
+``CKKSSum`` are the old names, kept as aliases) plays all three in-process behind the
 engine's ``SecureSum`` seam. The server's side sees only bundles (the transcript)
 and the decrypted aggregate the key holder returns. The parameter set is
 :class:`~defenses.secure_aggregation.he_params.HEParams`; the default is quantised
@@ -35,6 +36,7 @@ import torch
 
 from secfed.errors import ConfigError, MalformedMessage, RoundAborted
 from secfed.interfaces import ClientUpdate, RoundContext, SumResult, WireMessage
+from secfed.needs import Need
 from secfed.rounds import InProcessTransport, Session, drive, failure_reason
 
 from defenses.secure_aggregation.he_params import DEFAULT, HEParams
@@ -166,8 +168,12 @@ class HEServer:
         return encode_bundle(self.params.scheme, round_, SERVER_SENDER, self.key_id, blobs)
 
 
-class CKKSSum:
-    """Homomorphic secure sum (``server.secure_sum = "ckks"``); the server never sees an update.
+class HomomorphicSum:
+    """Homomorphic secure sum (``server.secure_sum = "he"``); the server never sees an update.
+
+    The scheme is quantised BFV unless ``scheme = "ckks"`` (the round records say which: ``he_scheme``).
+    ``"ckks"`` as the secure-sum name and :data:`CKKSSum` are the old, misleading names of this class
+    (it never ran CKKS by default); they stay as aliases so existing configs keep working.
 
     Config keys (all optional): ``scheme`` ("bfv" default, or "ckks"),
     ``poly_modulus_degree``, ``coeff_mod_bit_sizes``, ``plain_modulus_bits`` (bfv),
@@ -182,8 +188,9 @@ class CKKSSum:
     many ciphertexts as needed.
     """
 
-    name = "ckks"
-    reveals_individual = False
+    name = "he"
+    reveals = Need.SUM  # secfed.needs: the server learns the sum only
+    transport_factory = InProcessTransport  # tests only: secfed.rounds.tampering_transport
 
     def __init__(self, scheme: str = DEFAULT.scheme, poly_modulus_degree: int = DEFAULT.poly_modulus_degree,
                  coeff_mod_bit_sizes: list[int] | tuple[int, ...] = DEFAULT.coeff_mod_bit_sizes,
@@ -253,7 +260,7 @@ class CKKSSum:
             self._setup_keys()
         clients = {u.client_id: self.client_session(u.client_id, ctx.round, ctx.seed, u.delta, u.weight)
                    for u in updates}
-        transport = InProcessTransport(clients, ctx.state.get("_tamper"))
+        transport = self.transport_factory(clients)  # InProcessTransport (tests: secfed.rounds.tampering_transport)
         result = drive(self.serve({u.client_id: "" for u in updates}, ctx, min_sum, fresh=False), transport, ctx)
         # a simulation statistic the server cannot see (each client knows its own; over Flower it stays there)
         result.metrics["he_clipped"] = sum(c.clipped for c in clients.values())
@@ -311,6 +318,10 @@ class CKKSSum:
             metrics["he_release_step"] = p.release_step(len(ids))
         return SumResult(client_ids=ids, total=total, total_weight=weight, updates=None, dropped=dropped,
                          bytes_up=bytes_up, bytes_down=bytes_down, transcript=transcript, metrics=metrics)
+
+
+#: The old name (``server.secure_sum = "ckks"`` still resolves here): BFV by default, see HomomorphicSum.
+CKKSSum = HomomorphicSum
 
 
 class HEClientSession:

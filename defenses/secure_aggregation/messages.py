@@ -79,11 +79,11 @@ class Step(enum.IntEnum):
 
 
 # ---------------------------------------------------------------------------- helpers
-def _pack_header(step: Step, round_: int, sender: int) -> bytes:
-    return HEADER.pack(MAGIC, VERSION, step, round_, sender)
+def _pack_header(step: Step, round_: int, sender: int, version: int = VERSION) -> bytes:
+    return HEADER.pack(MAGIC, version, step, round_, sender)
 
 
-def _read_header(buf: object, step: Step, round_: int, sender: int) -> bytes:
+def _read_header(buf: object, step: Step, round_: int, sender: int, version: int = VERSION) -> bytes:
     if not isinstance(buf, (bytes, bytearray, memoryview)):
         raise MalformedMessage(f"{step.name}: payload is not bytes")
     buf = bytes(buf)
@@ -92,7 +92,7 @@ def _read_header(buf: object, step: Step, round_: int, sender: int) -> bytes:
     magic, ver, st, rnd, snd = HEADER.unpack_from(buf)
     if magic != MAGIC:
         raise MalformedMessage(f"{step.name}: bad magic")
-    if ver != VERSION:
+    if ver != version:
         raise MalformedMessage(f"{step.name}: unsupported version {ver}")
     if st != step:
         raise MalformedMessage(f"{step.name}: message is for step {st}, out of order")

@@ -16,10 +16,17 @@ Config (``server.secure_sum = {name = "secagg+", ...}``)::
     dropout_fraction    delta assumed for the auto degree (default 0.1).
     failure_probability bound on a round failing to recover with delta dropouts (1e-6).
     security_bits       sigma: P[corrupt neighbours hold t shares] <= 2^-sigma (>= 40).
-    active              false (default): semi-honest server. true: the actively secure
-                        variant (:mod:`.active`): Ed25519 identities on a roster, signed
-                        keys, a signed consistency round before unmasking (in-process and in
-                        Flower simulations through the same session; real SuperNodes: not yet).
+    active              true (default): the actively secure variant (:mod:`.active`):
+                        identities on a roster, signed keys, a signed consistency round
+                        before unmasking (measured cost with Ed25519 identities: client time
+                        x1.16, bytes x1.001, benchmarks/results/secagg.json; P-384 node keys
+                        cost more per signature). false: the semi-honest variant.
+    roster              active, real SuperNodes: a folder of the public keys the operator
+                        registered for the nodes (``<id>.pub`` / ``client-<id>.pub``) or a
+                        file of ``<id> <OpenSSH public key>`` lines (:func:`.identity.load_roster`);
+                        each node signs with its own key (node config ``identity-key=PATH``).
+                        Without it, keys are generated per client: a simulation only
+                        (in-process runs and Flower simulations).
 
 The in-process run passes the real bytes of every message between
 :class:`~.protocol.SecAggClient` objects and a :class:`~.protocol.SecAggServer`; the
@@ -38,12 +45,14 @@ import torch
 
 from secfed.errors import ConfigError, MalformedMessage, RoundAborted
 from secfed.interfaces import ClientUpdate, RoundContext, SumResult, WireMessage, derive_seed
+from secfed.needs import Need
 from secfed.rounds import InProcessTransport, Session, drive, failure_reason
 
 from . import messages as msg
 from .graph import choose_degree, graph_digest, neighbour_graph, security_ok, threshold_for
 from .prg import MaskExpander
-from .active import ActiveSecAggClient, ActiveSecAggServer, Identities
+from .active import ActiveSecAggClient, ActiveSecAggServer
+from .identity import Identities, RosterIdentities, load_private_key, load_roster
 from .protocol import SecAggClient, SecAggServer
 from .quantize import OUT_OF_RANGE, Quantizer, Workspace, choose_bits
 
@@ -65,15 +74,16 @@ def ring_codec(updates: list[ClientUpdate]) -> Any:
 
 
 class SecAggPlus:
-    """Secure sum by pairwise + self masks with Shamir dropout recovery (semi-honest server)."""
+    """Secure sum by pairwise + self masks with Shamir dropout recovery; actively secure by default (``active``)."""
 
     name = "secagg+"
-    reveals_individual = False
+    reveals = Need.SUM  # secfed.needs: the server learns the sum only
+    transport_factory = InProcessTransport  # tests only: secfed.rounds.tampering_transport
 
     def __init__(self, clip_range: float = 1.0, bits: int | str = "auto", max_weight: int = 65536,
                  threshold: float = 0.5, degree: int | str = "auto", corrupt_fraction: float = 0.05,
                  dropout_fraction: float = 0.1, failure_probability: float = 1e-6, security_bits: int = 40,
-                 min_clients: int = 1, active: bool = False, num_clients: int = 0) -> None:
+                 min_clients: int = 1, active: bool = True, num_clients: int = 0, roster: str | None = None) -> None:
         if not (isinstance(clip_range, (int, float)) and math.isfinite(clip_range) and clip_range > 0):
             raise ConfigError(f"config key '{_KEY}.clip_range': must be a positive number, got {clip_range!r}")
         if bits != "auto" and not (isinstance(bits, int) and 2 <= bits <= 62):
@@ -94,9 +104,14 @@ class SecAggPlus:
             raise ConfigError(f"config key '{_KEY}.security_bits': at least 40 (statistical security 2^-40), got {security_bits!r}")
         if not isinstance(active, bool):
             raise ConfigError(f"config key '{_KEY}.active': true or false, got {active!r}")
-        self.active = active
+        if roster is not None and not (isinstance(roster, str) and roster and active):
+            raise ConfigError(f"config key '{_KEY}.roster': a path (folder or file of public keys), and only with "
+                              f"active = true; got {roster!r}")
+        self.active, self.roster = active, roster
+        # deployment: the operator's roster of registered node keys, no private key here (a node adds its own);
         # simulation: one Ed25519 key per client, fixed for the run (a Flower simulation shares them with its nodes)
-        self.identities = Identities(num_clients) if active else None
+        self.identities: Identities | RosterIdentities | None = (
+            RosterIdentities(load_roster(roster)) if roster else Identities(num_clients) if active else None)
         self.clip_range, self.bits, self.max_weight = float(clip_range), bits, max_weight
         self.threshold, self.degree = float(threshold), degree
         self.corrupt_fraction, self.dropout_fraction = float(corrupt_fraction), float(dropout_fraction)
@@ -128,17 +143,33 @@ class SecAggPlus:
 
     @property
     def needs_keys(self) -> bool:
-        """The active variant needs every client's identity key on a roster the clients hold."""
-        return self.active
+        """Active without a roster: the identities are generated, so a Flower run needs them handed out (simulation)."""
+        return self.active and self.roster is None
 
     def use_keys(self, private_keys: dict[int, bytes]) -> None:
         """Simulation over Flower: the ServerApp and every simulated node sign with the same generated keys."""
-        if self.active:
+        if self.needs_keys:
             self.identities = Identities.from_private_bytes(private_keys)
 
     def simulation_keys(self) -> dict[int, bytes]:
         """Fresh Ed25519 keys for every client of a simulation (raw private bytes; simulation only)."""
-        return Identities(self.identities.num_clients).private_bytes() if self.active else {}
+        return Identities(self.identities.num_clients).private_bytes() if self.needs_keys else {}
+
+    def use_node_identity(self, path: str | None, client_id: int) -> None:
+        """A real SuperNode: sign as ``client_id`` with its own key (node config ``identity-key``), which must be
+        that client's entry on ``roster``. One ConfigError line when the key or the roster is missing."""
+        if not self.active:
+            return
+        if self.roster is None:
+            raise ConfigError(f"config key '{_KEY}.roster' is required for active secagg+ on real SuperNodes: the "
+                              "public keys the operator registered for the nodes (docs/secagg.md); or set active = false")
+        if not path:
+            raise ConfigError("node config 'identity-key' is required for active secagg+: the path of this node's "
+                              "private key (the file given to --auth-supernode-private-key)")
+        ids = self.identities  # a RosterIdentities: built from ``roster`` in __init__
+        if getattr(self, "_identity_path", None) != (path, client_id) and isinstance(ids, RosterIdentities):
+            ids.use_own(client_id, load_private_key(path), f"node config 'identity-key' ({path})")
+            self._identity_path = (path, client_id)
 
     #: Tests only: a seed that pins the neighbour graph (None: fresh OS randomness every round).
     graph_seed: int | None = None
@@ -170,6 +201,9 @@ class SecAggPlus:
     def aggregate(self, updates: list[ClientUpdate], ctx: RoundContext, min_sum: int | None = None) -> SumResult:
         """In-process: every client's side is an object here; the session runs over :class:`InProcessTransport`."""
         d = ctx.spec.numel
+        if isinstance(self.identities, RosterIdentities):
+            raise ConfigError(f"config key '{_KEY}.roster': the nodes' own keys sign on real SuperNodes "
+                              "(deploy.transport = 'flower'); an in-process run generates keys per client: drop the roster")
         if self.active:
             self.identities.ids([u.client_id for u in updates])  # every roster member has its key before the round
         workspace = Workspace(d, choose_bits(max(len(updates), 1), self.max_weight, self.bits)[1])
@@ -179,7 +213,7 @@ class SecAggPlus:
         if codec is not None:
             for u in updates:
                 clients[u.client_id].use_ring(u.ring.values)
-        transport = InProcessTransport(clients, ctx.state.get("_tamper"))
+        transport = self.transport_factory(clients)  # InProcessTransport (tests: secfed.rounds.tampering_transport)
         result = drive(self.serve({u: c.reason for u, c in clients.items()}, ctx, min_sum, codec), transport, ctx)
         result.metrics["secagg_client_seconds"] = transport.client_seconds / max(len(clients), 1)
         return result
@@ -230,7 +264,10 @@ class SecAggPlus:
             if reason:
                 dropped[u] = f"out of quantisation range: {OUT_OF_RANGE}"
                 out_of_range += 1
-        ids = sorted(u for u, reason in candidates.items() if not reason)
+        for u in sorted(candidates):  # deployment: a client the operator did not register (a Sybil) takes no part
+            if isinstance(self.identities, RosterIdentities) and not self.identities.on_roster(u):
+                dropped[u] = "not on the secagg+ roster"
+        ids = sorted(u for u, reason in candidates.items() if not reason and u not in dropped)
         if len(ids) < need:  # a "sum" of one update is the update itself (review finding 5)
             raise RoundAborted(f"secagg+: {len(ids)} client(s) could take part, this secure sum needs at least {need}")
         k, t = self.parameters(len(ids))

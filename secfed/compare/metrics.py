@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from secfed.compare.audit import ENGINE_KEYS
+from secfed.compare.post_run import ENGINE_KEYS
 
 # canonical name -> (substrings a plug-in key must contain (any), how to reduce over rounds, higher is worse?)
 CANONICAL: dict[str, tuple[tuple[str, ...], str]] = {

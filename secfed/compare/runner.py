@@ -55,7 +55,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def run_cell(cell_dir: Path) -> int:
     """Child entry point: run (or resume) one cell, then its post-run audits."""
-    from secfed.compare.audit import audit_run
+    from secfed.compare.post_run import audit_run
     from secfed.config import parse_config
     from secfed.engine import Engine
 
@@ -337,7 +337,7 @@ class _Child:
 
 def _warm_up() -> None:
     """Import what every cell needs once in the parent, so forked cells start in well under a second."""
-    import secfed.compare.audit  # noqa: F401  (torch, numpy)
+    import secfed.compare.post_run  # noqa: F401  (torch, numpy)
     import secfed.engine  # noqa: F401  (transformers, peft, the engine)
     import tqdm
 

@@ -6,8 +6,9 @@ exact commands for a federation across machines are in ``docs/deploy.md``.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 
@@ -15,25 +16,29 @@ from secfed.errors import SecfedError
 
 deploy_app = typer.Typer(add_completion=False, no_args_is_help=True,
                          help="Run across machines: a Flower SuperLink and SuperNodes with TLS.")
+FORCE = typer.Option(False, "--force", help="replace existing files (atomically, never through a symlink)")
+SET = typer.Option([], "--set", help="override a key, e.g. --set data.num_clients=3")
 
 
-def _fail(e: Exception) -> None:
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(2)
+@contextmanager
+def _one_line() -> Iterator[None]:
+    """A user's mistake (secfed.errors) ends the command with one line and exit code 2."""
+    try:
+        yield
+    except SecfedError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 @deploy_app.command()
 def certs(out: Path = typer.Argument(..., help="folder for ca.crt, server.pem, server.key"),
           name: list[str] = typer.Option([], "--name", help="extra DNS name or IP of the SuperLink (repeatable)"),
-          force: bool = typer.Option(False, "--force", help="replace existing files (atomically, never through a symlink)")) -> None:
+          force: bool = FORCE) -> None:
     """Make a CA and a SuperLink server certificate (localhost, 127.0.0.1, ::1 and every --name)."""
     from secfed.flower.deploy import make_certs
 
-    try:
+    with _one_line():
         paths = make_certs(out, tuple(name) or ("localhost",), force=force)
-    except SecfedError as e:
-        _fail(e)
-        return
     for k in ("ca", "cert", "key"):
         typer.echo(f"{k}: {paths[k]}")
     typer.echo(f"CA private key: {paths['ca_key']} -- move it OFFLINE now (it signs certificates the SuperNodes "
@@ -42,33 +47,25 @@ def certs(out: Path = typer.Argument(..., help="folder for ca.crt, server.pem, s
 
 @deploy_app.command("node-key")
 def node_key(out: Path = typer.Argument(..., help="folder for NAME.key and NAME.pub"),
-             name: str = typer.Argument("node", help="file name stem"),
-             force: bool = typer.Option(False, "--force", help="replace existing files (atomically, never through a symlink)")) -> None:
+             name: str = typer.Argument("node", help="file name stem"), force: bool = FORCE) -> None:
     """Make a SuperNode authentication key pair (register NAME.pub with `flwr supernode register`)."""
     from secfed.flower.deploy import make_node_key
 
-    try:
+    with _one_line():
         priv, pub = make_node_key(out, name, force=force)
-    except SecfedError as e:
-        _fail(e)
-        return
     typer.echo(f"private: {priv}\npublic:  {pub}")
 
 
 @deploy_app.command()
 def split(config: Path = typer.Argument(..., help="experiment TOML"),
-          out: Path = typer.Argument(..., help="folder for partition-<i>.safetensors"),
-          set_: list[str] = typer.Option([], "--set", help="override a key, e.g. --set data.num_clients=3")) -> None:
+          out: Path = typer.Argument(..., help="folder for partition-<i>.safetensors"), set_: list[str] = SET) -> None:
     """Write one data partition file per client (each SuperNode gets only its own)."""
-    try:
-        from secfed.cli import _overrides
-        from secfed.config import load_config
-        from secfed.flower.deploy import write_partitions
+    from secfed.cli import _overrides
+    from secfed.config import load_config
+    from secfed.flower.runtime import write_partitions
 
+    with _one_line():
         paths = write_partitions(load_config(config, _overrides(set_)), out)
-    except SecfedError as e:
-        _fail(e)
-        return
     typer.echo(f"{len(paths)} partitions in {out}")
 
 
@@ -99,19 +96,15 @@ def local(config: Path = typer.Argument(..., help="experiment TOML"),
           work: Optional[Path] = typer.Option(None, "--work", help="certificates, keys, partitions, logs "
                                               "(default: <out>.deploy)"),
           resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint and privacy ledger"),
-          set_: list[str] = typer.Option([], "--set", help="override a key, e.g. --set run.rounds=3")) -> None:
+          set_: list[str] = SET) -> None:
     """Start a SuperLink and one SuperNode per client on this machine (TLS, node auth), run CONFIG, stop them."""
-    try:
-        from secfed.cli import _overrides
-        from secfed.config import load_config
-        from secfed.flower.transport import run_flower
-
-        cfg = load_config(config, {**_overrides(set_), "deploy.transport": "flower"})
-        summary = run_flower(cfg, out, resume=resume, work_dir=work)
-    except SecfedError as e:
-        _fail(e)
-        return
+    from secfed.cli import _overrides
+    from secfed.config import load_config
+    from secfed.flower.transport import run_flower
     from secfed.report import summary_line
 
+    with _one_line():
+        cfg = load_config(config, {**_overrides(set_), "deploy.transport": "flower"})
+        summary = run_flower(cfg, out, resume=resume, work_dir=work)
     typer.echo(summary_line(summary))
     typer.echo(f"report: {Path(summary['out']) / 'report.md'}")

@@ -17,6 +17,9 @@ Node config (``flower-supernode --node-config``):
 * ``data-file``: the node's own shard (``secfed deploy split`` writes them); the
   node never loads anyone else's data. Without it the node derives its shard
   from the config (simulation only).
+* ``identity-key``: active SecAgg+ (the default): this node's private signing key,
+  the same file as its ``--auth-supernode-private-key``; its public key must be this
+  partition's entry in ``server.secure_sum.roster`` (docs/secagg.md).
 """
 
 from __future__ import annotations
@@ -75,7 +78,9 @@ def make_client_app(cfg: ExperimentConfig | None = None, keys: dict[int, bytes] 
         run_cfg, cid, _ = _node_setup(dict(context.node_config), cfg)
         rec = codec.record_of(msg.content)
         if "step" in rec:  # one step of a multi-step secure sum (its client session, secfed.rounds)
-            out = node_step(node_secure_sum(run_cfg, keys), context.state, rec, cid)
+            ss = node_secure_sum(run_cfg, keys)
+            node_identity(ss, context.node_config, cid, keys)
+            out = node_step(ss, context.state, rec, cid)
             return reply(msg, {"round": int(rec["round"]), "client": cid, "step": str(rec["step"]), "payload": out})
         return reply(msg, {"client": cid, "fingerprint": run_cfg.fingerprint()})
 
@@ -86,8 +91,10 @@ def make_client_app(cfg: ExperimentConfig | None = None, keys: dict[int, bytes] 
         from secfed.flower.runtime import runtime_for  # torch & co. only for real work
 
         rt = runtime_for(run_cfg, cid, data_file)
-        if keys is not None:
-            rt.secure_sum.use_keys(keys)
+        try:
+            node_identity(rt.secure_sum, context.node_config, cid, keys)
+        except ConfigError as e:  # no identity key / roster: the server stops with this one line
+            return reply(msg, {"round": int(rec["round"]), "client": cid, "refused": str(e)[:1000]})
         return reply(msg, node_train(rt, context.state, rec, cid))
 
     return app
@@ -104,6 +111,14 @@ def node_secure_sum(cfg: ExperimentConfig, keys: dict[int, bytes] | None = None)
     if keys is not None:
         ss.use_keys(keys)
     return ss
+
+
+def node_identity(ss: Any, node_config: Any, cid: int, keys: dict[int, bytes] | None) -> None:
+    """Simulation: the generated keys; a real SuperNode: its own identity key (node config ``identity-key``)."""
+    if keys is not None:
+        ss.use_keys(keys)
+    elif hasattr(ss, "use_node_identity"):
+        ss.use_node_identity(dict(node_config).get("identity-key"), cid)
 
 
 def node_train(rt: Any, state: Any, rec: Any, cid: int) -> dict[str, Any]:

@@ -8,11 +8,14 @@ message     direction           keys
 ==========  ==================  ===============================================
 ``query``   server -> client    ``v``, ``fingerprint``
             client -> server    ``v``, ``client``, ``fingerprint``
-``train``   server -> client    ``v``, ``round``, ``client``, ``fingerprint``,
+``train``   server -> client    ``v``, ``round``, ``fingerprint``,
                                 ``cohort`` (u32 LE), ``weights`` (``SFW``),
                                 ``state`` (JSON of the engine's scalar state),
                                 ``dp`` (JSON: the guard's round parameters the
-                                node must apply, :func:`encode_dp`)
+                                node must apply, :func:`encode_dp`); the
+                                same content for every node (Flower stores
+                                and pushes it once); a ``client`` key, if
+                                present, must be the node's own
             client -> server    ``v``, ``round``, ``client``, ``payload`` (the
                                 secure sum's bytes, e.g. :mod:`secfed.wire`
                                 ``SFU``), ``metrics`` (JSON of floats; ``{}``
@@ -120,19 +123,25 @@ def record_of(content: Any) -> Any:
     return rec
 
 
-def decode_metrics(s: Any) -> dict[str, float]:
-    """Client-reported metrics: a flat JSON object of at most 64 finite numbers."""
+def _flat_json(s: Any, what: str, max_items: int = 1024) -> dict[str, Any]:
+    """A short JSON object of at most ``max_items`` scalar (number, string, bool) values."""
     if not isinstance(s, str) or len(s) > MAX_JSON:
-        raise MalformedMessage("metrics: not a short JSON string")
+        raise MalformedMessage(f"{what}: not a short JSON string")
     try:
         d = json.loads(s)
     except json.JSONDecodeError:
-        raise MalformedMessage("metrics: not JSON") from None
-    if not isinstance(d, dict) or len(d) > 64:
-        raise MalformedMessage("metrics: not a JSON object of at most 64 entries")
+        raise MalformedMessage(f"{what}: not JSON") from None
+    if not isinstance(d, dict) or len(d) > max_items or not all(
+            isinstance(v, (float, str, bool)) or (isinstance(v, int) and abs(v) < 2**63) for v in d.values()):
+        raise MalformedMessage(f"{what}: not a flat JSON object of at most {max_items} scalar entries")
+    return d
+
+
+def decode_metrics(s: Any) -> dict[str, float]:
+    """Client-reported metrics: a flat JSON object of at most 64 finite numbers."""
     out = {}
-    for k, v in d.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or len(k) > 64:
+    for k, v in _flat_json(s, "metrics", 64).items():
+        if isinstance(v, (bool, str)) or not math.isfinite(v) or len(k) > 64:
             raise MalformedMessage(f"metrics: '{k[:64]}' is not a finite number")
         out[k] = float(v)
     return out
@@ -146,15 +155,7 @@ def encode_state(state: dict[str, Any]) -> str:
 
 
 def decode_state(s: Any) -> dict[str, Any]:
-    if not isinstance(s, str) or len(s) > MAX_JSON:
-        raise MalformedMessage("state: not a short JSON string")
-    try:
-        d = json.loads(s)
-    except json.JSONDecodeError:
-        raise MalformedMessage("state: not JSON") from None
-    if not isinstance(d, dict) or not all(isinstance(v, (int, float, str, bool)) for v in d.values()):
-        raise MalformedMessage("state: not a flat JSON object")
-    return d
+    return _flat_json(s, "state")
 
 
 def encode_dp(params: Any) -> str:
@@ -170,9 +171,8 @@ def decode_dp(s: Any) -> Any:
     divisor, a bool flag."""
     from secfed.rounds import DPRoundParams
 
-    d = decode_state(s)
     out: dict[str, Any] = {}
-    for k, v in d.items():
+    for k, v in _flat_json(s, "dp").items():
         kind = DPRoundParams.KINDS.get(k)
         if kind is None:
             raise MalformedMessage(f"dp: unknown key '{k[:32]}'")
@@ -189,4 +189,4 @@ def decode_dp(s: Any) -> Any:
 
 
 # Which runs keep per-client metrics on the client (review finding 7): one rule for every transport.
-from secfed.rounds import DP_CLIENT_STAGES, DP_SERVER_STAGES, metrics_stay_on_node, run_is_dp  # noqa: E402,F401
+from secfed.rounds import metrics_stay_on_node, pipeline_is_dp, run_is_dp  # noqa: E402,F401

@@ -7,7 +7,7 @@
   private keys are created 0600 with ``O_EXCL | O_NOFOLLOW`` (never over an
   existing file or through a symlink; ``force`` replaces atomically), and the CA
   key goes to its own folder ``ca-key-KEEP-OFFLINE/`` for the operator to move offline;
-* :func:`write_partitions` - one ``partition-<i>.safetensors`` per client;
+* :func:`secfed.flower.runtime.write_partitions` - one ``partition-<i>.safetensors`` per client;
 * :func:`write_app` - the Flower App folder (``pyproject.toml`` naming
   ``secfed.flower.server:app`` and ``secfed.flower.client:app``) that ``flwr run`` ships;
 * :class:`LocalFederation` - starts ``flower-superlink`` and N SuperNodes on this
@@ -16,7 +16,10 @@
   run with ``flwr run`` and stops everything it started.
 
 Each SuperNode gets ``--node-config "partition-id=i config-file=... data-file=..."``
-and reads only its own partition file. Flower 1.41 serves the Fleet, Control and
+and reads only its own partition file. Under active SecAgg+ (the default secure sum's
+variant) it also gets ``identity-key=...``: the same file as its
+``--auth-supernode-private-key``; the public keys go to ``work_dir/roster/client-<i>.pub``,
+which becomes ``server.secure_sum.roster`` unless the config names one. Flower 1.41 serves the Fleet, Control and
 ServerAppIo APIs over HTTPS on one port (uvicorn); the SuperNodes verify the
 SuperLink's certificate against ``--root-certificates ca.crt``.
 """
@@ -38,8 +41,6 @@ from typing import Any
 
 from secfed.config import ExperimentConfig
 from secfed.errors import SecfedError
-
-__all__ = ["make_certs", "make_node_key", "write_partitions", "write_app", "free_port", "LocalFederation", "DeployError"]
 
 
 class DeployError(SecfedError):
@@ -83,6 +84,12 @@ def write_secret(path: str | Path, data: bytes, *, force: bool = False, mode: in
             target.unlink(missing_ok=True)
         raise
     return p
+
+
+def _refuse_existing(paths: Any, force: bool) -> None:
+    for p in () if force else paths:
+        if p.exists() or p.is_symlink():
+            raise DeployError(f"{p} already exists; not overwritten: pass --force to replace it")
 
 
 def write_public(path: str | Path, data: bytes, *, force: bool = False) -> Path:
@@ -139,10 +146,7 @@ def make_certs(out_dir: str | Path, names: tuple[str, ...] = ("localhost",), day
         raise DeployError(f"{ca_dir} is not a plain folder; refusing to write the CA key there")
     os.chmod(ca_dir, 0o700)
     paths = {"ca": out / "ca.crt", "cert": out / "server.pem", "key": out / "server.key", "ca_key": ca_dir / "ca.key"}
-    if not force:  # refuse before writing anything, so a refusal leaves no half-made set
-        for p in paths.values():
-            if p.exists() or p.is_symlink():
-                raise DeployError(f"{p} already exists; not overwritten: pass --force to replace it")
+    _refuse_existing(paths.values(), force)  # before writing anything, so a refusal leaves no half-made set
     pem = serialization.Encoding.PEM
     for p, k in ((paths["ca_key"], ca_key), (paths["key"], key)):
         write_secret(p, k.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), force=force)
@@ -165,22 +169,12 @@ def make_node_key(out_dir: str | Path, name: str, *, force: bool = False) -> tup
     out.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     priv, pub = out / f"{name}.key", out / f"{name}.pub"
-    if not force:
-        for p in (priv, pub):
-            if p.exists() or p.is_symlink():
-                raise DeployError(f"{p} already exists; not overwritten: pass --force to replace it")
+    _refuse_existing((priv, pub), force)
     write_secret(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                          serialization.NoEncryption()), force=force)
     write_public(pub, key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH),
                  force=force)
     return priv, pub
-
-
-def write_partitions(cfg: ExperimentConfig, out_dir: str | Path) -> list[Path]:
-    """One ``partition-<i>.safetensors`` per client (see :func:`secfed.flower.runtime.write_partitions`)."""
-    from secfed.flower import runtime
-
-    return runtime.write_partitions(cfg, out_dir)
 
 
 # ----------------------------------------------------------------------------- the Flower App
@@ -257,6 +251,7 @@ class LocalFederation:
         self.cfg: ExperimentConfig = cfg if isinstance(cfg, ExperimentConfig) else load_experiment(str(cfg))
         self.work = Path(work_dir).resolve()
         self.work.mkdir(parents=True, exist_ok=True)
+        self.identities = self._wire_roster()
         self.cfg_path = self.work / "experiment.json"  # what the ServerApp and every SuperNode read
         self.cfg_path.write_text(json.dumps(self.cfg.model_dump(mode="json"), indent=2))
         (self.work / "logs").mkdir(exist_ok=True)
@@ -276,6 +271,23 @@ class LocalFederation:
         self.supernodes: dict[int, subprocess.Popen] = {}
         self.app_dir = write_app(self.work / "app")
         self._write_flower_config()
+
+    def _wire_roster(self) -> bool:
+        """Active SecAgg+: the nodes sign with their node keys; without a configured roster, the roster is the
+        folder ``work_dir/roster`` that :meth:`start_supernode` fills with each node's public key."""
+        from secfed.config import parse_config
+        from secfed.flower.runtime import secure_sum_for
+
+        ss = secure_sum_for(self.cfg)
+        if not hasattr(ss, "use_node_identity") or not getattr(ss, "active", False):
+            return False
+        if getattr(ss, "roster", None) is None:
+            roster = self.work / "roster"
+            roster.mkdir(exist_ok=True)
+            data = self.cfg.model_dump(mode="json")
+            data["server"]["secure_sum"]["roster"] = str(roster)
+            self.cfg = parse_config(data, "LocalFederation")
+        return True
 
     def _certs(self) -> dict[str, Path]:
         """This work folder's certificates: made once, reused by a later federation on the same folder."""
@@ -325,6 +337,8 @@ class LocalFederation:
         d = self.work / "partitions"
         paths = [d / f"partition-{i}.safetensors" for i in range(self.cfg.data.num_clients)]
         if not all(p.exists() for p in paths):
+            from secfed.flower.runtime import write_partitions
+
             paths = write_partitions(self.cfg, d)
         return paths
 
@@ -344,12 +358,18 @@ class LocalFederation:
         args = [*launcher, "--superlink", self.address, "--root-certificates", str(self.certs["ca"]),
                 "--node-config", f'partition-id={i} config-file="{self.cfg_path}" data-file="{part}"',
                 "--host", "127.0.0.1", "--port", str(free_port())]
-        if self.node_auth:
-            priv = node_dir / "node.key"
-            if not priv.exists():
-                priv, pub = make_node_key(node_dir, "node")
+        priv = node_dir / "node.key"
+        if (self.node_auth or self.identities) and not priv.exists():
+            priv, pub = make_node_key(node_dir, "node")
+            if self.node_auth:
                 self._flwr("supernode", "register", str(pub), "secfed-local", "--name", f"secfed-client-{i}")
+            roster = self.work / "roster"
+            if self.identities and roster.is_dir():  # the operator's roster entry: the key it registered
+                write_public(roster / f"client-{i}.pub", pub.read_bytes(), force=True)
+        if self.node_auth:
             args += ["--auth-supernode-private-key", str(priv)]
+        if self.identities:  # active SecAgg+ signs with the same node key
+            args[args.index("--node-config") + 1] += f' identity-key="{priv}"'
         env = {**self.env, "FLWR_HOME": str(node_dir / "flwr_home")}
         self.supernodes[i] = self._spawn(args, f"supernode-{i}.log", env)
 

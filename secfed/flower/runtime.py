@@ -25,7 +25,7 @@ from secfed.flower import codec
 from secfed.interfaces import ClientUpdate, RoundContext
 from secfed.rounds import ClientRound, DPRoundParams, plugin_context, round_context, round_info
 from secfed.models import torch_threads
-from secfed.needs import Need, reveals_of
+from secfed.needs import Need, is_private, reveals_of
 from secfed.spec import ParamSpec
 from secfed.task import Task, task_class
 
@@ -118,18 +118,10 @@ class ClientRuntime:
         """This round's context as the node knows it (the engine's own, on the weights the server shipped)."""
         return round_context(self.cfg, t, cohort, self.spec, self.global_w, state if state is not None else {}, self.task)
 
-    def local_update(self, client_id: int, ctx: RoundContext) -> ClientUpdate:
-        return self.client.local_update(client_id, ctx)
-
-    @property
-    def private(self) -> bool:
-        """True when the run hides updates (secure sum) or promises DP: then nothing per-client leaves in the clear."""
-        return codec.metrics_stay_on_node(self.cfg, Need.ROWS in reveals_of(self.secure_sum))
-
     def metrics(self, u: ClientUpdate) -> dict[str, float]:
         """What a node reports besides its update: nothing under a secure sum or DP (review finding 7:
         train loss, pre-clip norm, steps and examples seen would leave the client in the clear)."""
-        if self.private:
+        if codec.metrics_stay_on_node(self.cfg, Need.ROWS in reveals_of(self.secure_sum)):
             return {}
         return {k: float(v) for k, v in u.metrics.items() if isinstance(v, (int, float))}
 
@@ -144,21 +136,20 @@ class ClientRuntime:
         dp = DPRoundParams.of(dp)
         trainer = self.client.trainer
         cfg = self.cfg
-        needs = (cfg.server.privacy is not None or hasattr(trainer, "resolved_noise_multiplier")
-                 or any(p.name in codec.DP_CLIENT_STAGES for p in cfg.client.pipeline))
+        needs = cfg.server.privacy is not None or is_private(trainer) or codec.pipeline_is_dp(cfg)  # declared roles
         if needs and not dp:
             raise ConfigError("server.privacy: the server sent no privacy-guard parameters for this round; "
                               "the node refuses to add noise the guard did not fix")
         if dp.noise_multiplier is not None:
-            round_info(ctx)["noise_multiplier"] = dp.noise_multiplier
+            round_info(ctx).noise_multiplier = dp.noise_multiplier
         if dp.dpsgd_noise_multiplier is not None:
             own, z = getattr(trainer, "noise_multiplier", None), dp.dpsgd_noise_multiplier
             if own is not None and not math.isclose(own, z, rel_tol=1e-9):
                 raise ConfigError(f"config key 'client.trainer.noise_multiplier': {own} differs from the privacy "
                                   f"guard's {z}; leave it out and let server.privacy set it")
-            if not hasattr(trainer, "_z"):
+            if not is_private(trainer):
                 raise ConfigError("config key 'client.trainer': the server's guard runs dp-sgd, this node's trainer does not")
-            trainer._z = z
+            trainer.use_noise_multiplier(z)  # the guard's z, calibrated over every shard
         if dp.max_grad_norm is not None and not math.isclose(getattr(trainer, "max_grad_norm", -1.0), dp.max_grad_norm,
                                                              rel_tol=1e-9):
             raise ConfigError(f"config key 'client.trainer.max_grad_norm': "
@@ -200,7 +191,7 @@ class ClientRuntime:
         n = self.cfg.data.num_clients
         if codec.get(rec, "fingerprint", str, max_len=64) != self.cfg.fingerprint():
             raise MalformedMessage("train: the server runs a different config than this node (fingerprint)")
-        if codec.get(rec, "client", int) != client_id:
+        if "client" in rec and codec.get(rec, "client", int) != client_id:  # the server may leave it out (one content)
             raise MalformedMessage(f"train: asked to play client {rec['client']}, this node is {client_id}")
         t = codec.get(rec, "round", int)
         if not 1 <= t <= 10_000_000:

@@ -33,11 +33,11 @@ from secfed.engine import Engine
 from secfed.errors import ConfigError, MalformedMessage
 from secfed.flower import codec
 from secfed.interfaces import ClientUpdate, RoundContext, SumResult
-from secfed.needs import Need, needs_of, reveals_of
-from secfed.rounds import DPRoundParams, drive, round_info
+from secfed.needs import DPRole, Need, is_private, needs_of
+from secfed.rounds import DPRoundParams, drive, round_info, stage_roles
 from secfed.secure_sum import PlainSum
 
-POLL_START, POLL_MAX = 0.02, 0.5  # seconds between pulls for replies (Server._exchange)
+POLL_START, POLL_MAX = 0.02, 0.2  # seconds between pulls for replies (FlowerEngine._exchange)
 
 
 @dataclass
@@ -56,7 +56,7 @@ class SessionSum:
 
     def __init__(self, secure_sum: Any, transport: Any) -> None:
         self.secure_sum, self.transport = secure_sum, transport
-        self.reveals_individual = getattr(secure_sum, "reveals_individual", True)
+        self.reveals = secure_sum.reveals  # what the session reveals is what the secure sum declares
 
     def aggregate(self, received: list[Received], ctx: RoundContext, min_sum: int | None = None) -> SumResult:
         candidates = {r.client_id: r.reason for r in received}
@@ -76,24 +76,26 @@ class WirePlainSum(PlainSum):
 class FlowerEngine(Engine):
     """The engine with its clients behind a Flower ``Grid`` (SuperLink or the simulation runtime)."""
 
+    shares_honest_rows = False  # SuperNodes never share a client's update with another (secfed.needs.check_needs)
+
     def __init__(self, cfg: ExperimentConfig, out_dir: str | Path | None, grid: Any, *, keys: dict[int, bytes] | None = None,
                  **kw: Any) -> None:
         super().__init__(cfg, out_dir, **kw)
-        hides = Need.ROWS not in reveals_of(self.secure_sum)
+        hides = Need.ROWS not in self.secure_sum.reveals  # declared (secfed.needs)
         if hides and not hasattr(self.secure_sum, "serve"):
             raise ConfigError(f"config key 'server.secure_sum': '{cfg.server.secure_sum.name}' has no protocol session "
                               "to run over Flower yet; use deploy.transport = 'inprocess'")
         if getattr(self.secure_sum, "needs_keys", False):  # active SecAgg+'s roster, HE's key holder
+            if keys is None and getattr(self.secure_sum, "active", False):
+                raise ConfigError("config key 'server.secure_sum.roster' is required for active secagg+ on real "
+                                  "SuperNodes: the public keys the operator registered for the nodes (docs/secagg.md); "
+                                  "or set active = false")
             if keys is None:
-                raise ConfigError(f"config key 'server.secure_sum': '{cfg.server.secure_sum.name}' "
-                                  f"{'(active) ' if getattr(self.secure_sum, 'active', False) else ''}needs client keys "
-                                  "distributed outside the server (identity roster / HE key holder), wired for Flower "
+                raise ConfigError(f"config key 'server.secure_sum': '{cfg.server.secure_sum.name}' needs client keys "
+                                  "distributed outside the server (HE key holder), wired for Flower "
                                   "simulations only; run it in-process or with deploy.transport = 'flower-ray'")
             self.secure_sum.use_keys(keys)
-        if Need.HONEST_ROWS in needs_of(self.adversary, Need.NONE):
-            raise ConfigError("config key 'attack.adversary': an omniscient adversary reads honest clients' updates, "
-                              "which SuperNodes never share; run it with deploy.transport = 'inprocess'")
-        if any(p.name == "adaptive-clip" for p in cfg.client.pipeline):
+        if any(DPRole.ADAPTIVE in r for r in stage_roles(cfg, "client")):  # declared role, any alias
             raise ConfigError("config key 'client.pipeline': adaptive clipping over Flower would send every node's "
                               "clipping bit to the server in the clear; use 'clip', or deploy.transport = 'inprocess'")
         self.grid = grid
@@ -113,7 +115,7 @@ class FlowerEngine(Engine):
         pulls, so every exchange took a multiple of 3 s (SecAgg+ makes five per round). Here the
         pull interval starts at ``POLL_START`` seconds and grows by half each time up to ``POLL_MAX``:
         quick replies are seen within tens of milliseconds, a long training round costs a pull
-        every half second."""
+        every 0.2 s (a reply waits at most that long; measured, issue 20: a SuperLink RPC costs ~12 ms CPU)."""
         if not msgs:
             return []
         if not hasattr(self.grid, "pull_messages"):  # a grid with only the blocking call (test doubles)
@@ -194,9 +196,9 @@ class FlowerEngine(Engine):
         for stage in self.pipeline:
             probe = stage(probe, ctx)
         info = round_info(ctx)
-        params = {k: info.get(k) for k in ("noise_multiplier", "clip_norm", "share_divisor", "distributed")}
-        if hasattr(self.trainer, "resolved_noise_multiplier"):  # DP-SGD: the z the guard charges (or the trainer's own)
-            guard_z = getattr(self.privacy, "z", None) if getattr(self.privacy, "mechanism", "") == "dp-sgd" else None
+        params = {k: getattr(info, k) for k in ("noise_multiplier", "clip_norm", "share_divisor", "distributed")}
+        if is_private(self.trainer):  # DP-SGD: the z the guard charges (or the trainer's own)
+            guard_z = self.privacy.z if Need.PRIVATE_TRAINER in needs_of(self.privacy) else None
             params["dpsgd_noise_multiplier"] = guard_z if guard_z is not None else self.trainer.resolved_noise_multiplier(self.task)
             params["max_grad_norm"] = getattr(self.trainer, "max_grad_norm", None)
         return DPRoundParams.of(params)
@@ -207,29 +209,20 @@ class FlowerEngine(Engine):
         base = {"round": t, "fingerprint": self.cfg.fingerprint(), "cohort": codec.encode_ids(ctx.cohort),
                 "weights": codec.encode_weights(t, self.global_w), "state": codec.encode_state(self.state),
                 "dp": codec.encode_dp(self.round_params(ctx))}
-        msgs, node_of = [], {}
+        values: dict[int, dict[str, Any]] = {}
         for cid in ctx.cohort:
             if ctx.dropouts.drops(cid, "train"):
                 dropped[cid] = "dropped during training"
             elif cid not in self.nodes:
                 dropped[cid] = "no SuperNode connected for this client"
             else:
-                msgs.append(self._message({**base, "client": cid}, "train", self.nodes[cid], str(t)))
-                node_of[self.nodes[cid]] = cid
-        replies = self._exchange(msgs, self.round_timeout)
+                values[cid] = base  # one content for every node: Flower stores and pushes it once (issue 20)
+        records, failed = self._ask("train", values, str(t), ("round", "client"))
+        dropped.update(failed)
         got: dict[int, Received] = {}
         refusals: dict[int, str] = {}
-        for r in replies:
-            cid = node_of.get(r.metadata.src_node_id)
-            if cid is None or cid in got:
-                continue
-            if r.has_error():
-                dropped[cid] = f"client error: {r.error.reason[:200]}"
-                continue
+        for cid, rec in records.items():
             try:
-                rec = codec.record_of(r.content)
-                if codec.get(rec, "round", int) != t or codec.get(rec, "client", int) != cid:
-                    raise MalformedMessage("reply for another round or client")
                 if "refused" in rec:  # the in-process engine would have stopped with this ConfigError
                     refusals[cid] = codec.get(rec, "refused", str, max_len=1000)
                     continue
@@ -242,9 +235,6 @@ class FlowerEngine(Engine):
         if refusals:
             cid = min(refusals)
             raise ConfigError(f"{refusals[cid]} (refused by the SuperNode of client {cid})")
-        for cid in node_of.values():
-            if cid not in got and cid not in dropped:
-                dropped[cid] = f"no reply within deploy.round_timeout = {self.round_timeout:g} s"
         for cid, why in sorted(dropped.items()):
             self._log(f"round {t}: client {cid} dropped: {why}")
         if dropped:  # lands in rounds.jsonl with the round's record
@@ -252,35 +242,45 @@ class FlowerEngine(Engine):
         return [got[c] for c in ctx.cohort if c in got], dropped
 
     def exchange(self, step: str, outgoing: dict[int, bytes], ctx: RoundContext) -> tuple[dict[int, bytes], dict[int, str]]:
-        """One SecAgg+ step: ``outgoing[client]`` to each client's SuperNode; (replies, failures)."""
+        """One step of a multi-step secure sum: ``outgoing[client]`` to each client's SuperNode; (replies, failures)."""
         t = ctx.round
-        msgs, node_of = [], {}
-        failed: dict[int, str] = {}
-        for cid, payload in outgoing.items():
-            if cid not in self.nodes:
-                failed[cid] = "no reply: no SuperNode connected"
-                continue
-            msgs.append(self._message({"round": t, "client": cid, "step": step, "payload": payload}, "query",
-                                      self.nodes[cid], f"{t}.{step}"))
-            node_of[self.nodes[cid]] = cid
+        values = {c: {"round": t, "client": c, "step": step, "payload": p} for c, p in outgoing.items() if c in self.nodes}
+        records, failed = self._ask("query", values, f"{t}.{step}", ("round", "client", "step"))
         got: dict[int, bytes] = {}
-        for r in self._exchange(msgs, self.round_timeout):
+        for cid, rec in records.items():
+            try:
+                got[cid] = codec.get(rec, "payload", bytes)
+            except MalformedMessage as e:
+                failed[cid] = f"malformed: {e}"
+        failed.update({c: "no reply: no SuperNode connected" for c in outgoing if c not in self.nodes})
+        return got, failed
+
+    def _ask(self, kind: str, values: dict[int, dict[str, Any]], group: str,
+             echo: tuple[str, ...]) -> tuple[dict[int, Any], dict[int, str]]:
+        """Send ``values[client]`` to each client's SuperNode as a ``kind`` message: (each reply's validated
+        record, why the others failed). A reply must echo the sent ``echo`` values (round, client, step);
+        an error reply, a malformed one or none within ``deploy.round_timeout`` is a failure."""
+        node_of = {self.nodes[c]: c for c in values}
+        got: dict[int, Any] = {}
+        failed: dict[int, str] = {}
+        for r in self._exchange([self._message(v, kind, self.nodes[c], group) for c, v in values.items()],
+                                self.round_timeout):
             cid = node_of.get(r.metadata.src_node_id)
             if cid is None or cid in got or cid in failed:
                 continue
             if r.has_error():
-                failed[cid] = r.error.reason[:200]
+                failed[cid] = f"client error: {r.error.reason[:200]}"
                 continue
             try:
                 rec = codec.record_of(r.content)
-                if (codec.get(rec, "round", int), codec.get(rec, "client", int), codec.get(rec, "step", str)) != (t, cid, step):
-                    raise MalformedMessage("reply for another round, client or step")
-                got[cid] = codec.get(rec, "payload", bytes)
+                sent = {**values[cid], "client": cid}
+                if any(codec.get(rec, k, type(sent[k])) != sent[k] for k in echo):
+                    raise MalformedMessage(f"reply for another {', '.join(echo)}")
+                got[cid] = rec
             except MalformedMessage as e:
                 failed[cid] = f"malformed: {e}"
-        for cid in node_of.values():
-            if cid not in got and cid not in failed:
-                failed[cid] = f"no reply within deploy.round_timeout = {self.round_timeout:g} s"
+        failed.update({c: f"no reply within deploy.round_timeout = {self.round_timeout:g} s"
+                       for c in values if c not in got and c not in failed})
         return got, failed
 
     def secure_aggregate(self, received: list[Received], ctx: RoundContext) -> SumResult:

@@ -61,10 +61,7 @@ import tempfile
 import threading
 import time as _time
 from pathlib import Path
-from typing import Any, Callable
-
-__all__ = ["TaskWorker", "ForeignAppError", "PollClock", "poll_patch_problem", "patch_supernode_polling",
-           "shorten_object_pull_backoff", "supernode_main", "worker_main", "SECFED_CLIENTAPP", "TESTED_FLWR"]
+from typing import Any
 
 #: The only ClientApp a worker runs: the bundle's ``clientapp`` component must name it.
 SECFED_CLIENTAPP = "secfed.flower.client:app"
@@ -101,38 +98,28 @@ class TaskWorker:
     def __init__(self, runtime_api_address: str, *, root_certificates: bytes | None = None,
                  auth_secret: bytes | None = None, poll_min: float = 0.01, poll_max: float = 0.2,
                  app: Any = None) -> None:
-        self.address = runtime_api_address
-        self.root_certificates = root_certificates
-        self.auth_secret = auth_secret
+        self.address, self.root_certificates, self.auth_secret = runtime_api_address, root_certificates, auth_secret
         self.poll_min, self.poll_max = poll_min, max(poll_min, poll_max)
         self._app = app
         self.handled = 0  # tasks run by this process (reported in every log line)
 
-    # ------------------------------------------------------------------ Runtime API clients
-    def _client(self, interceptors: list[Any]) -> Any:
+    def _client(self, token: str | None = None) -> Any:
+        """A Runtime API client: SuperExec's (``AcquireTask``, signed) without ``token``, a task's with it."""
+        from flwr.supercore import interceptors as i
         from flwr.supercore.runtime import RuntimeHttpClient
 
+        if token is not None:
+            chain = [i.RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), i.RuntimeTokenHttpInterceptor(token)]
+        else:
+            chain = [i.RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+            if self.auth_secret:
+                chain.append(i.SuperExecAuthHttpInterceptor(master_secret=self.auth_secret,
+                                                            protected_methods={"/flwr.proto.Runtime/AcquireTask"}))
         # No retry invoker: flwr's simple one SIGINTs the process on a 401 (fine for a
         # one-task flwr-clientapp, fatal for a long-lived worker). Errors surface here instead.
-        return RuntimeHttpClient.from_server_address(server_address=self.address,
+        return RuntimeHttpClient.from_server_address(server_address=self.address, interceptors=chain,
                                                      insecure=self.root_certificates is None,
-                                                     root_certificates=self.root_certificates,
-                                                     interceptors=interceptors, retry_invoker=None)
-
-    def _acquire_client(self) -> Any:
-        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
-
-        interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
-        if self.auth_secret:
-            interceptors.append(SuperExecAuthHttpInterceptor(master_secret=self.auth_secret,
-                                                             protected_methods={"/flwr.proto.Runtime/AcquireTask"}))
-        return self._client(interceptors)
-
-    def _task_client(self, token: str) -> Any:
-        from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-
-        return self._client([RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                             RuntimeTokenHttpInterceptor(token)])
+                                                     root_certificates=self.root_certificates, retry_invoker=None)
 
     @property
     def app(self) -> Any:
@@ -143,7 +130,6 @@ class TaskWorker:
             self._app = app
         return self._app
 
-    # ------------------------------------------------------------------ one task
     @staticmethod
     def check_fab(fab: Any) -> None:
         """Refuse a Flower App whose ClientApp is not secfed's: the worker never loads code from a bundle."""
@@ -165,13 +151,12 @@ class TaskWorker:
         from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=E0611
         from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-        client = self._task_client(token)
-        done = threading.Event()
+        client, done, t0 = self._client(token), threading.Event(), _time.perf_counter()
 
         def heartbeat() -> None:
-            # A task expires HEARTBEAT_PATIENCE x 30 s = 60 s after activation unless heartbeats extend it. The
-            # first beat comes after HEARTBEAT_EVERY s, so a short task costs no extra request; unlike flwr's
-            # heartbeat fn this never SIGINTs the process (a task that is gone ends this task only).
+            # A task expires 60 s after activation unless heartbeats extend it. The first beat comes after
+            # HEARTBEAT_EVERY s (a short task costs no extra request); unlike flwr's heartbeat fn this never
+            # SIGINTs the process (a task that is gone ends this task only).
             while not done.wait(self.HEARTBEAT_EVERY):
                 try:
                     client.SendTaskHeartbeat(SendTaskHeartbeatRequest())
@@ -182,25 +167,18 @@ class TaskWorker:
         beat.start()
         message = context = reply = None
         status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
-        t0, started = _time.perf_counter(), _time.time()
-        t_in = t_app = float("nan")
         try:
-            message, context, run, fab = pull_task_input(client)
+            message, context, _, fab = pull_task_input(client)
             self.check_fab(fab)
-            t_in = _time.perf_counter()
             reply = self.app(message=message, context=context)
-            t_app = _time.perf_counter() - t_in
-            t_in -= t0
             status, details = SubStatus.COMPLETED, ""
         except Exception as ex:  # noqa: BLE001 - as run_clientapp: the error goes back to the server as a reply
-            reason = f"{type(ex)}:<'{ex}'>"
-            code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+            code, details = ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(ex)}:<'{ex}'>"
             if isinstance(ex, ForeignAppError):
-                code, reason = ErrorCode.LOAD_CLIENT_APP_EXCEPTION, str(ex)
+                code, details = ErrorCode.LOAD_CLIENT_APP_EXCEPTION, str(ex)
             log.error("ClientApp raised an exception", exc_info=ex)
-            details = reason
             if message is not None:
-                reply = Message(Error(code=code, reason=reason), reply_to=message)
+                reply = Message(Error(code=code, reason=details), reply_to=message)
         finally:
             try:
                 if reply is not None and context is not None:
@@ -214,31 +192,23 @@ class TaskWorker:
                 beat.join()
                 client.close()
         self.handled += 1
-        kind = message.metadata.message_type if message is not None else "?"
-        _say("task done: %s message, %s in %.3f s, %d tasks in this process (input %.3f s, ClientApp %.3f s; "
-             "started %.3f)", kind, status, _time.perf_counter() - t0, self.handled, t_in, t_app, started)
+        _say("task done: %s message, %s in %.3f s, %d tasks in this process",
+             message.metadata.message_type if message is not None else "?", status, _time.perf_counter() - t0,
+             self.handled)
         return str(status)
 
-    # ------------------------------------------------------------------ the loop
-    def acquire(self, client: Any) -> str | None:
-        """One ``AcquireTask``: the task's token, or None when there is nothing to do."""
+    def serve(self) -> None:
+        """Poll the SuperNode (``AcquireTask``) and run its tasks, for as long as this process lives."""
         from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
         from flwr.supercore.constant import TaskType
 
-        res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
-        if res.HasField("task") and res.token:
-            return str(res.token)
-        return None
-
-    def serve(self, max_tasks: int | None = None, stop: Callable[[], bool] = lambda: False) -> int:
-        """Poll and run tasks until ``max_tasks`` are done or ``stop()`` is true; returns the count."""
-        client = self._acquire_client()
-        wait, done, down = self.poll_min, 0, False
+        client, request = self._client(), AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+        wait, down = self.poll_min, False
         try:
-            while not stop() and (max_tasks is None or done < max_tasks):
+            while True:
                 try:
-                    token = self.acquire(client)
-                    down = False
+                    res = client.AcquireTask(request)
+                    token, down = (str(res.token) if res.HasField("task") and res.token else None), False
                 except Exception as e:  # noqa: BLE001 - SuperNode not up yet, or restarting (logged once)
                     if not down:
                         _say("Runtime API at %s refused or not answering (%s: %s); retrying", self.address,
@@ -249,11 +219,9 @@ class TaskWorker:
                     wait = min(wait * 1.5, self.poll_max)
                     continue
                 self.run_task(token)
-                done += 1
                 wait = self.poll_min
         finally:
             client.close()
-        return done
 
 
 # ----------------------------------------------------------------------------- the SuperNode's idle sleep
@@ -369,9 +337,7 @@ def shorten_object_pull_backoff(initial: float = PULL_INITIAL_BACKOFF, cap: floa
 # ----------------------------------------------------------------------------- command lines
 
 def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
+    raw = os.environ.get(name, str(default))
     try:
         v = float(raw)
     except ValueError:
@@ -381,15 +347,16 @@ def _env_float(name: str, default: float) -> float:
     return v
 
 
-def _read_secret(path: str | None) -> bytes | None:
-    if path is None:
+def _read(path: str | None, what: str) -> bytes | None:
+    """The bytes of an operator-given file (None without a path); one line on error."""
+    if not path:
         return None
     try:
         data = Path(path).expanduser().read_bytes()
     except OSError as e:
-        raise SystemExit(f"error: cannot read the SuperExec auth secret {path}: {e.strerror}") from None
+        raise SystemExit(f"error: cannot read {what} {path}: {e.strerror}") from None
     if not data:
-        raise SystemExit(f"error: the SuperExec auth secret {path} is empty")
+        raise SystemExit(f"error: {what} {path} is empty")
     return data
 
 
@@ -398,28 +365,20 @@ def worker_main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m secfed.flower.worker clientapp",
                                 description="Run secfed's ClientApp for a SuperNode started with --isolation process.")
     p.add_argument("--runtime-api-address", default="127.0.0.1:9094", help="the SuperNode's --host:--port")
-    p.add_argument("--root-certificates", default=None,
-                   help="CA that signed the Runtime API's certificate (when the SuperNode serves it over HTTPS)")
-    p.add_argument("--superexec-auth-secret-file", default=None, help="the SuperNode's SuperExec auth secret")
-    p.add_argument("--parent-pid", type=int, default=None, help="stop when this process exits")
-    p.add_argument("--max-tasks", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--root-certificates", help="CA of the Runtime API's certificate (a SuperNode serving HTTPS)")
+    p.add_argument("--superexec-auth-secret-file", help="the SuperNode's SuperExec auth secret")
+    p.add_argument("--parent-pid", type=int, help="stop when this process exits")
     a = p.parse_args(argv)
     _need_flwr()
-    certs = None
-    if a.root_certificates:
-        try:
-            certs = Path(a.root_certificates).expanduser().read_bytes()
-        except OSError as e:
-            raise SystemExit(f"error: cannot read --root-certificates {a.root_certificates}: {e.strerror}") from None
+    worker = TaskWorker(a.runtime_api_address, root_certificates=_read(a.root_certificates, "--root-certificates"),
+                        auth_secret=_read(a.superexec_auth_secret_file, "the SuperExec auth secret"),
+                        poll_min=_env_float("SECFED_WORKER_POLL_MIN", 0.01),
+                        poll_max=_env_float("SECFED_WORKER_POLL_MAX", 0.2))
     if a.parent_pid is not None:
         from flwr.supercore.app_utils import start_parent_process_monitor
 
         start_parent_process_monitor(a.parent_pid)
     shorten_object_pull_backoff()
-    worker = TaskWorker(a.runtime_api_address, root_certificates=certs,
-                        auth_secret=_read_secret(a.superexec_auth_secret_file),
-                        poll_min=_env_float("SECFED_WORKER_POLL_MIN", 0.01),
-                        poll_max=_env_float("SECFED_WORKER_POLL_MAX", 0.2))
     t0 = _time.perf_counter()
     worker.app  # noqa: B018 - import secfed's ClientApp now, not when the first message waits for it
     try:
@@ -429,22 +388,9 @@ def worker_main(argv: list[str] | None = None) -> None:
     _say("ready in %.1f s: serving %s's flwr-clientapp tasks with %s", _time.perf_counter() - t0,
          a.runtime_api_address, SECFED_CLIENTAPP)
     try:
-        worker.serve(a.max_tasks)
+        worker.serve()
     except KeyboardInterrupt:
         pass
-
-
-def _runtime_args(argv: list[str]) -> argparse.Namespace:
-    """The flower-supernode arguments the worker needs (the rest is flwr's business)."""
-    from flwr.supercore.constant import SUPERNODE_UVICORN_DEFAULT_PORT, UVICORN_DEFAULT_HOST
-
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--host", default=UVICORN_DEFAULT_HOST)
-    p.add_argument("--port", default=str(SUPERNODE_UVICORN_DEFAULT_PORT))
-    p.add_argument("--ssl-ca-certfile", default=None)
-    p.add_argument("--superexec-auth-secret-file", default=None)
-    p.add_argument("--isolation", default=None)
-    return p.parse_known_args(argv)[0]
 
 
 def supernode_main(argv: list[str] | None = None) -> None:
@@ -456,12 +402,17 @@ def supernode_main(argv: list[str] | None = None) -> None:
               "supernode ...)\n\nflower-supernode ARGS --isolation process, plus one long-lived secfed ClientApp "
               "worker and short idle polling.\nEvery argument is flower-supernode's: see flower-supernode --help.")
         return
-    known = _runtime_args(args)
+    from flwr.supercore.constant import SUPERNODE_UVICORN_DEFAULT_PORT, UVICORN_DEFAULT_HOST
+
+    p = argparse.ArgumentParser(add_help=False)  # the flower-supernode arguments the worker needs
+    for name, default in (("host", UVICORN_DEFAULT_HOST), ("port", str(SUPERNODE_UVICORN_DEFAULT_PORT)),
+                          ("ssl-ca-certfile", None), ("superexec-auth-secret-file", None), ("isolation", None)):
+        p.add_argument(f"--{name}", default=default)
+    known = p.parse_known_args(args)[0]
     if known.isolation not in (None, "process"):
         raise SystemExit("error: secfed's SuperNode runs its ClientApp in a long-lived worker (--isolation process); "
                          "use flower-supernode itself for --isolation subprocess")
     host = known.host if known.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    host = f"[{host}]" if ":" in host else host
     shorten_object_pull_backoff()
     patch_supernode_polling(PollClock(idle_min=_env_float("SECFED_SUPERNODE_POLL_MIN", 0.05),
                                       idle_max=_env_float("SECFED_SUPERNODE_POLL_MAX", 1.0)))
@@ -472,15 +423,15 @@ def supernode_main(argv: list[str] | None = None) -> None:
         from secfed.flower.deploy import write_secret
 
         secret_dir = Path(tempfile.mkdtemp(prefix="secfed-supernode-"))  # 0700
-        secret = write_secret(secret_dir / "superexec.secret", os.urandom(32).hex().encode())
-        known.superexec_auth_secret_file = str(secret)
+        known.superexec_auth_secret_file = str(write_secret(secret_dir / "superexec.secret", os.urandom(32).hex().encode()))
         args += ["--superexec-auth-secret-file", known.superexec_auth_secret_file]
-    cmd = [sys.executable, "-m", "secfed.flower.worker", "clientapp", "--runtime-api-address",
-           f"{host}:{known.port}", "--parent-pid", str(os.getpid()),
+    cmd = [sys.executable, "-m", "secfed.flower.worker", "clientapp", "--parent-pid", str(os.getpid()),
+           "--runtime-api-address", f"[{host}]:{known.port}" if ":" in host else f"{host}:{known.port}",
            "--superexec-auth-secret-file", known.superexec_auth_secret_file]
     if known.ssl_ca_certfile:
         cmd += ["--root-certificates", known.ssl_ca_certfile]
     worker = subprocess.Popen(cmd)  # same stdout/stderr and process group as this SuperNode
+    stopping = threading.Event()
 
     def stop_worker() -> None:
         stopping.set()
@@ -503,7 +454,6 @@ def supernode_main(argv: list[str] | None = None) -> None:
     from flwr.supercore.exit import add_exit_handler
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    stopping = threading.Event()
     threading.Thread(target=watch_worker, name="secfed-worker-watch", daemon=True).start()
     add_exit_handler(stop_worker)  # flwr_exit (SIGTERM/SIGINT) ends the process without unwinding to us
     sys.argv = ["flower-supernode", *args] + ([] if known.isolation else ["--isolation", "process"])

@@ -6,7 +6,7 @@ background), adds its ``m`` canary clients (each in with probability 1/2, update
 sum, add ``N(0, (z C)^2)``; ``forget_noise = true`` is the planted bug) and scores
 the canaries against the noisy sum. Its rounds.jsonl metrics are the running
 audited lower bound ``audit_eps_lower_bound`` next to the claimed
-``audit_claimed_eps`` (Opacus RDP, sampling rate 1, one step per round).
+``audit_claimed_eps`` (the ledger's RDP accountant, sampling rate 1, one step per round).
 
 Canaries live in the first ``canary_dim`` coordinates of the update vector (the
 whole vector when it is shorter) so that ``m`` orthonormal canaries fit in memory.
@@ -26,13 +26,16 @@ from typing import Any
 
 import torch
 
-from attacks.audit.canary import CanaryAudit, gaussian_sum
-from attacks.audit.one_run import claimed_epsilon
+from attacks.dp_audit.canary import CanaryAudit, gaussian_sum
+from attacks.dp_audit.one_run import claimed_epsilon
 from secfed.errors import ConfigError
 from secfed.interfaces import RoundContext, ServerView, derive_seed
+from secfed.needs import Need
 
 
 class CanaryAuditObserver:
+    needs = Need.ROWS  # the decoded rows as background when the secure sum reveals them (else canaries alone)
+
     def __init__(self, m: int = 1000, clip: float = 1.0, noise_multiplier: float = 1.0, delta: float = 1e-5,
                  confidence: float = 0.95, forget_noise: bool = False, canary_dim: int = 4096,
                  dim: int = 0, seed: int = 0) -> None:

@@ -101,11 +101,11 @@ def audit_from_scores(scores: np.ndarray, included: np.ndarray, delta: float, co
 
 
 def claimed_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    """The epsilon a ledger would claim: Opacus' RDP accountant for the sampled Gaussian mechanism."""
-    from opacus.accountants import RDPAccountant
+    """The epsilon the privacy ledger claims for ``steps`` sampled-Gaussian steps: the ledger's own RDP
+    accountant (:func:`defenses.privacy.analysis.epsilon`, its one set of orders ``ORDERS``), so the audit's
+    "claimed" epsilon and the run's ledger can never differ by a choice of orders."""
+    from defenses.privacy.analysis import epsilon
 
     if noise_multiplier <= 0:
         return math.inf
-    acc = RDPAccountant()
-    acc.history = [(noise_multiplier, sample_rate, steps)]
-    return float(acc.get_epsilon(delta))
+    return epsilon([(noise_multiplier, sample_rate, steps)], delta, "rdp")

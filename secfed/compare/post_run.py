@@ -90,7 +90,7 @@ GREEN = "🟢"
 # Keys of a round record that the engine itself writes; everything else numeric came from a plug-in.
 ENGINE_KEYS = {"round", "sampled", "malicious", "status", "completed", "dropped", "rejected", "bytes_up", "bytes_down",
                "train_loss", "accuracy", "loss", "epsilon", "seconds", "peak_rss_mb"}
-POST_RUN = ("membership", "backdoor") + LLM_ATTACKS  # LLM_ATTACKS: causal-LM runs (attacks.audit.llm)
+POST_RUN = ("membership", "backdoor") + LLM_ATTACKS  # LLM_ATTACKS: causal-LM runs (attacks.post_run.llm)
 
 
 # ---------------------------------------------------------------------------- membership

@@ -7,7 +7,7 @@ update is a fixed random direction of norm ``C`` (a "Dirac/gradient canary"),
 each canary takes part independently with probability 1/2, and the auditor sees
 the aggregate of every round. Its score for canary ``k`` is
 ``s_k = sum_t <aggregate_t, u_k>``; it guesses "in" for the highest scores and
-"out" for the lowest, and :func:`attacks.audit.one_run.audit_from_scores` turns
+"out" for the lowest, and :func:`attacks.dp_audit.one_run.audit_from_scores` turns
 the correct guesses into an epsilon lower bound.
 
 The mechanism audited here is DP-FedAvg's Gaussian mechanism (McMahan et al. 2018):
@@ -15,7 +15,7 @@ every client update (background clients and canaries) is clipped to norm ``C``,
 summed, and ``N(0, (z C)^2 I)`` is added. Each canary is one *user* (add/remove
 neighbouring relation), present in every round (sampling rate 1), so the ledger's
 claim is the RDP epsilon of ``rounds`` compositions of the Gaussian mechanism with
-noise multiplier ``z`` (:func:`attacks.audit.one_run.claimed_epsilon`).
+noise multiplier ``z`` (:func:`attacks.dp_audit.one_run.claimed_epsilon`).
 ``forget_noise=True`` is the planted bug: the mechanism skips the noise while the
 ledger still claims ``z``.
 
@@ -32,7 +32,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from attacks.audit.one_run import AuditResult, audit_from_scores, claimed_epsilon
+from attacks.dp_audit.one_run import AuditResult, audit_from_scores, claimed_epsilon
+from defenses.robust import clip_rows  # the one public row clipping: x * min(1, C / ||x||) (DP-FedAvg's per-client clip)
 
 
 def canary_directions(m: int, d: int, generator: torch.Generator) -> torch.Tensor:
@@ -47,12 +48,6 @@ def canary_directions(m: int, d: int, generator: torch.Generator) -> torch.Tenso
         return (q * torch.sign(torch.diagonal(r))).T.contiguous().float()
     u = u.T.float()
     return u / u.norm(dim=1, keepdim=True)
-
-
-def clip_rows(X: torch.Tensor, clip: float) -> torch.Tensor:
-    """Scale each row to norm at most ``clip`` (DP-FedAvg's per-client clipping)."""
-    norms = X.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return X * torch.clamp(clip / norms, max=1.0)
 
 
 def gaussian_sum(X: torch.Tensor, clip: float, noise_multiplier: float, generator: torch.Generator) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Attacks on a finished run's model (what ``secfed audit`` runs after training; secfed.compare.post_run)."""
