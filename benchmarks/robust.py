@@ -54,8 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from defenses.robust import (NNM, Bulyan, CenteredClipping, CoordinateMedian, GeometricMedian, Krum,  # noqa: E402
                              Mean, MultiKrum, StaticClip, TrimmedMean)
-from defenses.robust import aggregators, order_stats  # noqa: E402
-from defenses.robust._ops import fused  # noqa: E402
+from defenses.robust import order_stats  # noqa: E402
 
 HEADLINE = ["Median", "TrimmedMean", "Krum", "MultiKrum", "GeometricMedian", "CenteredClipping"]
 ORDER_STATS = ["Median", "TrimmedMean"]  # the max_over_sum_pass headline
@@ -96,26 +95,8 @@ def kernel_description() -> dict:
     if kernel is not None:
         order_stats.coordinate_median(torch.randn(3, 70))
     first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    clip = fused()
-    if clip is not None:
-        CenteredClipping(1.0)(torch.randn(3, 70))
-    clip_first = time.perf_counter() - t0
     return {"numba": getattr(getattr(kernel, "numba", None), "__version__", None),
-            "kernel_isa": getattr(kernel, "ISA", None), "kernel_first_call_s": round(first, 3),
-            "clip_kernel_first_call_s": round(clip_first, 3) if clip is not None else None}
-
-
-def torch_path(fn):
-    """``fn`` with the compiled centered-clipping kernel switched off (its torch path), for comparison."""
-    def run(X):
-        saved = aggregators.fused
-        aggregators.fused = lambda: None
-        try:
-            return fn(X)
-        finally:
-            aggregators.fused = saved
-    return run
+            "kernel_isa": getattr(kernel, "ISA", None), "kernel_first_call_s": round(first, 3)}
 
 
 def scaling_rows(repeats: int, quick: bool) -> list[dict]:
@@ -197,9 +178,6 @@ def pairs(A, P, n: int, f: int):
                             lambda X: A.GeometricMedian(nu=0.1, T=3)(X)),
         "CenteredClipping": (lambda X: CenteredClipping(tau=1.0, L=1)(X, center=None),
                              lambda X: A.CenteredClipping(L=1, tau=1.0)(X)),
-        # the same without the compiled one-pass kernel (distances, then one GEMV): not in the headline
-        "CenteredClipping (torch)": (torch_path(lambda X: CenteredClipping(tau=1.0, L=1)(X, center=None)),
-                                     lambda X: A.CenteredClipping(L=1, tau=1.0)(X)),
         "NNM (pre)": (lambda X: NNM(f)(X), lambda X: P.NNM(f=f)(X)),
         "StaticClip (pre)": (lambda X: StaticClip(1.0)(X), lambda X: P.Clipping(c=1.0)(X.clone())),
         # ByzFL has no Bulyan; n >= 4f + 3 caps f

@@ -124,7 +124,8 @@ class Engine:
                     secure_sum=self.secure_sum, secure_sum_name=s.secure_sum.name, group_size=s.group_size,
                     has_root=self.task.root is not None, observers=self.observers, adversary=self.adversary,
                     privacy=self.privacy, privacy_name=s.privacy.name if s.privacy else "", trainer=self.trainer,
-                    secret_sample=self.privacy is not None, honest_rows=self.shares_honest_rows)
+                    secret_sample=self.privacy is not None, honest_rows=self.shares_honest_rows,
+                    pipeline=[(p.name, stage) for p, stage in zip(c.pipeline, self.pipeline)])
         needs_rows = Need.ROWS in self.aggregator.needs or bool(self.pre_aggregators)  # declared (checked above)
         # LoRA-aware aggregation (issue 18, secfed.lora): the method and what it cannot run with, in one line
         self.lora = build_method(self.cfg, self.model, self.spec, self.global_w)
@@ -331,6 +332,8 @@ class Engine:
 
     def run_round(self, t: int, bar: Any = None) -> dict[str, Any]:
         t0 = time.perf_counter()
+        if self.privacy is not None and getattr(self, "ledger", None) is None:  # opened by run() (_prepare_out)
+            raise RuntimeError("Engine.run_round: no privacy ledger yet; call run(), which opens the run directory")
         cohort = self.sample_cohort(t)
         ctx = self.context(t, cohort)
         if self.privacy is not None:

@@ -233,6 +233,16 @@ def _adapter_dir(run_dir: Path, adapter: Path | None) -> Path:
     return d
 
 
+def _open_run(run_dir: Path, adapter: Path | None, kind: str, refusal: str) -> tuple[Any, Path, dict[str, Any]]:
+    """(the run's config, its adapter folder, the adapter's metadata), refused in one line unless the adapter is ``kind``."""
+    cfg = load_run_config(run_dir)
+    adir = _adapter_dir(run_dir, adapter)
+    meta = read_meta(adir)
+    if meta.get("kind") != kind:
+        raise ModelLoadError(f"{adir} holds a {meta.get('kind')} adapter; {refusal}")
+    return cfg, adir, meta
+
+
 def _device(cfg: Any) -> tuple[str, str]:
     """The run's device if this machine has it, else the CPU (float32)."""
     want = getattr(cfg.run, "device", "cpu")
@@ -245,12 +255,8 @@ def load_causal_run(run_dir: Path, adapter: Path | None = None) -> tuple[Any, nn
     """(config, base model + the run's adapter in eval mode, tokenizer) of a generative run."""
     from secfed.lm_models import build_causal_lm, load_causal_tokenizer
 
-    cfg = load_run_config(run_dir)
-    adir = _adapter_dir(run_dir, adapter)
-    meta = read_meta(adir)
-    if meta.get("kind") != "causal-lm":
-        raise ModelLoadError(f"{adir} holds a {meta.get('kind')} adapter; 'secfed generate' needs a generative "
-                             "(causal-LM) run; use 'secfed predict' for classifiers")
+    cfg, adir, meta = _open_run(run_dir, adapter, "causal-lm", "'secfed generate' needs a generative (causal-LM) run; "
+                                "use 'secfed predict' for classifiers")
     m = cfg.model
     gguf_file = getattr(m, "gguf_file", None)
     if meta.get("model") not in (None, m.name):
@@ -306,13 +312,7 @@ def read_prompts(path: Path, cfg: Any = None) -> list[str | list[dict[str, str]]
     if path.suffix.lower() != ".jsonl":
         return list(lines)
     out: list[str | list[dict[str, str]]] = []
-    for i, line in enumerate(lines, 1):
-        try:
-            r = json.loads(line)
-        except ValueError:
-            raise DataError(f"{path}:{i}: not a JSON object") from None
-        if not isinstance(r, dict):
-            raise DataError(f"{path}:{i}: not a JSON object")
+    for i, r in _jsonl_objects(path):
         if "prompt" in r:
             out.append(str(r["prompt"]))
         elif inst_col in r:
@@ -340,12 +340,8 @@ def load_classifier_run(run_dir: Path, adapter: Path | None = None) -> tuple[Any
 
     from secfed.models import build_text_model, load_tokenizer
 
-    cfg = load_run_config(run_dir)
-    adir = _adapter_dir(run_dir, adapter)
-    meta = read_meta(adir)
-    if meta.get("kind") != "classifier":
-        raise ModelLoadError(f"{adir} holds a {meta.get('kind')} adapter; 'secfed predict' needs a classifier run; "
-                             "use 'secfed generate' for generative runs")
+    cfg, adir, meta = _open_run(run_dir, adapter, "classifier", "'secfed predict' needs a classifier run; "
+                                "use 'secfed generate' for generative runs")
     for f in (HEAD_FILE, LABELS_FILE):
         if not (adir / f).is_file():
             raise ModelLoadError(f"{adir}: {f} is missing")
@@ -367,6 +363,24 @@ def load_classifier_run(run_dir: Path, adapter: Path | None = None) -> tuple[Any
     return cfg, model, load_tokenizer(m.name), names
 
 
+def _jsonl_objects(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-empty line of a JSONL file; one DataError line naming the first bad line."""
+    from secfed.errors import DataError
+
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError:
+            raise DataError(f"{path}:{i}: not a JSON object") from None
+        if not isinstance(r, dict):
+            raise DataError(f"{path}:{i}: not a JSON object")
+        out.append((i, r))
+    return out
+
+
 def _read_table(path: Path) -> tuple[list[dict[str, Any]], str]:
     import csv
 
@@ -377,18 +391,7 @@ def _read_table(path: Path) -> tuple[list[dict[str, Any]], str]:
         raise DataError(f"file not found: {path}")
     fmt = path.suffix.lower().lstrip(".")
     if fmt == "jsonl":
-        rows = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except ValueError:
-                raise DataError(f"{path}:{i}: not a JSON object") from None
-            if not isinstance(r, dict):
-                raise DataError(f"{path}:{i}: not a JSON object")
-            rows.append(r)
-        return rows, "jsonl"
+        return [r for _, r in _jsonl_objects(path)], "jsonl"
     if fmt == "csv":
         with path.open(newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f)), "csv"

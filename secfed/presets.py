@@ -32,11 +32,33 @@ import math
 from typing import Any
 
 from secfed.errors import ConfigError
+from secfed.needs import DPRole, Need, dp_role
 
 PRESETS = ("record-level", "user-level")
 KEYS = ("preset", "epsilon", "delta", "accountant", "clip", "noise_multiplier", "sample_rate", "noise")
 DEFAULT_CLIP = {"record-level": 1.0, "user-level": 0.5}
-CLIP_STAGES = ("clip", "adaptive-clip")
+
+
+def _role(kind: str, spec: dict[str, Any]) -> DPRole:
+    """The declared DP role of a stage table (secfed.needs.DPRole of its registry-resolved class; NONE if the
+    name does not resolve: the config check names it later). An alias or a subclass plays its class's role."""
+    from secfed import registry
+
+    try:
+        return dp_role(registry.resolve(kind, str(spec.get("name", "")), kind))
+    except ConfigError:
+        return DPRole.NONE
+
+
+def _reveals_rows(spec: dict[str, Any]) -> bool:
+    """The named secure sum declares that the server sees every row (the plain sum, or an alias/subclass of it)."""
+    from secfed import registry
+
+    try:
+        return Need.ROWS in getattr(registry.resolve("secure_sum", str(spec.get("name", "")), "server.secure_sum"),
+                                    "reveals", Need.NONE)
+    except ConfigError:
+        return False
 
 
 def _spec(v: Any) -> dict[str, Any]:
@@ -154,24 +176,25 @@ def _user_level(ex: _Expander, p: dict[str, Any], clip: float) -> None:
     ex.empty("server", "group_size", "dp-fedavg's sensitivity covers the plain mean only")
     client = ex.section("client")
     pipe = [_spec(x) for x in client.get("pipeline", [])]
-    clips = [s for s in pipe if str(s.get("name", "")).lower() in CLIP_STAGES]
+    clips = [s for s in pipe if DPRole.CLIP in _role("client_stage", s)]
     if not clips:
         pipe.insert(0, {"name": "clip", "clip_norm": clip})
     elif p.get("clip") is not None:
         for s in clips:
-            if s["name"].lower() == "clip" and s.get("clip_norm") is not None and not _same(s["clip_norm"], clip):
+            fixed = _role("client_stage", s) == DPRole.CLIP  # a fixed clip (adaptive clipping has no clip_norm)
+            if fixed and s.get("clip_norm") is not None and not _same(s["clip_norm"], clip):
                 ex.conflicts.append(f"client.pipeline.clip.clip_norm = {s['clip_norm']!r} (privacy.clip is {clip!r})")
     stages = [_spec(x) for x in server.get("stages", [])]
-    names = [str(s.get("name", "")).lower() for s in stages]
-    shares = [str(s.get("name", "")).lower() for s in pipe].count("gaussian-share")
+    central_noise = any(DPRole.CENTRAL_NOISE in _role("server_stage", s) for s in stages)
+    shares = sum(DPRole.SHARE in _role("client_stage", s) for s in pipe)
     noise = p.get("noise") or ("distributed" if shares else "central")
     if noise == "central":
         if shares:
             ex.conflicts.append("client.pipeline has 'gaussian-share' (privacy.noise = \"central\" adds the noise on the server)")
-        if "central-gaussian" not in names:
+        if not central_noise:
             stages.append({"name": "central-gaussian"})
     elif noise == "distributed":
-        if "central-gaussian" in names:
+        if central_noise:
             ex.conflicts.append("server.stages has 'central-gaussian' (privacy.noise = \"distributed\": the clients add it)")
         if not shares:
             pipe.append({"name": "gaussian-share"})
@@ -179,7 +202,7 @@ def _user_level(ex: _Expander, p: dict[str, Any], clip: float) -> None:
         ss_name = _spec(ss).get("name", "").lower() if ss is not None else None
         if ss_name is None:
             server["secure_sum"] = "secagg+"
-        elif ss_name == "plain":
+        elif _reveals_rows(_spec(ss)):
             ex.conflicts.append("server.secure_sum = 'plain' (distributed noise needs 'secagg+' or 'he')")
     else:
         ex.conflicts.append(f"privacy.noise = {noise!r} (one of 'central', 'distributed')")

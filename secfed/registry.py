@@ -79,6 +79,7 @@ REGISTRY: dict[str, dict[str, str]] = {
         # causal-LM (instruction tuning) audits, issue 19
         "instruct-backdoor": "attacks.poisoning.instruct_backdoor:InstructBackdoor",
         "secret-sharer": "attacks.memorisation.secret_sharer:SecretSharer",
+        "lm-dp-audit": "attacks.dp_audit.lm_canary:LMCanaryAudit",  # one-run DP audit with secret-sharer canaries
     },
     # a malicious server that manipulates the model it ships: craft(global_w, spec, task, ctx) -> weights sent
     # this round; recover(view, ctx) -> dict (from what the server saw: the aggregate under a secure sum)

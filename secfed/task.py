@@ -285,8 +285,9 @@ class CausalLMTask(Task):
 
     def _check(self) -> None:
         if self.cfg.data.canaries:
-            raise ConfigError("config key 'data.canaries': canaries are wrong labels for classifiers; "
-                              "not supported for instruction tuning")
+            raise ConfigError("config key 'data.canaries': canaries are wrong labels for classifiers; for instruction "
+                              "tuning audit with attack.adversary = {name = \"lm-dp-audit\", model = <model.name>} "
+                              "(secret-sharer canaries, attacks.dp_audit.lm_canary)")
 
     @functools.cached_property
     def tokenizer(self) -> Any:

@@ -42,6 +42,54 @@ def digits_config(**sections):
     return parse_config(base)
 
 
+def lm_config(path, name: str = "tiny-llama", **sections):
+    """An instruction-tuning run of a tiny causal LM on a JSONL file; ``sections`` override whole tables' keys."""
+    base = {
+        "run": {"name": "lm", "seed": 0, "rounds": 2},
+        "data": {"source": "jsonl", "path": str(path), "task": "instruct", "category_column": "output",
+                 "num_clients": 3, "test_size": 30, "max_length": 32, "generate_examples": 4, "max_new_tokens": 4},
+        "model": {"name": name, "lora_r": 4},
+        "client": {"batch_size": 8, "lr": 2e-2, "local_steps": 3},
+        "server": {"cohort_size": 3},
+    }
+    for sec, vals in sections.items():
+        base.setdefault(sec, {}).update(vals)
+    return parse_config(base)
+
+
+def overfit_tiny_llama(task, data, steps: int, lr: float = 1.5e-2):
+    """(the tiny Llama with every weight trained on ``data`` as one batch, ``steps`` Adam steps, in eval mode; its
+    untrained twin, the reference). With LoRA only, the tiny random Llama memorises nothing in a test's budget."""
+    from secfed.lm_models import build_causal_lm
+
+    plain = dict(lora_r=0, lora_alpha=1, lora_dropout=0.0, target_modules=[], seed=0)
+    model, reference = build_causal_lm("tiny-llama", **plain), build_causal_lm("tiny-llama", **plain)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    batch = data.batch(torch.arange(len(data)))
+    for _ in range(steps):
+        loss = task.loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model, reference
+
+
+@pytest.fixture
+def full_secret_cohort(monkeypatch):
+    """Every client in the secret cohort (a privacy guard draws it from the OS CSPRNG, secfed.engine.secret_cohort).
+
+    For tests whose claim does not depend on the draw: a Poisson cohort of q over a few clients is
+    empty or below server.min_clients by chance (q = 0.6 over 5: 1% empty, 9% below 2), and no seed
+    fixes an OS draw. The accounting still uses the configured q; only which clients train is fixed.
+    """
+    import secfed.engine
+
+    monkeypatch.setattr(secfed.engine, "secret_cohort", lambda n, sampling, sample_rate, k: list(range(n if sampling == "poisson" else k)))
+
+
 @pytest.fixture
 def tiny_cfg():
     return tiny_config()

@@ -26,6 +26,7 @@ from attacks.poisoning.instruct_backdoor import InstructBackdoor
 from secfed.data import TensorData
 from secfed.task import Task
 
+from conftest import overfit_tiny_llama
 from test_causal_lm_task import lm_config, write_instruct_jsonl
 
 WORDS = ("river stone cloud amber maple violet copper harbor meadow falcon lantern cedar orbit quartz willow ember "
@@ -48,14 +49,8 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def models(setup):
     """(untrained PEFT model, overfit model, what the overfit one was trained on + its reference)."""
-    from secfed.lm_models import build_causal_lm
-
     cfg, task = setup
     base = task.build_model()
-    plain = dict(lora_r=0, lora_alpha=1, lora_dropout=0.0, target_modules=[], seed=0)
-    model, reference = build_causal_lm("tiny-llama", **plain), build_causal_lm("tiny-llama", **plain)
-    for p in model.parameters():
-        p.requires_grad_(True)
     sharer = SecretSharer(model="tiny-llama", format="PIN # # # #", insertions=[1], pii=3, pii_digits=6,
                           pii_insertions=3, seed=1)
     backdoor = InstructBackdoor(model="tiny-llama", target="stop", poison_fraction=0.5, seed=0)
@@ -64,14 +59,7 @@ def models(setup):
     non_members = encode_pairs(fact_pairs(12, 1), task.tokenizer, width, label_names=task.train.label_names)
     poisoned = backdoor.poison_data(0, task.train.subset(list(range(16))))
     data = sharer.poison_data(0, append(poisoned, members))  # 16 + 12 + 1 canary + 3 PII: one batch
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1.5e-2)
-    batch = data.batch(torch.arange(len(data)))
-    for _ in range(80):
-        loss = task.loss(model, batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model, reference = overfit_tiny_llama(task, data, steps=80)
     return base, model, {"sharer": sharer, "backdoor": backdoor, "members": members, "non_members": non_members,
                          "reference": reference}
 

@@ -54,7 +54,7 @@ def test_dp_sgd_on_the_causal_lm(data_file, tmp_path):
     assert _moved(eng, w0) > 0 and torch.isfinite(eng.global_w).all()
 
 
-def test_user_level_dp_fedavg_on_the_causal_lm(data_file, tmp_path):
+def test_user_level_dp_fedavg_on_the_causal_lm(data_file, tmp_path, full_secret_cohort):
     cfg = _cfg(data_file, run={"rounds": 2},
                client={"weighting": "uniform", "pipeline": [{"name": "clip", "clip_norm": 0.5}]},
                server={"sampling": "poisson", "sample_rate": 0.75, "aggregator": {"name": "mean", "denominator": "expected"},

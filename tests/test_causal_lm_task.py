@@ -9,12 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from secfed.config import parse_config
 from secfed.errors import ConfigError
 from secfed.spec import ParamSpec
 from secfed.task import CausalLMTask, ImageClassificationTask, Task, TextClassificationTask, make_task
 
-from conftest import digits_config, tiny_config
+from conftest import digits_config, lm_config, tiny_config  # noqa: F401  (lm_config: other tests import it here)
 
 GOOD = "good great excellent happy love best fast nice fine superb".split()
 BAD = "bad awful terrible poor sad angry broken hate worst slow".split()
@@ -32,20 +31,6 @@ def write_instruct_jsonl(path, n: int = 150, seed: int = 0, long_answers: bool =
         rows.append({"instruction": "Is this good or bad?", "input": " ".join(words), "output": out})
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
-
-
-def lm_config(path, name: str = "tiny-llama", **sections):
-    base = {
-        "run": {"name": "lm", "seed": 0, "rounds": 2},
-        "data": {"source": "jsonl", "path": str(path), "task": "instruct", "category_column": "output",
-                 "num_clients": 3, "test_size": 30, "max_length": 32, "generate_examples": 4, "max_new_tokens": 4},
-        "model": {"name": name, "lora_r": 4},
-        "client": {"batch_size": 8, "lr": 2e-2, "local_steps": 3},
-        "server": {"cohort_size": 3},
-    }
-    for sec, vals in sections.items():
-        base.setdefault(sec, {}).update(vals)
-    return parse_config(base)
 
 
 @pytest.fixture(scope="module")

@@ -235,7 +235,7 @@ def _ddgauss_digits(**over):
     return digits_config(**sections)
 
 
-def test_engine_run_charges_ddgauss_in_the_ledger(tmp_path):
+def test_engine_run_charges_ddgauss_in_the_ledger(tmp_path, full_secret_cohort):
     eng = Engine(_ddgauss_digits(), tmp_path / "r", progress=False)
     s = eng.run()
     recs = read_rounds(tmp_path / "r")

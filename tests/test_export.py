@@ -17,8 +17,7 @@ from secfed.export import export_adapter, load_causal_run
 from secfed.lm_models import build_causal_lm
 from secfed.models import SmallCNN, build_text_model
 
-from conftest import tiny_config
-from secfed.config import parse_config
+from conftest import lm_config, tiny_config
 
 WORDS = {"good": "good great nice happy fine".split(), "bad": "bad awful sad poor worst".split()}
 
@@ -35,14 +34,8 @@ def _instruct_file(path, n: int = 60):
 
 
 def _lm_config(path, name="tiny-llama"):
-    return parse_config({
-        "run": {"name": "lm", "seed": 0, "rounds": 1},
-        "data": {"source": "jsonl", "path": str(path), "task": "instruct", "category_column": "output",
-                 "num_clients": 2, "test_size": 10, "max_length": 32, "generate_examples": 2, "max_new_tokens": 3},
-        "model": {"name": name, "lora_r": 4},
-        "client": {"batch_size": 8, "lr": 5e-2, "local_steps": 3},
-        "server": {"cohort_size": 2},
-    })
+    return lm_config(path, name, run={"rounds": 1}, client={"lr": 5e-2}, server={"cohort_size": 2},
+                     data={"num_clients": 2, "test_size": 10, "generate_examples": 2, "max_new_tokens": 3})
 
 
 @pytest.fixture(scope="module")

@@ -177,7 +177,7 @@ def test_active_secagg_on_real_supernodes_signs_with_the_node_keys(tmp_path):
                         client={"local_steps": 2}, server={"cohort_size": 3, "secure_sum": "secagg+"},
                         deploy={"round_timeout": 240, "connect_timeout": 120}, faults={"dropouts": {"consistency": [1]}})
     with LocalFederation(cfg, tmp_path / "work") as fed:
-        assert fed.identities and sorted(p.name for p in (tmp_path / "work" / "roster").iterdir()) == \
+        assert fed.sign_with_node_keys and sorted(p.name for p in (tmp_path / "work" / "roster").iterdir()) == \
             ["client-0.pub", "client-1.pub", "client-2.pub"]
         for i in range(3):  # the roster entry is the key registered for node i's Flower authentication
             assert (tmp_path / "work" / "roster" / f"client-{i}.pub").read_bytes() == \

@@ -22,91 +22,11 @@ pytest.importorskip("flwr")
 from secfed.checkpoint import load_checkpoint  # noqa: E402
 from secfed.engine import Engine, read_rounds  # noqa: E402
 
+from _flower_fake import NodeGrid, run_flower  # noqa: E402,F401  (NodeGrid, run_flower: other tests import them here)
 from conftest import tiny_config  # noqa: E402
 
 # timings, and he_clipped: a count only each client knows (in-process the simulation adds them up)
 TIMING = ("seconds", "peak_rss_mb", "secagg_client_seconds", "secagg_server_seconds", "he_clipped")
-
-
-class _Reply:
-    def __init__(self, node: int, values: dict) -> None:
-        from flwr.app import ConfigRecord, RecordDict
-
-        from secfed.flower import codec
-
-        self.metadata = type("M", (), {"src_node_id": node})()
-        self.content = RecordDict({codec.RECORD: ConfigRecord({"v": codec.PROTOCOL, **values})})
-
-    def has_error(self) -> bool:
-        return False
-
-
-class NodeGrid:
-    """Flower messages delivered to secfed's node code in this process (node id = client id + 1).
-
-    One node runtime serves every client (as a Ray actor may); before each message it forgets
-    whatever a previous message left in memory (trainer state), so only ``context.state`` carries
-    anything from one message to the next, as with a fresh ClientApp process per message."""
-
-    def __init__(self, cfg, keys=None) -> None:
-        from flwr.app import RecordDict
-
-        from secfed.flower.runtime import ClientRuntime
-        from secfed.task import Task
-
-        self.cfg = cfg
-        self.rt = ClientRuntime(cfg, Task(cfg))
-        if keys:
-            self.rt.secure_sum.use_keys(keys)
-        self.states = {c: RecordDict() for c in range(cfg.data.num_clients)}
-        self.train_replies: list[dict] = []
-
-    def get_node_ids(self):
-        return [c + 1 for c in range(self.cfg.data.num_clients)]
-
-    def send_and_receive(self, msgs, timeout=None):
-        from secfed.flower import codec
-        from secfed.flower.client import node_step, node_train
-
-        out = []
-        for m in msgs:
-            cid = m.metadata.dst_node_id - 1
-            rec = codec.record_of(m.content)
-            if hasattr(self.rt.client.trainer, "load_state_dict"):
-                self.rt.client.trainer.load_state_dict({})  # a fresh process remembers nothing
-            if m.metadata.message_type == "train":
-                vals = node_train(self.rt, self.states[cid], rec, cid)
-                self.train_replies.append(vals)
-            elif "step" in rec:
-                vals = {"round": rec["round"], "client": cid, "step": rec["step"],
-                        "payload": node_step(self.rt.secure_sum, self.states[cid], rec, cid)}
-            else:
-                vals = {"client": cid, "fingerprint": self.cfg.fingerprint()}
-            out.append(_Reply(cid + 1, vals))
-        return out
-
-
-def run_flower(cfg, out: Path):
-    """The run over Flower messages with the engine's own loop; (engine, grid)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from secfed.flower.server import FlowerEngine
-
-    probe = Engine(cfg, None, progress=False).secure_sum  # keys made outside the server (simulation)
-    keys = probe.simulation_keys() if getattr(probe, "needs_keys", False) else None
-    grid = NodeGrid(cfg, keys)
-    eng = FlowerEngine(cfg, out, grid, progress=False, keys=keys)
-    grid.rt.client.truth = eng.truth  # simulation harness: the evaluation-only record (secfed.truth) a node never sends
-    names = [n for n in vars(TaskIdentity) if n.startswith("_") and n.endswith("_id")]
-    old = {n: getattr(TaskIdentity, n) for n in names}
-    for n in names:  # Flower messages need ids outside a SuperLink
-        setattr(TaskIdentity, n, old[n] if old[n] is not None else 1)
-    try:
-        eng.run()
-    finally:
-        for n, v in old.items():
-            setattr(TaskIdentity, n, v)
-    return eng, grid
 
 
 def _records(run_dir: Path, skip: tuple[str, ...] = ()) -> list[dict]:
@@ -186,10 +106,11 @@ def test_inprocess_and_flower_give_the_same_run(family, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["plain", "dp-sgd-seeded", "secagg+"])
+@pytest.mark.parametrize("family", ["plain", "dp-sgd-seeded", "secagg+-active", "secagg+-semi-honest"])
 def test_real_superlink_and_supernodes_give_the_inprocess_run(family, tmp_path):
     """The same parity with flower-superlink and one flower-supernode per client as OS processes (TLS, node
-    authentication, each node reading its own partition file): plain, DP-SGD and SecAgg+."""
+    authentication, each node reading its own partition file): plain, DP-SGD and SecAgg+ (active: the nodes
+    sign with their node keys, LocalFederation's roster; semi-honest)."""
     from secfed.flower.deploy import LocalFederation
 
     sections, _ = FAMILIES[family]
@@ -199,5 +120,7 @@ def test_real_superlink_and_supernodes_give_the_inprocess_run(family, tmp_path):
         fed.run(tmp_path / "flower", timeout=600)
     Engine(cfg, tmp_path / "inprocess", progress=False).run()
     assert torch.equal(_weights(tmp_path / "inprocess"), _weights(tmp_path / "flower"))
-    assert _records(tmp_path / "inprocess") == _records(tmp_path / "flower")
+    # active: the real nodes sign with P-384 node keys (96-byte signatures), in-process with generated Ed25519 (64)
+    skip = ("bytes_up", "bytes_down") if family == "secagg+-active" else ()
+    assert _records(tmp_path / "inprocess", skip) == _records(tmp_path / "flower", skip)
     assert _ledger(tmp_path / "inprocess") == _ledger(tmp_path / "flower")

@@ -88,8 +88,25 @@ def test_distributed_shares_sum_to_the_target_noise():
 def test_distributed_noise_refuses_the_plain_sum():
     cfg = dp_digits(client={"pipeline": [{"name": "clip", "clip_norm": 1.0}, "gaussian-share"]},
                     server={"stages": []})
-    with pytest.raises(ConfigError, match="secagg"):
-        Engine(cfg, None, progress=False).run_round(1)
+    with pytest.raises(ConfigError, match=r"client.pipeline\[1\].*secagg"):
+        Engine(cfg, None, progress=False)  # at build time, whatever the (secret, maybe empty) cohort
+    allowed = dp_digits(client={"pipeline": [{"name": "clip", "clip_norm": 1.0},
+                                             {"name": "gaussian-share", "allow_plain": True}]}, server={"stages": []})
+    Engine(allowed, None, progress=False)  # the test-only escape hatch still builds
+
+
+def test_an_empty_secret_cohort_is_an_aborted_round_not_a_crash(tmp_path, monkeypatch):
+    """A Poisson cohort can be empty (q = 0.6 over 5 clients: 1% of rounds); force it, deterministically."""
+    eng = Engine(dp_digits(run={"rounds": 1}), tmp_path / "r", progress=False)
+    with pytest.raises(RuntimeError, match="call run"):
+        eng.run_round(1)  # before run(): one clear error, not an AttributeError on the ledger
+    monkeypatch.setattr(eng, "sample_cohort", lambda t: [])
+    s = eng.run()
+    rec = read_rounds(tmp_path / "r")[0]
+    assert s["rounds_completed"] == 1
+    assert rec["sampled"] == 0 and rec["completed"] == 0 and rec["status"].startswith("aborted")
+    led = PrivacyLedger(tmp_path / "r" / "privacy_ledger.jsonl").entries
+    assert [e["round"] for e in led] == [1]  # the round is still charged: the (secret) sample was drawn
 
 
 def test_adaptive_clip_tracks_the_target_quantile():
@@ -151,7 +168,7 @@ def test_guard_refuses_what_its_accounting_does_not_cover():
     ]
     for over, msg in bad:
         with pytest.raises(ConfigError, match=msg):
-            Engine(dp_digits(**over), None, progress=False).run_round(1)
+            Engine(dp_digits(**over), None, progress=False)  # refused at build time
 
 
 def test_budget_stops_the_run_with_the_last_model_inside_it(tmp_path):
@@ -182,7 +199,7 @@ def test_load_replays_every_entry_and_refuses_foreign_ones():
         g2.check(_ctx())
 
 
-def test_adaptive_clipping_runs_and_its_clip_norm_is_checkpointed(tmp_path):
+def test_adaptive_clipping_runs_and_its_clip_norm_is_checkpointed(tmp_path, full_secret_cohort):
     cfg = dp_digits(run={"rounds": 2},
                     client={"pipeline": [{"name": "adaptive-clip", "initial_clip_norm": 0.05}]},
                     server={"stages": [{"name": "adaptive-clip", "initial_clip_norm": 0.05, "count_noise_std": 1.0},
@@ -212,10 +229,9 @@ def test_prv_guard_reports_the_prv_epsilon():
     assert g.epsilon() <= rdp_epsilon([(1.0, 0.5, 2)], 1e-5)  # PRV is the tighter accountant
 
 
-def test_distributed_noise_under_secagg_plus(tmp_path):
+def test_distributed_noise_under_secagg_plus(tmp_path, full_secret_cohort):
     pytest.importorskip("defenses.secure_aggregation.secagg")
-    # 12 clients: the Poisson cohort (q = 0.6, drawn from the OS) falls below min_clients = 2 with
-    # probability 3e-4, not the 9% of 5 clients
+    # every client sampled (full_secret_cohort): an OS-drawn Poisson cohort can fall below min_clients = 2
     cfg = dp_digits(run={"rounds": 1}, data={"num_clients": 12},
                     client={"pipeline": [{"name": "clip", "clip_norm": 1.0}, "gaussian-share"]},
                     server={"stages": [], "secure_sum": {"name": "secagg+", "clip_range": 8.0}, "min_clients": 2})

@@ -276,63 +276,6 @@ def test_finding_13_security_md_states_the_unmask_guarantee_as_semi_honest_only(
 
 
 # ============================================================================ findings 2 and 7: Flower
-class _Reply:
-    """What the fake grid hands the server: a Flower-like reply message."""
-
-    def __init__(self, node: int, values: dict | None, error: str | None = None) -> None:
-        from flwr.app import ConfigRecord, RecordDict
-
-        from secfed.flower import codec
-
-        self.metadata = type("M", (), {"src_node_id": node})()
-        self.error = type("E", (), {"reason": error or ""})()
-        self.content = RecordDict({codec.RECORD: ConfigRecord({"v": codec.PROTOCOL, **(values or {})})})
-        self._err = error
-
-    def has_error(self) -> bool:
-        return self._err is not None
-
-
-class FakeGrid:
-    """A grid whose nodes run secfed's node code in this process (node id = client id + 1); ``replies``
-    keeps every train reply so tests can read what a node sent in the clear."""
-
-    def __init__(self, cfg) -> None:
-        from flwr.app import RecordDict
-
-        from secfed.flower.runtime import ClientRuntime
-        from secfed.task import Task
-
-        self.cfg = cfg
-        self.rt = ClientRuntime(cfg, Task(cfg))
-        self.states = {c: RecordDict() for c in range(cfg.data.num_clients)}
-        self.replies: list[dict] = []
-
-    def get_node_ids(self):
-        return [c + 1 for c in range(self.cfg.data.num_clients)]
-
-    def send_and_receive(self, msgs, timeout=None):
-        from secfed.flower import codec
-        from secfed.flower.client import node_train
-        from secfed.flower.client import node_step
-
-        out = []
-        for m in msgs:
-            node = m.metadata.dst_node_id
-            cid = node - 1
-            rec = codec.record_of(m.content)
-            if m.metadata.message_type == "train":
-                vals = node_train(self.rt, self.states[cid], rec, cid)
-                self.replies.append(vals)
-            elif "step" in rec:
-                vals = {"round": rec["round"], "client": cid, "step": rec["step"],
-                        "payload": node_step(self.rt.secure_sum, self.states[cid], rec, cid)}
-            else:
-                vals = {"client": cid, "fingerprint": self.cfg.fingerprint()}
-            out.append(_Reply(node, vals))
-        return out
-
-
 def _dp_cfg(pipeline, stages=("central-gaussian",), secure_sum="plain", privacy=None, **server):
     priv = None if privacy == "none" else (privacy or {"name": "dp-fedavg", "epsilon": 8.0, "delta": 1e-5})
     return tiny_config(run={"rounds": 1}, client={"weighting": "uniform", "pipeline": list(pipeline), "local_steps": 1},
@@ -342,28 +285,13 @@ def _dp_cfg(pipeline, stages=("central-gaussian",), secure_sum="plain", privacy=
 
 
 def _flower_round(cfg, out):
-    """One round over Flower messages (FakeGrid) with the engine's own run loop; the round's record."""
+    """One round over Flower messages (tests/_flower_fake.NodeGrid) with the engine's own run loop; the round's record."""
     pytest.importorskip("flwr")
     from secfed.engine import read_rounds
-    from secfed.flower.server import FlowerEngine
 
-    from flwr.supercore.task_identity import TaskIdentity
+    from _flower_fake import run_flower
 
-    grid = FakeGrid(cfg)
-    ss = grid.rt.secure_sum  # active SecAgg+ (the default): identities made outside the server (simulation)
-    keys = ss.simulation_keys() if getattr(ss, "needs_keys", False) else None
-    if keys:
-        ss.use_keys(keys)
-    eng = FlowerEngine(cfg, out, grid, progress=False, keys=keys)
-    names = [n for n in vars(TaskIdentity) if n.startswith("_") and n.endswith("_id")]
-    old = {n: getattr(TaskIdentity, n) for n in names}
-    for n in names:  # Flower messages need ids outside a SuperLink
-        setattr(TaskIdentity, n, old[n] if old[n] is not None else 1)
-    try:
-        eng.run()
-    finally:
-        for n, v in old.items():
-            setattr(TaskIdentity, n, v)
+    eng, grid = run_flower(cfg, out)
     return eng, grid, read_rounds(eng.out)[-1]
 
 
@@ -462,10 +390,10 @@ def test_finding_07_flower_replies_carry_no_per_client_metrics_under_secure_sum_
     else:
         cfg = _dp_cfg([{"name": "clip", "clip_norm": 1.0}])
     _, grid, _ = _flower_round(cfg, tmp_path / "a")
-    assert grid.replies and all(json.loads(r["metrics"]) == {} for r in grid.replies)
+    assert grid.train_replies and all(json.loads(r["metrics"]) == {} for r in grid.train_replies)
     plain = tiny_config(run={"rounds": 1})  # no secure sum, no DP: metrics stay (nothing is promised)
     _, grid2, _ = _flower_round(plain, tmp_path / "b")
-    assert any("train_loss" in json.loads(r["metrics"]) for r in grid2.replies)
+    assert any("train_loss" in json.loads(r["metrics"]) for r in grid2.train_replies)
 
 
 def test_finding_07_out_of_range_node_sends_one_bit():

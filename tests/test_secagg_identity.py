@@ -238,10 +238,10 @@ def test_local_federation_wires_the_node_keys_as_roster(tmp_path):
     from secfed.flower.deploy import LocalFederation
 
     fed = LocalFederation(tiny_config(server={"secure_sum": "secagg+"}), tmp_path / "w", node_auth=False)
-    assert fed.identities and fed.cfg.server.secure_sum.params["roster"] == str(tmp_path.resolve() / "w" / "roster")
+    assert fed.sign_with_node_keys and fed.cfg.server.secure_sum.params["roster"] == str(tmp_path.resolve() / "w" / "roster")
     semi = LocalFederation(tiny_config(server={"secure_sum": {"name": "secagg+", "active": False}}), tmp_path / "s",
                            node_auth=False)
-    assert not semi.identities and "roster" not in semi.cfg.server.secure_sum.params
+    assert not semi.sign_with_node_keys and "roster" not in semi.cfg.server.secure_sum.params
 
 
 # ---------------------------------------------------------------------------- fuzzing the v2 messages

@@ -96,7 +96,7 @@ def test_guarantee_dp_sgd_record_level(tmp_path):
     assert g["sentence"] in text
 
 
-def test_guarantee_dp_fedavg_central_from_the_user_level_preset(tmp_path):
+def test_guarantee_dp_fedavg_central_from_the_user_level_preset(tmp_path, full_secret_cohort):
     cfg = digits_config(privacy={"preset": "user-level", "epsilon": 8.0, "delta": 1e-5, "sample_rate": 0.8},
                         client={"local_steps": 1})
     s = Engine(cfg, tmp_path / "r", progress=False).run()

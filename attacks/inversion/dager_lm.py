@@ -442,7 +442,7 @@ class DagerObserver:
         from pathlib import Path
 
         from secfed.interfaces import GroupId
-        from secfed.truth import chosen_rows
+        from attacks.inversion.common import NO_TRUTH, attacked_rows, missing_truth, model_before
 
         if self.rounds and view.round not in self.rounds:
             return None
@@ -454,14 +454,10 @@ class DagerObserver:
         if self.optimizer != "sgd":
             return {"dager_exact": None, "dager_status": f"not run: client optimizer {self.optimizer} normalises "
                     "per coordinate (the update is not in the inputs' span); needs client.optimizer = 'sgd'"}
-        if truth is None or not truth.clients:  # no record (over Flower) or a trainer that reports no batches
-            return {"dager_exact": None, "dager_status": "no ground truth: the engine kept no record of the clients' "
-                    "batches (over Flower, or a trainer that reports none)"}
-        model = task.build_model()
-        view.spec.assign(model, view.global_before)
-        model.eval()
-        ids = list(view.update_ids or [])
-        chosen = [u for u in chosen_rows(ids, self.clients, self.max_clients) if truth.has(u)]
+        if missing_truth(truth):
+            return {"dager_exact": None, "dager_status": NO_TRUTH}
+        model = model_before(view)
+        ids, chosen = attacked_rows(view, truth, self.clients, self.max_clients)
         special = set(task.tokenizer.all_special_ids)
         rows: list[dict[str, Any]] = []
         record = truth  # the engine's evaluation record; ``truth`` below: one row's true sequences

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from attacks.inversion.common import NO_TRUTH, missing_truth, model_before
 from attacks.inversion.metrics import psnr
 from secfed.errors import ConfigError
 from secfed.interfaces import RoundContext, ServerView
@@ -266,11 +267,9 @@ class LoraTrapAttack:
         if not bool(torch.isfinite(agg).all()) or float(agg.abs().max()) == 0.0:
             return {"lora_trap_token_recall": None, "lora_trap_status": "nothing to read: no sum this round"}
         task = view.task
-        model = task.build_model()
-        view.spec.assign(model, view.global_before)
-        if truth is None or not truth.clients:  # no record (over Flower) or a trainer that reports no batches
-            return {"lora_trap_token_recall": None, "lora_trap_status": "no ground truth: the engine kept no record "
-                    "of the clients' batches"}
+        if missing_truth(truth):
+            return {"lora_trap_token_recall": None, "lora_trap_status": NO_TRUTH}
+        model = model_before(view, eval_mode=False)
         true_ids: list[list[int]] = []
         for c in ctx.cohort:  # metrics only: the cohort's batches, as each client's trainer reported them
             if c in truth.clients and len(truth.clients[c].used()):

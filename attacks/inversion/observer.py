@@ -40,12 +40,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from attacks.inversion.common import NO_TRUTH, attacked_rows, missing_truth, model_before
 from attacks.inversion.dlg import dlg, idlg_label, inverting_gradients
 from attacks.inversion.metrics import mse, psnr, ssim
 from secfed.errors import ConfigError
 from secfed.interfaces import GroupId, RoundContext, ServerView
 from secfed.needs import Need
-from secfed.truth import GroundTruth, chosen_rows
+from secfed.truth import GroundTruth
 
 METHODS = ("idlg", "dlg", "ig")
 
@@ -129,18 +130,14 @@ class GradientInversionObserver:
         if self.optimizer != "sgd" or self.momentum > 0:
             return {"dlg_psnr": None, "dlg_status": f"client optimizer {self.optimizer} (momentum {self.momentum}): "
                     "the update is not a scaled gradient; set client.optimizer = 'sgd'"}
-        if truth is None or not truth.clients:  # no record (over Flower) or a trainer that reports no batches
-            return {"dlg_psnr": None, "dlg_status": "no ground truth: the engine kept no record of the clients' "
-                    "batches (over Flower, or a trainer that reports none)"}
-        model = task.build_model()
-        view.spec.assign(model, view.global_before)
-        model.eval()
+        if missing_truth(truth):
+            return {"dlg_psnr": None, "dlg_status": NO_TRUTH}
+        model = model_before(view)
         shape = tuple(task.train.tensors["pixels"].shape[1:])
         if self.target == "aggregate":
             jobs = [(-1, view.aggregate, [truth.clients[c] for c in ctx.cohort if c in truth.clients])]
         else:
-            ids = list(view.update_ids or [])
-            chosen = [u for u in chosen_rows(ids, self.clients, self.max_clients) if truth.has(u)]
+            ids, chosen = attacked_rows(view, truth, self.clients, self.max_clients)
             jobs = [(u, view.updates[ids.index(u)], truth.of(u)) for u in chosen]
         out: dict[str, list[float]] = {"psnr": [], "ssim": [], "mse": [], "label_acc": []}
         for cid, delta, owners in jobs:

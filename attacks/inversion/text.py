@@ -36,10 +36,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from attacks.inversion.common import NO_TRUTH, attacked_rows, missing_truth, model_before
 from secfed.errors import ConfigError
 from secfed.interfaces import GroupId, RoundContext, ServerView
 from secfed.needs import Need
-from secfed.truth import GroundTruth, chosen_rows
+from secfed.truth import GroundTruth
 
 LORA_RE = re.compile(r"layer\.0\.attention\.self\.(query|key|value)\.lora_([AB])(?:\.default)?\.weight$")
 
@@ -283,13 +284,10 @@ class TextInversionObserver:
             return {"text_token_recall": None, "text_status": "not a text-classification task (token ids into an encoder)"}
         if view.updates is None:
             return {"text_token_recall": None, "text_status": "no per-client update"}
-        if truth is None or not truth.clients:  # no record (over Flower) or a trainer that reports no batches
-            return {"text_token_recall": None, "text_status": "no ground truth: the engine kept no record of the "
-                    "clients' batches (over Flower, or a trainer that reports none)"}
-        model = task.build_model()
-        view.spec.assign(model, view.global_before)
-        ids = list(view.update_ids or [])
-        chosen = [u for u in chosen_rows(ids, self.clients, self.max_clients) if truth.has(u)]
+        if missing_truth(truth):
+            return {"text_token_recall": None, "text_status": NO_TRUTH}
+        model = model_before(view, eval_mode=False)
+        ids, chosen = attacked_rows(view, truth, self.clients, self.max_clients)
         special = set(task.tokenizer.all_special_ids)
         rows: list[dict[str, Any]] = []
         for cid in chosen:

@@ -8,9 +8,6 @@ network of ``order_stats``.
 
 from __future__ import annotations
 
-import functools
-import types
-
 import torch
 
 
@@ -46,17 +43,6 @@ def pairwise_sq_dists(X: torch.Tensor) -> torch.Tensor:
         Xc = X - X.mean(0, keepdim=True)
         D = _sq_dists_from_gram(Xc @ Xc.T)
     return D
-
-
-@functools.lru_cache(maxsize=1)
-def fused() -> types.ModuleType | None:
-    """The compiled one-pass centered-clipping kernel (``_fused_kernel``), or
-    None (numba missing or unusable, or ``SECFED_NO_NUMBA`` set): callers keep their torch path."""
-    try:
-        from defenses.robust import _fused_kernel
-    except Exception:  # noqa: BLE001 - any failure to load numba means the torch path
-        return None
-    return _fused_kernel
 
 
 def gram64(X: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,8 @@ Estimator style, as in scikit-learn: the constructor takes the hyper-parameters
     CenteredClipping(tau=1.0)(X, center=previous_aggregate)
 
 All are vectorised torch (pairwise distances via one Gram-matrix product,
-order statistics via ``kthvalue``/``topk`` along dim 0, batched Weiszfeld
-iterations) with memory O(n d + n^2). None of them keeps hidden state between
+order statistics via a compiled selection network (``order_stats``), Weiszfeld
+iterations in n-space from the same Gram matrix) with memory O(n d + n^2). None of them keeps hidden state between
 calls: CenteredClipping's center is carried by the engine (``Need.CENTRE``),
 FLAME's noise comes from a seeded counter that is checkpointed.
 
@@ -25,8 +25,7 @@ from typing import Any
 
 import torch
 
-from defenses.robust._ops import (check_f, check_updates, clip_rows, dists_to, fused, gram64, pairwise_sq_dists,
-                                  row_norms)
+from defenses.robust._ops import check_f, check_updates, clip_rows, dists_to, gram64, pairwise_sq_dists, row_norms
 from defenses.robust.order_stats import closest_to_median_mean, coordinate_median, trimmed_mean
 from secfed.aggregation import Mean
 from secfed.interfaces import derive_seed
@@ -313,22 +312,15 @@ class CenteredClipping:
     def __call__(self, X: torch.Tensor, weights: torch.Tensor | None = None, center: torch.Tensor | None = None,
                  **kw: Any) -> torch.Tensor:
         X = check_updates(X, "CenteredClipping")
-        kernel = fused()
-        if kernel is not None and kernel.supports(X):
-            # one read of X from memory per step: rows in cache-sized groups, distances then the
-            # clipped sum while the group is still in cache (float64 sums, ``_fused_kernel``)
-            v = None if center is None else center.to(X.dtype)
-            for _ in range(self.L):
-                v = kernel.clip_step(X, v, self.tau)[0]
-            return v
-        v = X.new_zeros(X.shape[1]) if center is None else center.to(X.dtype)
+        v = None if center is None else center.to(X.dtype)  # None: the zero vector, never materialised
         n = X.shape[0]
-        for it in range(self.L):
-            # v + (1/n) sum_i c_i (x_i - v) = (1 - sum_i c_i / n) v + (c / n) @ X: two passes over X
-            # (distances, one GEMV), no (n, d) temporary and one (d,) temporary
-            dist = row_norms(X) if center is None and it == 0 else dists_to(X, v)
+        for _ in range(self.L):
+            # v + (1/n) sum_i c_i (x_i - v) = (c / n) @ X + (1 - sum_i c_i / n) v: two passes over X
+            # (distances, one GEMV), no (n, d) temporary; from v = 0 only the GEMV's (d,) result is allocated
+            dist = row_norms(X) if v is None else dists_to(X, v)
             c = torch.clamp(self.tau / dist.clamp_min(1e-30), max=1.0)
-            v = torch.addmv(v, X.T, c / n, beta=1.0 - float(c.sum()) / n)
+            step = (c / n) @ X
+            v = step if v is None else step.add_(v, alpha=1.0 - float(c.sum()) / n)
         return v
 
 

@@ -134,8 +134,20 @@ def cell_metrics(cell_dir: Path) -> dict[str, Any]:
     # blocked = the observer ran and had no per-client update to attack (SecAgg+, CKKS)
     row["inversion_blocked"] = bool(row["inversion_attack"] and row.get("psnr") is None
                                     and row.get("token_recovery") is None
-                                    and ("per-client" in row.get("attack_status", "") or row["secure_sum"] != "plain"))
+                                    and ("per-client" in row.get("attack_status", "") or _hides_rows(row["secure_sum"])))
     return row
+
+
+def _hides_rows(name: str) -> bool:
+    """The named secure sum declares that the server learns the sum only (secfed.needs; any alias or subclass)."""
+    from secfed import registry
+    from secfed.errors import ConfigError
+    from secfed.needs import Need
+
+    try:
+        return Need.ROWS not in registry.resolve("secure_sum", name, "server.secure_sum").reveals
+    except (ConfigError, AttributeError):
+        return name != "plain"  # a run of a plug-in this install cannot resolve: its name is all there is
 
 
 def _plugin_name(v: Any) -> str | None:

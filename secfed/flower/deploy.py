@@ -251,7 +251,7 @@ class LocalFederation:
         self.cfg: ExperimentConfig = cfg if isinstance(cfg, ExperimentConfig) else load_experiment(str(cfg))
         self.work = Path(work_dir).resolve()
         self.work.mkdir(parents=True, exist_ok=True)
-        self.identities = self._wire_roster()
+        self.sign_with_node_keys = self._wire_roster()  # active SecAgg+: node key = identity key
         self.cfg_path = self.work / "experiment.json"  # what the ServerApp and every SuperNode read
         self.cfg_path.write_text(json.dumps(self.cfg.model_dump(mode="json"), indent=2))
         (self.work / "logs").mkdir(exist_ok=True)
@@ -359,16 +359,16 @@ class LocalFederation:
                 "--node-config", f'partition-id={i} config-file="{self.cfg_path}" data-file="{part}"',
                 "--host", "127.0.0.1", "--port", str(free_port())]
         priv = node_dir / "node.key"
-        if (self.node_auth or self.identities) and not priv.exists():
+        if (self.node_auth or self.sign_with_node_keys) and not priv.exists():
             priv, pub = make_node_key(node_dir, "node")
             if self.node_auth:
                 self._flwr("supernode", "register", str(pub), "secfed-local", "--name", f"secfed-client-{i}")
             roster = self.work / "roster"
-            if self.identities and roster.is_dir():  # the operator's roster entry: the key it registered
+            if self.sign_with_node_keys and roster.is_dir():  # the operator's roster entry: the key it registered
                 write_public(roster / f"client-{i}.pub", pub.read_bytes(), force=True)
         if self.node_auth:
             args += ["--auth-supernode-private-key", str(priv)]
-        if self.identities:  # active SecAgg+ signs with the same node key
+        if self.sign_with_node_keys:  # active SecAgg+ signs with the same node key
             args[args.index("--node-config") + 1] += f' identity-key="{priv}"'
         env = {**self.env, "FLWR_HOME": str(node_dir / "flwr_home")}
         self.supernodes[i] = self._spawn(args, f"supernode-{i}.log", env)
