@@ -77,6 +77,22 @@ def overfit_tiny_llama(task, data, steps: int, lr: float = 1.5e-2):
     return model, reference
 
 
+def dp_sgd_round(cfg, adversary: dict, out):
+    """(summary, round record) of one round of ``cfg`` under record-level DP-SGD (epsilon 8, delta 1e-5) with
+    ``attack.adversary = adversary``."""
+    import json
+
+    from secfed.engine import Engine
+
+    raw = cfg.model_dump(mode="json")
+    raw["run"]["rounds"] = 1
+    raw["client"]["trainer"] = {"name": "dp-sgd", "max_grad_norm": 1.0}
+    raw["server"]["privacy"] = {"name": "dp-sgd", "epsilon": 8.0, "delta": 1e-5}
+    raw["attack"]["adversary"] = adversary
+    summary = Engine(parse_config(raw), out, progress=False).run()
+    return summary, [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()][-1]
+
+
 @pytest.fixture
 def full_secret_cohort(monkeypatch):
     """Every client in the secret cohort (a privacy guard draws it from the OS CSPRNG, secfed.engine.secret_cohort).

@@ -26,7 +26,7 @@ from attacks.poisoning.instruct_backdoor import InstructBackdoor
 from secfed.data import TensorData
 from secfed.task import Task
 
-from conftest import overfit_tiny_llama
+from conftest import dp_sgd_round, overfit_tiny_llama
 from test_causal_lm_task import lm_config, write_instruct_jsonl
 
 WORDS = ("river stone cloud amber maple violet copper harbor meadow falcon lantern cedar orbit quartz willow ember "
@@ -209,18 +209,8 @@ def test_tradeoffs_llm_grid_parses():
 
 def test_planted_canaries_train_under_dp_sgd(setup, tmp_path):
     """The planting seam composes with DP-SGD (per-example clipping sees the canary records as examples)."""
-    from secfed.config import parse_config
-    from secfed.engine import Engine
-
-    cfg, _ = setup
-    raw = cfg.model_dump(mode="json")
-    raw["run"]["rounds"] = 1
-    raw["client"]["trainer"] = {"name": "dp-sgd", "max_grad_norm": 1.0}
-    raw["server"]["privacy"] = {"name": "dp-sgd", "epsilon": 8.0, "delta": 1e-5}
-    raw["attack"]["adversary"] = {"name": "secret-sharer", "model": "tiny-llama", "format": "PIN # #",
-                                  "insertions": [16], "track": True, "samples": 50}
-    summary = Engine(parse_config(raw), tmp_path / "dp", progress=False).run()
-    rec = [json.loads(x) for x in (tmp_path / "dp" / "rounds.jsonl").read_text().splitlines()][-1]
+    summary, rec = dp_sgd_round(setup[0], {"name": "secret-sharer", "model": "tiny-llama", "format": "PIN # #",
+                                           "insertions": [16], "track": True, "samples": 50}, tmp_path / "dp")
     assert rec["epsilon"] <= 8.0 + 1e-9 and 0 <= rec["canary_exposure_bits_x16"] <= np.log2(100) + 1e-9
     assert summary
 

@@ -9,18 +9,15 @@ bound must stay below the epsilon the ledger claims.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 from attacks.dp_audit.lm_canary import LMCanaryAudit, audit_lm_canaries, lm_canaries
 from secfed.config import parse_config
-from secfed.engine import Engine
 from secfed.errors import ConfigError
 from secfed.task import Task
 
-from conftest import lm_config, overfit_tiny_llama
+from conftest import dp_sgd_round, lm_config, overfit_tiny_llama
 from test_causal_lm_task import write_instruct_jsonl
 
 
@@ -61,14 +58,8 @@ def test_memorised_canaries_give_a_positive_bound_and_an_untrained_model_none(se
 
 
 def test_the_bound_stays_below_the_claimed_epsilon_under_dp_sgd(setup, tmp_path):
-    cfg, _ = setup
-    raw = cfg.model_dump(mode="json")
-    raw["run"]["rounds"] = 1
-    raw["client"]["trainer"] = {"name": "dp-sgd", "max_grad_norm": 1.0}
-    raw["server"]["privacy"] = {"name": "dp-sgd", "epsilon": 8.0, "delta": 1e-5}
-    raw["attack"]["adversary"] = {"name": "lm-dp-audit", "model": "tiny-llama", "m": 16, "delta": 1e-5}
-    Engine(parse_config(raw), tmp_path / "dp", progress=False).run()
-    rec = [json.loads(x) for x in (tmp_path / "dp" / "rounds.jsonl").read_text().splitlines()][-1]
+    _, rec = dp_sgd_round(setup[0], {"name": "lm-dp-audit", "model": "tiny-llama", "m": 16, "delta": 1e-5},
+                          tmp_path / "dp")
     assert rec["lm_audit_canaries"] == 16 and rec["lm_audit_records_per_canary"] == 1
     assert 0.0 <= rec["lm_audit_eps_lower_bound"] <= rec["epsilon"] <= 8.0 + 1e-9
 

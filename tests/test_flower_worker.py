@@ -191,7 +191,7 @@ def test_one_round_sends_every_node_the_same_train_content(tmp_path, monkeypatch
     """Issue 20: Flower stores and pushes a message's content as content-addressed objects, so a round whose
     train messages share one content pushes the weights once, not once per SuperNode (n + 2 objects, not 3n)."""
     from conftest import tiny_config
-    from test_parity_matrix import NodeGrid, run_flower
+    from _flower_fake import NodeGrid, run_flower
 
     sent: list = []
     deliver = NodeGrid.send_and_receive

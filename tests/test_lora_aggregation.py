@@ -231,7 +231,8 @@ def test_ffa_with_heterogeneous_ranks_under_secagg_is_the_same_run_over_flower(t
     """The node code (secfed.flower.client via the parity grid) builds the same frozen A and the same rank view."""
     pytest.importorskip("flwr")
     from secfed.engine import Engine
-    from test_parity_matrix import _weights, run_flower
+    from _flower_fake import run_flower
+    from test_parity_matrix import _weights
 
     cfg = tiny_config(lora={"aggregation": "ffa", "client_ranks": [2, 4]}, server={"secure_sum": "secagg+"})
     Engine(cfg, tmp_path / "a", progress=False).run()

@@ -2,7 +2,7 @@
 
 The Flower side is the real ServerApp code (:class:`~secfed.flower.server.FlowerEngine`) and the real
 node code (``node_train`` / ``node_step`` of :mod:`secfed.flower.client`) with Flower ``Message`` objects
-in between, on a grid that delivers them in this process (:class:`NodeGrid`). Like flwr 1.41's SuperNode
+in between, on a grid that delivers them in this process (``tests/_flower_fake.py``, ``NodeGrid``). Like flwr 1.41's SuperNode
 (a fresh ``flwr-clientapp`` process per message), a node keeps nothing in memory between messages but
 its Flower ``context.state``. Compared: the final weights (bit for bit), the privacy ledger's entries
 and every round record (timings aside). Where the noise is secret (CSPRNG, under a privacy guard) the
@@ -22,7 +22,7 @@ pytest.importorskip("flwr")
 from secfed.checkpoint import load_checkpoint  # noqa: E402
 from secfed.engine import Engine, read_rounds  # noqa: E402
 
-from _flower_fake import NodeGrid, run_flower  # noqa: E402,F401  (NodeGrid, run_flower: other tests import them here)
+from _flower_fake import run_flower  # noqa: E402  (the grid: tests/_flower_fake.py NodeGrid)
 from conftest import tiny_config  # noqa: E402
 
 # timings, and he_clipped: a count only each client knows (in-process the simulation adds them up)
