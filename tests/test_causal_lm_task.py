@@ -258,5 +258,5 @@ def test_a_supernode_builds_the_causal_lm_task_from_its_partition(tmp_path, data
     ref = eng.local_update(1, ctx)
     rt = ClientRuntime(cfg, part)
     assert torch.equal(rt.global_w, eng.global_w)
-    got = rt.local_update(1, rt.context(1, [0, 1, 2]))
+    got = rt.client.local_update(1, rt.context(1, [0, 1, 2]))  # the node's ClientRound (secfed.rounds)
     assert torch.equal(ref.delta, got.delta)
