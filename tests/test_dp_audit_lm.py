@@ -70,3 +70,15 @@ def test_classifier_canaries_point_a_generative_run_to_the_lm_audit(setup):
     raw["data"]["canaries"] = 4
     with pytest.raises(ConfigError, match="lm-dp-audit"):
         Task(parse_config(raw))
+
+
+def test_the_lm_audit_experiment_parses_and_builds_its_adversary():
+    from pathlib import Path
+
+    from secfed import registry
+    from secfed.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "experiments" / "lm_dp_audit.toml")
+    adv = registry.build("adversary", cfg.attack.adversary, "attack.adversary", num_clients=cfg.data.num_clients)
+    assert isinstance(adv, LMCanaryAudit) and len(adv.audit_canaries) == 64
+    assert adv.model_name == cfg.model.name and adv.system_prompt == cfg.data.system_prompt
