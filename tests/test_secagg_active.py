@@ -10,6 +10,7 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from _mutations import mutate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -205,21 +206,9 @@ def test_valid_active_messages_decode(name):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzzed_active_messages_raise_only_malformed(name, data):
-    buf = bytearray(VALID[name])
-    kind = data.draw(st.sampled_from(["flip", "truncate", "extend", "random", "count"]))
-    if kind == "flip":
-        i = data.draw(st.integers(0, len(buf) - 1))
-        buf[i] ^= data.draw(st.integers(1, 255))
-    elif kind == "truncate":
-        buf = buf[: data.draw(st.integers(0, len(buf) - 1))]
-    elif kind == "extend":
-        buf += data.draw(st.binary(min_size=1, max_size=80))
-    elif kind == "random":
-        buf = bytearray(data.draw(st.binary(max_size=300)))
-    elif len(buf) >= msg.HEADER.size + 4:  # a huge count with a short body must not allocate
-        buf[msg.HEADER.size:msg.HEADER.size + 4] = data.draw(st.integers(0, 2**32 - 1)).to_bytes(4, "little")
+    buf = mutate(data, VALID[name], ("flip", "truncate", "extend", "random", "count"), msg.HEADER.size, extend_max=80)
     try:
-        DECODE[name](bytes(buf))
+        DECODE[name](buf)
     except MalformedMessage:
         pass
 

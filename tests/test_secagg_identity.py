@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from _mutations import mutate
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from defenses.secure_aggregation import active as act
@@ -291,21 +292,8 @@ def test_version_1_and_odd_signature_lengths_are_refused():
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzzed_mixed_scheme_messages_raise_only_malformed(name, data):
-    buf = bytearray(MIXED[name])
-    kind = data.draw(st.sampled_from(["flip", "truncate", "extend", "siglen", "count"]))
-    if kind == "flip":
-        i = data.draw(st.integers(0, len(buf) - 1))
-        buf[i] ^= data.draw(st.integers(1, 255))
-    elif kind == "truncate":
-        buf = buf[: data.draw(st.integers(0, len(buf) - 1))]
-    elif kind == "extend":
-        buf += data.draw(st.binary(min_size=1, max_size=140))
-    elif kind == "siglen":  # any byte may be a signature length: set one to a plausible size
-        i = data.draw(st.integers(msg.HEADER.size, len(buf) - 1))
-        buf[i] = data.draw(st.sampled_from([0, 63, 64, 96, 132, 255]))
-    elif len(buf) >= msg.HEADER.size + 4:
-        buf[msg.HEADER.size:msg.HEADER.size + 4] = data.draw(st.integers(0, 2**32 - 1)).to_bytes(4, "little")
+    buf = mutate(data, MIXED[name], ("flip", "truncate", "extend", "siglen", "count"), msg.HEADER.size, extend_max=140)
     try:
-        DECODE[name](bytes(buf))
+        DECODE[name](buf)
     except MalformedMessage:
         pass
