@@ -374,7 +374,7 @@ def main() -> None:
     doc = {"headline": doc.pop("headline"), **doc}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
-    if runs:
+    if any(k.startswith("sample_") for k in runs):  # no curve to draw before a DP-SGD run exists
         plot_curve(doc, out.with_name("dp_quick_curve.png") if a.quick else OUT.with_name("dp_curve.png"))
     print(json.dumps(doc["headline"], indent=2))
 
