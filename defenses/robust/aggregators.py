@@ -21,7 +21,7 @@ libraries are stated per class and pinned by ``tests/test_robust_golden.py``.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -253,15 +253,33 @@ class GeometricMedian:
             return D.sqrt()
 
         dist = dists(alpha) if self.init == "mean" else sq.sqrt()
-        if dist is None:
-            return None
+        return None if dist is None else self._iterate(alpha, dist, lambda b: dists(b / b.sum()))
+
+    def _exact(self, X: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """Weiszfeld with every distance from block-wise differences (two passes over X per iteration)."""
+        if self.max_iter == 0:
+            return alpha @ X if self.init == "mean" else X.new_zeros(X.shape[1])
+        last: dict[str, torch.Tensor] = {}
+
+        def dists(b: torch.Tensor) -> torch.Tensor:
+            last["beta"], last["z"] = b, (b @ X) / b.sum()
+            return dists_to(X, last["z"])
+
+        beta = self._iterate(alpha, dists_to(X, alpha @ X) if self.init == "mean" else row_norms(X), dists)
+        return last["z"] if last.get("beta") is beta else (beta @ X) / beta.sum()
+
+    def _iterate(self, alpha: torch.Tensor, dist: torch.Tensor,
+                 dists: Callable[[torch.Tensor], torch.Tensor | None]) -> torch.Tensor | None:
+        """Weiszfeld's loop on the weights: ``beta = alpha / max(dist, nu)``, ``dists(beta)`` the distances
+        to the iterate ``beta X / sum(beta)`` (None: give up); stops after ``max_iter`` or when the objective
+        ``alpha . dist`` changes by at most ``tol`` relative. Returns the last ``beta``."""
         obj = float(alpha @ dist)
         beta = alpha
         for it in range(self.max_iter):
             beta = alpha / dist.clamp_min(self.nu)
             if self.tol == 0 and it == self.max_iter - 1:
                 break  # the distances to the last iterate are not needed
-            dist = dists(beta / beta.sum())
+            dist = dists(beta)
             if dist is None:
                 return None
             if self.tol > 0:
@@ -270,24 +288,6 @@ class GeometricMedian:
                     break
                 obj = new
         return beta
-
-    def _exact(self, X: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        """Weiszfeld with every distance from block-wise differences (two passes over X per iteration)."""
-        z = alpha @ X if self.init == "mean" else X.new_zeros(X.shape[1])
-        dist = dists_to(X, z) if self.init == "mean" else row_norms(X)
-        obj = float(alpha @ dist)
-        for it in range(self.max_iter):
-            beta = alpha / dist.clamp_min(self.nu)
-            z = (beta @ X) / beta.sum()
-            if self.tol == 0 and it == self.max_iter - 1:
-                break  # the distances to the last iterate are not needed
-            dist = dists_to(X, z)
-            if self.tol > 0:
-                new = float(alpha @ dist)
-                if abs(obj - new) <= self.tol * max(new, 1e-30):
-                    break
-                obj = new
-        return z
 
 
 class CenteredClipping:
