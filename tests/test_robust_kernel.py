@@ -235,3 +235,59 @@ def test_closest_to_median_mean_ties_keep_the_lower_value():
     assert float(closest_to_median_mean(X, 3)) == 3.0
     with pytest.raises(ValueError, match="beta"):
         closest_to_median_mean(X, 6)
+
+
+# --- the Gram kernel (defenses/robust/_gram_kernel.py, issue 20) ---------------------------------
+
+G = pytest.importorskip("defenses.robust._gram_kernel", exc_type=ImportError)
+
+
+@pytest.mark.parametrize("n, d", [(1, 5), (2, 0), (3, 2049), (4, 4096), (5, 7), (7, 3000), (13, 10007), (50, 4099)])
+def test_gram_kernel_matches_a_float64_product(n, d):
+    """Every shape class: n below/at/above the 4-row block, remainder rows, d = 0, a partial last chunk."""
+    g = torch.Generator().manual_seed(n * 1000 + d)
+    X = torch.randn(n, d, generator=g) * torch.logspace(-3, 3, n)[:, None] + 0.5
+    ref = X.double() @ X.double().T
+    got = G.gram(X)
+    assert got.dtype == torch.float64 and got.shape == (n, n)
+    assert torch.equal(got, got.T)
+    # float32 sums of at most CHUNK products: far inside the BLAS bound gram64 documents (2.3e-6)
+    scale = ref.diagonal()[:, None].sqrt() * ref.diagonal()[None, :].sqrt()
+    assert bool(((got - ref).abs() <= 1e-6 * scale + 1e-30).all())
+
+
+def test_gram_kernel_is_independent_of_the_thread_count():
+    X = torch.randn(9, 3 * G.CHUNK * G.SLOTS + 17)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = G.gram(X)
+        torch.set_num_threads(2)
+        two = G.gram(X)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
+
+
+def test_gram64_routes_float32_to_the_kernel_and_other_dtypes_to_blas(monkeypatch):
+    from defenses.robust import _ops
+
+    calls = []
+    monkeypatch.setattr(G, "gram", lambda X: calls.append(X.dtype) or (X.double() @ X.double().T))
+    _ops.gram64(torch.randn(3, 10))
+    _ops.gram64(torch.randn(3, 10, dtype=torch.float64))
+    _ops.gram64(torch.randn(3, 10, requires_grad=True))
+    assert calls == [torch.float32]
+
+
+def test_krum_selection_is_the_same_with_the_blas_gram(monkeypatch):
+    """The kernel changes G by far less than Krum's score gaps: the same winners as ``X @ X.T``."""
+    from defenses.robust import _ops
+    from defenses.robust.aggregators import Krum
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(31, 20000, generator=g) + 0.5 * torch.randn(1, 20000, generator=g)
+    X[:6] += 0.3  # six attackers off to one side
+    fast = Krum(f=6).select(X, 25)
+    monkeypatch.setattr(_ops, "_gram_kernel", lambda: None)
+    assert torch.equal(fast, Krum(f=6).select(X, 25))
