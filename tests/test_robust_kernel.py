@@ -289,5 +289,44 @@ def test_krum_selection_is_the_same_with_the_blas_gram(monkeypatch):
     X = torch.randn(31, 20000, generator=g) + 0.5 * torch.randn(1, 20000, generator=g)
     X[:6] += 0.3  # six attackers off to one side
     fast = Krum(f=6).select(X, 25)
-    monkeypatch.setattr(_ops, "_gram_kernel", lambda: None)
+    monkeypatch.setattr(_ops, "compiled", lambda name: None)
     assert torch.equal(fast, Krum(f=6).select(X, 25))
+
+
+# --- the centred-clipping kernel (defenses/robust/_clip_kernel.py, issue 20) ---------------------
+
+C = pytest.importorskip("defenses.robust._clip_kernel", exc_type=ImportError)
+
+
+@pytest.mark.parametrize("n, d, centred, L", [(1, 3, False, 1), (5, 0, True, 1), (7, 4097, False, 2),
+                                              (12, 10000, True, 3), (40, 70000, True, 1)])
+def test_centered_clipping_kernel_matches_the_torch_path(n, d, centred, L, monkeypatch):
+    from defenses.robust import _ops, aggregators
+
+    g = torch.Generator().manual_seed(n + d)
+    X = torch.randn(n, d, generator=g) * torch.logspace(-2, 1, n)[:, None]
+    center = torch.randn(d, generator=g) * 0.1 if centred else None
+    agg = aggregators.CenteredClipping(tau=0.5 * max(d, 1) ** 0.5, L=L)
+    fast = agg(X, center=center)
+    monkeypatch.setattr(_ops, "compiled", lambda name: None)
+    monkeypatch.setattr(aggregators, "compiled", lambda name: None)
+    slow = agg(X, center=center)
+    assert fast.dtype == slow.dtype and fast.shape == slow.shape
+    assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-6 * float(X.abs().max()) if d else 0.0)
+
+
+def test_clip_kernel_weights_and_thread_independence():
+    X = torch.tensor([[3.0, 4.0], [0.3, 0.4], [6.0, 8.0]])  # norms 5, 0.5, 10
+    out, c = C.clipped_sum(X, None, 1.0, 1.0)
+    assert torch.allclose(c, torch.tensor([0.2, 1.0, 0.1], dtype=torch.float64))
+    assert torch.allclose(out, torch.tensor([0.6 + 0.3 + 0.6, 0.8 + 0.4 + 0.8]))
+    Y = torch.randn(33, 3 * C.CHUNK + 5)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = C.clipped_sum(Y, Y[3], 2.0, 0.5)[0]
+        torch.set_num_threads(2)
+        two = C.clipped_sum(Y, Y[3], 2.0, 0.5)[0]
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)

@@ -10,6 +10,7 @@ networks of ``order_stats``.
 from __future__ import annotations
 
 import functools
+import importlib
 import types
 
 import torch
@@ -49,14 +50,15 @@ def pairwise_sq_dists(X: torch.Tensor) -> torch.Tensor:
     return D
 
 
-@functools.lru_cache(maxsize=1)
-def _gram_kernel() -> types.ModuleType | None:
-    """The numba Gram kernel, or None (numba missing or unusable, or ``SECFED_NO_NUMBA`` set)."""
+@functools.lru_cache(maxsize=None)
+def compiled(name: str) -> types.ModuleType | None:
+    """The numba kernel module ``defenses.robust.<name>`` (``_select_kernel``, ``_gram_kernel``,
+    ``_clip_kernel``), or None (numba missing or unusable, or ``SECFED_NO_NUMBA`` set): the caller then
+    takes its torch path. Imported on first use, not with the package: numba costs ~0.5 s to import."""
     try:
-        from defenses.robust import _gram_kernel
-    except Exception:  # noqa: BLE001 - any failure to load numba means the BLAS product
+        return importlib.import_module(f"defenses.robust.{name}")
+    except Exception:  # noqa: BLE001 - any failure to load numba means the torch path
         return None
-    return _gram_kernel
 
 
 def gram64(X: torch.Tensor) -> torch.Tensor:
@@ -69,7 +71,7 @@ def gram64(X: torch.Tensor) -> torch.Tensor:
     for the BLAS bound: a quantity formed from G, like ``|x_i|^2 + |x_j|^2 - 2 G_ij``, carries an
     absolute error of about ``5e-6 (|x_i|^2 + |x_j|^2)``; they guard against cancellation.
     """
-    kernel = _gram_kernel()
+    kernel = compiled("_gram_kernel")
     if kernel is not None and kernel.supports(X):
         return kernel.gram(X)
     G = (X @ X.T).double()

@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 import torch
 
-from defenses.robust._ops import check_f, check_updates, clip_rows, dists_to, gram64, pairwise_sq_dists, row_norms
+from defenses.robust._ops import (check_f, check_updates, clip_rows, compiled, dists_to, gram64, pairwise_sq_dists,
+                                  row_norms)
 from defenses.robust.order_stats import closest_to_median_mean, coordinate_median, trimmed_mean
 from secfed.aggregation import Mean
 from secfed.interfaces import derive_seed
@@ -314,13 +315,20 @@ class CenteredClipping:
         X = check_updates(X, "CenteredClipping")
         v = None if center is None else center.to(X.dtype)  # None: the zero vector, never materialised
         n = X.shape[0]
+        kernel = compiled("_clip_kernel")
         for _ in range(self.L):
-            # v + (1/n) sum_i c_i (x_i - v) = (c / n) @ X + (1 - sum_i c_i / n) v: two passes over X
-            # (distances, one GEMV), no (n, d) temporary; from v = 0 only the GEMV's (d,) result is allocated
-            dist = row_norms(X) if v is None else dists_to(X, v)
-            c = torch.clamp(self.tau / dist.clamp_min(1e-30), max=1.0)
-            step = (c / n) @ X
-            v = step if v is None else step.add_(v, alpha=1.0 - float(c.sum()) / n)
+            # v + (1/n) sum_i c_i (x_i - v) = (c / n) @ X + (1 - sum_i c_i / n) v, no (n, d) temporary.
+            # Compiled (CPU): about one pass over X (rows in cache-sized blocks: distances, then the
+            # weighted sum while the block is in cache); torch: two (distances, one GEMV).
+            if kernel is not None and kernel.supports(X):
+                step, c = kernel.clipped_sum(X, v, self.tau, 1.0 / n)
+                c_mean = float(c.sum())
+            else:
+                dist = row_norms(X) if v is None else dists_to(X, v)
+                c = torch.clamp(self.tau / dist.clamp_min(1e-30), max=1.0)
+                step = (c / n) @ X
+                c_mean = float(c.sum()) / n
+            v = step if v is None else step.add_(v, alpha=1.0 - c_mean)
         return v
 
 

@@ -45,19 +45,15 @@ import types
 
 import torch
 
+from defenses.robust._ops import compiled
+
 BLOCK_ELEMENTS = 1 << 20  # 4 MiB of float32 per block: the working set of one block stays in cache
 MAX_NETWORK_ROWS = 1024
 
 
-@functools.lru_cache(maxsize=1)
 def _compiled() -> types.ModuleType | None:
-    """The numba kernel module, or None (numba missing or unusable, or ``SECFED_NO_NUMBA`` set).
-    Imported on the first order statistic, not with the package: numba costs ~0.5 s to import."""
-    try:
-        from defenses.robust import _select_kernel
-    except Exception:  # noqa: BLE001 - any failure to load numba means the torch path
-        return None
-    return _select_kernel
+    """The numba selection kernel, or None (then the pure-torch network)."""
+    return compiled("_select_kernel")
 
 
 def _middle(X: torch.Tensor, lo: int, hi: int, mode: str) -> torch.Tensor:
