@@ -4,23 +4,20 @@ authentication) against the same config in-process, side by side (issue 20).
     python benchmarks/deploy.py                    # flower_local (3 nodes, digits CNN), plain and SecAgg+, 4 rounds
     python benchmarks/deploy.py --rounds 2 --cases quickstart      # shorter
     python benchmarks/deploy.py --inprocess-only --rounds 1         # smoke test: no Flower processes
-    python benchmarks/deploy.py --per-message                       # also Flower's process-per-message mode
 
 Cases: ``quickstart`` = ``experiments/flower_local.toml`` (the README's "Run across machines"
 config), ``secagg`` = the same with ``server.secure_sum = "secagg+"`` (active by default: six
 messages per node per round, the nodes signing with their node keys). Both transports run the same config and seed with ``run.threads = 1``. Per-round
 seconds come from each run's ``rounds.jsonl``; the first round is reported apart (it includes
-the first ``flwr-clientapp`` start-ups) and the headline uses rounds 2.. when there are at least
+the ClientApp's first model build) and the headline uses rounds 2.. when there are at least
 two. Writes benchmarks/results/deploy.json with
 ``headline.flower_over_inprocess_seconds_per_round_quickstart`` and ``..._secagg`` (goal <= 2)
 and the machine (CPU model, usable CPUs, load average).
 
 The SuperNodes are secfed's (``secfed.flower.worker``, what ``LocalFederation`` and the README
-start): ``flower-supernode --isolation process`` with one long-lived ClientApp worker per node and
-short idle polling. ``--per-message`` adds a third column with Flower's default isolation, where a
-SuperNode's SuperExec starts one ``flwr-clientapp`` process per message (a Python start, the
-torch/flwr/secfed imports and the rebuild of the model and partition every message: slow, about
-46 s per round on 2 cores; off by default).
+start): ``flower-supernode --isolation process`` with one long-lived ClientApp worker thread per
+node and short idle polling. (Flower's own ``flower-supernode`` starts one ``flwr-clientapp`` process
+per message: about 46 s per round on 2 cores, issue 20.)
 """
 
 from __future__ import annotations
@@ -64,21 +61,20 @@ def steady(rounds: list[float]) -> float:
     return sum(rest) / len(rest)
 
 
-def flower_run(cfg, case: str, rounds: int, work: Path, persistent: bool) -> dict:
+def flower_run(cfg, case: str, rounds: int, work: Path) -> dict:
     """One run over a local SuperLink + SuperNodes (TLS, node auth): per-round seconds and wall times."""
     from secfed.flower.deploy import LocalFederation
 
-    tag = "flower" if persistent else "flower-per-message"
     t0 = time.perf_counter()
-    with LocalFederation(cfg, work / f"{case}-{tag}-fed", persistent=persistent) as fed:
+    with LocalFederation(cfg, work / f"{case}-flower-fed") as fed:
         started = time.perf_counter()
-        fed.run(work / f"{case}-{tag}", timeout=600 + 300 * rounds)
-    rb = per_round(work / f"{case}-{tag}")
+        fed.run(work / f"{case}-flower", timeout=600 + 300 * rounds)
+    rb = per_round(work / f"{case}-flower")
     return {"rounds": rb, "seconds_per_round": steady(rb), "wall_seconds": time.perf_counter() - t0,
             "federation_startup_seconds": started - t0}
 
 
-def measure(case: str, rounds: int, work: Path, inprocess_only: bool, per_message: bool = False) -> dict:
+def measure(case: str, rounds: int, work: Path, inprocess_only: bool) -> dict:
     from secfed.engine import Engine
 
     cfg = config(case, rounds)
@@ -90,16 +86,11 @@ def measure(case: str, rounds: int, work: Path, inprocess_only: bool, per_messag
            "wall_seconds_inprocess": wall_in}
     if inprocess_only:
         return row
-    fl = flower_run(cfg, case, rounds, work, persistent=True)
+    fl = flower_run(cfg, case, rounds, work)
     row.update({"rounds_flower": fl["rounds"], "seconds_per_round_flower": fl["seconds_per_round"],
                 "wall_seconds_flower": fl["wall_seconds"],
                 "federation_startup_seconds": fl["federation_startup_seconds"],
                 "flower_over_inprocess": fl["seconds_per_round"] / steady(ra)})
-    if per_message:
-        pm = flower_run(cfg, case, rounds, work, persistent=False)
-        row.update({"rounds_flower_per_message": pm["rounds"],
-                    "seconds_per_round_flower_per_message": pm["seconds_per_round"],
-                    "flower_per_message_over_inprocess": pm["seconds_per_round"] / steady(ra)})
     return row
 
 
@@ -116,8 +107,6 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     ap.add_argument("--inprocess-only", action="store_true", help="smoke test: skip the Flower processes")
-    ap.add_argument("--per-message", action="store_true",
-                    help="also run Flower's default isolation (one flwr-clientapp process per message)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "deploy.json"))
     ap.add_argument("--keep-work", action="store_true",
                     help="keep the work folder (Flower logs; '[secfed-worker' lines time each message on a node)")
@@ -130,7 +119,7 @@ def main() -> None:
     rows = []
     try:
         for case in args.cases:
-            row = measure(case, args.rounds, work, args.inprocess_only, args.per_message)
+            row = measure(case, args.rounds, work, args.inprocess_only)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if not k.startswith("rounds_")}), flush=True)
     finally:

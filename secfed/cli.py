@@ -92,7 +92,7 @@ def run(config: Path = typer.Argument(..., help="experiment TOML, e.g. experimen
 
         cfg = load_config(config, {**_overrides(set_), **({"deploy.transport": transport} if transport else {})})
         if cfg.deploy.transport != "inprocess":
-            from secfed.flower.transport import run_flower
+            from secfed.flower.deploy import run_flower
 
             engine = "flower"  # no local engine: _interrupted says how to continue
             summary = run_flower(cfg, out, resume=resume)

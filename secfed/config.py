@@ -301,14 +301,16 @@ def parse_config(data: dict[str, Any], source: str = "config") -> ExperimentConf
 
 
 def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
-    """A TOML file as a dict; a missing or unparsable file is one ConfigError line."""
+    """A TOML file (or the JSON ``secfed deploy`` writes, ``*.json``) as a dict; a missing or unparsable
+    file is one ConfigError line."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{what} not found: {p}")
     try:
-        return tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+        text = p.read_text(encoding="utf-8")
+        return json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'TOML'}: {e}") from None
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:

@@ -43,3 +43,7 @@ class BudgetExhausted(SecfedError):
 
 class CheckpointError(SecfedError):
     """A checkpoint is missing, corrupt or belongs to another configuration."""
+
+
+class DeployError(SecfedError):
+    """A key file would be overwritten, a Flower process failed to start or a run did not finish."""

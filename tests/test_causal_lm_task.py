@@ -241,7 +241,8 @@ def test_dpsgd_trains_the_causal_lm_adapter(llama, ghost):
 # ----------------------------------------------------------------------------- Flower SuperNode
 def test_a_supernode_builds_the_causal_lm_task_from_its_partition(tmp_path, data_file):
     from secfed.engine import Engine
-    from secfed.flower.runtime import ClientRuntime, PartitionTask, write_partitions
+    from secfed.flower.runtime import ClientRuntime
+    from secfed.partitions import PartitionTask, write_partitions
 
     cfg = lm_config(data_file)
     paths = write_partitions(cfg, tmp_path)

@@ -113,7 +113,7 @@ def test_certificates_chain_and_private_key_modes(tmp_path):
 
 
 def test_partitions_hold_exactly_each_clients_shard(tmp_path, tiny_cfg):
-    from secfed.flower.runtime import PartitionTask, write_partitions
+    from secfed.partitions import PartitionTask, write_partitions
     from secfed.task import Task
 
     paths = write_partitions(tiny_cfg, tmp_path)

@@ -1,7 +1,7 @@
 """secfed's SuperNode (secfed.flower.worker): the flwr internals it leans on, its idle-poll clock, the FAB check.
 
-The end-to-end behaviour (one worker process handles every message of a 2-round run
-over TLS) is ``tests/test_flower_deploy.py::test_three_supernodes_over_tls_equal_the_inprocess_run``.
+The end-to-end behaviour (one worker thread in each SuperNode process handles every message
+of a run over TLS) is ``tests/test_flower_deploy.py::test_three_supernodes_over_tls_equal_the_inprocess_run``.
 """
 
 from __future__ import annotations
@@ -43,26 +43,20 @@ def test_poll_clock_backs_off_when_idle_and_resets_on_a_message(monkeypatch):
     clock = W.PollClock(idle_min=0.1, idle_max=0.3, reply_wait=0.02)
     for _ in range(5):
         clock.sleep(3)  # flwr's idle sleep
-    clock.activity()
-    clock.sleep(3)
-    clock.sleep(0.5)  # flwr's reply wait
+    clock.sleep(0.5)  # flwr's reply wait: a message came in
+    clock.sleep(3)  # so the next idle poll is fast again
     clock.sleep(1.25)  # anything else is unchanged
-    assert slept == pytest.approx([0.1, 0.15, 0.225, 0.3, 0.3, 0.1, 0.02, 1.25])
+    assert slept == pytest.approx([0.1, 0.15, 0.225, 0.3, 0.3, 0.02, 0.1, 1.25])
     assert clock.monotonic() == 7.0  # other attributes are the time module's
 
 
-def test_patch_supernode_polling_installs_the_clock_and_notes_messages(monkeypatch):
+def test_patch_supernode_polling_installs_the_clock(monkeypatch):
     import flwr.supernode.start_client_internal as sci
 
-    results = iter([None, 42])
     monkeypatch.setattr(sci, "time", sci.time)  # restored after the test
-    monkeypatch.setattr(sci, "_pull_and_store_message", lambda **kw: next(results))
     clock = W.PollClock(idle_min=0.05, idle_max=1.0)
     assert W.patch_supernode_polling(clock)
-    assert sci.time is clock
-    clock._idle = 0.9
-    assert sci._pull_and_store_message() is None and clock._idle == 0.9  # nothing pulled: keep backing off
-    assert sci._pull_and_store_message() == 42 and clock._idle == 0.05  # a message: poll fast again
+    assert sci.time is clock and W.poll_patch_problem() is None  # installed, and may be installed again
 
 
 def _fab(pyproject: str) -> SimpleNamespace:
@@ -84,8 +78,15 @@ def test_worker_runs_secfeds_clientapp_only():
 def test_supernode_launcher_refuses_subprocess_isolation():
     with pytest.raises(SystemExit, match="isolation process"):
         W.supernode_main(["--superlink", "127.0.0.1:1", "--isolation", "subprocess"])
-    with pytest.raises(SystemExit, match="usage"):
-        W.main(["nonsense"])
+
+
+def test_supernode_settings_are_one_line_errors(monkeypatch, tmp_path):
+    monkeypatch.setenv("SECFED_SUPERNODE_POLL_MIN", "abc")
+    with pytest.raises(SystemExit, match="SECFED_SUPERNODE_POLL_MIN must be a number of seconds"):
+        W.supernode_main(["--superlink", "127.0.0.1:1", "--insecure"])
+    monkeypatch.delenv("SECFED_SUPERNODE_POLL_MIN")
+    with pytest.raises(SystemExit, match="cannot read .*nope.secret"):
+        W.supernode_main(["--superlink", "127.0.0.1:1", "--superexec-auth-secret-file", str(tmp_path / "nope.secret")])
 
 
 def test_object_pull_backoff_is_shortened_with_the_same_patience(monkeypatch):
@@ -170,21 +171,23 @@ def test_one_worker_runs_several_tasks_with_one_clientapp_and_reports_errors(mon
     assert "evil.app:app" in [r for k, r in pushed if k == "reply"][-1].error.reason
 
 
-def test_supernode_stops_when_its_worker_dies(tmp_path):
-    # The worker exits at once (bad setting); the SuperNode must not stay connected and silent.
+def test_supernode_stops_when_its_worker_dies(monkeypatch, capsys):
+    # The worker is a thread of the SuperNode process: should it ever end, the SuperNode must not stay
+    # connected and silent (every round would wait for deploy.round_timeout); it stops itself, loudly.
     import os
-    import subprocess
-    import sys
+    import signal
 
-    from secfed.flower.deploy import free_port
+    killed: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    worker = W.TaskWorker("127.0.0.1:1")
 
-    env = {**os.environ, "SECFED_WORKER_POLL_MIN": "abc", "FLWR_HOME": str(tmp_path), "FLWR_TELEMETRY_ENABLED": "0"}
-    proc = subprocess.run([sys.executable, "-m", "secfed.flower.worker", "supernode", "--superlink", "127.0.0.1:1",
-                           "--insecure", "--port", str(free_port())], env=env, capture_output=True, text=True,
-                          timeout=180, cwd=tmp_path)
-    out = proc.stdout + proc.stderr
-    assert "SECFED_WORKER_POLL_MIN must be" in out
-    assert "the ClientApp worker exited (1); stopping this SuperNode" in out
+    def serve() -> None:
+        raise ImportError("no torch here")
+
+    monkeypatch.setattr(worker, "serve", serve)
+    worker.serve_or_stop()
+    assert killed == [(os.getpid(), signal.SIGTERM)]
+    assert "the ClientApp worker stopped (ImportError: no torch here); stopping this SuperNode" in capsys.readouterr().err
 
 
 def test_one_round_sends_every_node_the_same_train_content(tmp_path, monkeypatch):

@@ -35,7 +35,7 @@ def certs(out: Path = typer.Argument(..., help="folder for ca.crt, server.pem, s
           name: list[str] = typer.Option([], "--name", help="extra DNS name or IP of the SuperLink (repeatable)"),
           force: bool = FORCE) -> None:
     """Make a CA and a SuperLink server certificate (localhost, 127.0.0.1, ::1 and every --name)."""
-    from secfed.flower.deploy import make_certs
+    from secfed.keys import make_certs
 
     with _one_line():
         paths = make_certs(out, tuple(name) or ("localhost",), force=force)
@@ -49,7 +49,7 @@ def certs(out: Path = typer.Argument(..., help="folder for ca.crt, server.pem, s
 def node_key(out: Path = typer.Argument(..., help="folder for NAME.key and NAME.pub"),
              name: str = typer.Argument("node", help="file name stem"), force: bool = FORCE) -> None:
     """Make a SuperNode authentication key pair (register NAME.pub with `flwr supernode register`)."""
-    from secfed.flower.deploy import make_node_key
+    from secfed.keys import make_node_key
 
     with _one_line():
         priv, pub = make_node_key(out, name, force=force)
@@ -62,7 +62,7 @@ def split(config: Path = typer.Argument(..., help="experiment TOML"),
     """Write one data partition file per client (each SuperNode gets only its own)."""
     from secfed.cli import _overrides
     from secfed.config import load_config
-    from secfed.flower.runtime import write_partitions
+    from secfed.partitions import write_partitions
 
     with _one_line():
         paths = write_partitions(load_config(config, _overrides(set_)), out)
@@ -100,7 +100,7 @@ def local(config: Path = typer.Argument(..., help="experiment TOML"),
     """Start a SuperLink and one SuperNode per client on this machine (TLS, node auth), run CONFIG, stop them."""
     from secfed.cli import _overrides
     from secfed.config import load_config
-    from secfed.flower.transport import run_flower
+    from secfed.flower.deploy import run_flower
     from secfed.report import summary_line
 
     with _one_line():

@@ -27,22 +27,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from secfed.config import ExperimentConfig, load_config, parse_config
+from secfed.config import ExperimentConfig, load_config
 from secfed.errors import ConfigError
 from secfed.flower import codec
-
-
-def load_experiment(path: str) -> ExperimentConfig:
-    """An experiment config from TOML, or from the JSON that ``secfed deploy`` writes (overrides applied)."""
-    if str(path).endswith(".json"):
-        from pathlib import Path
-
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config file {path}: {e}") from None
-        return parse_config(data, str(path))
-    return load_config(path)
 
 
 def _node_setup(node_config: dict[str, Any], cfg: ExperimentConfig | None) -> tuple[ExperimentConfig, int, str | None]:
@@ -52,7 +39,7 @@ def _node_setup(node_config: dict[str, Any], cfg: ExperimentConfig | None) -> tu
     if cfg is None:
         if "config-file" not in node_config:
             raise ConfigError("node config 'config-file' is required: the SuperNode runs only its own copy of the config")
-        cfg = load_experiment(str(node_config["config-file"]))
+        cfg = load_config(str(node_config["config-file"]))  # TOML, or the JSON `secfed deploy` writes
     if not 0 <= cid < cfg.data.num_clients:
         raise ConfigError(f"node config 'partition-id' = {cid} is outside 0..{cfg.data.num_clients - 1} (data.num_clients)")
     data_file = node_config.get("data-file")
@@ -78,9 +65,9 @@ def make_client_app(cfg: ExperimentConfig | None = None, keys: dict[int, bytes] 
         run_cfg, cid, _ = _node_setup(dict(context.node_config), cfg)
         rec = codec.record_of(msg.content)
         if "step" in rec:  # one step of a multi-step secure sum (its client session, secfed.rounds)
-            ss = node_secure_sum(run_cfg, keys)
-            node_identity(ss, context.node_config, cid, keys)
-            out = node_step(ss, context.state, rec, cid)
+            from secfed.flower.runtime import secure_sum_for
+
+            out = node_step(node_identity(secure_sum_for(run_cfg), context.node_config, cid, keys), context.state, rec, cid)
             return reply(msg, {"round": int(rec["round"]), "client": cid, "step": str(rec["step"]), "payload": out})
         return reply(msg, {"client": cid, "fingerprint": run_cfg.fingerprint()})
 
@@ -103,35 +90,23 @@ def make_client_app(cfg: ExperimentConfig | None = None, keys: dict[int, bytes] 
 SESSION = "secfed-session"  # the node's own storage of its client session between messages (Flower context.state)
 
 
-def node_secure_sum(cfg: ExperimentConfig, keys: dict[int, bytes] | None = None) -> Any:
-    """The secure sum's client side as this node's config builds it (no model, no data)."""
-    from secfed.flower.runtime import secure_sum_for
-
-    ss = secure_sum_for(cfg)
-    if keys is not None:
-        ss.use_keys(keys)
-    return ss
-
-
-def node_identity(ss: Any, node_config: Any, cid: int, keys: dict[int, bytes] | None) -> None:
-    """Simulation: the generated keys; a real SuperNode: its own identity key (node config ``identity-key``)."""
+def node_identity(ss: Any, node_config: Any, cid: int, keys: dict[int, bytes] | None) -> Any:
+    """The secure sum ``ss`` with the keys this node holds from outside the server: in a simulation the
+    generated ``keys``; on a real SuperNode its own identity key (node config ``identity-key``)."""
     if keys is not None:
         ss.use_keys(keys)
     elif hasattr(ss, "use_node_identity"):
         ss.use_node_identity(dict(node_config).get("identity-key"), cid)
+    return ss
 
 
 def node_train(rt: Any, state: Any, rec: Any, cid: int) -> dict[str, Any]:
     """The values of a node's ``train`` reply (shared by the ClientApp and the tests).
 
-    A ConfigError on the node (its noise or clip differs from the server guard's,
-    review finding 2) is answered as ``refused`` with the one line, and the server
-    stops the run with it, as the in-process engine would. Under a secure sum or DP
-    the reply carries no per-client metric and, for a multi-step secure sum, at most
-    the one fixed out-of-range string (review finding 7).
+    A ConfigError on the node (noise or clip other than the guard's, review finding 2) is answered
+    as ``refused``: the server stops the run with that line, as in-process. Under a secure sum or DP
+    the reply has no per-client metric and at most one fixed ``reason`` string (review finding 7).
     """
-    from secfed.errors import ConfigError
-
     rt.load_node_state(state)  # a stateful trainer's per-client state (momentum) lives on the node
     try:
         u, ctx = rt.update(rec, cid)

@@ -149,9 +149,8 @@ def decode_metrics(s: Any) -> dict[str, float]:
 
 def encode_state(state: dict[str, Any]) -> str:
     """The engine's JSON-able scalar state (what client stages may read, e.g. a clip bound)."""
-    keep = {k: v for k, v in state.items()
-            if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
-    return json.dumps(keep, sort_keys=True)
+    return json.dumps({k: v for k, v in state.items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))},
+                      sort_keys=True)
 
 
 def decode_state(s: Any) -> dict[str, Any]:

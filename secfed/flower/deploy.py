@@ -1,33 +1,24 @@
-"""Deployment for real: TLS certificates, data partitions, the Flower App, and a local federation.
+"""Deployment for real: the Flower App, a local federation, and ``deploy.transport`` (keys: :mod:`secfed.keys`).
 
-``secfed deploy`` (``secfed/cli.py``) wraps these:
+``secfed deploy`` (``secfed/flower/cli.py``) wraps these:
 
-* :func:`make_certs` - a CA plus a server certificate for the SuperLink (SANs
-  ``localhost``, ``127.0.0.1`` and any names given), with ``cryptography``; the
-  private keys are created 0600 with ``O_EXCL | O_NOFOLLOW`` (never over an
-  existing file or through a symlink; ``force`` replaces atomically), and the CA
-  key goes to its own folder ``ca-key-KEEP-OFFLINE/`` for the operator to move offline;
-* :func:`secfed.flower.runtime.write_partitions` - one ``partition-<i>.safetensors`` per client;
-* :func:`write_app` - the Flower App folder (``pyproject.toml`` naming
-  ``secfed.flower.server:app`` and ``secfed.flower.client:app``) that ``flwr run`` ships;
-* :class:`LocalFederation` - starts ``flower-superlink`` and N SuperNodes on this
-  machine with TLS (secfed's SuperNode, :mod:`secfed.flower.worker`: Flower's
-  ``flower-supernode`` with one long-lived ClientApp process each), submits the
-  run with ``flwr run`` and stops everything it started.
+* :func:`secfed.partitions.write_partitions` - one ``partition-<i>.safetensors`` per client;
+* :func:`write_app` - the Flower App folder (naming secfed's ServerApp and ClientApp) that ``flwr run`` ships;
+* :class:`LocalFederation` - ``flower-superlink`` and N SuperNodes (secfed's, :mod:`secfed.flower.worker`)
+  on this machine with TLS; submits the run with ``flwr run``; stops everything it started;
+* :func:`run_flower` - ``deploy.transport`` (``secfed run --transport``): ``flower-ray`` (Flower's
+  simulation runtime on Ray, :mod:`secfed.flower.simulation`) or ``flower`` (a :class:`LocalFederation`);
+  ``inprocess`` is the engine's own loop. All three give the same model for the same config and seed.
 
-Each SuperNode gets ``--node-config "partition-id=i config-file=... data-file=..."``
-and reads only its own partition file. Under active SecAgg+ (the default secure sum's
-variant) it also gets ``identity-key=...``: the same file as its
-``--auth-supernode-private-key``; the public keys go to ``work_dir/roster/client-<i>.pub``,
-which becomes ``server.secure_sum.roster`` unless the config names one. Flower 1.41 serves the Fleet, Control and
-ServerAppIo APIs over HTTPS on one port (uvicorn); the SuperNodes verify the
-SuperLink's certificate against ``--root-certificates ca.crt``.
+Each SuperNode gets ``--node-config "partition-id=i config-file=... data-file=..."`` and reads
+only its own partition file; under active SecAgg+ also ``identity-key=...`` (the file of its
+``--auth-supernode-private-key``; the public keys go to ``work_dir/roster/client-<i>.pub``, which
+becomes ``server.secure_sum.roster`` unless the config names one). The SuperNodes verify the
+SuperLink's certificate (Fleet, Control and ServerAppIo APIs over HTTPS on one port) against ``ca.crt``.
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import shutil
@@ -39,142 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from secfed.config import ExperimentConfig
-from secfed.errors import SecfedError
-
-
-class DeployError(SecfedError):
-    """A Flower process failed to start or a run did not finish."""
-
-
-# ----------------------------------------------------------------------------- certificates
-
-#: Folder (inside the certificates folder) that holds the CA's private key alone: move it offline.
-CA_KEY_DIR = "ca-key-KEEP-OFFLINE"
-
-
-def write_secret(path: str | Path, data: bytes, *, force: bool = False, mode: int = 0o600) -> Path:
-    """Write a private key: mode 0600 from the first byte, never through a symlink, never over a key.
-
-    Without ``force`` the file is created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` (an
-    existing file or a symlink at ``path`` is refused, so a key never keeps an old
-    file's 0644 mode and is never written through a planted link) and ``fchmod``-ed
-    to 0600 whatever the umask. With ``force`` the key is written the same way to a
-    fresh temporary name in the same folder and renamed over ``path``: ``rename``
-    replaces a symlink itself, never its target (review finding 12).
-    """
-    p = Path(path)
-    target = p
-    if force:
-        target = p.with_name(f".{p.name}.{os.urandom(8).hex()}.tmp")
-    try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
-    except FileExistsError:
-        raise DeployError(f"{p} already exists (or is a symlink); not overwritten: pass --force to replace it") from None
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if force:
-            os.replace(target, p)
-    except BaseException:
-        if force:
-            target.unlink(missing_ok=True)
-        raise
-    return p
-
-
-def _refuse_existing(paths: Any, force: bool) -> None:
-    for p in () if force else paths:
-        if p.exists() or p.is_symlink():
-            raise DeployError(f"{p} already exists; not overwritten: pass --force to replace it")
-
-
-def write_public(path: str | Path, data: bytes, *, force: bool = False) -> Path:
-    """Write a certificate or public key (0644) with the same refusal and atomic replacement as :func:`write_secret`."""
-    return write_secret(path, data, force=force, mode=0o644)
-
-
-def make_certs(out_dir: str | Path, names: tuple[str, ...] = ("localhost",), days: int = 30, *,
-               force: bool = False) -> dict[str, Path]:
-    """A self-signed CA and a server certificate/key it signs (ECDSA P-256, SHA-256).
-
-    ``names`` are DNS names or IP addresses of the SuperLink; ``localhost``,
-    ``127.0.0.1`` and ``::1`` are always included. Returns the paths
-    ``ca`` (``ca.crt``), ``cert`` (``server.pem``), ``key`` (``server.key``) and
-    ``ca_key`` (``ca-key-KEEP-OFFLINE/ca.key``: the CA's private key, in its own
-    0700 folder, apart from what the SuperLink needs; move it offline). Existing
-    files are refused unless ``force`` (see :func:`write_secret`).
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "secfed test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(days=days))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                       key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                       encipher_only=False, decipher_only=False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    sans: list[x509.GeneralName] = []
-    for n in dict.fromkeys(("localhost", "127.0.0.1", "::1") + tuple(names)):
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
-        except ValueError:
-            sans.append(x509.DNSName(n))
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    ca_dir = out / CA_KEY_DIR
-    ca_dir.mkdir(mode=0o700, exist_ok=True)
-    if ca_dir.is_symlink() or not ca_dir.is_dir():
-        raise DeployError(f"{ca_dir} is not a plain folder; refusing to write the CA key there")
-    os.chmod(ca_dir, 0o700)
-    paths = {"ca": out / "ca.crt", "cert": out / "server.pem", "key": out / "server.key", "ca_key": ca_dir / "ca.key"}
-    _refuse_existing(paths.values(), force)  # before writing anything, so a refusal leaves no half-made set
-    pem = serialization.Encoding.PEM
-    for p, k in ((paths["ca_key"], ca_key), (paths["key"], key)):
-        write_secret(p, k.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), force=force)
-    write_public(paths["ca"], ca.public_bytes(pem), force=force)
-    write_public(paths["cert"], cert.public_bytes(pem), force=force)
-    return paths
-
-
-def make_node_key(out_dir: str | Path, name: str, *, force: bool = False) -> tuple[Path, Path]:
-    """An ECDSA P-384 key pair (OpenSSH format) that authenticates one SuperNode to the SuperLink.
-
-    The private key (mode 0600) stays with the SuperNode (``--auth-supernode-private-key``);
-    the public key is registered with ``flwr supernode register``. The SuperLink, started
-    with ``--enable-supernode-auth``, refuses nodes whose key is not registered.
-    """
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
-    priv, pub = out / f"{name}.key", out / f"{name}.pub"
-    _refuse_existing((priv, pub), force)
-    write_secret(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                         serialization.NoEncryption()), force=force)
-    write_public(pub, key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH),
-                 force=force)
-    return priv, pub
+from secfed.config import ExperimentConfig, load_config, parse_config
+from secfed.errors import DeployError
+from secfed.keys import CA_KEY_DIR, make_certs, make_node_key, write_secret  # noqa: F401 - the deploy CLI's
 
 
 # ----------------------------------------------------------------------------- the Flower App
@@ -235,6 +93,22 @@ def _bin(name: str) -> str:
     return found
 
 
+def _terminate(procs: list[subprocess.Popen | None], sig: int = signal.SIGTERM) -> None:
+    """Signal each process group, then wait (15 s, then SIGKILL)."""
+    live = [p for p in procs if p is not None and p.poll() is None]
+    for p in live:
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            pass
+    for p in live:
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+
+
 class LocalFederation:
     """A SuperLink and one SuperNode per client on this machine, with TLS (loopback by default).
 
@@ -245,10 +119,8 @@ class LocalFederation:
 
     def __init__(self, cfg: ExperimentConfig | str | Path, work_dir: str | Path, *, num_nodes: int | None = None,
                  host: str = "127.0.0.1", port: int | None = None, certs: dict[str, Path] | None = None,
-                 env: dict[str, str] | None = None, node_auth: bool = True, persistent: bool = True) -> None:
-        from secfed.flower.client import load_experiment
-
-        self.cfg: ExperimentConfig = cfg if isinstance(cfg, ExperimentConfig) else load_experiment(str(cfg))
+                 env: dict[str, str] | None = None, node_auth: bool = True) -> None:
+        self.cfg: ExperimentConfig = cfg if isinstance(cfg, ExperimentConfig) else load_config(cfg)
         self.work = Path(work_dir).resolve()
         self.work.mkdir(parents=True, exist_ok=True)
         self.sign_with_node_keys = self._wire_roster()  # active SecAgg+: node key = identity key
@@ -256,26 +128,27 @@ class LocalFederation:
         self.cfg_path.write_text(json.dumps(self.cfg.model_dump(mode="json"), indent=2))
         (self.work / "logs").mkdir(exist_ok=True)
         self.num_nodes = num_nodes if num_nodes is not None else self.cfg.data.num_clients
-        self.host = host
-        self.port = port or free_port()
+        self.host, self.port = host, port or free_port()
+        self.address = f"{self.host}:{self.port}"
         self.certs = certs or self._certs()
-        # flower-superlink starts flower-superexec by name: put this interpreter's bin folder on PATH
+        # flower-superlink starts flower-superexec (which runs the ServerApp) by name: this interpreter's bin
+        # folder goes on PATH; it polls for the ServerApp's task every 1 s by default: 0.1 s here
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        # flower-superexec (started by each SuperNode) polls for tasks every 1 s by default: 0.1 s here
         self.env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", **os.environ, "PATH": path,
                     "FLWR_HOME": str(self.work / "flwr_home"),
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.node_auth = node_auth
-        self.persistent = persistent
         self.superlink: subprocess.Popen | None = None
         self.supernodes: dict[int, subprocess.Popen] = {}
         self.app_dir = write_app(self.work / "app")
-        self._write_flower_config()
+        (self.work / "flwr_home").mkdir(exist_ok=True)  # `flwr` (the operator's CLI) finds the SuperLink here
+        (self.work / "flwr_home" / "config.toml").write_text(
+            "[superlink]\ndefault = \"secfed-local\"\n\n[superlink.secfed-local]\n"
+            f"address = \"{self.address}\"\nroot-certificates = \"{self.certs['ca']}\"\n")
 
     def _wire_roster(self) -> bool:
         """Active SecAgg+: the nodes sign with their node keys; without a configured roster, the roster is the
         folder ``work_dir/roster`` that :meth:`start_supernode` fills with each node's public key."""
-        from secfed.config import parse_config
         from secfed.flower.runtime import secure_sum_for
 
         ss = secure_sum_for(self.cfg)
@@ -293,20 +166,8 @@ class LocalFederation:
         """This work folder's certificates: made once, reused by a later federation on the same folder."""
         d = self.work / "certs"
         have = {"ca": d / "ca.crt", "cert": d / "server.pem", "key": d / "server.key", "ca_key": d / CA_KEY_DIR / "ca.key"}
-        if all(have[k].is_file() and not have[k].is_symlink() for k in ("ca", "cert", "key")):
-            return have
-        return make_certs(d)
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def _write_flower_config(self) -> None:
-        home = self.work / "flwr_home"
-        home.mkdir(exist_ok=True)
-        (home / "config.toml").write_text(
-            "[superlink]\ndefault = \"secfed-local\"\n\n[superlink.secfed-local]\n"
-            f"address = \"{self.address}\"\nroot-certificates = \"{self.certs['ca']}\"\n")
+        made = all(have[k].is_file() and not have[k].is_symlink() for k in ("ca", "cert", "key"))
+        return have if made else make_certs(d)
 
     def _spawn(self, args: list[str], log: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         with open(self.work / "logs" / log, "ab") as f:
@@ -337,25 +198,19 @@ class LocalFederation:
         d = self.work / "partitions"
         paths = [d / f"partition-{i}.safetensors" for i in range(self.cfg.data.num_clients)]
         if not all(p.exists() for p in paths):
-            from secfed.flower.runtime import write_partitions
+            from secfed.partitions import write_partitions
 
             paths = write_partitions(self.cfg, d)
         return paths
 
     def start_supernode(self, i: int) -> None:
-        """SuperNode ``i``: its own FLWR_HOME, its own partition file, its own auth key (registered once).
-
-        ``persistent`` (the default): secfed's SuperNode (:mod:`secfed.flower.worker`), i.e.
-        ``flower-supernode --isolation process`` with one long-lived ClientApp worker (its
-        ``AcquireTask`` calls signed with a fresh per-node SuperExec secret) and short idle
-        polling. Otherwise plain ``flower-supernode``: one ``flwr-clientapp`` process per message.
-        """
+        """SuperNode ``i`` (secfed's, :mod:`secfed.flower.worker`): its own FLWR_HOME, partition file and auth
+        key (registered once)."""
         part = self.partitions()[i]
         node_dir = self.work / "nodes" / str(i)
         node_dir.mkdir(parents=True, exist_ok=True)
-        launcher = ([sys.executable, "-m", "secfed.flower.worker", "supernode"] if self.persistent
-                    else [_bin("flower-supernode")])
-        args = [*launcher, "--superlink", self.address, "--root-certificates", str(self.certs["ca"]),
+        args = [sys.executable, "-m", "secfed.flower.worker", "supernode", "--superlink", self.address,
+                "--root-certificates", str(self.certs["ca"]),
                 "--node-config", f'partition-id={i} config-file="{self.cfg_path}" data-file="{part}"',
                 "--host", "127.0.0.1", "--port", str(free_port())]
         priv = node_dir / "node.key"
@@ -365,7 +220,7 @@ class LocalFederation:
                 self._flwr("supernode", "register", str(pub), "secfed-local", "--name", f"secfed-client-{i}")
             roster = self.work / "roster"
             if self.sign_with_node_keys and roster.is_dir():  # the operator's roster entry: the key it registered
-                write_public(roster / f"client-{i}.pub", pub.read_bytes(), force=True)
+                write_secret(roster / f"client-{i}.pub", pub.read_bytes(), force=True, mode=0o644)
         if self.node_auth:
             args += ["--auth-supernode-private-key", str(priv)]
         if self.sign_with_node_keys:  # active SecAgg+ signs with the same node key
@@ -392,11 +247,8 @@ class LocalFederation:
         out = Path(out_dir).resolve()
         summary = out / "summary.json"
         started = time.time()
-        rc = [f'config="{self.cfg_path}"', f'out="{out}"', f"resume={'true' if resume else 'false'}"]
-        args = ["run", str(self.app_dir), "secfed-local"]
-        for r in rc:
-            args += ["--run-config", r]
-        self._flwr(*args)
+        self._flwr("run", str(self.app_dir), "secfed-local", "--run-config",
+                   f'config="{self.cfg_path}" out="{out}" resume={"true" if resume else "false"}')
         deadline = time.time() + timeout
         while time.time() < deadline:
             if summary.exists() and summary.stat().st_mtime >= started - 1:
@@ -407,40 +259,19 @@ class LocalFederation:
         raise DeployError(f"the run did not finish within {timeout:g} s; see {self.work / 'logs'}")
 
     def kill_supernode(self, i: int) -> None:
-        """Kill SuperNode ``i`` and its ClientApp process group (SIGKILL: a crash, not a shutdown)."""
-        p = self.supernodes.pop(i, None)
-        if p is not None and p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(10)
+        """Kill SuperNode ``i`` and its process group (SIGKILL: a crash, not a shutdown)."""
+        _terminate([self.supernodes.pop(i, None)], signal.SIGKILL)
 
     def restart_superlink(self) -> None:
         """Crash the SuperLink (SIGKILL, with its ServerApp) and start a new one on the same port,
         database and certificates; the running SuperNodes reconnect to it."""
-        if self.superlink is not None and self.superlink.poll() is None:
-            os.killpg(self.superlink.pid, signal.SIGKILL)
-            self.superlink.wait(10)
-        self.superlink = None
+        _terminate([self.superlink], signal.SIGKILL)
         self.start_superlink()
-
-    @staticmethod
-    def _terminate(procs: list[subprocess.Popen]) -> None:
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(10)
 
     def stop(self) -> None:
         """SuperNodes first (they deactivate at the SuperLink), then the SuperLink."""
-        self._terminate(list(self.supernodes.values()))
-        self._terminate([self.superlink] if self.superlink else [])
+        _terminate(list(self.supernodes.values()))
+        _terminate([self.superlink])
         self.supernodes.clear()
         self.superlink = None
 
@@ -461,3 +292,17 @@ class LocalFederation:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def run_flower(cfg: ExperimentConfig, out_dir: str | Path | None = None, *, resume: bool = False,
+               work_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run ``cfg`` on its Flower transport; returns the summary (with ``out``, the run directory)."""
+    out = Path(out_dir or cfg.run.out or f"runs/{cfg.run.name}")
+    if cfg.deploy.transport == "flower-ray":
+        from secfed.flower.simulation import run_ray_simulation
+
+        return run_ray_simulation(cfg, out, resume=resume)
+    with LocalFederation(cfg, work_dir or out.with_name(out.name + ".deploy")) as fed:
+        summary = fed.run(out, resume=resume)
+    summary["out"] = str(out)
+    return summary

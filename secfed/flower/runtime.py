@@ -1,94 +1,28 @@
 """What a SuperNode computes for its client: the engine's own client code, on this node's data only.
 
 :class:`ClientRuntime` holds the model, trainer, client pipeline, secure-sum
-client side and adversary of one client; :class:`PartitionTask` is a task that
-holds one client's shard read from a safetensors partition file
-(:func:`write_partitions`), so a SuperNode never loads anyone else's data.
+client side and adversary of one client; its task is a :class:`~secfed.partitions.PartitionTask`
+(one client's shard read from its partition file), so a SuperNode never loads anyone else's data.
 Heavy imports (torch, transformers) live here, not in :mod:`secfed.flower.client`,
 so that a Flower ``query`` message does not pay for them.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from secfed import registry
 from secfed.config import ExperimentConfig
-from secfed.data import TensorData
-from secfed.errors import ConfigError, DataError, MalformedMessage
+from secfed.errors import ConfigError, MalformedMessage
 from secfed.flower import codec
 from secfed.interfaces import ClientUpdate, RoundContext
 from secfed.rounds import ClientRound, DPRoundParams, plugin_context, round_context, round_info
 from secfed.models import torch_threads
 from secfed.needs import Need, is_private, reveals_of
+from secfed.partitions import PartitionTask
 from secfed.spec import ParamSpec
-from secfed.task import Task, task_class
-
-
-class PartitionTask(Task):
-    """A task that holds one client's shard only, read from a safetensors partition file.
-
-    ``PartitionTask(cfg, path, i)`` is an instance of the config's task class (see
-    :func:`secfed.task.task_class`) with this class's ``_load``: the same loss and model
-    as on the server, only the data differs.
-    """
-
-    _combined: dict[type, type] = {}
-
-    def __new__(cls, cfg: ExperimentConfig, *args: Any, **kwargs: Any) -> "PartitionTask":
-        if cls is PartitionTask:
-            base = task_class(cfg)
-            cls = PartitionTask._combined.setdefault(base, type(f"Partition{base.__name__}", (PartitionTask, base), {}))
-        return object.__new__(cls)
-
-    def __init__(self, cfg: ExperimentConfig, path: str | Path, client_id: int) -> None:
-        self._path, self._client_id = Path(path), client_id
-        super().__init__(cfg)
-
-    def _load(self) -> None:
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(self._path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (OSError, SafetensorError) as e:
-            raise DataError(f"node config 'data-file': cannot read {self._path}: {e}") from None
-        if meta.get("fingerprint") != self.cfg.fingerprint():
-            raise DataError(f"node config 'data-file': {self._path} was split from a different config")
-        if meta.get("client_id") != str(self._client_id):
-            raise DataError(f"node config 'data-file': {self._path} is partition {meta.get('client_id')}, "
-                            f"not partition-id {self._client_id}")
-        names = tuple(json.loads(meta.get("label_names", "[]")))
-        self.train = TensorData(tensors, int(meta["num_classes"]), names)
-        self.test = TensorData({k: v[:0] for k, v in tensors.items()}, self.train.num_classes, names)
-        self.root = None
-        # the same shape as in-process (a list indexed by client id): this node's shard, nobody else's examples
-        self.shards = [np.arange(0) for _ in range(self.cfg.data.num_clients)]
-        self.shards[self._client_id] = np.arange(len(self.train))
-
-
-def write_partitions(cfg: ExperimentConfig, out_dir: str | Path) -> list[Path]:
-    """Split the config's data into one safetensors file per client (``partition-<i>.safetensors``)."""
-    from safetensors.torch import save_file
-
-    task = Task(cfg)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(cfg.data.num_clients):
-        shard = task.client_data(i)
-        meta = {"client_id": str(i), "num_classes": str(task.num_classes), "fingerprint": cfg.fingerprint(),
-                "label_names": json.dumps(list(task.train.label_names))}
-        p = out / f"partition-{i}.safetensors"
-        save_file({k: v.contiguous() for k, v in shard.tensors.items()}, str(p), metadata=meta)
-        paths.append(p)
-    return paths
+from secfed.task import Task
 
 
 class ClientRuntime:
@@ -112,7 +46,7 @@ class ClientRuntime:
         self.malicious = set(self.adversary.malicious(cfg.data.num_clients, cfg.run.seed)) if self.adversary else set()
         self.client = ClientRound(cfg, task, model, self.spec, trainer, pipeline, self.adversary, self.malicious,
                                   build_method(cfg, model, self.spec, self.global_w))
-        self.trainer = trainer
+        self.trainer = trainer  # the ClientRound's
 
     def context(self, t: int, cohort: list[int], state: dict[str, Any] | None = None) -> RoundContext:
         """This round's context as the node knows it (the engine's own, on the weights the server shipped)."""
@@ -128,10 +62,8 @@ class ClientRuntime:
     def apply_dp(self, dp: DPRoundParams | dict[str, Any], ctx: RoundContext) -> None:
         """Seed this round's DP bookkeeping with the server guard's parameters (review finding 2).
 
-        The node's noise stages read z from here, exactly as in-process, so a stage
-        whose own ``noise_multiplier`` differs from the guard's raises the same
-        ConfigError on the node; DP-SGD takes the guard's z (a node cannot calibrate
-        it: it holds one shard, the guard calibrates for all of them).
+        The node's noise stages read z from here as in-process (a stage's own other z fails the same way);
+        DP-SGD takes the guard's z (calibrated over every shard; a node holds one).
         """
         dp = DPRoundParams.of(dp)
         trainer = self.client.trainer
@@ -159,32 +91,27 @@ class ClientRuntime:
 
     def load_node_state(self, state: Any) -> None:
         """A stateful trainer (worker momentum) continues from this node's own storage (Flower keeps
-        ``context.state`` on the node for the run; a fresh ClientApp process per message would otherwise
-        restart it). The state never leaves the node; safetensors bytes, never pickle."""
-        trainer = self.client.trainer
-        if not (hasattr(trainer, "state_dict") and hasattr(trainer, "load_state_dict")):
-            return
-        tensors: dict[str, Any] = {}
-        if self.NODE_STATE in state:
-            from safetensors import SafetensorError
-            from safetensors.torch import load
+        ``context.state`` on the node for the run, whichever process runs the message). The state never
+        leaves the node; safetensors bytes, never pickle."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load
 
+        if hasattr(self.client.trainer, "load_state_dict"):
             try:
-                tensors = load(bytes(state[self.NODE_STATE]["tensors"]))
+                self.client.trainer.load_state_dict(load(bytes(state[self.NODE_STATE]["tensors"]))
+                                                    if self.NODE_STATE in state else {})
             except (SafetensorError, KeyError, TypeError):
                 raise MalformedMessage("node state: the trainer's saved state is unreadable") from None
-        trainer.load_state_dict(tensors)
 
     def save_node_state(self, state: Any) -> None:
-        trainer = self.client.trainer
-        if not (hasattr(trainer, "state_dict") and hasattr(trainer, "load_state_dict")):
-            return
         import torch
         from flwr.app import ConfigRecord
         from safetensors.torch import save
 
-        tensors = {k: v.contiguous() for k, v in trainer.state_dict().items() if isinstance(v, torch.Tensor)}
-        state[self.NODE_STATE] = ConfigRecord({"tensors": save(tensors)})
+        if hasattr(self.client.trainer, "state_dict"):
+            tensors = self.client.trainer.state_dict().items()
+            state[self.NODE_STATE] = ConfigRecord({"tensors": save({k: v.contiguous() for k, v in tensors
+                                                                     if isinstance(v, torch.Tensor)})})
 
     def update(self, rec: Any, client_id: int) -> tuple[ClientUpdate, RoundContext]:
         """Validate a ``train`` record and run this client's round: its update after pipeline (and adversary)."""

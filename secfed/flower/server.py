@@ -11,12 +11,10 @@ the privacy guard and its fsynced ledger, robust aggregation, server stages, the
 server optimizer, observers, evaluation and checkpoints are the engine's own
 code, so the same config and seed give the same model on either transport.
 
-Failures: a SuperNode that does not answer within ``deploy.round_timeout``
-seconds (killed, partitioned) or answers with a Flower error counts as dropped
-for that round; a reply that fails validation is rejected with
-:class:`~secfed.errors.MalformedMessage` and its client dropped; the round goes
-on if ``server.min_clients`` still holds. A restarted ServerApp with
-``resume = true`` continues from the checkpoint and the privacy ledger.
+Failures: no answer within ``deploy.round_timeout`` s (a node killed, partitioned),
+a Flower error or a reply that fails validation (:class:`~secfed.errors.MalformedMessage`)
+drops the client for that round; the round goes on if ``server.min_clients`` holds.
+A restarted ServerApp with ``resume = true`` continues from the checkpoint and ledger.
 """
 
 from __future__ import annotations
@@ -102,8 +100,6 @@ class FlowerEngine(Engine):
         self.wire: Any = SessionSum(self.secure_sum, self) if hides else WirePlainSum(cfg.server.max_update_norm)
         self.private_metrics = codec.metrics_stay_on_node(cfg, not hides)
         self.nodes: dict[int, int] = {}  # client id -> Flower node id
-        self.round_timeout = cfg.deploy.round_timeout
-        self.connect_timeout = cfg.deploy.connect_timeout
 
     def _log(self, msg: str) -> None:
         print(f"secfed: {msg}", flush=True)  # the ServerApp's stdout is the Flower run log
@@ -138,33 +134,24 @@ class FlowerEngine(Engine):
     def connect(self) -> None:
         """Wait for SuperNodes, then ask each which client (partition) it plays and check its config."""
         n = self.cfg.data.num_clients
-        deadline = time.monotonic() + self.connect_timeout
-        while True:
-            ids = list(self.grid.get_node_ids())
-            if len(ids) >= n or time.monotonic() > deadline:
-                break
+        deadline = time.monotonic() + self.cfg.deploy.connect_timeout
+        while len(ids := list(self.grid.get_node_ids())) < n and time.monotonic() <= deadline:
             time.sleep(1.0)
-        msgs = [self._message({"fingerprint": self.cfg.fingerprint()}, "query", nid, "connect")
-                for nid in ids]
-        replies = self._exchange(msgs, self.connect_timeout)
-        fp = self.cfg.fingerprint()
-        for r in replies:
-            if r.has_error():
-                self._log(f"node {r.metadata.src_node_id}: {r.error.reason}")
-                continue
+        # a node running another config fails the echo of its fingerprint ("reply for another fingerprint")
+        records, failed = self._ask("query", {i: {"fingerprint": self.cfg.fingerprint()} for i in ids}, "connect",
+                                    ("fingerprint",), {i: i for i in ids}, "connect_timeout")
+        for nid, rec in records.items():
             try:
-                rec = codec.record_of(r.content)
                 cid = codec.get(rec, "client", int)
-                other = codec.get(rec, "fingerprint", str, max_len=64)
             except MalformedMessage as e:
-                self._log(f"node {r.metadata.src_node_id}: {e}")
+                failed[nid] = str(e)
                 continue
-            if other != fp:
-                self._log(f"node {r.metadata.src_node_id}: runs a different config ({other} != {fp}); ignored")
-            elif not 0 <= cid < n or cid in self.nodes:
-                self._log(f"node {r.metadata.src_node_id}: claims client {cid} (out of range or taken); ignored")
+            if not 0 <= cid < n or cid in self.nodes:
+                failed[nid] = f"claims client {cid} (out of range or taken)"
             else:
-                self.nodes[cid] = r.metadata.src_node_id
+                self.nodes[cid] = nid
+        for nid, why in failed.items():
+            self._log(f"node {nid}: {why}; ignored")
         missing = n - len(self.nodes)
         self._log(f"{len(self.nodes)} of {n} clients connected" + (f" ({missing} missing: dropped when sampled)" if missing else ""))
 
@@ -173,7 +160,7 @@ class FlowerEngine(Engine):
 
         content = RecordDict({codec.RECORD: ConfigRecord({"v": codec.PROTOCOL, **values})})
         return Message(content=content, message_type=kind, dst_node_id=node_id, group_id=group,
-                       ttl=max(self.round_timeout, self.connect_timeout) + 60)
+                       ttl=max(self.cfg.deploy.round_timeout, self.cfg.deploy.connect_timeout) + 60)
 
     # ------------------------------------------------------------------ one round
     def run(self) -> dict[str, Any]:
@@ -184,13 +171,10 @@ class FlowerEngine(Engine):
     def round_params(self, ctx: RoundContext) -> DPRoundParams:
         """The DP parameters every node must apply this round (review finding 2), fixed by the server.
 
-        The server plays its own copy of the client pipeline on a zero update, so the
-        stages run the in-process checks here (a noise stage whose multiplier differs
-        from the guard's raises the same ConfigError before any node trains) and this
-        round's DP bookkeeping holds the clip norm and noise placement the nodes will
-        apply (a central-gaussian stage needs no explicit clip_norm over Flower either).
-        The nodes get the guard's z and these values in the ``train`` message and refuse
-        to train with anything else.
+        The server runs its copy of the client pipeline on a zero update: the stages make the in-process
+        checks here (a noise multiplier other than the guard's fails before any node trains) and record
+        the clip norm and noise placement the nodes will apply. The nodes get these in the ``train``
+        message and refuse to train with anything else.
         """
         probe = ClientUpdate(-1, torch.zeros(self.spec.numel), 0, 1.0)
         for stage in self.pipeline:
@@ -205,18 +189,11 @@ class FlowerEngine(Engine):
 
     def collect(self, ctx: RoundContext, bar: Any = None) -> tuple[list[Received], dict[int, str]]:
         t = ctx.round
-        dropped: dict[int, str] = {}
         base = {"round": t, "fingerprint": self.cfg.fingerprint(), "cohort": codec.encode_ids(ctx.cohort),
                 "weights": codec.encode_weights(t, self.global_w), "state": codec.encode_state(self.state),
                 "dp": codec.encode_dp(self.round_params(ctx))}
-        values: dict[int, dict[str, Any]] = {}
-        for cid in ctx.cohort:
-            if ctx.dropouts.drops(cid, "train"):
-                dropped[cid] = "dropped during training"
-            elif cid not in self.nodes:
-                dropped[cid] = "no SuperNode connected for this client"
-            else:
-                values[cid] = base  # one content for every node: Flower stores and pushes it once (issue 20)
+        dropped = {c: "dropped during training" for c in ctx.cohort if ctx.dropouts.drops(c, "train")}
+        values = {c: base for c in ctx.cohort if c not in dropped}  # one content: Flower pushes it once (issue 20)
         records, failed = self._ask("train", values, str(t), ("round", "client"))
         dropped.update(failed)
         got: dict[int, Received] = {}
@@ -244,7 +221,7 @@ class FlowerEngine(Engine):
     def exchange(self, step: str, outgoing: dict[int, bytes], ctx: RoundContext) -> tuple[dict[int, bytes], dict[int, str]]:
         """One step of a multi-step secure sum: ``outgoing[client]`` to each client's SuperNode; (replies, failures)."""
         t = ctx.round
-        values = {c: {"round": t, "client": c, "step": step, "payload": p} for c, p in outgoing.items() if c in self.nodes}
+        values = {c: {"round": t, "client": c, "step": step, "payload": p} for c, p in outgoing.items()}
         records, failed = self._ask("query", values, f"{t}.{step}", ("round", "client", "step"))
         got: dict[int, bytes] = {}
         for cid, rec in records.items():
@@ -252,19 +229,20 @@ class FlowerEngine(Engine):
                 got[cid] = codec.get(rec, "payload", bytes)
             except MalformedMessage as e:
                 failed[cid] = f"malformed: {e}"
-        failed.update({c: "no reply: no SuperNode connected" for c in outgoing if c not in self.nodes})
         return got, failed
 
-    def _ask(self, kind: str, values: dict[int, dict[str, Any]], group: str,
-             echo: tuple[str, ...]) -> tuple[dict[int, Any], dict[int, str]]:
-        """Send ``values[client]`` to each client's SuperNode as a ``kind`` message: (each reply's validated
-        record, why the others failed). A reply must echo the sent ``echo`` values (round, client, step);
-        an error reply, a malformed one or none within ``deploy.round_timeout`` is a failure."""
-        node_of = {self.nodes[c]: c for c in values}
+    def _ask(self, kind: str, values: dict[int, dict[str, Any]], group: str, echo: tuple[str, ...],
+             nodes: dict[int, int] | None = None, timeout: str = "round_timeout") -> tuple[dict[int, Any], dict[int, str]]:
+        """Send ``values[client]`` to each client's SuperNode (``nodes``: client -> node id, default the
+        connected ones; a client without one fails) as a ``kind`` message: (each reply's validated record, why the others failed). A reply
+        must echo the sent ``echo`` values (round, client, step); an error reply, a malformed one or none
+        within ``deploy.<timeout>`` seconds is a failure."""
+        nodes, seconds = nodes or self.nodes, getattr(self.cfg.deploy, timeout)
+        failed = {c: "no SuperNode connected for this client" for c in values if c not in nodes}
+        node_of = {nodes[c]: c for c in values if c in nodes}
         got: dict[int, Any] = {}
-        failed: dict[int, str] = {}
-        for r in self._exchange([self._message(v, kind, self.nodes[c], group) for c, v in values.items()],
-                                self.round_timeout):
+        msgs = [self._message(v, kind, nodes[c], group) for c, v in values.items() if c in nodes]
+        for r in self._exchange(msgs, seconds):
             cid = node_of.get(r.metadata.src_node_id)
             if cid is None or cid in got or cid in failed:
                 continue
@@ -279,7 +257,7 @@ class FlowerEngine(Engine):
                 got[cid] = rec
             except MalformedMessage as e:
                 failed[cid] = f"malformed: {e}"
-        failed.update({c: f"no reply within deploy.round_timeout = {self.round_timeout:g} s"
+        failed.update({c: f"no reply within deploy.{timeout} = {seconds:g} s"
                        for c in values if c not in got and c not in failed})
         return got, failed
 
@@ -305,12 +283,12 @@ def make_server_app(cfg: ExperimentConfig | None = None, out_dir: str | Path | N
     def main(grid: Any, context: Any) -> None:
         run_cfg, out, res = cfg, out_dir, resume
         if run_cfg is None:
-            from secfed.flower.client import load_experiment
+            from secfed.config import load_config
             from secfed.flower.worker import shorten_object_pull_backoff
 
             shorten_object_pull_backoff()  # replies: retry missing objects after 10 ms, not 1 s, 2 s, ... (helper F)
             rc = dict(context.run_config)
-            run_cfg = load_experiment(str(rc["config"]))
+            run_cfg = load_config(str(rc["config"]))
             out = str(rc.get("out") or "") or None
             res = bool(rc.get("resume", False))
         engine = FlowerEngine(run_cfg, out, grid, resume=res, progress=False, keys=keys)
