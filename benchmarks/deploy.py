@@ -17,7 +17,10 @@ and the machine (CPU model, usable CPUs, load average).
 The SuperNodes are secfed's (``secfed.flower.worker``, what ``LocalFederation`` and the README
 start): ``flower-supernode --isolation process`` with one long-lived ClientApp worker thread per
 node and short idle polling. (Flower's own ``flower-supernode`` starts one ``flwr-clientapp`` process
-per message: about 46 s per round on 2 cores, issue 20.)
+per message: about 46 s per round on 2 cores, issue 20.) The headline's SuperLink keeps Flower's in-memory
+state (``LocalFederation``'s default); a second Flower column (``*_durable``; ``--no-durable`` skips it)
+runs the SuperLink with ``--database`` (sqlite), as the README's operator commands do: profiled with
+py-spy, that SuperLink spent most of its time in sqlite, and rounds took about 2x longer.
 """
 
 from __future__ import annotations
@@ -61,20 +64,22 @@ def steady(rounds: list[float]) -> float:
     return sum(rest) / len(rest)
 
 
-def flower_run(cfg, case: str, rounds: int, work: Path) -> dict:
-    """One run over a local SuperLink + SuperNodes (TLS, node auth): per-round seconds and wall times."""
+def flower_run(cfg, case: str, rounds: int, work: Path, durable: bool = False) -> dict:
+    """One run over a local SuperLink + SuperNodes (TLS, node auth): per-round seconds and wall times.
+    ``durable``: the SuperLink keeps its state in sqlite (``--database``) instead of memory."""
     from secfed.flower.deploy import LocalFederation
 
+    tag = "flower-durable" if durable else "flower"
     t0 = time.perf_counter()
-    with LocalFederation(cfg, work / f"{case}-flower-fed") as fed:
+    with LocalFederation(cfg, work / f"{case}-{tag}-fed", durable=durable) as fed:
         started = time.perf_counter()
-        fed.run(work / f"{case}-flower", timeout=600 + 300 * rounds)
-    rb = per_round(work / f"{case}-flower")
+        fed.run(work / f"{case}-{tag}", timeout=600 + 300 * rounds)
+    rb = per_round(work / f"{case}-{tag}")
     return {"rounds": rb, "seconds_per_round": steady(rb), "wall_seconds": time.perf_counter() - t0,
             "federation_startup_seconds": started - t0}
 
 
-def measure(case: str, rounds: int, work: Path, inprocess_only: bool) -> dict:
+def measure(case: str, rounds: int, work: Path, inprocess_only: bool, durable: bool) -> dict:
     from secfed.engine import Engine
 
     cfg = config(case, rounds)
@@ -91,6 +96,10 @@ def measure(case: str, rounds: int, work: Path, inprocess_only: bool) -> dict:
                 "wall_seconds_flower": fl["wall_seconds"],
                 "federation_startup_seconds": fl["federation_startup_seconds"],
                 "flower_over_inprocess": fl["seconds_per_round"] / steady(ra)})
+    if durable:  # the README operator's SuperLink (--database superlink.db), side by side
+        fd = flower_run(cfg, case, rounds, work, durable=True)
+        row.update({"rounds_flower_durable": fd["rounds"], "seconds_per_round_flower_durable": fd["seconds_per_round"],
+                    "flower_durable_over_inprocess": fd["seconds_per_round"] / steady(ra)})
     return row
 
 
@@ -107,6 +116,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     ap.add_argument("--inprocess-only", action="store_true", help="smoke test: skip the Flower processes")
+    ap.add_argument("--no-durable", action="store_true",
+                    help="skip the column with the SuperLink's sqlite state (--database), as the README operator runs it")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "deploy.json"))
     ap.add_argument("--keep-work", action="store_true",
                     help="keep the work folder (Flower logs; '[secfed-worker' lines time each message on a node)")
@@ -119,7 +130,7 @@ def main() -> None:
     rows = []
     try:
         for case in args.cases:
-            row = measure(case, args.rounds, work, args.inprocess_only)
+            row = measure(case, args.rounds, work, args.inprocess_only, not args.no_durable)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if not k.startswith("rounds_")}), flush=True)
     finally:
@@ -137,7 +148,9 @@ def main() -> None:
                         "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
         "method": ("same config and seed on both transports, run.threads = 1; seconds per round from rounds.jsonl, "
                    "mean over rounds 2.. (round 1 kept in the table); Flower = local SuperLink + one secfed SuperNode "
-                   "per client (TLS, node auth, --isolation process with one long-lived ClientApp worker each)"),
+                   "per client (TLS, node auth, --isolation process with one long-lived ClientApp worker each); the "
+                   "headline's SuperLink keeps Flower's in-memory state (LocalFederation's default), the *_durable "
+                   "columns its sqlite state (--database, as in the README's operator commands)"),
         "flwr": _flwr_version(),
         "command": " ".join(["python", "benchmarks/deploy.py"]
                             + [a for a in sys.argv[1:] if not a.startswith("--out")]),

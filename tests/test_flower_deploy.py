@@ -83,7 +83,7 @@ def test_killed_supernode_is_a_dropout_and_a_restarted_superlink_resumes(tmp_pat
     cfg = _digits3(rounds=2, min_clients=2)
     cfg.deploy.round_timeout = 150
     work = tmp_path / "work"
-    with LocalFederation(cfg, work) as fed:
+    with LocalFederation(cfg, work, durable=True) as fed:
         # Round 1: SuperNode 2 is killed (SIGKILL, process group) once its training message is out.
         def killer() -> None:
             log = work / "logs" / "supernode-2.log"
