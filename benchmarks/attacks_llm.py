@@ -4,6 +4,7 @@
     python benchmarks/attacks_llm.py --tiny          # smoke: tiny-llama on generated records (minutes)
     python benchmarks/attacks_llm.py --only exposure,backdoor
     python benchmarks/attacks_llm.py --only dager    # DAGER grid only (parts accumulate in the JSON)
+    python benchmarks/attacks_llm.py --only exposure,backdoor --resume   # skip the runs the JSON already holds
 
 Each part is a federated run (``secfed.engine.Engine``) of ``experiments/instruct_faq.toml``
 with overrides, audited by ``secfed.compare.post_run.audit_run``:
@@ -88,31 +89,41 @@ def run_and_audit(raw: dict, attacks: list[str], workdir: Path, label: str) -> d
     return res
 
 
-def part_exposure(base: dict, workdir: Path, tiny: bool) -> dict:
+def part_exposure(base: dict, workdir: Path, tiny: bool, done: dict | None = None, save=None) -> dict:
     sharer = {"name": "secret-sharer", "ids": [0], "model": model_name(base), "insertions": [1, 4, 16],
               "pii": 20, "system_prompt": base["data"].get("system_prompt")}
     if tiny:
         sharer.update({"format": "my PIN is # # #", "pii": 4, "samples": 200})
-    out = {}
+    out = dict(done or {})
     for label, overrides in (("no_dp", {}),
                              ("dp_eps8", {"client": {"trainer": {"name": "dp-sgd", "max_grad_norm": 1.0}},
                                           "server": {"privacy": {"name": "dp-sgd", "epsilon": 8.0, "delta": 1e-5}}})):
+        if label in out:
+            log(f"exposure_{label}: kept from the earlier run (--resume)")
+            continue
         raw = copy.deepcopy(base)
         raw.setdefault("attack", {})["adversary"] = sharer
         for sec, vals in overrides.items():
             raw.setdefault(sec, {}).update(vals)
         out[label] = run_and_audit(raw, ["llm-membership", "exposure", "extraction"], workdir, f"exposure_{label}")
+        if save is not None:
+            save("exposure", out)
     return out
 
 
-def part_backdoor(base: dict, workdir: Path, tiny: bool) -> dict:
-    out = {}
+def part_backdoor(base: dict, workdir: Path, tiny: bool, done: dict | None = None, save=None) -> dict:
+    out = dict(done or {})
     for agg in ("mean",) + ROBUST:
+        if agg in out:
+            log(f"backdoor_{agg}: kept from the earlier run (--resume)")
+            continue
         raw = copy.deepcopy(base)
         raw.setdefault("attack", {})["adversary"] = {"name": "instruct-backdoor", "ids": [1, 2],
                                                      "model": model_name(base), "poison_fraction": 0.5}
         raw["server"]["aggregator"] = agg
         out[agg] = run_and_audit(raw, ["backdoor"], workdir, f"backdoor_{agg}")
+        if save is not None:
+            save("backdoor", out)
     return out
 
 
@@ -198,15 +209,16 @@ def headline(res: dict) -> dict:
             h["dager_lora_exact_recovery_bs4_setup"] = (f"{res.get('meta_model', '')} LoRA rank {best['rank']} "
                                                         f"(q,v), one SGD step, batch 4")
     ex = res.get("exposure", {})
-    if ex:
-        h["canary_exposure_bits_no_dp"] = ex["no_dp"].get("canary_exposure_bits_x16")
-        h["canary_exposure_bits_dp_eps8"] = ex["dp_eps8"].get("canary_exposure_bits_x16")
-        h["llm_mia_auc_ref_calibrated"] = ex["no_dp"].get("llm_mia_auc_ref_calibrated")
-        h["llm_mia_tpr_at_1pct_fpr"] = ex["no_dp"].get("llm_mia_tpr_at_1pct_fpr")
-        h["extraction_fraction_no_dp"] = ex["no_dp"].get("extraction_fraction")
+    if ex:  # a part stopped half-way (see --resume) gives the keys of the labels it finished
+        no_dp, dp8 = ex.get("no_dp", {}), ex.get("dp_eps8", {})
+        h["canary_exposure_bits_no_dp"] = no_dp.get("canary_exposure_bits_x16")
+        h["canary_exposure_bits_dp_eps8"] = dp8.get("canary_exposure_bits_x16")
+        h["llm_mia_auc_ref_calibrated"] = no_dp.get("llm_mia_auc_ref_calibrated")
+        h["llm_mia_tpr_at_1pct_fpr"] = no_dp.get("llm_mia_tpr_at_1pct_fpr")
+        h["extraction_fraction_no_dp"] = no_dp.get("extraction_fraction")
     bd = res.get("backdoor", {})
     if bd:
-        h["backdoor_asr_mean"] = bd["mean"].get("backdoor_asr")
+        h["backdoor_asr_mean"] = bd.get("mean", {}).get("backdoor_asr")
         robust = {a: bd[a].get("backdoor_asr") for a in ROBUST if bd.get(a, {}).get("backdoor_asr") is not None}
         if robust:
             best = min(robust, key=robust.get)
@@ -220,6 +232,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="smoke run on tiny-llama")
     ap.add_argument("--only", default="dager,exposure,backdoor", help="comma list of parts: dager,exposure,backdoor")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the exposure/backdoor runs the JSON already holds (each run is saved when it ends)")
     ap.add_argument("--merge-into", default=None,
                     help="attacks.json whose headline gains this run's keys (default: benchmarks/results/attacks.json; "
                          "--tiny: none)")
@@ -237,10 +251,13 @@ def main() -> None:
         res["meta_model"] = model_name(base)
         if "dager" in parts:
             res["dager"] = part_dager(base, args.tiny)
-        if "exposure" in parts:
-            res["exposure"] = part_exposure(base, work, args.tiny)
-        if "backdoor" in parts:
-            res["backdoor"] = part_backdoor(base, work, args.tiny)
+        def save(part: str, entry: dict) -> None:  # after every federated run: a stopped run keeps what it finished
+            res[part] = entry
+            out.write_text(json.dumps(res, indent=2, default=float))
+
+        for part, fn in (("exposure", part_exposure), ("backdoor", part_backdoor)):
+            if part in parts:
+                res[part] = fn(base, work, args.tiny, res.get(part) if args.resume else None, save)
     res["headline"] = headline(res)
     res["meta"] = {"model": model_name(base), "tiny": args.tiny, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                    "threads": torch_threads()}
