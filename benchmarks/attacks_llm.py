@@ -39,10 +39,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "benchmarks"))  # after ROOT: benchmarks/attacks.py must not shadow the attacks package
 
 from secfed.compare.post_run import audit_run  # noqa: E402
 from secfed.config import parse_config, read_toml  # noqa: E402
 from secfed.engine import Engine  # noqa: E402
+
+from _machine import machine  # noqa: E402
 
 ROBUST = ("median", "trimmed-mean")
 
@@ -232,6 +235,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="smoke run on tiny-llama")
     ap.add_argument("--only", default="dager,exposure,backdoor", help="comma list of parts: dager,exposure,backdoor")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--loaded", action="store_true", help="record that other work shared the machine")
     ap.add_argument("--resume", action="store_true",
                     help="keep the exposure/backdoor runs the JSON already holds (each run is saved when it ends)")
     ap.add_argument("--merge-into", default=None,
@@ -245,23 +249,26 @@ def main() -> None:
     res: dict = json.loads(out.read_text()) if out.exists() else {}
     if res.get("meta", {}).get("tiny", args.tiny) != args.tiny:
         res = {}
+    def write() -> None:
+        res["headline"] = headline(res)
+        res["meta"] = {"model": res.get("meta_model"), "tiny": args.tiny, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                       "threads": torch_threads(), "machine": machine(loaded=args.loaded)}
+        out.write_text(json.dumps(res, indent=2, default=float))
+
+    def save(part: str, entry: dict) -> None:  # after every federated run: a stopped run keeps what it finished
+        res[part] = entry
+        res.setdefault("machine_by_part", {})[part] = machine(loaded=args.loaded)  # parts may come from other runs
+        write()
+
     with tempfile.TemporaryDirectory(prefix="secfed-attacks-llm-") as td:
         work = Path(td)
         base = base_config(args.tiny, work)
         res["meta_model"] = model_name(base)
         if "dager" in parts:
-            res["dager"] = part_dager(base, args.tiny)
-        def save(part: str, entry: dict) -> None:  # after every federated run: a stopped run keeps what it finished
-            res[part] = entry
-            out.write_text(json.dumps(res, indent=2, default=float))
-
+            save("dager", part_dager(base, args.tiny))
         for part, fn in (("exposure", part_exposure), ("backdoor", part_backdoor)):
             if part in parts:
-                res[part] = fn(base, work, args.tiny, res.get(part) if args.resume else None, save)
-    res["headline"] = headline(res)
-    res["meta"] = {"model": model_name(base), "tiny": args.tiny, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                   "threads": torch_threads()}
-    out.write_text(json.dumps(res, indent=2, default=float))
+                save(part, fn(base, work, args.tiny, res.get(part) if args.resume else None, save))
     log(f"headline: {res['headline']}\nwrote {out}")
     merge = Path(args.merge_into) if args.merge_into else (None if args.tiny else ROOT / "benchmarks" / "results" / "attacks.json")
     if merge is not None:
