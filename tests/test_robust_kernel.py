@@ -181,7 +181,7 @@ def test_non_contiguous_and_integer_like_inputs():
 def test_fallback_without_numba_gives_the_same_medians(monkeypatch):
     X = torch.randn(13, 500)
     with_kernel = coordinate_median(X)
-    monkeypatch.setattr(order_stats, "_compiled", lambda: None)
+    monkeypatch.setattr(order_stats, "compiled", lambda name: None)
     assert torch.equal(coordinate_median(X), with_kernel)
     assert torch.allclose(trimmed_mean(X, 3), torch.sort(X, 0).values[3:10].mean(0), atol=1e-6)
 

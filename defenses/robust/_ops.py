@@ -52,8 +52,9 @@ def pairwise_sq_dists(X: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def compiled(name: str) -> types.ModuleType | None:
-    """The numba kernel module ``defenses.robust.<name>`` (``_select_kernel``, ``_gram_kernel``), or None (numba missing or unusable, or ``SECFED_NO_NUMBA`` set): the caller then
-    takes its torch path. Imported on first use, not with the package: numba costs ~0.5 s to import."""
+    """The numba kernel module ``defenses.robust.<name>`` (``_select_kernel``, ``_gram_kernel``), or None
+    (numba missing or unusable, or ``SECFED_NO_NUMBA`` set): the caller then takes its torch path.
+    Imported on first use, not with the package: numba costs ~0.5 s to import."""
     try:
         return importlib.import_module(f"defenses.robust.{name}")
     except Exception:  # noqa: BLE001 - any failure to load numba means the torch path
@@ -78,8 +79,7 @@ def gram64(X: torch.Tensor) -> torch.Tensor:
 
 
 def _sq_dists_from_gram(G: torch.Tensor) -> torch.Tensor:
-    G = G.double()
-    G = 0.5 * (G + G.T)
+    """Squared distances from a ``gram64`` matrix (float64, exactly symmetric)."""
     sq = G.diagonal()
     D = (sq[:, None] + sq[None, :] - 2.0 * G).clamp_min_(0.0)
     D.fill_diagonal_(0.0)

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import functools
 import math
-import types
 
 import torch
 
@@ -51,17 +50,12 @@ BLOCK_ELEMENTS = 1 << 20  # 4 MiB of float32 per block: the working set of one b
 MAX_NETWORK_ROWS = 1024
 
 
-def _compiled() -> types.ModuleType | None:
-    """The numba selection kernel, or None (then the pure-torch network)."""
-    return compiled("_select_kernel")
-
-
 def _middle(X: torch.Tensor, lo: int, hi: int, mode: str) -> torch.Tensor:
     """``mode`` "sum" / "mean" of ranks ``[lo, hi)``, or "pair_mean" (``(x_lo + x_lo+1) * 0.5``)."""
     n = X.shape[0]
     if not 0 <= lo < hi <= n:
         raise ValueError(f"middle_sum: need 0 <= lo < hi <= n (lo={lo}, hi={hi}, n={n})")
-    kernel = _compiled()
+    kernel = compiled("_select_kernel")  # None: the pure-torch network
     if kernel is not None and kernel.supports(X):
         return kernel.middle_stat(X, lo, hi, mode)
     out = middle_sum_torch(X, lo, hi)
@@ -193,7 +187,7 @@ def closest_to_median_mean(X: torch.Tensor, beta: int) -> torch.Tensor:
     n = X.shape[0]
     if not 1 <= beta <= n:
         raise ValueError(f"closest_to_median_mean: need 1 <= beta <= n (beta={beta}, n={n})")
-    kernel = _compiled()
+    kernel = compiled("_select_kernel")  # None: the pure-torch network
     if kernel is not None and kernel.supports(X):
         return kernel.middle_stat(X, 0, beta, "closest_mean")
     med = coordinate_median(X)

@@ -234,9 +234,10 @@ class FlowerEngine(Engine):
     def _ask(self, kind: str, values: dict[int, dict[str, Any]], group: str, echo: tuple[str, ...],
              nodes: dict[int, int] | None = None, timeout: str = "round_timeout") -> tuple[dict[int, Any], dict[int, str]]:
         """Send ``values[client]`` to each client's SuperNode (``nodes``: client -> node id, default the
-        connected ones; a client without one fails) as a ``kind`` message: (each reply's validated record, why the others failed). A reply
-        must echo the sent ``echo`` values (round, client, step); an error reply, a malformed one or none
-        within ``deploy.<timeout>`` seconds is a failure."""
+        connected ones; a client without one fails) as a ``kind`` message: (each reply's validated record,
+        why the others failed). A reply must echo the sent ``echo`` values (round, client, step); an error
+        reply, a malformed one or none within ``deploy.<timeout>`` seconds (the key named in the reason)
+        is a failure."""
         nodes, seconds = nodes or self.nodes, getattr(self.cfg.deploy, timeout)
         failed = {c: "no SuperNode connected for this client" for c in values if c not in nodes}
         node_of = {nodes[c]: c for c in values if c in nodes}
