@@ -292,3 +292,70 @@ def test_krum_selection_is_the_same_with_the_blas_gram(monkeypatch):
     monkeypatch.setattr(_ops, "compiled", lambda name: None)
     assert torch.equal(fast, Krum(f=6).select(X, 25))
 
+
+
+# --- the centred-clipping kernel (defenses/robust/_clip_kernel.py, issue 20) --------------------
+
+CK = pytest.importorskip("defenses.robust._clip_kernel", exc_type=ImportError)
+
+
+def cclip_step64(X: torch.Tensor, v: torch.Tensor | None, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step and weights in float64, straight from the formula."""
+    X64 = X.double()
+    diff = X64 if v is None else X64 - v.double()
+    c = torch.clamp(tau / torch.linalg.vector_norm(diff, dim=1).clamp_min(1e-30), max=1.0)
+    return (c[:, None] * X64).sum(0) / X.shape[0], c
+
+
+@pytest.mark.parametrize("centred", [False, True])
+@pytest.mark.parametrize("n, d, block", [(1, 5, None), (2, 0, None), (3, 70001, None), (5, 7, 8), (13, 10007, 4 * 10007 * 3),
+                                         (50, 4099, 4 * 4099 * 7), (50, 2 * 32768 + 3, None)])
+def test_clip_kernel_matches_the_formula_in_float64(n, d, block, centred, monkeypatch):
+    """Every shape class: one block, several blocks with a short last one (``BLOCK_BYTES`` lowered), d = 0,
+    a partial last chunk; rows inside and outside the clipping radius; with and without a centre."""
+    if block is not None:
+        monkeypatch.setattr(CK, "BLOCK_BYTES", block)
+    g = torch.Generator().manual_seed(n * 1000 + d)
+    X = torch.randn(n, d, generator=g) * torch.logspace(-3, 1, n)[:, None] / max(1, d) ** 0.5
+    v = 0.1 * torch.randn(d, generator=g) / max(1, d) ** 0.5 if centred else None
+    tau = 0.5
+    step, c = CK.clip_step(X, v, tau)
+    ref, c_ref = cclip_step64(X, v, tau)
+    assert step.dtype == torch.float32 and step.shape == (d,)
+    assert torch.allclose(c, c_ref, rtol=1e-6, atol=0)
+    assert torch.allclose(step.double(), ref, rtol=1e-5, atol=1e-7 * float(ref.abs().max()) if d else 0)
+    if n > 1 and d:
+        assert 0 < int((c < 1).sum()) < n  # some rows clipped, some not
+
+
+def test_clip_kernel_is_independent_of_the_thread_count():
+    X = torch.randn(9, 3 * CK.CHUNK + 17)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = CK.clip_step(X, X[0], 1.0)
+        torch.set_num_threads(2)
+        two = CK.clip_step(X, X[0], 1.0)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def test_centered_clipping_routes_float32_to_the_kernel_and_agrees_with_torch(monkeypatch):
+    from defenses.robust import _ops, aggregators
+    from defenses.robust.aggregators import CenteredClipping
+
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(20, 5000, generator=g)
+    center = 0.3 * torch.randn(5000, generator=g)
+    calls = []
+    real = CK.clip_step
+    monkeypatch.setattr(CK, "clip_step", lambda X, v, tau: calls.append(X.dtype) or real(X, v, tau))
+    fast = CenteredClipping(tau=20.0, L=3)(X, center=center)
+    CenteredClipping(tau=20.0)(X.double(), center=center.double())
+    CenteredClipping(tau=20.0)(X.requires_grad_(True), center=center)
+    assert calls == [torch.float32] * 3
+    monkeypatch.setattr(aggregators, "compiled", lambda name: None)
+    slow = CenteredClipping(tau=20.0, L=3)(X.detach(), center=center)
+    assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-6)
+    assert _ops.compiled("_clip_kernel") is CK
