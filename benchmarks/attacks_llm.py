@@ -11,7 +11,8 @@ with overrides, audited by ``secfed.compare.post_run.audit_run``:
 
 * ``exposure`` -- secret-sharer canaries (x1, x4, x16) + 20 PII records in client 0's data, no DP
   and DP-SGD at epsilon 8: canary exposure (bits), extraction fraction, LLM membership inference.
-* ``backdoor`` -- instruct-backdoor on 2 of 6 clients under the mean and robust aggregators.
+* ``backdoor`` -- instruct-backdoor on 2 of 6 clients under the mean, the coordinate median, the trimmed mean,
+  centered clipping, and SecAgg+ with centered clipping over group sums (``ROBUST``).
 * ``dager`` -- DAGER (attacks/inversion/dager_lm.py) on one client's LoRA update (one SGD step from
   an adapter with B != 0) for LoRA rank {8, 32, 64} x batch {1, 4, 16, 32}, plus a DP-SGD row
   (z = 1, C = 1, batch 1, largest rank): exact-sequence rate, ROUGE-1/2, token recall/precision and
@@ -47,7 +48,12 @@ from secfed.engine import Engine  # noqa: E402
 
 from _machine import machine  # noqa: E402
 
-ROBUST = ("median", "trimmed-mean")
+# The backdoor part's robust setups (label -> server overrides), after the mean; "secagg-groups-cc": SecAgg+ sums of
+# groups of 2 (the server never sees one client's update) with centered clipping over the 3 group sums.
+ROBUST = {"median": {"aggregator": "median"}, "trimmed-mean": {"aggregator": "trimmed-mean"},
+          "centered-clipping": {"aggregator": {"name": "centered-clipping", "tau": 0.5, "L": 1}},
+          "secagg-groups-cc": {"secure_sum": "secagg+", "group_size": 2,
+                               "aggregator": {"name": "centered-clipping", "tau": 0.5, "L": 1}}}
 
 
 def log(msg: str) -> None:
@@ -116,14 +122,14 @@ def part_exposure(base: dict, workdir: Path, tiny: bool, done: dict | None = Non
 
 def part_backdoor(base: dict, workdir: Path, tiny: bool, done: dict | None = None, save=None) -> dict:
     out = dict(done or {})
-    for agg in ("mean",) + ROBUST:
+    for agg, server in {"mean": {"aggregator": "mean"}, **ROBUST}.items():
         if agg in out:
             log(f"backdoor_{agg}: kept from the earlier run (--resume)")
             continue
         raw = copy.deepcopy(base)
         raw.setdefault("attack", {})["adversary"] = {"name": "instruct-backdoor", "ids": [1, 2],
                                                      "model": model_name(base), "poison_fraction": 0.5}
-        raw["server"]["aggregator"] = agg
+        raw["server"].update(server)
         out[agg] = run_and_audit(raw, ["backdoor"], workdir, f"backdoor_{agg}")
         if save is not None:
             save("backdoor", out)

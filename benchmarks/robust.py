@@ -87,16 +87,23 @@ def cpu_description() -> dict:
 
 
 def kernel_description() -> dict:
-    """numba's version, the min/max instruction set the kernel is compiled for, and the seconds of
-    the first order statistic in this process (numba import + cache load, or a compile when the
-    cache is cold)."""
-    t0 = time.perf_counter()
+    """numba's version, the min/max instruction set the selection kernel is compiled for, and the seconds
+    of each kernel's first call in this process (numba import + cache load, or a compile when the cache is
+    cold): order statistics, the Gram matrix (Krum & co.), centred clipping."""
+    from defenses.robust import CenteredClipping, Krum
+
+    firsts = {}
+    for name, first_call in (("_select_kernel", lambda: order_stats.coordinate_median(torch.randn(3, 70))),
+                             ("_gram_kernel", lambda: Krum(f=1)(torch.randn(4, 70))),
+                             ("_clip_kernel", lambda: CenteredClipping()(torch.randn(3, 70)))):
+        t0 = time.perf_counter()
+        if compiled(name) is not None:
+            first_call()
+        firsts[name] = round(time.perf_counter() - t0, 3)
     kernel = compiled("_select_kernel")
-    if kernel is not None:
-        order_stats.coordinate_median(torch.randn(3, 70))
-    first = time.perf_counter() - t0
     return {"numba": getattr(getattr(kernel, "numba", None), "__version__", None),
-            "kernel_isa": getattr(kernel, "ISA", None), "kernel_first_call_s": round(first, 3)}
+            "kernel_isa": getattr(kernel, "ISA", None), "kernel_first_call_s": firsts["_select_kernel"],
+            "kernel_first_call_s_by_kernel": firsts}
 
 
 def scaling_rows(repeats: int, quick: bool) -> list[dict]:
