@@ -6,8 +6,11 @@ authentication) against the same config in-process, side by side (issue 20).
     python benchmarks/deploy.py --inprocess-only --rounds 1         # smoke test: no Flower processes
 
 Cases: ``quickstart`` = ``experiments/flower_local.toml`` (the README's "Run across machines"
-config), ``secagg`` = the same with ``server.secure_sum = "secagg+"`` (active by default: six
-messages per node per round, the nodes signing with their node keys). Both transports run the same config and seed with ``run.threads = 1``. Per-round
+config: digits CNN, 3 clients, about 0.06 s of work per round, so the ratio is Flower's per-message
+cost), ``secagg`` = the same with ``server.secure_sum = "secagg+"`` (active by default: six
+messages per node per round, the nodes signing with their node keys), ``tweets`` =
+``experiments/quickstart.toml`` (the README's Quickstart: MiniLM + LoRA on the tweets, 10
+SuperNodes, cohort 5, 3 rounds: a round of real fine-tuning work). Both transports run the same config and seed with ``run.threads = 1``. Per-round
 seconds come from each run's ``rounds.jsonl``; the first round is reported apart (it includes
 the ClientApp's first model build) and the headline uses rounds 2.. when there are at least
 two. Writes benchmarks/results/deploy.json with
@@ -16,7 +19,9 @@ and the machine (CPU model, usable CPUs, load average).
 
 The SuperNodes are secfed's (``secfed.flower.worker``, what ``LocalFederation`` and the README
 start): ``flower-supernode --isolation process`` with one long-lived ClientApp worker thread per
-node and short idle polling. (Flower's own ``flower-supernode`` starts one ``flwr-clientapp`` process
+node that calls its SuperNode's Runtime API in-process (no loopback HTTP), and short idle polling;
+``flower-superexec`` polls for ServerApp tasks at Flower's 1 s. Set ``SECFED_WORKER_RUNTIME=http`` and
+``FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1`` in the environment for the previous setup (issue 20's "before"). (Flower's own ``flower-supernode`` starts one ``flwr-clientapp`` process
 per message: about 46 s per round on 2 cores, issue 20.) The headline's SuperLink keeps Flower's in-memory
 state (``LocalFederation``'s default); a second Flower column (``*_durable``; ``--no-durable`` skips it)
 runs the SuperLink with ``--database`` (sqlite), as the README's operator commands do: profiled with
@@ -41,15 +46,19 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-CASES = {"quickstart": {}, "secagg": {"server": {"secure_sum": "secagg+"}}}
+# case -> (config file, overrides, rounds when --rounds is not given)
+CASES = {"quickstart": ("flower_local.toml", {}, 4),
+         "secagg": ("flower_local.toml", {"server": {"secure_sum": "secagg+"}}, 4),
+         "tweets": ("quickstart.toml", {}, 3)}
 
 
 def config(case: str, rounds: int):
     from secfed.config import load_config, parse_config
 
-    base = load_config(ROOT / "experiments" / "flower_local.toml").model_dump(mode="json")
+    path, overrides, _ = CASES[case]
+    base = load_config(ROOT / "experiments" / path).model_dump(mode="json")
     base["run"].update({"name": f"deploy-{case}", "rounds": rounds, "eval_every": rounds, "threads": 1})
-    for section, values in CASES[case].items():
+    for section, values in overrides.items():
         base[section].update(values)
     return parse_config(base)
 
@@ -96,7 +105,7 @@ def measure(case: str, rounds: int, work: Path, inprocess_only: bool, durable: b
                 "wall_seconds_flower": fl["wall_seconds"],
                 "federation_startup_seconds": fl["federation_startup_seconds"],
                 "flower_over_inprocess": fl["seconds_per_round"] / steady(ra)})
-    if durable:  # the README operator's SuperLink (--database superlink.db), side by side
+    if durable and case != "tweets":  # the README operator's SuperLink (--database superlink.db), side by side
         fd = flower_run(cfg, case, rounds, work, durable=True)
         row.update({"rounds_flower_durable": fd["rounds"], "seconds_per_round_flower_durable": fd["seconds_per_round"],
                     "flower_durable_over_inprocess": fd["seconds_per_round"] / steady(ra)})
@@ -113,7 +122,7 @@ def _flwr_version() -> str | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=None, help="rounds per run (default: 4; tweets 3)")
     ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     ap.add_argument("--inprocess-only", action="store_true", help="smoke test: skip the Flower processes")
     ap.add_argument("--no-durable", action="store_true",
@@ -130,7 +139,7 @@ def main() -> None:
     rows = []
     try:
         for case in args.cases:
-            row = measure(case, args.rounds, work, args.inprocess_only, not args.no_durable)
+            row = measure(case, args.rounds or CASES[case][2], work, args.inprocess_only, not args.no_durable)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if not k.startswith("rounds_")}), flush=True)
     finally:
@@ -148,12 +157,17 @@ def main() -> None:
                         "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
         "method": ("same config and seed on both transports, run.threads = 1; seconds per round from rounds.jsonl, "
                    "mean over rounds 2.. (round 1 kept in the table); Flower = local SuperLink + one secfed SuperNode "
-                   "per client (TLS, node auth, --isolation process with one long-lived ClientApp worker each); the "
+                   "per client (TLS, node auth, --isolation process with one long-lived ClientApp worker thread each, "
+                   "calling its SuperNode's Runtime API in-process); the "
                    "headline's SuperLink keeps Flower's in-memory state (LocalFederation's default), the *_durable "
                    "columns its sqlite state (--database, as in the README's operator commands)"),
         "flwr": _flwr_version(),
+        "settings": {k: os.environ.get(k) for k in ("SECFED_WORKER_RUNTIME", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL",
+                                                    "SECFED_SUPERNODE_POLL_MIN", "SECFED_SUPERNODE_POLL_MAX")
+                     if os.environ.get(k) is not None},
         "command": " ".join(["python", "benchmarks/deploy.py"]
-                            + [a for a in sys.argv[1:] if not a.startswith("--out")]),
+                            + [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--out")
+                               and not (i and sys.argv[i] == "--out")]),  # sys.argv[i]: the argument before a
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

@@ -85,6 +85,10 @@ def test_supernode_settings_are_one_line_errors(monkeypatch, tmp_path):
     with pytest.raises(SystemExit, match="SECFED_SUPERNODE_POLL_MIN must be a number of seconds"):
         W.supernode_main(["--superlink", "127.0.0.1:1", "--insecure"])
     monkeypatch.delenv("SECFED_SUPERNODE_POLL_MIN")
+    monkeypatch.setenv("SECFED_WORKER_RUNTIME", "grpc")
+    with pytest.raises(SystemExit, match="SECFED_WORKER_RUNTIME must be 'direct' or 'http'"):
+        W.supernode_main(["--superlink", "127.0.0.1:1", "--insecure"])
+    monkeypatch.delenv("SECFED_WORKER_RUNTIME")
     with pytest.raises(SystemExit, match="cannot read .*nope.secret"):
         W.supernode_main(["--superlink", "127.0.0.1:1", "--superexec-auth-secret-file", str(tmp_path / "nope.secret")])
 
@@ -223,3 +227,117 @@ def test_json_fields_with_huge_integers_are_malformed_not_a_traceback():
         with pytest.raises(MalformedMessage, match="flat JSON object"):
             decode(f'{{"{key}": {huge}}}')
     assert codec.decode_state('{"round": 3}') == {"round": 3}
+
+
+# ----------------------------------------------------------------------------- the Runtime API in-process
+
+def test_direct_runtime_matches_the_installed_flwr():
+    # Fails on a flwr upgrade that moves what InProcessRuntime calls (the routes, the handlers' arguments,
+    # the hook on _start_supernode_http_api): re-read them, then extend TESTED_FLWR.
+    assert W.direct_runtime_problem() is None
+
+
+def test_direct_runtime_problem_names_a_changed_handler(monkeypatch):
+    from flwr.supernode.servicer.runtime import runtime_handlers as h
+
+    monkeypatch.setattr(h, "pull_object", lambda request, state: None)
+    assert "runtime_handlers.pull_object no longer takes (request, state, task)" == W.direct_runtime_problem()
+    monkeypatch.undo()
+    monkeypatch.setattr(W._flower_supernode_module(), "_start_supernode_http_api", lambda cfg, factory: None)
+    assert "_start_supernode_http_api(config, state_factory) is gone" in W.direct_runtime_problem()
+    monkeypatch.undo()
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    def push_task_output(client, context, sub_status, details):  # a flwr that makes a call InProcessRuntime lacks
+        client.RecordTaskUsage(None)
+
+    monkeypatch.setattr(rc, "push_task_output", push_task_output)
+    assert "lacks: ['RecordTaskUsage']" in W.direct_runtime_problem()
+
+
+def _node_state_with_one_task(monkeypatch, run_id: int = 7):
+    """A SuperNode's NodeState as flwr's Fleet loop leaves it after pulling one message: run, FAB, context,
+    the message with its objects, and one pending flwr-clientapp task."""
+    import hashlib
+
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.fab import Fab
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supernode.nodestate import NodeStateFactory
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supernode.start_client_internal import _insert_message
+
+    for k, v in (("_run_id", run_id), ("_node_id", 1), ("_task_id", 3)):  # restored after the test (run_task sets them)
+        monkeypatch.setattr(TaskIdentity, k, v, raising=False)
+    factory = NodeStateFactory(objectstore_factory=ObjectStoreFactory())
+    state, store = factory.state(), factory.objectstore_factory.store()
+    state.set_node_id(2)
+    content = _fab(APP_PYPROJECT).content
+    fab = Fab(hashlib.sha256(content).hexdigest(), content, {})
+    run = Run.create_empty(run_id)
+    run.fab_hash = fab.hash_str
+    state.store_run(run)
+    state.store_fab(fab)
+    state.set_run_series_context(run.series_id, Context(run_id=run_id, node_id=2, node_config={"partition-id": 0},
+                                                        state=RecordDict(), run_config={}))
+    msg = Message(RecordDict({"secfed": ConfigRecord({"v": 1})}), dst_node_id=2, message_type="query")
+    _insert_message(msg, state, store)
+    state.create_task(task_type=TaskType.CLIENT_APP, run_id=run_id, fab_hash=fab.hash_str)
+    return factory, state, msg
+
+
+def test_worker_runs_a_task_through_the_supernode_state_without_http(monkeypatch):
+    """The worker inside the SuperNode calls the Runtime API handlers directly: it claims the task, reads the
+    message, and its reply and the updated Context land in the SuperNode's state for the Fleet loop to push."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.common.constant import SubStatus
+
+    factory, state, sent = _node_state_with_one_task(monkeypatch)
+    hook = W.NodeStateHook()
+    hook.factory = factory
+    hook.ready.set()
+
+    def app(message, context):
+        assert message.content["secfed"]["v"] == 1
+        context.state["seen"] = ConfigRecord({"n": 1})
+        return Message(RecordDict({"secfed": ConfigRecord({"ok": 1})}), reply_to=message)
+
+    worker = W.TaskWorker("127.0.0.1:1", app=app, node_state=hook)
+    worker.state = hook.wait()
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+    from flwr.supercore.constant import TaskType
+
+    res = worker._client().AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+    assert res.token and worker.run_task(res.token) == SubStatus.COMPLETED
+    replies = state.get_messages_legacy(is_reply=True)
+    assert len(replies) == 1 and replies[0].metadata.reply_to_message_id == sent.metadata.message_id
+    assert state.get_run_series_context(0).state["seen"]["n"] == 1  # the Context went back to the node
+    assert not worker._client().AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])).token
+
+
+def test_in_process_runtime_checks_the_task_token_like_the_http_route(monkeypatch):
+    from flwr.proto.runtime_pb2 import PullTaskInputRequest  # pylint: disable=E0611
+    from flwr.supercore.error import FlowerError
+
+    _, state, _ = _node_state_with_one_task(monkeypatch)
+    for token in (None, "", "not-a-token"):
+        with pytest.raises(FlowerError, match="authentication failed"):
+            W.InProcessRuntime(state, token).PullTaskInput(PullTaskInputRequest())
+
+
+def test_node_state_hook_takes_the_factory_flower_supernode_starts_its_api_with(monkeypatch):
+    fs = W._flower_supernode_module()
+    started: list = []
+
+    def _start_supernode_http_api(config, state_factory):  # flwr's signature
+        started.append((config, state_factory))
+        return "server", "thread"
+
+    monkeypatch.setattr(fs, "_start_supernode_http_api", _start_supernode_http_api)
+    hook = W.NodeStateHook()
+    assert hook.install()
+    factory = SimpleNamespace(state=lambda: "the node state")
+    assert fs._start_supernode_http_api("cfg", factory) == ("server", "thread")  # flwr's call goes through
+    assert started == [("cfg", factory)] and hook.wait() == "the node state"
