@@ -48,6 +48,9 @@ from secfed.engine import Engine  # noqa: E402
 
 from _machine import machine  # noqa: E402
 
+# Each malicious client poisons this share of its records (0.5 gave ASR 0.05 against the mean on 2026-12-02: 4 rounds
+# of 5 steps did not implant the trigger, so no defence could be compared).
+POISON_FRACTION = 1.0
 # The backdoor part's robust setups (label -> server overrides), after the mean; "secagg-groups-cc": SecAgg+ sums of
 # groups of 2 (the server never sees one client's update) with centered clipping over the 3 group sums.
 ROBUST = {"median": {"aggregator": "median"}, "trimmed-mean": {"aggregator": "trimmed-mean"},
@@ -128,7 +131,7 @@ def part_backdoor(base: dict, workdir: Path, tiny: bool, done: dict | None = Non
             continue
         raw = copy.deepcopy(base)
         raw.setdefault("attack", {})["adversary"] = {"name": "instruct-backdoor", "ids": [1, 2],
-                                                     "model": model_name(base), "poison_fraction": 0.5}
+                                                     "model": model_name(base), "poison_fraction": POISON_FRACTION}
         raw["server"].update(server)
         out[agg] = run_and_audit(raw, ["backdoor"], workdir, f"backdoor_{agg}")
         if save is not None:

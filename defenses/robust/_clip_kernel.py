@@ -26,6 +26,7 @@ from defenses.robust._select_kernel import _CACHE, _lock, numba
 
 CHUNK = 32768  # coordinates a thread takes at a time (128 KiB of a row)
 BLOCK_BYTES = 8 << 20  # rows per block: at most 8 MiB of X (cache-resident between the two sweeps)
+MIN_BYTES = 32 << 20  # smaller X stays in the last-level cache between torch's two passes, which are then faster
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
 
@@ -72,8 +73,10 @@ def _clip_sum(X, v, centred, tau, rows, chunk, out, sq):  # noqa: ANN001 - numba
 
 
 def supports(X: torch.Tensor, v: torch.Tensor | None) -> bool:
-    """CPU float32 without a gradient, and a centre of the same kind (anything else keeps torch)."""
-    ok = X.device.type == "cpu" and X.dtype == torch.float32 and not X.requires_grad and X.dim() == 2
+    """CPU float32 of at least ``MIN_BYTES`` without a gradient, and a centre of the same kind (anything else
+    keeps torch: measured at n = 50, d = 1e5, 20 MB, the kernel took 4.1 ms against torch's 2.4)."""
+    ok = (X.device.type == "cpu" and X.dtype == torch.float32 and not X.requires_grad and X.dim() == 2
+          and X.numel() * 4 >= MIN_BYTES)
     return ok and (v is None or (v.device.type == "cpu" and v.dtype == torch.float32 and not v.requires_grad))
 
 
