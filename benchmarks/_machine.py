@@ -30,3 +30,17 @@ def machine(loaded: bool | None = None, note: str = "") -> dict[str, Any]:
     if note:
         rec["note"] = note
     return rec
+
+
+def command(script: str, argv: list[str]) -> str:
+    """The command line a result file records: ``python <script> <args>`` without ``--out`` and its value (a
+    local path), in either ``--out X`` or ``--out=X`` form."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            kept.append(a)
+    return " ".join(["python", script, *kept])

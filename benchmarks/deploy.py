@@ -1,31 +1,31 @@
 """Seconds per round over real Flower processes (SuperLink + one SuperNode per client, TLS, node
 authentication) against the same config in-process, side by side (issue 20).
 
-    python benchmarks/deploy.py                    # flower_local (3 nodes, digits CNN), plain and SecAgg+, 4 rounds
+    python benchmarks/deploy.py                    # all cases: digits plain + SecAgg+ (4 rounds), tweets (3)
     python benchmarks/deploy.py --rounds 2 --cases quickstart      # shorter
     python benchmarks/deploy.py --inprocess-only --rounds 1         # smoke test: no Flower processes
 
-Cases: ``quickstart`` = ``experiments/flower_local.toml`` (the README's "Run across machines"
-config: digits CNN, 3 clients, about 0.06 s of work per round, so the ratio is Flower's per-message
-cost), ``secagg`` = the same with ``server.secure_sum = "secagg+"`` (active by default: six
-messages per node per round, the nodes signing with their node keys), ``tweets`` =
-``experiments/quickstart.toml`` (the README's Quickstart: MiniLM + LoRA on the tweets, 10
-SuperNodes, cohort 5, 3 rounds: a round of real fine-tuning work). Both transports run the same config and seed with ``run.threads = 1``. Per-round
-seconds come from each run's ``rounds.jsonl``; the first round is reported apart (it includes
-the ClientApp's first model build) and the headline uses rounds 2.. when there are at least
-two. Writes benchmarks/results/deploy.json with
-``headline.flower_over_inprocess_seconds_per_round_quickstart`` and ``..._secagg`` (goal <= 2)
+Cases: ``quickstart`` = ``experiments/flower_local.toml`` (the README's "Run across machines" config: digits
+CNN, 3 clients, about 0.06 s of work per round, so the ratio is Flower's per-message cost), ``secagg`` = the
+same with ``server.secure_sum = "secagg+"`` (active by default: six messages per node per round, the nodes
+signing with their node keys), ``tweets`` = ``experiments/quickstart.toml`` (the README's Quickstart: MiniLM +
+LoRA on the tweets, 10 SuperNodes, cohort 5, 3 rounds: a round of real fine-tuning work). Both transports run
+the same config and seed with ``run.threads = 1``. Per-round seconds come from each run's ``rounds.jsonl``;
+the first round is reported apart (it includes the ClientApp's first model build) and the headline uses rounds
+2.. when there are at least two. Writes benchmarks/results/deploy.json with
+``headline.flower_over_inprocess_seconds_per_round_quickstart``, ``..._secagg`` and ``..._tweets`` (goal <= 2)
 and the machine (CPU model, usable CPUs, load average).
 
-The SuperNodes are secfed's (``secfed.flower.worker``, what ``LocalFederation`` and the README
-start): ``flower-supernode --isolation process`` with one long-lived ClientApp worker thread per
-node that calls its SuperNode's Runtime API in-process (no loopback HTTP), and short idle polling;
-``flower-superexec`` polls for ServerApp tasks at Flower's 1 s. Set ``SECFED_WORKER_RUNTIME=http`` and
-``FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1`` in the environment for the previous setup (issue 20's "before"). (Flower's own ``flower-supernode`` starts one ``flwr-clientapp`` process
-per message: about 46 s per round on 2 cores, issue 20.) The headline's SuperLink keeps Flower's in-memory
-state (``LocalFederation``'s default); a second Flower column (``*_durable``; ``--no-durable`` skips it)
-runs the SuperLink with ``--database`` (sqlite), as the README's operator commands do: profiled with
-py-spy, that SuperLink spent most of its time in sqlite, and rounds took about 2x longer.
+The SuperNodes are secfed's (``secfed.flower.worker``, what ``LocalFederation`` and the README start):
+``flower-supernode --isolation process`` with one long-lived ClientApp worker thread per node that calls its
+SuperNode's Runtime API in-process (no loopback HTTP), and short idle polling; ``flower-superexec`` polls for
+ServerApp tasks at Flower's 1 s. Set ``SECFED_WORKER_RUNTIME=http`` and
+``FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1`` in the environment for the previous setup (issue 20's "before").
+(Flower's own ``flower-supernode`` starts one ``flwr-clientapp`` process per message: about 46 s per round on
+2 cores, issue 20.) The headline's SuperLink keeps Flower's in-memory state (``LocalFederation``'s default); a
+second Flower column for the digits cases (``*_durable``; ``--no-durable`` skips it) runs the SuperLink with
+``--database`` (sqlite), as the README's operator commands do: profiled with py-spy, that SuperLink spent most
+of its time in sqlite, and rounds took about 2x longer.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -46,19 +47,27 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# case -> (config file, overrides, rounds when --rounds is not given)
-CASES = {"quickstart": ("flower_local.toml", {}, 4),
-         "secagg": ("flower_local.toml", {"server": {"secure_sum": "secagg+"}}, 4),
-         "tweets": ("quickstart.toml", {}, 3)}
+from _machine import command  # noqa: E402
+
+
+class Case(NamedTuple):
+    config: str  # under experiments/
+    overrides: dict
+    rounds: int  # when --rounds is not given
+    durable: bool  # also timed with the SuperLink's sqlite state (the *_durable columns)
+
+
+CASES = {"quickstart": Case("flower_local.toml", {}, 4, True),
+         "secagg": Case("flower_local.toml", {"server": {"secure_sum": "secagg+"}}, 4, True),
+         "tweets": Case("quickstart.toml", {}, 3, False)}
 
 
 def config(case: str, rounds: int):
     from secfed.config import load_config, parse_config
 
-    path, overrides, _ = CASES[case]
-    base = load_config(ROOT / "experiments" / path).model_dump(mode="json")
+    base = load_config(ROOT / "experiments" / CASES[case].config).model_dump(mode="json")
     base["run"].update({"name": f"deploy-{case}", "rounds": rounds, "eval_every": rounds, "threads": 1})
-    for section, values in overrides.items():
+    for section, values in CASES[case].overrides.items():
         base[section].update(values)
     return parse_config(base)
 
@@ -105,7 +114,7 @@ def measure(case: str, rounds: int, work: Path, inprocess_only: bool, durable: b
                 "wall_seconds_flower": fl["wall_seconds"],
                 "federation_startup_seconds": fl["federation_startup_seconds"],
                 "flower_over_inprocess": fl["seconds_per_round"] / steady(ra)})
-    if durable and case != "tweets":  # the README operator's SuperLink (--database superlink.db), side by side
+    if durable and CASES[case].durable:  # the README operator's SuperLink (--database superlink.db), side by side
         fd = flower_run(cfg, case, rounds, work, durable=True)
         row.update({"rounds_flower_durable": fd["rounds"], "seconds_per_round_flower_durable": fd["seconds_per_round"],
                     "flower_durable_over_inprocess": fd["seconds_per_round"] / steady(ra)})
@@ -139,7 +148,7 @@ def main() -> None:
     rows = []
     try:
         for case in args.cases:
-            row = measure(case, args.rounds or CASES[case][2], work, args.inprocess_only, not args.no_durable)
+            row = measure(case, args.rounds or CASES[case].rounds, work, args.inprocess_only, not args.no_durable)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if not k.startswith("rounds_")}), flush=True)
     finally:
@@ -165,9 +174,7 @@ def main() -> None:
         "settings": {k: os.environ.get(k) for k in ("SECFED_WORKER_RUNTIME", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL",
                                                     "SECFED_SUPERNODE_POLL_MIN", "SECFED_SUPERNODE_POLL_MAX")
                      if os.environ.get(k) is not None},
-        "command": " ".join(["python", "benchmarks/deploy.py"]
-                            + [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--out")
-                               and not (i and sys.argv[i] == "--out")]),  # sys.argv[i]: the argument before a
+        "command": command("benchmarks/deploy.py", sys.argv[1:]),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

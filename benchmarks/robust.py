@@ -56,6 +56,8 @@ from defenses.robust import (NNM, Bulyan, CenteredClipping, CoordinateMedian, Ge
                              Mean, MultiKrum, StaticClip, TrimmedMean)
 from defenses.robust import compiled, order_stats  # noqa: E402
 
+from _machine import command  # noqa: E402 - benchmarks/ (this script's folder) is on sys.path
+
 HEADLINE = ["Median", "TrimmedMean", "Krum", "MultiKrum", "GeometricMedian", "CenteredClipping"]
 ORDER_STATS = ["Median", "TrimmedMean"]  # the max_over_sum_pass headline
 
@@ -90,12 +92,13 @@ def kernel_description() -> dict:
     """numba's version, the min/max instruction set the selection kernel is compiled for, and the seconds
     of each kernel's first call in this process (numba import + cache load, or a compile when the cache is
     cold): order statistics, the Gram matrix (Krum & co.), centred clipping."""
-    from defenses.robust import CenteredClipping, Krum
+    from defenses.robust import Krum  # through Krum: gram64 routes any CPU float32 X to its kernel
 
     firsts = {}
     for name, first_call in (("_select_kernel", lambda: order_stats.coordinate_median(torch.randn(3, 70))),
                              ("_gram_kernel", lambda: Krum(f=1)(torch.randn(4, 70))),
-                             ("_clip_kernel", lambda: CenteredClipping()(torch.randn(3, 70)))):
+                             ("_clip_kernel",  # directly: CenteredClipping sends a small X to torch
+                              lambda: compiled("_clip_kernel").clip_step(torch.randn(3, 70), None, 1.0))):
         t0 = time.perf_counter()
         if compiled(name) is not None:
             first_call()
@@ -287,7 +290,7 @@ def main() -> None:
         "method": ("median of %d calls after a warm-up, no sampler running; peak = max RSS growth sampled every 1 ms"
                    " during one more, untimed call; *_over_sum = time / time of X.sum(0) on the same input, same"
                    " process and threads") % args.repeats,
-        "command": " ".join(["python", "benchmarks/robust.py"] + [a for a in sys.argv[1:] if not a.startswith("--out")]),
+        "command": command("benchmarks/robust.py", sys.argv[1:]),
         "table": rows,
         "order_stats_scaling": scaling,
         "max_over_sum_pass_all_n": round(max(r["secfed_over_sum"] for r in scaling + [

@@ -6,14 +6,15 @@ One step of centred clipping (Karimireddy, He & Jaggi 2021) from a centre ``v`` 
 start, so the torch path reads ``X`` twice (row norms, then one GEMV). Here the rows are taken
 ``rows`` at a time (a block of at most ``BLOCK_BYTES``, which stays in the last-level cache):
 the block's norms read it from memory, its weighted sum reads it again from cache, so ``X``
-crosses the memory bus once. Measured at n = 50, d = 1e6 on a 2-core AMD EPYC: about 18 ms
-against 25-28 ms for torch's two passes (``benchmarks/robust.py``).
+crosses the memory bus once. Measured at n = 50, d = 1e6 on a 2-core AMD EPYC (``benchmarks/robust.py``,
+idle): 22.4 ms (1.1 sums of X) against 33.5 ms (1.7 sums) for torch's two passes. Below ``MIN_BYTES``
+X stays in cache between torch's passes and torch is faster: ``supports`` says no.
 
 Arithmetic: a row's squared norm is summed in float32 over chunks of ``CHUNK`` coordinates
 (``fastmath`` reassociation spreads each chunk over the vector lanes) and in float64 across
 chunks, in chunk order; the weighted sum adds the rows in row order per coordinate in float32,
 as a GEMV does. Nothing depends on the thread count (threads split coordinates, never a sum).
-Numba setup (cache directory, threading layer, the call lock) is ``_select_kernel``'s: importing
+Numba setup (cache directory, threading layer, the call lock: ``kernel_threads``) is ``_select_kernel``'s: importing
 this module raises ImportError where that one does, and ``CenteredClipping`` keeps its torch path.
 """
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from defenses.robust._select_kernel import _CACHE, _lock, numba
+from defenses.robust._select_kernel import _CACHE, kernel_threads, numba, plain_cpu
 
 CHUNK = 32768  # coordinates a thread takes at a time (128 KiB of a row)
 BLOCK_BYTES = 8 << 20  # rows per block: at most 8 MiB of X (cache-resident between the two sweeps)
@@ -31,8 +32,8 @@ _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
 
 @numba.njit(cache=_CACHE is not None, nogil=True, parallel=True, fastmath=_FASTMATH)
-def _clip_sum(X, v, centred, tau, rows, chunk, out, sq):  # noqa: ANN001 - numba signature
-    """``out += sum_i (min(1, tau / ||x_i - v||) / n) x_i``; ``sq[i] = ||x_i - v||^2`` (``v`` unused
+def _clip_sum(X, v, centred, tau, rows, chunk, out, w):  # noqa: ANN001 - numba signature
+    """``out += sum_i (w_i / n) x_i`` with ``w_i = min(1, tau / ||x_i - v||)``, written to ``w`` (``v`` unused
     unless ``centred``)."""
     n, d = X.shape
     nch = (d + chunk - 1) // chunk
@@ -59,8 +60,8 @@ def _clip_sum(X, v, centred, tau, rows, chunk, out, sq):  # noqa: ANN001 - numba
             tot = 0.0
             for ch in range(nch):
                 tot += part[ch, j - s]
-            sq[j] = tot
-            c[j - s] = np.float32(min(1.0, tau / max(np.sqrt(tot), 1e-30)) / n)
+            w[j] = min(1.0, tau / max(np.sqrt(tot), 1e-30))
+            c[j - s] = np.float32(w[j] / n)
         for ch in numba.prange(nch):  # sweep 2: the block's weighted rows, from cache
             a = ch * chunk
             b = min(d, a + chunk)
@@ -75,9 +76,7 @@ def _clip_sum(X, v, centred, tau, rows, chunk, out, sq):  # noqa: ANN001 - numba
 def supports(X: torch.Tensor, v: torch.Tensor | None) -> bool:
     """CPU float32 of at least ``MIN_BYTES`` without a gradient, and a centre of the same kind (anything else
     keeps torch: measured at n = 50, d = 1e5, 20 MB, the kernel took 4.1 ms against torch's 2.4)."""
-    ok = (X.device.type == "cpu" and X.dtype == torch.float32 and not X.requires_grad and X.dim() == 2
-          and X.numel() * 4 >= MIN_BYTES)
-    return ok and (v is None or (v.device.type == "cpu" and v.dtype == torch.float32 and not v.requires_grad))
+    return plain_cpu(X) and X.dim() == 2 and X.numel() * 4 >= MIN_BYTES and (v is None or plain_cpu(v))
 
 
 def clip_step(X: torch.Tensor, v: torch.Tensor | None, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,11 +86,9 @@ def clip_step(X: torch.Tensor, v: torch.Tensor | None, tau: float) -> tuple[torc
     n, d = Xn.shape
     vn = np.zeros(1, np.float32) if v is None else v.detach().reshape(-1).contiguous().numpy()
     out = np.zeros(d, np.float32)
-    sq = np.zeros(n, np.float64)
+    c = np.ones(n, np.float64)  # d = 0: every distance is 0, nothing is clipped
     rows = max(1, min(n, BLOCK_BYTES // max(1, 4 * d)))
     if d:
-        with _lock:
-            numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-            _clip_sum(Xn, vn, v is not None, float(tau), rows, CHUNK, out, sq)
-    c = np.minimum(1.0, tau / np.maximum(np.sqrt(sq), 1e-30))
+        with kernel_threads():
+            _clip_sum(Xn, vn, v is not None, float(tau), rows, CHUNK, out, c)
     return torch.from_numpy(out), torch.from_numpy(c)

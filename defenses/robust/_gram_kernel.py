@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from defenses.robust._select_kernel import _CACHE, _lock, numba
+from defenses.robust._select_kernel import _CACHE, kernel_threads, numba, plain_cpu
 
 CHUNK = 2048  # coordinates per chunk: n = 50 row segments of 8 KiB = 400 KiB, in L2
 SLOTS = 16  # partial Gram matrices, one per chunk residue: the sum order is fixed
@@ -97,7 +97,7 @@ def _lower_gram(X, chunk, out):  # noqa: ANN001 - numba signature
 
 def supports(X: torch.Tensor) -> bool:
     """CPU float32 without a gradient (float64 and other devices keep the BLAS product)."""
-    return X.device.type == "cpu" and X.dtype == torch.float32 and not X.requires_grad and X.dim() == 2
+    return plain_cpu(X) and X.dim() == 2
 
 
 def gram(X: torch.Tensor) -> torch.Tensor:
@@ -106,8 +106,7 @@ def gram(X: torch.Tensor) -> torch.Tensor:
     n = Xn.shape[0]
     out = np.zeros((SLOTS, n, n), dtype=np.float64)
     if Xn.shape[1]:
-        with _lock:
-            numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        with kernel_threads():
             _lower_gram(Xn, CHUNK, out)
     L = np.tril(out.sum(0))
     return torch.from_numpy(L + np.tril(L, -1).T)

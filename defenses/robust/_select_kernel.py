@@ -59,13 +59,14 @@ Importing this module raises ImportError without numba (or with ``SECFED_NO_NUMB
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import stat
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -367,9 +368,24 @@ def _kernel(X, lo, hi, net, rows, mode, chunk, ahead, out):  # noqa: ANN001 - nu
                         out[s + l] = np.nan
 
 
+def plain_cpu(X: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+    """A CPU tensor of one of ``dtypes`` that needs no gradient: what every numba kernel here can read."""
+    return X.device.type == "cpu" and X.dtype in dtypes and not X.requires_grad
+
+
+@contextlib.contextmanager
+def kernel_threads() -> Iterator[int]:
+    """Hold the call lock with numba set to torch's thread count (capped by numba's pool); yields the count.
+    Every kernel call of ``defenses.robust`` runs inside it."""
+    with _lock:
+        threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(threads)
+        yield threads
+
+
 def supports(X: torch.Tensor) -> bool:
     """The kernel handles CPU float32/float64 tensors that do not need a gradient."""
-    return X.device.type == "cpu" and X.dtype in (torch.float32, torch.float64) and not X.requires_grad
+    return plain_cpu(X, (torch.float32, torch.float64))
 
 
 def oddeven_merge_sort(N: int) -> list[tuple[int, int]]:
@@ -478,9 +494,7 @@ def middle_stat(X: torch.Tensor, lo: int, hi: int, mode: str) -> torch.Tensor:
     if d == 0:
         return torch.from_numpy(out)
     net, rows = selection_network(n, 0, n) if mode == "closest_mean" else selection_network(n, lo, hi)
-    with _lock:
-        threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-        numba.set_num_threads(threads)
+    with kernel_threads() as threads:
         groups = -(-d // LANES)
         chunk = max(1, min(256, groups // (4 * threads)))  # >= 4 tasks per thread for balance
         # prefetch 2 groups ahead, 1 when 2 groups of n rows would not stay in L2 (256 KiB assumed)

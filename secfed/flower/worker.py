@@ -221,11 +221,6 @@ class InProcessRuntime:
             raise FlowerError(ApiErrorCode.RUNTIME_AUTHENTICATION_FAILED, "Runtime task-token authentication failed.")
         return task
 
-    def _call(self, method: str, request: Any) -> Any:
-        from flwr.supernode.servicer.runtime import runtime_handlers as h
-
-        return getattr(h, TASK_HANDLERS[method])(request, self.state, self._task())
-
     def AcquireTask(self, request: Any) -> Any:  # noqa: N802 - the Runtime API's method names
         from flwr.supernode.servicer.runtime import runtime_handlers as h
 
@@ -236,26 +231,17 @@ class InProcessRuntime:
 
         return core.send_task_heartbeat(request, self.state, self._task())
 
-    def PullTaskInput(self, request: Any) -> Any:  # noqa: N802
-        return self._call("PullTaskInput", request)
+    def __getattr__(self, method: str) -> Any:
+        """``PullTaskInput``, ``PushMessages``, ... (``TASK_HANDLERS``): the handler on (request, state, task)."""
+        if method not in TASK_HANDLERS:
+            raise AttributeError(method)
 
-    def PullMessages(self, request: Any) -> Any:  # noqa: N802
-        return self._call("PullMessages", request)
+        def call(request: Any) -> Any:
+            from flwr.supernode.servicer.runtime import runtime_handlers as h
 
-    def PullObject(self, request: Any) -> Any:  # noqa: N802
-        return self._call("PullObject", request)
+            return getattr(h, TASK_HANDLERS[method])(request, self.state, self._task())
 
-    def ConfirmMessageReceived(self, request: Any) -> Any:  # noqa: N802
-        return self._call("ConfirmMessageReceived", request)
-
-    def PushMessages(self, request: Any) -> Any:  # noqa: N802
-        return self._call("PushMessages", request)
-
-    def PushObject(self, request: Any) -> Any:  # noqa: N802
-        return self._call("PushObject", request)
-
-    def PushTaskOutput(self, request: Any) -> Any:  # noqa: N802
-        return self._call("PushTaskOutput", request)
+        return call
 
     def close(self) -> None:
         """Nothing to close (no connection)."""
