@@ -101,10 +101,11 @@ def test_per_example_loss_is_the_mean_over_each_examples_response_tokens(tmp_pat
 def test_label_likelihood_scores_agree_with_teacher_forcing(data_file, name):
     task = Task(lm_config(data_file, name))
     model = task.build_model()
+    g = torch.Generator().manual_seed(0)  # the test's input: seeded
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
-                p.normal_(0, 0.5)  # a non-trivial adapter
+                p.normal_(0, 0.5, generator=g)  # a non-trivial adapter
     model.eval()
     by_labels = task._evaluate_labels(model, task.test, 8)
     forced = task._evaluate_text(model, task.test, 8)  # right-padded full sequences, no cache
@@ -187,10 +188,11 @@ def test_opacus_per_sample_gradients_reach_every_lora_factor_and_match_per_examp
     spec = ParamSpec.from_module(model)
     w0 = spec.flatten(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(0)  # the test's input: seeded
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
-                p.normal_(0, 0.05)  # B = 0 would make A's gradient zero
+                p.normal_(0, 0.05, generator=g)  # B = 0 would make A's gradient zero
     batch = task.train.batch(torch.arange(5))
     rows = []
     for i in range(5):

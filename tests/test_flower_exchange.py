@@ -3,10 +3,35 @@
 
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace
 
+import pytest
+
+import secfed.flower.server as server_mod
 from secfed.flower.server import FlowerEngine
+
+
+class FakeClock:
+    """``time`` for ``secfed.flower.server``: sleeping advances a virtual clock, so the tests measure the
+    waits the code asks for (deterministic), never the wall clock of a loaded CI machine."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.slept.append(s)
+        self.now += s
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = FakeClock()
+    monkeypatch.setattr(server_mod, "time", c)
+    return c
 
 
 class PollingGrid:
@@ -33,21 +58,21 @@ class PollingGrid:
         return out
 
 
-def test_replies_are_collected_quickly_and_once():
+def test_replies_are_collected_quickly_and_once(clock):
     grid = PollingGrid([0, 2, 5])
-    t0 = time.monotonic()
     replies = FlowerEngine._exchange(SimpleNamespace(grid=grid), ["a", "b", "c"], timeout=30)
     assert sorted(r.i for r in replies) == [0, 1, 2]
     assert grid.pulls == 6
-    assert time.monotonic() - t0 < 1.5  # five short sleeps, not 5 x 3 s
+    # five short, growing sleeps (0.02 s x 1.5^k, k < 5: 0.26 s in all), not 5 x 3 s
+    assert len(clock.slept) == 5 and clock.slept == sorted(clock.slept) and sum(clock.slept) < 0.3
 
 
-def test_timeout_returns_what_arrived():
+def test_timeout_returns_what_arrived(clock):
     grid = PollingGrid([0, 10**9])
-    t0 = time.monotonic()
     replies = FlowerEngine._exchange(SimpleNamespace(grid=grid), ["a", "b"], timeout=0.3)
     assert [r.i for r in replies] == [0]
-    assert time.monotonic() - t0 < 1.5
+    assert abs(sum(clock.slept) - 0.3) < 1e-9  # waits exactly until the deadline, then stops
+    assert max(clock.slept) <= server_mod.POLL_MAX
 
 
 def test_no_messages_and_blocking_only_grids():

@@ -7,6 +7,7 @@ of a run over TLS) is ``tests/test_flower_deploy.py::test_three_supernodes_over_
 from __future__ import annotations
 
 import io
+import threading
 import zipfile
 from types import SimpleNamespace
 
@@ -105,19 +106,27 @@ def test_object_pull_backoff_is_shortened_with_the_same_patience(monkeypatch):
         assert (kw["initial_backoff"], kw["backoff_cap"]) == (W.PULL_INITIAL_BACKOFF, W.PULL_BACKOFF_CAP)
         assert kw["max_tries_per_object"] * kw["backoff_cap"] >= 500 * 10  # no less patient than flwr's
 
-    calls: list[float] = []
     monkeypatch.setattr(iu.random, "uniform", lambda a, b: 0.0)
+    waits: list[float] = []
+
+    class RecordingEvent(threading.Event):
+        """flwr backs off with ``early_stop.wait(s)``: record the waits it asks for (no wall-clock assertion)."""
+
+        def wait(self, timeout=None):
+            waits.append(timeout)
+            return super().wait(timeout)
+
+    monkeypatch.setattr(iu, "threading", SimpleNamespace(Lock=threading.Lock, Event=RecordingEvent))
     tries = iter(range(3))
 
     def pull(obj_id: str) -> bytes:  # unavailable twice, then there
         if next(tries) < 2:
-            calls.append(iu.time.monotonic())
             raise iu.ObjectUnavailableError(obj_id)
         return b"x"
 
-    t0 = iu.time.monotonic()
     assert iu.pull_objects(["a"], pull) == {"a": b"x"}
-    assert iu.time.monotonic() - t0 < 0.5  # flwr's default would wait 1 s + 2 s
+    # two backoffs of 0.01 s and 0.02 s (no jitter); flwr's default would wait 1 s + 2 s
+    assert waits == pytest.approx([W.PULL_INITIAL_BACKOFF, 2 * W.PULL_INITIAL_BACKOFF])
 
 
 def test_one_worker_runs_several_tasks_with_one_clientapp_and_reports_errors(monkeypatch):

@@ -37,10 +37,11 @@ def _check_grad_samples(task, model):
     params = [p for p in model.parameters() if p.requires_grad]
     assert any("lora_A" in n for n, p in model.named_parameters() if p.requires_grad)
     # LoRA B starts at zero, which would make A's gradient zero: perturb so every gradient is non-trivial
+    g = torch.Generator().manual_seed(0)  # the test's input: seeded
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
-                p.normal_(0, 0.05)
+                p.normal_(0, 0.05, generator=g)
     data = task.client_data(0)
     mask = data.tensors["attention_mask"].clone()
     batch = data.batch(torch.arange(6))
@@ -123,9 +124,11 @@ def test_dpsgd_noise_scales_with_z(tiny):
     for z in (0.5, 2.0):
         tr = DPSGDTrainer(max_grad_norm=c, noise_multiplier=z, local_steps=1, batch_size=8, lr=lr, optimizer="sgd")
         diff = _train(tr, task, model, data) - base
-        # one step: delta = -lr (sum of clipped grads + N(0, (zC)^2)) / 8
-        assert float(diff.std()) == pytest.approx(lr * z * c / 8, rel=0.1)
-        assert abs(float(diff.mean())) < 3 * lr * z * c / 8 / diff.numel() ** 0.5
+        # one step: delta = -lr (sum of clipped grads + N(0, (zC)^2)) / 8. The noise comes from the OS (never a
+        # seed), so the bounds are >= 6 standard errors (false failure < 1e-8): the sample std's relative standard
+        # error is 1 / sqrt(2 d) = 0.021 at d = 1123 (0.15 = 7 SE), the mean's is std / sqrt(d).
+        assert float(diff.std()) == pytest.approx(lr * z * c / 8, rel=0.15)
+        assert abs(float(diff.mean())) < 6 * lr * z * c / 8 / diff.numel() ** 0.5
 
 
 def test_dpsgd_leaves_no_hooks_and_frozen_weights_untouched(tiny):
