@@ -53,7 +53,7 @@ def pairwise_sq_dists(X: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def compiled(name: str) -> types.ModuleType | None:
     """The numba kernel module ``defenses.robust.<name>`` (``_select_kernel``, ``_gram_kernel``,
-    ``_clip_kernel``), or None (numba missing or unusable, or ``SECFED_NO_NUMBA`` set): the caller then takes
+    ``_clip_kernel``, ``_rows_kernel``), or None (numba missing or unusable, or ``SECFED_NO_NUMBA`` set): the caller then takes
     its torch path. Imported on first use, not with the package: numba costs ~0.5 s to import."""
     try:
         return importlib.import_module(f"defenses.robust.{name}")
