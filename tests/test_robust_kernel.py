@@ -4,6 +4,7 @@ the fallback and the cache directory rule."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import math
@@ -11,6 +12,8 @@ import threading
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 K = pytest.importorskip("defenses.robust._select_kernel", reason="numba missing or SECFED_NO_NUMBA set",
                         exc_type=ImportError)
@@ -64,11 +67,12 @@ def test_pruning_removes_comparators_but_the_kernel_is_generic_in_n():
     for family in ("oddeven", "bitonic"):
         assert len(K.selection_network(50, 25, 26, family)[0]) < len(K.selection_network(50, 0, 50, family)[0])
     coordinate_median(torch.randn(3, 40))
-    before = len(K._kernel.signatures)
-    for n in (4, 17, 50, 129, 600):  # new cohort sizes, windows and network families compile nothing new
+    coordinate_median(torch.randn(K.SELECT_MIN_N, 40))  # the selection path's kernel
+    before = len(K._kernel.signatures), len(K._kernel_select.signatures)
+    for n in (4, 17, 50, 129, 600, 1001):  # new cohort sizes, windows and network families compile nothing new
         coordinate_median(torch.randn(n, 40))
         trimmed_mean(torch.randn(n, 40), 1)
-    assert len(K._kernel.signatures) == before
+    assert (len(K._kernel.signatures), len(K._kernel_select.signatures)) == before
 
 
 def test_auto_picks_the_fused_bitonic_network_for_large_cohorts():
@@ -235,6 +239,164 @@ def test_closest_to_median_mean_ties_keep_the_lower_value():
     assert float(closest_to_median_mean(X, 3)) == 3.0
     with pytest.raises(ValueError, match="beta"):
         closest_to_median_mean(X, 6)
+
+
+# --- the sample-pivot selection path (large n; _select_group) -------------------------------------
+
+
+@pytest.fixture
+def selection_everywhere(monkeypatch):
+    """Route every float32 window of n >= 64 (sums of wide windows too) to the selection path."""
+    monkeypatch.setattr(K, "SELECT_MIN_N", 64)
+    monkeypatch.setattr(K, "SELECT_MAX_WINDOW", 10**9)
+
+
+def network_path(fn, *args):
+    """``fn(*args)`` with the selection path switched off (the comparator network for every tile)."""
+    old = K.SELECT_MIN_N
+    K.SELECT_MIN_N = 10**9
+    try:
+        return fn(*args)
+    finally:
+        K.SELECT_MIN_N = old
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values and equal NaN positions (-0.0 == 0.0, as torch.equal)."""
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a[~a.isnan()], b[~b.isnan()])
+
+
+def windows(n: int) -> list[tuple[int, int]]:
+    f = n // 5
+    return sorted({(n // 2, n // 2 + 1), (n // 2 - 1, n // 2 + 1), (f, n - f), (1, n - 1), (0, n), (0, 1),
+                   (n - 1, n), (n // 3, n // 3 + 2), ((n - 1) // 2, (n - 1) // 2 + 3)})
+
+
+@pytest.mark.parametrize("n", [128, 200, 257, 1000])
+def test_selection_path_matches_sort_and_the_network_bit_for_bit(n, selection_everywhere):
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(n, K.LANES * 6 + 5, generator=g)  # several groups and a ragged last one
+    X[:, :K.LANES] *= torch.logspace(-3, 3, K.LANES)  # per-column scales
+    S = torch.sort(X, dim=0).values
+    med = S[n // 2] if n % 2 else (S[n // 2 - 1] + S[n // 2]) * 0.5
+    assert torch.equal(coordinate_median(X), med)
+    assert K.last_fallbacks == 0  # random data: every tile finished by selection
+    assert torch.equal(coordinate_median(X), network_path(coordinate_median, X))
+    for lo, hi in windows(n):
+        ref = S[lo:hi].double().sum(0).float()  # float64, ascending rank order, rounded once
+        got = middle_sum(X, lo, hi)
+        assert K.last_fallbacks >= 0 and torch.equal(got, ref), (lo, hi)
+        assert torch.equal(got, network_path(middle_sum, X, lo, hi))
+    f = n // 5
+    assert torch.equal(trimmed_mean(X, f), (S[f:n - f].double().sum(0) / (n - 2 * f)).float())
+
+
+def adversarial_inputs(n: int, d: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7 * n)
+    base = torch.randn(n, d, generator=g)
+    zeros = torch.zeros(n, d)
+    zeros[torch.rand(n, d, generator=g) < 0.5] = -0.0
+    half_equal = base.clone()
+    half_equal[: n // 2 + 3] = 0.25  # more than half the column is one value: it holds the median
+    special = torch.round(base * 2)
+    special[torch.rand(n, d, generator=g) < 0.03] = math.inf
+    special[torch.rand(n, d, generator=g) < 0.03] = -math.inf
+    special[torch.rand(n, d, generator=g) < 0.05] = -0.0
+    return {
+        "duplicates": torch.round(base * 3),  # a few dozen distinct values
+        "two_values": (torch.rand(n, d, generator=g) < 0.5).float(),
+        "all_equal": torch.full((n, d), 1.5),
+        "signed_zeros": zeros,
+        "half_equal": half_equal,
+        "wide_exponents": base * torch.logspace(-30, 30, n)[torch.randperm(n, generator=g)][:, None],
+        "tiny_values": torch.where(torch.rand(n, d, generator=g) < 0.02, 1e-30, base),  # sums not provably exact
+        "specials": special,
+        "sorted_rows": torch.sort(base, dim=0).values,
+        "reverse_sorted_rows": torch.sort(base, dim=0, descending=True).values,
+        "one_outlier_row": torch.cat([base[:-1], torch.full((1, d), 3e38)]),
+        "subnormals": base * 1e-40,
+    }
+
+
+@pytest.mark.parametrize("n", [128, 257])
+def test_selection_path_on_adversarial_inputs(n, selection_everywhere):
+    """Ties, all-equal and +-0 columns, 60 decades of magnitude, inf, subnormals, sorted rows: every result
+    equals the network's and the sorted reference; the inputs that defeat the selection make tiles fall back."""
+    fell_back = set()
+    for name, X in adversarial_inputs(n, K.LANES * 3 + 1).items():
+        S = torch.sort(X, dim=0).values
+        for lo, hi in windows(n):
+            got = middle_sum(X, lo, hi)
+            fell_back.update([name] if K.last_fallbacks > 0 else [])
+            assert same_bits(got, network_path(middle_sum, X, lo, hi)), (name, lo, hi)
+            assert same_bits(got, S[lo:hi].double().sum(0).float()), (name, lo, hi)
+        med = S[n // 2] if n % 2 else (S[n // 2 - 1] + S[n // 2]) * 0.5
+        assert same_bits(coordinate_median(X), med), name
+    # sums over 60 decades, with a 1e-30 among values ~1, or with an inf are not provably exact in
+    # another order than the ascending one: those tiles go to the network
+    assert {"wide_exponents", "tiny_values", "specials"} <= fell_back
+
+
+@pytest.mark.parametrize("n", [128, 200])
+def test_selection_path_nan_marks_only_its_column(n, selection_everywhere):
+    X = torch.randn(n, K.LANES * 2 + 3, generator=torch.Generator().manual_seed(n))
+    X[5, 3] = math.nan
+    X[n - 1, K.LANES * 2 + 1] = math.nan  # the ragged last group
+    for out in (coordinate_median(X), middle_sum(X, n // 4, n - n // 4)):
+        assert torch.isnan(out[[3, K.LANES * 2 + 1]]).all()
+        keep = [j for j in range(X.shape[1]) if j not in (3, K.LANES * 2 + 1)]
+        assert not torch.isnan(out[keep]).any()
+
+
+def test_signed_zero_median_is_a_zero():
+    """A column of +-0 ties: both paths give a zero (which sign a tie leaves at the median rank is not
+    specified, by the network either); a single-rank sum is +0.0 (0.0 + x), as the network's."""
+    X = torch.zeros(600, K.LANES)
+    X[::3] = -0.0
+    med = coordinate_median(X)
+    assert K.last_fallbacks == 0 and bool((med == 0).all())
+    one = middle_sum(X[1:], 299, 300)
+    assert K.last_fallbacks == 0 and torch.equal(torch.signbit(one), torch.zeros(K.LANES, dtype=torch.bool))
+
+
+def test_selection_routing_medians_of_large_float32_cohorts_only():
+    X = torch.randn(K.SELECT_MIN_N + 1, 100, generator=torch.Generator().manual_seed(3))
+    coordinate_median(X)
+    assert K.last_fallbacks == 0  # taken, and finished
+    coordinate_median(X[:-1])  # even n: the pair mean
+    assert K.last_fallbacks == 0
+    for small_or_other in (lambda: trimmed_mean(X, 50), lambda: coordinate_median(X[: K.SELECT_MIN_N - 1]),
+                           lambda: coordinate_median(X.double()), lambda: closest_to_median_mean(X, 10)):
+        small_or_other()
+        assert K.last_fallbacks == -1  # the network
+
+
+@contextlib.contextmanager
+def selection_for_all_windows():
+    old = K.SELECT_MIN_N, K.SELECT_MAX_WINDOW
+    K.SELECT_MIN_N, K.SELECT_MAX_WINDOW = 64, 10**9
+    try:
+        yield
+    finally:
+        K.SELECT_MIN_N, K.SELECT_MAX_WINDOW = old
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(64, 300), d=st.integers(1, 70), seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_selection_path_property_every_window_matches_sort(n, d, seed, data):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.round(torch.randn(n, d, generator=g) * data.draw(st.sampled_from([1.0, 3.0, 1000.0])))  # ties
+    if data.draw(st.booleans()):
+        X[torch.rand(n, d, generator=g) < 0.02] = math.inf
+        X[torch.rand(n, d, generator=g) < 0.02] = -math.inf
+    lo = data.draw(st.integers(0, n - 1))
+    hi = data.draw(st.integers(lo + 1, n))
+    with selection_for_all_windows():
+        got = middle_sum(X, lo, hi)
+        med = coordinate_median(X)
+    S = torch.sort(X, dim=0).values
+    assert same_bits(got, S[lo:hi].double().sum(0).float())
+    assert same_bits(med, S[n // 2] if n % 2 else (S[n // 2 - 1] + S[n // 2]) * 0.5)
 
 
 # --- the Gram kernel (defenses/robust/_gram_kernel.py, issue 20) ---------------------------------

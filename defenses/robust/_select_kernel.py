@@ -1,4 +1,5 @@
-"""Compiled per-coordinate order statistics: a selection network run on 64 coordinates at once.
+"""Compiled per-coordinate order statistics: a selection network run on 64 coordinates at once
+(and, for medians of large cohorts, sample-pivot selection on the same tile).
 
 ``middle_stat(X, lo, hi, mode)`` computes, for every column j of a C-contiguous ``(n, d)``
 float32/float64 array, one statistic of the order statistics ``lo .. hi-1`` (0-based, ascending):
@@ -37,18 +38,58 @@ reach ranks ``[lo, hi)`` (a lone comparator only one of whose outputs is needed 
 While a group is copied, the same rows of a later group are prefetched (the n row streams are
 too many for the hardware prefetcher; the copy took 1.6-2x one ``X.sum(0)`` without it).
 
-Cost: O(n log^2 n) vector comparisons per 64 columns, memory O(n d) (input and output) plus one
-tile per thread. The comparators are emitted as LLVM vector instructions (``numba.extending
-.intrinsic``), because numba's scalar code for ``t[a, l]``/``t[b, l]`` is not vectorised (LLVM
-cannot rule out that the rows overlap).
+Large cohorts, medians: the selection path (``_select_group``; Floyd & Rivest 1975, "Algorithm 489:
+the algorithm SELECT", CACM 18(3), sample-based pivots). The network costs O(log^2 n) comparators
+per value; from n = 257 (``SELECT_MIN_N``) a median is found in a few branch-free passes over the
+tile already in cache, for float32 windows of at most ``SELECT_MAX_WINDOW`` = 2 ranks (the odd
+median as a one-rank sum, the even one as ``pair_mean``), in ``_kernel_select``:
+
+1. Sample: 64 evenly spaced rows of the tile, sorted per lane by the 64-wire network.
+2. Narrow: per lane, a cell ``[s_i, s_(i+w))`` of the sorted sample (``s_0`` read as -inf, ``s_64``
+   as "no upper end") with ``count(x < s_i) <= r < count(x < s_(i+w))`` for the needed rank r;
+   three levels (w = 64 -> 16 -> 4 -> 1) each count, in one pass, the values below 3 sample values
+   splitting the cell and keep the quarter holding r (``_count_pass``: a vector compare and an
+   integer subtract per pivot and 8 lanes; 6 pivots when the two ranks of a window lie in
+   different cells). The final bracket ``[a, b)`` lies between two neighbouring sample values:
+   about n / 64 values.
+3. Collect (``_mask_pass``, one pass): a bit mask per row of the values strictly inside each
+   bracket, and the number equal to its lower end a (ties: any number of copies of a cost
+   nothing); the few masked values go (scalar, lowest set bit first) into a small tile of B rows
+   (B = the largest count over the lanes, rounded up to a multiple of 8; +inf padding), sorted per
+   lane by a B-value network (``bracket_networks``).
+   The bracket in sorted order is ``e`` copies of a, then that tile: rank r is at ``r - count(x < a)``,
+   and rank r + 1 at the upper end b itself when ``r + 1 = count(x < b)`` (b is a value of the lane).
+4. Wider windows (sums, when ``SELECT_MAX_WINDOW`` lets them through; off by default: measured
+   1.0-1.25x the network's time per tile at n = 500-1000, slower below): a bracket for rank lo
+   and one for hi - 1, and ``_mask_kept_pass`` (the collect pass) also sums, in float64, the
+   values between the two brackets (all kept) in row order. That equals the ascending-order sum
+   bit for bit when every partial sum, in any order, is exact: all summed float32 values are
+   multiples of ``Q = ulp(min nonzero |x|)`` and every partial sum lies within ``[-N, P]`` (the
+   sums of the negative / positive values), so the float64 sums are exact if ``max(P, N) <
+   2^53 Q`` (checked with one bit of slack, the float32 sums P, N widened by ``n 2^-22``):
+   values within ~2^(29 - log2 n) of each other in magnitude.
+
+A tile goes to the network (correct always; ``last_fallbacks`` counts them for the last call)
+where a bracket holds more than ``cap`` (~n/4) values or a sum is not proven exact (a wider
+dynamic range, an inf), and where it holds a NaN. Every result is the network's: the same value,
+NaN where a column has one (which zero a tie of -0.0 and +0.0 leaves at a rank is unspecified in
+both). Measured on this 2-core EPYC, busy, in one process (``X.sum(0)`` multiples, 2 threads,
+d = 1e5, median): n = 1000 selection 2.1-2.7, the network 3.1-4.4; n = 300-384 1.7-2.3 against
+2.1-3.1 (/work/notes/helper-selectn.md).
+
+Cost: O(n log^2 n) vector comparisons per 64 columns (the selection path: O(n) per column), memory
+O(n d) (input and output) plus one tile and O(n) scratch per thread. The comparators and passes
+are emitted as LLVM vector instructions (``numba.extending.intrinsic``), because numba's scalar
+code for ``t[a, l]``/``t[b, l]`` is not vectorised (LLVM cannot rule out that the rows overlap).
 
 Numba: ``cache=True``. The first call per dtype compiles (5-20 s on a 2-core machine; loading
-it from the cache afterwards takes well under a second); the machine code is cached in
-``defenses/robust/__pycache__`` (numba's in-tree cache) or, if that directory is not writable,
-in ``$NUMBA_CACHE_DIR``, ``~/.cache/secfed/numba`` or a private (0700) directory in the temp
-dir (numba's cache index is a pickle, so it is never read from a directory another user could
-write). If no such directory is available the kernel runs uncached (compiled once
-per process). Threads: as many as torch uses (``torch.get_num_threads()``), capped by numba's
+it from the cache afterwards takes well under a second). The selection path is a second kernel
+(``_kernel_select``, float32), compiled by the first call that takes it (another 10-20 s, once).
+The machine code is cached in ``defenses/robust/__pycache__`` (numba's in-tree cache) or, if
+that directory is not writable, in ``$NUMBA_CACHE_DIR``, ``~/.cache/secfed/numba`` or a private
+(0700) directory in the temp dir (numba's cache index is a pickle, so it is never read from a
+directory another user could write). If no such directory is available the kernel runs uncached
+(compiled once per process). Threads: as many as torch uses (``torch.get_num_threads()``), capped by numba's
 pool. Numba's threading layer defaults to a fork-safe one here (``forksafe``: GNU OpenMP is not
 fork-safe and secfed forks warm workers), and calls are serialised by a lock (the fork-safe
 ``workqueue`` layer is not thread-safe); ``NUMBA_THREADING_LAYER`` overrides it.
@@ -61,6 +102,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
+import math
 import os
 import stat
 import tempfile
@@ -298,6 +341,519 @@ def _block8(typingctx: Any, t: Any, w0: Any, w1: Any, w2: Any, w3: Any, w4: Any,
     return (types.void(t, w0, w1, w2, w3, w4, w5, w6, w7), _block_codegen(8)) if _float_array(t) else None
 
 
+# --- the sample-pivot selection path for large n (Floyd & Rivest 1975, "Algorithm 489") ---------------
+
+SAMPLE = 64  # rows sampled per tile; sorted by the 64-wire network, their values are the pivots
+W = 8  # lanes per LLVM vector in the counting passes (one AVX register of float32)
+PIVOTS_PER_LOOP = 6  # pivots per loop over the rows (8 pivots + 8 counters + the row spill AVX registers)
+last_fallbacks = -1  # tiles of the last call that fell back from the selection path to the network (-1: not used)
+SELECT_MIN_N = 257  # cohorts from this size take the selection path (float32; measured: at n <= 256 the network
+#                     is as fast or faster; above, it pads to 512 wires and the selection measured 1.25-1.8x faster)
+SELECT_MAX_WINDOW = 2  # ... for windows hi - lo up to this (medians; wider sums measured 1.0-1.25x the network)
+
+
+def _data(context: Any, builder: Any, ary_type: Any, ary: Any) -> Any:
+    return context.make_array(ary_type)(context, builder, ary).data
+
+
+def _vptr(builder: Any, data: Any, index: Any, vt: Any) -> Any:
+    return builder.bitcast(builder.gep(data, [index]), vt.as_pointer())
+
+
+def _row_loop(builder: Any, nrows: Any, init: list, body: Any) -> list:
+    """``for r in range(nrows)`` (nrows >= 1) in LLVM IR, carrying the values ``init`` (phi nodes);
+    ``body(r, values)`` returns the next values. Returns the values after the last row."""
+    i64 = nrows.type
+    pre = builder.block
+    loop = builder.append_basic_block("rows")
+    after = builder.append_basic_block("rows_end")
+    builder.branch(loop)
+    builder.position_at_end(loop)
+    r = builder.phi(i64)
+    r.add_incoming(ir.Constant(i64, 0), pre)
+    phis = []
+    for v in init:
+        p = builder.phi(v.type)
+        p.add_incoming(v, pre)
+        phis.append(p)
+    new = body(r, phis)
+    r1 = builder.add(r, ir.Constant(i64, 1))
+    end = builder.block
+    r.add_incoming(r1, end)
+    for p, v in zip(phis, new):
+        p.add_incoming(v, end)
+    builder.cbranch(builder.icmp_signed("<", r1, nrows), loop, after)
+    builder.position_at_end(after)
+    return new
+
+
+def _count_pass(K: int) -> Any:
+    """cnt[k*LANES + l] = #{r < n : t[r*LANES + l] < piv[k*LANES + l]} for k < K (int32), one pass over
+    the tile, branch-free: a vector compare and a vector subtract per pivot, W lanes at a time."""
+
+    @intrinsic
+    def op(typingctx: Any, t: Any, n: Any, piv: Any, cnt: Any) -> Any:
+        if not (_float_array(t) and isinstance(piv, types.Array) and piv.dtype == t.dtype
+                and isinstance(cnt, types.Array) and cnt.dtype == types.int32):
+            return None
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            tty, _, pty, cty = sig.args
+            vt = ir.VectorType(context.get_data_type(tty.dtype), W)
+            it = ir.VectorType(ir.IntType(32), W)
+            td, pd, cd = (_data(context, builder, ty, a) for ty, a in ((tty, args[0]), (pty, args[2]), (cty, args[3])))
+            i64 = args[1].type
+            for c, k0 in itertools.product(range(0, LANES, W), range(0, K, PIVOTS_PER_LOOP)):
+                ks = range(k0, min(K, k0 + PIVOTS_PER_LOOP))
+                pv = [builder.load(_vptr(builder, pd, ir.Constant(i64, k * LANES + c), vt), align=4) for k in ks]
+
+                def body(r: Any, accs: list, c: int = c, pv: list = pv) -> list:
+                    off = builder.add(builder.mul(r, ir.Constant(i64, LANES)), ir.Constant(i64, c))
+                    x = builder.load(_vptr(builder, td, off, vt), align=4)
+                    return [builder.sub(a, builder.sext(builder.fcmp_ordered("<", x, p), it)) for a, p in zip(accs, pv)]
+
+                fin = _row_loop(builder, args[1], [ir.Constant(it, None)] * len(ks), body)
+                for k, v in zip(ks, fin):
+                    builder.store(v, _vptr(builder, cd, ir.Constant(i64, k * LANES + c), it), align=4)
+            return context.get_dummy_value()
+
+        return types.void(t, n, piv, cnt), codegen
+
+    return op
+
+
+_count3, _count6 = _count_pass(3), _count_pass(6)
+
+
+def _pass(name: str, doc: str, nbnd: int, out_dtypes: Any, init: Any, body: Any, store: Any) -> Any:
+    """An intrinsic ``name(t, n, bnd, out1, out2)``: per chunk of W lanes, one loop over the tile's n rows
+    with ``nbnd`` bound vectors (``bnd[k * LANES + l]``) and the loop-carried values ``init(elem)``;
+    ``body(builder, x, r, c, bounds, values, outs)`` gives the next values, ``store`` writes the last.
+    ``out_dtypes(t.dtype)``: the dtypes out1 and out2 must have."""
+
+    def typer2(typingctx: Any, t: Any, n: Any, bnd: Any, out1: Any, out2: Any) -> Any:
+        return check_and_build(t, n, bnd, (out1, out2))
+
+    def typer4(typingctx: Any, t: Any, n: Any, bnd: Any, out1: Any, out2: Any, out3: Any, out4: Any) -> Any:
+        return check_and_build(t, n, bnd, (out1, out2, out3, out4))
+
+    def check_and_build(t: Any, n: Any, bnd: Any, outs: tuple) -> Any:
+        if not (_float_array(t) and isinstance(bnd, types.Array) and bnd.dtype == t.dtype
+                and all(isinstance(o, types.Array) for o in outs)
+                and tuple(o.dtype for o in outs) == out_dtypes(t.dtype)):
+            return None
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            elem = context.get_data_type(sig.args[0].dtype)
+            vt = ir.VectorType(elem, W)
+            i64 = args[1].type
+            td = _data(context, builder, sig.args[0], args[0])
+            bd = _data(context, builder, sig.args[2], args[2])
+            od = [_data(context, builder, ty, a) for ty, a in zip(sig.args[3:], args[3:])]
+            for c in range(0, LANES, W):
+                bounds = [builder.load(_vptr(builder, bd, ir.Constant(i64, k * LANES + c), vt), align=4)
+                          for k in range(nbnd)]
+
+                def step(r: Any, vals: list, c: int = c, bounds: list = bounds) -> list:
+                    off = builder.add(builder.mul(r, ir.Constant(i64, LANES)), ir.Constant(i64, c))
+                    x = builder.load(_vptr(builder, td, off, vt), align=4)
+                    return body(builder, x, r, c, bounds, vals, od)
+
+                store(builder, c, _row_loop(builder, args[1], init(elem), step), od)
+            return context.get_dummy_value()
+
+        return types.void(t, n, bnd, *outs), codegen
+
+    typer = typer4 if len(out_dtypes(types.float32)) == 4 else typer2
+    typer.__name__ = name
+    typer.__doc__ = doc
+    return intrinsic(typer)
+
+
+_I32 = ir.VectorType(ir.IntType(32), W)
+_F64 = ir.VectorType(ir.DoubleType(), W)
+
+
+def _store_at(builder: Any, data: Any, index: int, value: Any, align: int) -> Any:
+    builder.store(value, _vptr(builder, data, ir.Constant(ir.IntType(64), index), value.type), align=align)
+
+
+def _mask_body(builder: Any, x: Any, r: Any, c: int, bounds: list, vals: list, od: list) -> list:
+    a1, b1, a2, b2 = bounds
+    e1, e2 = vals
+    in1 = builder.and_(builder.fcmp_ordered(">", x, a1), builder.not_(builder.fcmp_ordered(">=", x, b1)))
+    in2 = builder.and_(builder.fcmp_ordered(">", x, a2), builder.not_(builder.fcmp_ordered(">=", x, b2)))
+    e1 = builder.sub(e1, builder.sext(builder.fcmp_ordered("==", x, a1), _I32))
+    e2 = builder.sub(e2, builder.sext(builder.fcmp_ordered("==", x, a2), _I32))
+    for j, inj in enumerate((in1, in2)):  # byte c / 8 of the little-endian int64 rowmask[2r + j]
+        idx = builder.add(builder.mul(r, ir.Constant(r.type, 16)), ir.Constant(r.type, 8 * j + c // 8))
+        builder.store(builder.bitcast(inj, ir.IntType(W)), builder.gep(od[1], [idx]))
+    return [e1, e2]
+
+
+def _mask_store(builder: Any, c: int, vals: list, od: list) -> None:
+    _store_at(builder, od[0], c, vals[0], 4)
+    _store_at(builder, od[0], LANES + c, vals[1], 4)
+
+
+_mask_pass = _pass(
+    "_mask_pass", """``_mask_pass(t, n, bnd, eqc, rowmask)``, brackets a1 = bnd[l], b1 = bnd[64 + l], a2 = bnd[128 + l],
+    b2 = bnd[192 + l] (b = NaN: no upper end): eqc[l] = #{x == a1}, eqc[64 + l] = #{x == a2} (int32); bit l of
+    ``rowmask.view(int64)[2r]`` (rowmask: uint8, 16 n bytes) set where x is in (a1, b1), of ``[2r + 1]`` where
+    x is in (a2, b2): the values to collect.""",
+    4, lambda dt: (types.int32, types.uint8), lambda elem: [ir.Constant(_I32, None)] * 2, _mask_body, _mask_store)
+
+
+def _kept_body(builder: Any, x: Any, r: Any, c: int, bounds: list, vals: list, od: list) -> list:
+    b1, a2 = bounds[1], bounds[2]
+    total, pos, neg, am = vals
+    zero = ir.Constant(x.type, None)
+    inf = ir.Constant(x.type, [ir.Constant(x.type.element, float("inf"))] * W)
+    kept = builder.and_(builder.fcmp_ordered(">=", x, b1), builder.fcmp_ordered("<", x, a2))
+    xk = builder.select(kept, x, zero)
+    xp = builder.select(builder.fcmp_ordered(">", xk, zero), xk, zero)
+    xn = builder.select(builder.fcmp_ordered("<", xk, zero), xk, zero)
+    ax = builder.fsub(xp, xn)  # |xk| (one of the two is zero)
+    cand = builder.select(builder.fcmp_ordered("==", ax, zero), inf, ax)
+    wide = builder.fpext(xk, _F64) if x.type.element != ir.DoubleType() else xk
+    return [builder.fadd(total, wide), builder.fadd(pos, xp), builder.fadd(neg, xn),
+            builder.select(builder.fcmp_ordered("<", cand, am), cand, am)]
+
+
+def _kept_store(builder: Any, c: int, vals: list, od: list) -> None:
+    _store_at(builder, od[0], c, vals[0], 8)
+    for k in range(3):
+        _store_at(builder, od[1], k * LANES + c, vals[1 + k], 4)
+
+
+def _mask_kept_body(builder: Any, x: Any, r: Any, c: int, bounds: list, vals: list, od: list) -> list:
+    return (_mask_body(builder, x, r, c, bounds, vals[:2], od[:2])
+            + _kept_body(builder, x, r, c, bounds, vals[2:], od[2:]))
+
+
+def _mask_kept_store(builder: Any, c: int, vals: list, od: list) -> None:
+    _mask_store(builder, c, vals[:2], od[:2])
+    _kept_store(builder, c, vals[2:], od[2:])
+
+
+_mask_kept_pass = _pass(
+    "_mask_kept_pass", """``_mask_kept_pass(t, n, bnd, eqc, rowmask, sums, aux)``: ``_mask_pass``, and over the x in
+    [b1, a2) (the values kept for sure): sums[l] = their float64 sum; in the input dtype, aux[l] / aux[64 + l]
+    = the sums of the positive / negative ones (bounds on every partial sum), aux[128 + l] = min |x| over
+    the nonzero ones (+inf if none). One pass over the tile (8 lanes at a time, no branches).""",
+    4, lambda dt: (types.int32, types.uint8, types.float64, dt),
+    lambda elem: [ir.Constant(_I32, None)] * 2 + [ir.Constant(_F64, None)]
+    + [ir.Constant(ir.VectorType(elem, W), None)] * 2
+    + [ir.Constant(ir.VectorType(elem, W), [ir.Constant(elem, float("inf"))] * W)],
+    _mask_kept_body, _mask_kept_store)
+
+
+@intrinsic
+def _inf_row(typingctx: Any, t: Any, off: Any) -> Any:
+    """t[off:off+LANES] = +inf (one vector store)."""
+    if not _float_array(t):
+        return None
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        elem = context.get_data_type(sig.args[0].dtype)
+        vt = ir.VectorType(elem, LANES)
+        builder.store(ir.Constant(vt, [ir.Constant(elem, float("inf"))] * LANES),
+                      _vec_ptr(context, builder, sig.args[0], args[0], args[1]), align=4)
+        return context.get_dummy_value()
+
+    return types.void(t, off), codegen
+
+
+@intrinsic
+def _ctz(typingctx: Any, m: Any) -> Any:
+    """Index of the lowest set bit of a nonzero int64."""
+    if not isinstance(m, types.Integer):
+        return None
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        ty = args[0].type
+        fn = builder.module.globals.get("llvm.cttz.i64") or ir.Function(
+            builder.module, ir.FunctionType(ty, [ty, ir.IntType(1)]), "llvm.cttz.i64")
+        return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
+
+    return types.int64(types.int64), codegen
+
+
+@numba.njit(cache=_CACHE is not None, nogil=True)
+def _run_net(t, net, start, stop):  # noqa: ANN001 - numba signature
+    """Apply the ops ``start .. stop-1`` of ``net`` (``selection_network`` rows) to the tile t."""
+    for c in range(start, stop):
+        k = net[c, 0]
+        if k == 0:
+            _both(t, net[c, 1], net[c, 2])
+        elif k == 8:
+            _block8(t, net[c, 1], net[c, 2], net[c, 3], net[c, 4], net[c, 5], net[c, 6], net[c, 7], net[c, 8])
+        elif k == 4:
+            _block4(t, net[c, 1], net[c, 2], net[c, 3], net[c, 4])
+        elif k == 1:
+            _only_min(t, net[c, 1], net[c, 2])
+        else:
+            _only_max(t, net[c, 1], net[c, 2])
+
+
+_run_net_inline = numba.njit(cache=_CACHE is not None, nogil=True, inline="always")(_run_net.py_func)
+
+
+@numba.njit(cache=_CACHE is not None, nogil=True)
+def _sorted_at(q, a, e, buf, l):  # noqa: ANN001 - numba signature
+    """Value at position q of lane l's sorted first bracket: e copies of a, then the sorted buffer rows."""
+    return a if q < e else buf[(q - e) * LANES + l]
+
+
+@numba.njit(cache=_CACHE is not None, nogil=True)
+def _scratch(t, n, cap):  # noqa: ANN001 - numba signature
+    """The selection path's per-thread arrays for a tile like t (n = 0: only the result row)."""
+    L = LANES
+    m = L if n else 0
+    return (np.empty(SAMPLE * m, t.dtype), np.empty(6 * m, t.dtype), np.empty(6 * m, np.int32),
+            np.empty(4 * m, t.dtype), np.empty(2 * m, np.float64), np.empty(3 * m, t.dtype), np.empty(2 * m, np.int32),
+            np.empty(16 * n, np.uint8), np.empty(2 * m * cap, t.dtype), np.empty(8 * m, np.int64),
+            np.empty(L, np.float64))
+
+
+@numba.njit(cache=_CACHE is not None, nogil=True)
+def _select_group(t, n, lo, hi, mode, snet, scratch, cap, bnets, boff, bsize, brows):  # noqa: ANN001 - numba signature
+    """The selection path on one tile (no NaN in it); False where it cannot finish (a bracket over
+    ``cap`` values, or a sum whose exactness in any order is not proven): the caller runs the network.
+    The result for lane l goes to ``scratch[-1][l]`` (float64). Float32 tiles only (the exactness
+    bound below assumes 24-bit significands; ``middle_stat`` routes nothing else here).
+
+    Per-lane state, row k of ``meta`` (``meta[k * LANES + l]``): 0 / 1 = count(x < a1) / count(x < b1)
+    (bracket 1, rank lo), 2 / 3 the same for bracket 2 (rank hi - 1), 4 / 5 = values collected into
+    bracket 1 / 2, 6 / 7 = first sample index of the rank's cell. ``bnd`` rows: a1, b1, a2, b2."""
+    L = LANES
+    samp, piv, cnt, bnd, sums, aux, eqc, rowmask, buf, meta, res = scratch
+    for i in range(SAMPLE):  # evenly spaced rows, sorted per lane by the 64-wire network
+        r = ((2 * i + 1) * n) // (2 * SAMPLE)
+        for l in range(L):
+            samp[i * L + l] = t[r * L + l]
+    _run_net(samp, snet, 0, snet.shape[0])
+    # Per lane and rank j (r_0 = lo; r_1 = hi - 1, or lo for pair_mean: rank lo + 1 is settled from lo's
+    # bracket), a cell [s_i, s_(i+w)) of the sorted sample (s_0 read as -inf, s_64 as "no upper end")
+    # holding the rank: count(x < lower end) <= r_j < count(x < upper end). Each level splits the cell
+    # at 3 sample values and counts (one pass), keeping the quarter that holds the rank: w = 64, 16, 4, 1.
+    for l in range(L):
+        for j in range(2):
+            meta[(6 + j) * L + l] = 0  # the cell's first sample index
+            meta[2 * j * L + l] = 0  # count below its lower end
+            meta[(2 * j + 1) * L + l] = n  # count below its upper end
+    w = SAMPLE
+    two = mode != 1 and hi - 1 != lo
+    while w > 1:
+        q = w // 4
+        split = False  # do the two ranks' cells differ in some lane (then 6 pivots, else 3)?
+        for l in range(L):
+            split = split or (two and meta[6 * L + l] != meta[7 * L + l])
+        for j in range(2 if split else 1):
+            for k in range(3):
+                for l in range(L):
+                    piv[(3 * j + k) * L + l] = samp[(meta[(6 + j) * L + l] + q * (k + 1)) * L + l]
+        if split:
+            _count6(t, n, piv, cnt)
+        else:
+            _count3(t, n, piv, cnt)
+        for j in range(2 if two else 1):
+            rank = lo if j == 0 else hi - 1
+            jj = j if split else 0  # the pivot set this rank's cell was split with
+            for l in range(L):  # branch-free: the counts are ascending in k
+                m = 0
+                below = meta[2 * j * L + l]
+                above = meta[(2 * j + 1) * L + l]
+                for k in range(2, -1, -1):
+                    c = np.int64(cnt[(3 * jj + k) * L + l])
+                    le = c <= rank
+                    m += le
+                    below = max(below, c) if le else below
+                    above = above if le else c
+                meta[2 * j * L + l] = below
+                meta[(2 * j + 1) * L + l] = above
+                meta[(6 + j) * L + l] += q * m
+        w = q
+    for l in range(L):  # the brackets' ends as values
+        for j in range(2):
+            jj = j if two else 0
+            if j == 1 and not two:
+                meta[2 * L + l] = meta[l]
+                meta[3 * L + l] = meta[L + l]
+            i = meta[(6 + jj) * L + l]
+            bnd[2 * j * L + l] = -np.inf if i == 0 else samp[i * L + l]
+            bnd[(2 * j + 1) * L + l] = np.nan if i + 1 == SAMPLE else samp[(i + 1) * L + l]
+        if meta[l] == meta[2 * L + l]:  # one bracket holds both ranks: the second, (a2, a2), is empty
+            bnd[3 * L + l] = bnd[2 * L + l]
+    two_brackets = False
+    for l in range(L):
+        two_brackets = two_brackets or meta[l] != meta[2 * L + l]
+    kept = mode != 1 and hi - lo > 1 and two_brackets  # some lane has two brackets: sum what lies between
+    if kept:
+        _mask_kept_pass(t, n, bnd, eqc, rowmask, sums, aux)
+    else:
+        _mask_pass(t, n, bnd, eqc, rowmask)
+        for l in range(L):
+            sums[l] = 0.0
+            aux[l] = 0.0
+            aux[L + l] = 0.0
+            aux[2 * L + l] = np.inf
+    k1max = 0
+    k2max = 0
+    for l in range(L):  # values to collect per bracket, known before collecting
+        same = meta[l] == meta[2 * L + l]
+        k1 = meta[L + l] - meta[l] - eqc[l]
+        k2 = 0 if same else meta[3 * L + l] - meta[2 * L + l] - eqc[L + l]
+        if k1 < 0 or k1 > cap or k2 < 0 or k2 > cap:
+            return False
+        k1max = max(k1max, k1)
+        k2max = max(k2max, k2)
+        meta[4 * L + l] = 0
+        meta[5 * L + l] = 0
+    # bracket j's values go to a tile of rows_j rows (+inf padding), sorted per lane by the smallest
+    # network of bracket_networks for >= kmax_j values: row q then holds the bracket's q-th smallest
+    # value above its lower end
+    i1 = 0
+    while bsize[i1] < k1max:
+        i1 += 1
+    i2 = 0
+    while bsize[i2] < k2max:
+        i2 += 1
+    for r in range(brows[i1]):
+        _inf_row(buf, r * L)
+    for r in range(brows[i2] if k2max else 0):
+        _inf_row(buf, (cap + r) * L)
+    masks = rowmask.view(np.int64)
+    for r in range(n):  # collect the values inside the brackets (few), lowest set bit first
+        for j in range(2 if k2max else 1):
+            m = masks[2 * r + j]
+            while m != 0:
+                l = _ctz(m)
+                m &= m - 1
+                q = meta[(4 + j) * L + l]
+                if q < cap:
+                    buf[(j * cap + q) * L + l] = t[r * L + l]
+                meta[(4 + j) * L + l] = q + 1
+    for l in range(L):
+        ca1, cb1, ca2, cb2 = meta[l], meta[L + l], meta[2 * L + l], meta[3 * L + l]
+        if meta[4 * L + l] != cb1 - ca1 - eqc[l] or meta[5 * L + l] != (0 if ca1 == ca2 else cb2 - ca2 - eqc[L + l]):
+            return False  # cannot happen (the vector and the scalar tests agree); never trust it blindly
+    for j in range(2):  # one call site: the network code is large
+        i = i1 if j == 0 else i2
+        _run_net(buf[j * cap * L:], bnets, boff[i], boff[i + 1])
+    for l in range(L):
+        ca1, cb1, ca2 = meta[l], meta[L + l], meta[2 * L + l]
+        e1, e2 = eqc[l], eqc[L + l]
+        same = ca1 == ca2
+        a1, b1, a2 = bnd[l], bnd[L + l], bnd[2 * L + l]
+        x1 = _sorted_at(lo - ca1, a1, e1, buf, l)
+        if mode == 1:
+            x2 = _sorted_at(lo + 1 - ca1, a1, e1, buf, l) if lo + 1 < cb1 else b1
+            res[l] = (x1 + x2) * 0.5  # as the network path: a + b in float32, then * 0.5
+            continue
+        if hi - lo == 1:
+            res[l] = 0.0 + np.float64(x1)
+            continue
+        # the kept values' float64 sum, and bounds on the positive / negative parts of any partial sum
+        # (float32 sums of n terms of one sign: short of the true ones by a relative ~n 2^-24, widened
+        # by 4x that, valid for n < 2^22)
+        total = sums[l]
+        slack = 1.0 + n * 2.0 ** -22
+        pos = np.float64(aux[l]) * slack
+        neg = np.float64(aux[L + l]) * slack
+        am = np.float64(aux[2 * L + l])
+        stop1 = hi - ca1 if same else cb1 - ca1
+        for j, q0, q1, a, e in ((0, lo - ca1, stop1, a1, e1), (1, 0, 0 if same else hi - ca2, a2, e2)):
+            base = j * cap * L + l
+            reps = max(0, min(q1, e) - q0)  # copies of a picked, then the sorted collected values
+            if reps > 0 and a != 0:
+                v = reps * np.float64(a)
+                total += v
+                if a > 0:
+                    pos += v
+                else:
+                    neg += v
+                am = min(am, abs(np.float64(a)))
+            for q in range(max(q0, e), q1):  # branch-free (the signs are data)
+                v = np.float64(buf[base + (q - e) * L])
+                total += v
+                pos += max(v, 0.0)
+                neg += min(v, 0.0)
+                am = min(am, abs(v) if v != 0 else np.inf)
+        # exact in any order (so equal to the ascending-order sum) if every partial sum fits 53 bits
+        # of the quantum ulp(am): |partial| <= max(pos, -neg) < 2^52 ulp(am) (one bit of slack)
+        if am == np.inf:
+            if pos != 0 or neg != 0:
+                return False
+        else:
+            ex = math.frexp(am)[1]  # am = m 2^ex, 0.5 <= m < 1: ulp(am) = 2^(ex - 24) (float32, >= 2^-149)
+            lim = math.ldexp(1.0, max(ex - 24, -149) + 52)
+            if not (pos < lim and -neg < lim):
+                return False
+        res[l] = total / (hi - lo) if mode == 2 else total
+    return True
+
+
+@numba.njit(cache=_CACHE is not None, nogil=True, inline="always")
+def _copy_group(X, flat, t, s, w, ahead):  # noqa: ANN001 - numba signature
+    """Copy columns s .. s+w-1 of X into the tile t (row r at t[r * LANES:]; a ragged last group is
+    padded with its first column); returns the bit mask of lanes holding a NaN."""
+    n, d = X.shape
+    L = LANES
+    nan = 0
+    t[n * L:] = np.inf  # padding wires of a bitonic network (a pruned network leaves them mixed)
+    if w == L:
+        for r in range(n):
+            nan |= _copy_lanes(t, r * L, flat, r * d + s, ahead)
+    else:  # the ragged last group: pad with the group's first column
+        for r in range(n):
+            for l in range(L):
+                v = X[r, s + l] if l < w else X[r, s]
+                t[r * L + l] = v
+                if v != v:
+                    nan |= 1 << l
+    return nan
+
+
+@numba.njit(cache=_CACHE is not None, nogil=True, inline="always")
+def _network_result(t, n, lo, hi, net, mode, acc, out, s, w, nan):  # noqa: ANN001 - numba signature
+    """Run the network on the tile and write the group's results out[s:s+w] (NaN where ``nan`` says).
+    Inlined (as ``_copy_group``) into the kernels: a call per group costs ~0.1 sums at n = 5."""
+    L = LANES
+    _run_net_inline(t, net, 0, net.shape[0])
+    if mode == 3:  # Bulyan: mean of the `hi` values closest to the median (the column is sorted)
+        for l in range(w):
+            if n % 2:
+                out[s + l] = t[(n // 2) * L + l]
+            else:  # the even-n median exactly as coordinate_median: rounded to the dtype
+                out[s + l] = (t[(n // 2 - 1) * L + l] + t[(n // 2) * L + l]) * 0.5
+            m = out[s + l]
+            # The hi closest values are a window [i, i + hi) of the sorted column; sliding it right
+            # pays while the value leaving is farther from m than the one entering, a prefix of i.
+            start = 0
+            for i in range(n - hi):
+                if abs(t[i * L + l] - m) > abs(t[(i + hi) * L + l] - m):
+                    start += 1
+            total = 0.0
+            for r in range(start, start + hi):
+                total += t[r * L + l]
+            out[s + l] = total / hi
+    elif mode == 1:
+        for l in range(w):
+            # a + b in the input dtype, then * 0.5 (exact; one rounding when stored)
+            out[s + l] = (t[lo * L + l] + t[(lo + 1) * L + l]) * 0.5
+    else:
+        acc[:] = 0.0
+        for r in range(lo, hi):
+            _add_lanes(acc, t, r * L)
+        for l in range(w):
+            out[s + l] = acc[l] / (hi - lo) if mode == 2 else acc[l]
+    if nan:
+        for l in range(w):
+            if (nan >> l) & 1:
+                out[s + l] = np.nan
+
+
 @numba.njit(cache=_CACHE is not None, nogil=True, parallel=True)
 def _kernel(X, lo, hi, net, rows, mode, chunk, ahead, out):  # noqa: ANN001 - numba signature
     n, d = X.shape
@@ -311,61 +867,36 @@ def _kernel(X, lo, hi, net, rows, mode, chunk, ahead, out):  # noqa: ANN001 - nu
         for g in range(task * chunk, min(groups, (task + 1) * chunk)):
             s = g * L
             w = min(L, d - s)
-            nan = 0
-            t[n * L:] = np.inf  # padding wires of a bitonic network (a pruned network leaves them mixed)
-            if w == L:
-                for r in range(n):
-                    nan |= _copy_lanes(t, r * L, flat, r * d + s, ahead)
-            else:  # the ragged last group: pad with the group's first column
-                for r in range(n):
-                    for l in range(L):
-                        v = X[r, s + l] if l < w else X[r, s]
-                        t[r * L + l] = v
-                        if v != v:
-                            nan |= 1 << l
-            for c in range(net.shape[0]):
-                k = net[c, 0]
-                if k == 0:
-                    _both(t, net[c, 1], net[c, 2])
-                elif k == 8:
-                    _block8(t, net[c, 1], net[c, 2], net[c, 3], net[c, 4], net[c, 5], net[c, 6], net[c, 7], net[c, 8])
-                elif k == 4:
-                    _block4(t, net[c, 1], net[c, 2], net[c, 3], net[c, 4])
-                elif k == 1:
-                    _only_min(t, net[c, 1], net[c, 2])
-                else:
-                    _only_max(t, net[c, 1], net[c, 2])
-            if mode == 3:  # Bulyan: mean of the `hi` values closest to the median (the column is sorted)
-                for l in range(w):
-                    if n % 2:
-                        out[s + l] = t[(n // 2) * L + l]
-                    else:  # the even-n median exactly as coordinate_median: rounded to the dtype
-                        out[s + l] = (t[(n // 2 - 1) * L + l] + t[(n // 2) * L + l]) * 0.5
-                    m = out[s + l]
-                    # The hi closest values are a window [i, i + hi) of the sorted column; sliding it right
-                    # pays while the value leaving is farther from m than the one entering, a prefix of i.
-                    start = 0
-                    for i in range(n - hi):
-                        if abs(t[i * L + l] - m) > abs(t[(i + hi) * L + l] - m):
-                            start += 1
-                    total = 0.0
-                    for r in range(start, start + hi):
-                        total += t[r * L + l]
-                    out[s + l] = total / hi
-            elif mode == 1:
-                for l in range(w):
-                    # a + b in the input dtype, then * 0.5 (exact; one rounding when stored)
-                    out[s + l] = (t[lo * L + l] + t[(lo + 1) * L + l]) * 0.5
-            else:
-                acc[:] = 0.0
-                for r in range(lo, hi):
-                    _add_lanes(acc, t, r * L)
-                for l in range(w):
-                    out[s + l] = acc[l] / (hi - lo) if mode == 2 else acc[l]
-            if nan:
-                for l in range(w):
-                    if (nan >> l) & 1:
-                        out[s + l] = np.nan
+            nan = _copy_group(X, flat, t, s, w, ahead)
+            _network_result(t, n, lo, hi, net, mode, acc, out, s, w, nan)
+
+
+@numba.njit(cache=_CACHE is not None, nogil=True, parallel=True)
+def _kernel_select(X, lo, hi, net, rows, mode, chunk, ahead, out, snet, cap, bnets, boff, bsize, brows,  # noqa: ANN001
+                   fallbacks):
+    """``_kernel`` with the selection path first (``_select_group``; the network where it gives up);
+    a separate kernel, so that only the first call that takes this path compiles it (float32 only)."""
+    n, d = X.shape
+    L = LANES
+    groups = (d + L - 1) // L
+    tasks = (groups + chunk - 1) // chunk
+    for task in numba.prange(tasks):
+        t = np.empty(rows * L, X.dtype)
+        acc = np.empty(L, np.float64)
+        scratch = _scratch(t, n, cap)
+        res = scratch[-1]
+        flat = X.reshape(n * d)
+        for g in range(task * chunk, min(groups, (task + 1) * chunk)):
+            s = g * L
+            w = min(L, d - s)
+            nan = _copy_group(X, flat, t, s, w, ahead)
+            if nan == 0:
+                if _select_group(t, n, lo, hi, mode, snet, scratch, cap, bnets, boff, bsize, brows):
+                    for l in range(w):
+                        out[s + l] = res[l]
+                    continue
+                fallbacks[task] += 1
+            _network_result(t, n, lo, hi, net, mode, acc, out, s, w, nan)
 
 
 def plain_cpu(X: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
@@ -482,6 +1013,20 @@ def selection_network(n: int, lo: int, hi: int, family: str = "auto") -> tuple[n
     return net, rows
 
 
+@functools.lru_cache(maxsize=8)
+def bracket_networks(cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sorting networks for the brackets' tiles (cap a power of two >= 64): for B in ``bsize`` = 1,
+    8, 16, ..., 128, 160, ..., 256, then 512, 1024, ..., cap values, ``selection_network(B, 0, B)`` (none for B = 1) is
+    rows ``boff[i] .. boff[i+1]-1`` of ``nets``, on a tile of ``brows[i]`` rows (B, or a power of two
+    with +inf padding). Returns (nets, boff, bsize, brows)."""
+    sizes = [1] + [b for b in [*range(8, 128, 8), *range(128, 257, 32), *(1 << i for i in range(9, cap.bit_length()))]
+                   if b <= cap]
+    built = [(np.zeros((0, 9), np.int64), 1)] + [selection_network(b, 0, b) for b in sizes[1:]]
+    boff = np.cumsum([0] + [len(net) for net, _ in built]).astype(np.int64)
+    return (np.concatenate([net for net, _ in built]), boff, np.array(sizes, np.int64),
+            np.array([rows for _, rows in built], np.int64))
+
+
 def middle_stat(X: torch.Tensor, lo: int, hi: int, mode: str) -> torch.Tensor:
     """See the module docstring; X must pass ``supports``. Returns a new (d,) tensor of X's dtype."""
     n, d = X.shape
@@ -494,10 +1039,24 @@ def middle_stat(X: torch.Tensor, lo: int, hi: int, mode: str) -> torch.Tensor:
     if d == 0:
         return torch.from_numpy(out)
     net, rows = selection_network(n, 0, n) if mode == "closest_mean" else selection_network(n, lo, hi)
+    sel = (max(SELECT_MIN_N, SAMPLE) <= n < 1 << 22 and hi - lo <= SELECT_MAX_WINDOW and mode != "closest_mean"
+           and Xn.dtype == np.float32)  # n < 2^22: the exactness bound's slack (_select_group)
+    if sel:
+        snet = selection_network(SAMPLE, 0, SAMPLE)[0]
+        cap = 1 << max(6, (n // 4 - 1).bit_length())  # values a bracket may hold before its tile falls back
+        bnets, boff, bsize, brows = bracket_networks(cap)
     with kernel_threads() as threads:
         groups = -(-d // LANES)
         chunk = max(1, min(256, groups // (4 * threads)))  # >= 4 tasks per thread for balance
         # prefetch 2 groups ahead, 1 when 2 groups of n rows would not stay in L2 (256 KiB assumed)
         ahead = LANES * (2 if 2 * n * LANES * Xn.itemsize <= 1 << 17 else 1)
-        _kernel(Xn, lo, hi, net, rows, MODES[mode], chunk, ahead, out)
+        global last_fallbacks
+        if sel:
+            fallbacks = np.zeros(-(-groups // chunk), np.int64)
+            _kernel_select(Xn, lo, hi, net, rows, MODES[mode], chunk, ahead, out, snet, cap, bnets, boff, bsize,
+                           brows, fallbacks)
+            last_fallbacks = int(fallbacks.sum())
+        else:
+            _kernel(Xn, lo, hi, net, rows, MODES[mode], chunk, ahead, out)
+            last_fallbacks = -1
     return torch.from_numpy(out)
