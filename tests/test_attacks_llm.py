@@ -20,8 +20,9 @@ import torch
 from attacks.post_run.llm import run_llm_attack
 from attacks.membership.llm import llm_membership, min_k_prob
 from attacks.memorisation.extraction import extraction_rate, make_pii, recovered_digits
+from attacks.memorisation import secret_sharer
 from attacks.memorisation.secret_sharer import (SecretSharer, append, canary_exposure, encode_pairs, exact_exposure,
-                                                fill, make_canaries, sampled_exposure)
+                                                fill, make_canaries, make_controls, sampled_exposure)
 from attacks.poisoning.instruct_backdoor import InstructBackdoor
 from secfed.data import TensorData
 from secfed.task import Task
@@ -105,6 +106,50 @@ def test_memorised_canary_is_exposed_and_unseen_canary_is_not(setup, models):
     assert miss["exposure"] < 5
     exact = canary_exposure(base, task, small)  # exact rank over 100 candidates
     assert exact["method"] == "exact" and exact["exposure"] < 5 and exact["space_bits"] == pytest.approx(np.log2(100))
+
+
+def test_controls_are_fresh_fillings_of_each_format_and_seeded():
+    canaries = make_canaries("PIN # #", [1, 4, 16], seed=2) + make_canaries("code # # #", [1], prompt="Code?", seed=2)
+    ctrl = make_controls(canaries, 5, seed=7)
+    assert ctrl == make_controls(canaries, 5, seed=7) and ctrl != make_controls(canaries, 5, seed=8)
+    assert [c.fmt for c in ctrl] == ["PIN # #"] * 5 + ["code # # #"] * 5 and {c.insertions for c in ctrl} == {0}
+    assert {c.prompt for c in ctrl[5:]} == {"Code?"}
+    secrets = [(c.fmt, c.secret) for c in canaries + ctrl]
+    assert len(set(secrets)) == len(secrets)  # no control is a planted secret, none repeats
+    with pytest.raises(ValueError, match="too few fillings"):
+        make_controls(make_canaries("PIN #", [1], seed=0), 10)  # 10 fillings, one planted
+
+
+def test_controls_and_base_prior_tell_memorisation_from_chance(setup, models, monkeypatch):
+    """The memorised canary is exposed; never-inserted controls and the canary on the base model are not; the
+    gain is what training added. One candidate set per format: controls cost one sequence each."""
+    import copy
+
+    _, task = setup
+    base, model, planted = models
+    sharer = copy.copy(planted["sharer"])
+    sharer.samples, sharer.exact_limit = 150, 10
+    scored: list[int] = []
+    real = secret_sharer.candidate_nll
+
+    def counting(m, t, canary, secrets, batch_size=64):
+        scored.append(len(secrets))
+        return real(m, t, canary, secrets, batch_size)
+
+    monkeypatch.setattr(secret_sharer, "candidate_nll", counting)
+    out = sharer.exposures(model, task, reference=planted["reference"])
+    assert out["canary_exposure_bits_x1"] > 9 and out["controls"] == 8
+    assert out["control_exposure_bits_mean"] < 5 and out["canary_base_exposure_bits_x1"] < 5
+    assert out["canary_gain_bits_x1"] == pytest.approx(out["canary_exposure_bits_x1"] - out["canary_base_exposure_bits_x1"])
+    assert out["canary_gain_bits_x1"] > 5
+    n_own = len(sharer.canaries) + len(sharer.controls)
+    assert scored[0] == n_own and 140 <= scored[1] <= 150  # trained: canaries + controls, then one sample set
+    assert scored[2:] == [len(sharer.canaries), scored[1]]  # the base model: the canaries and the same samples
+    assert sum(scored) == 2 * scored[1] + n_own + len(sharer.canaries)
+    no_prior = copy.copy(sharer)
+    no_prior.prior = False
+    assert "canary_gain_bits_x1" not in no_prior.exposures(model, task, reference=planted["reference"])
+    assert "canary_gain_bits_x1" not in sharer.exposures(model, task)  # a full model without adapter: no base
 
 
 # ----------------------------------------------------------------------------- membership
@@ -196,15 +241,25 @@ def test_plugins_run_in_the_engine_and_the_audit(setup, tmp_path):
 def test_tradeoffs_llm_grid_parses():
     from pathlib import Path
 
+    from secfed import registry
     from secfed.compare import load_grid
     from secfed.compare.post_run import validate_attacks
+    from secfed.rounds import plugin_context
 
     g = load_grid(Path(__file__).resolve().parents[1] / "experiments" / "tradeoffs_llm.toml")
     cells = g.cells()
-    assert len(cells) == 8
+    assert len(cells) == 11
     validate_attacks(g.audit)
-    advs = {c.parse().attack.adversary.name for c in cells}
-    assert advs == {"secret-sharer", "instruct-backdoor"}
+    parsed = {c.id: c.parse() for c in cells}
+    advs = {cfg.attack.adversary.name if cfg.attack.adversary else None for cfg in parsed.values()}
+    assert advs == {"secret-sharer", "instruct-backdoor", None}
+    for cid, cfg in parsed.items():
+        # every observer builds as the engine builds it (engine-owned keys refused, the rest accepted)
+        ctx = plugin_context(cfg, 1)
+        obs = [registry.build("observer", o, f"server.observers[{i}]", **ctx) for i, o in enumerate(cfg.server.observers)]
+        if "attack=inversion" in cid:  # DAGER's setting: one SGD step on one record; the engine tells it SGD
+            assert [type(o).__name__ for o in obs] == ["DagerObserver"] and obs[0].optimizer == "sgd"
+            assert cfg.attack.adversary is None and cfg.client.batch_size == 1 and cfg.model.lora_r == 128
 
 
 def test_planted_canaries_train_under_dp_sgd(setup, tmp_path):

@@ -370,3 +370,51 @@ def test_report_canary_column_and_front_leaves_out_setups_that_learnt_nothing(tm
     assert "Not dominated on (accuracy, leakage, time per round): **dp-eps8, none**" in text
     row = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[0])
     assert row["eps_lower_bound"] == 0.7  # the largest of the audit's bounds
+
+
+def test_report_llm_grid_planted_cell_is_the_setups_run_and_lm_columns(tmp_path):
+    """Issue 19 grid shape: no attack value "none"; the secret holder's planted cell (an honest adversary)
+    gives utility, membership and memorisation; DAGER's column is blocked under a secure sum; the preamble
+    explains the columns that are there and no other."""
+    summ = {"final_accuracy": 0.36, "seconds_per_round": 100.0, "peak_rss_mb": 3000.0}
+    rec = {"round": 1, "sampled": 6, "completed": 6, "bytes_up": 6 * 1843200, "bytes_down": 6 * 1843200, "seconds": 1.0}
+    planted = {"attack": {"adversary": {"name": "secret-sharer", "ids": [0]}}}
+    backdoor = {"attack": {"adversary": {"name": "instruct-backdoor", "ids": [1, 2]}}}
+    dager = {"server": {"observers": [{"name": "dager", "attack_rounds": [2]}]}}
+    cells = {
+        ("none", "planted"): (planted, {"canary_exposure_bits_x1": 7.3, "canary_exposure_bits_x16": 4.1,
+                                        "canary_gain_bits_x1": 0.2, "canary_gain_bits_x16": 2.9,
+                                        "control_exposure_bits_mean": 1.5, "extraction_fraction": 0.05,
+                                        "control_fraction": 0.0, "llm_mia_auc_ref_calibrated": 0.53}, {}),
+        ("none", "backdoor"): (backdoor, {"backdoor_asr": 0.27}, {}),
+        ("none", "inversion"): (dager, {}, {"dager_token_recall": 0.9, "dager_exact": 0.0, "dager_status": "ok"}),
+        ("secagg", "planted"): ({**planted, "server": {"secure_sum": "secagg+"}}, {"canary_exposure_bits_x16": 4.1,
+                                "llm_mia_auc_ref_calibrated": 0.53}, {}),
+        ("secagg", "inversion"): ({"server": {"secure_sum": "secagg+", "observers": [{"name": "dager"}]}}, {},
+                                  {"dager_exact": None, "dager_status": "blocked: no per-client update (secure sum)"}),
+    }
+    for (d, a), (cfg, audit, extra) in cells.items():
+        cid = f"defence={d}__attack={a}__seed=0"
+        _fake_cell(tmp_path, cid, {"defence": d, "attack": a}, cfg,
+                   {**summ, "final_accuracy": 0.30 if a == "backdoor" else 0.36}, [{**rec, **extra}])
+        (tmp_path / "cells" / cid / "run" / "audit").mkdir()
+        (tmp_path / "cells" / cid / "run" / "audit" / "audit.json").write_text(json.dumps(
+            {"attacks_run": ["exposure"], "verdicts": [], "results": {"exposure": audit}}))
+    (tmp_path / "grid.json").write_text(json.dumps({
+        "name": "llm", "seeds": [0], "axes": {"defence": ["none", "secagg"], "attack": ["planted", "backdoor", "inversion"]},
+        "cells": sorted(p.name for p in (tmp_path / "cells").iterdir())}))
+    text = write_report(tmp_path).read_text()
+    rows = {json.loads(l)["cell"]: json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines()}
+    r = rows["defence=none__attack=planted__seed=0"]
+    assert (r["adversary"], r["planted"]) == (None, "secret-sharer")  # an honest secret holder, not an attack
+    assert rows["defence=none__attack=backdoor__seed=0"]["adversary"] == "instruct-backdoor"
+    assert (r["canary_exposure"], r["canary_gain"], r["control_exposure"], r["extraction"]) == (7.3, 2.9, 1.5, 0.05)
+    head = ("| setup | accuracy | MIA AUC | canary exposure (bits) | exposure gain over base (bits) | "
+            "control canaries (bits) | PII extracted | curious server · inversion: token recovery | "
+            "backdoor: accuracy | backdoor: backdoor success | s/round | KB up/client | KB down/client | peak MB |")
+    assert head in text
+    # utility from the planted cell (0.36, not the backdoored 0.30); 1,843,200 B = 1800 KB per client per round
+    assert "| none | 0.360 | 0.530 | 7.300 | 2.900 | 1.500 | 0.050 | 0.900 | 0.300 | 0.270 | 100 | 1800 | 1800 |" in text
+    assert "| secagg | 0.360 | 0.530 | 4.100 | - | - | - | blocked (secagg+: no per-client update) | - | - |" in text
+    assert "canary exposure: the secret sharer's exposure" in text and "PII extracted: the fraction" in text
+    assert "wrong-label" not in text  # the classification grid's canary column is not there, nor its note

@@ -68,7 +68,8 @@ def zlib_bits(text: str) -> int:
     return 8 * len(zlib.compress(text.encode("utf-8")))
 
 
-def _reference(model: nn.Module, reference: nn.Module | None) -> Any:
+def reference_model(model: nn.Module, reference: nn.Module | None = None) -> Any:
+    """``reference`` as a context manager, else the PEFT model with its adapter disabled (its base), else None."""
     if reference is not None:
         return contextlib.nullcontext(reference)
     if hasattr(model, "disable_adapter"):
@@ -90,7 +91,7 @@ def llm_scores(model: nn.Module, task: Any, data: TensorData, k: float = 0.2,
     out = {"loss": -loss,
            "zlib": -loss / np.array([max(zlib_bits(t), 1) for t in texts], dtype=np.float64),
            "min_k": np.array([min_k_prob(lp, k) for lp in lps])}
-    ref = _reference(model, reference)
+    ref = reference_model(model, reference)
     if ref is not None:
         with ref as r:
             ref_loss = np.array([-lp.mean() if len(lp) else 0.0 for lp in token_logprobs(r, task, data, batch_size)])

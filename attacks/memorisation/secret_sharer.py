@@ -93,15 +93,24 @@ class Canary:
 
 def make_canaries(fmt: str = DEFAULT_FORMAT, insertions: Sequence[int] = (1, 4, 16), per_count: int = 1,
                   prompt: str = DEFAULT_PROMPT, seed: int = 0) -> list[Canary]:
-    """``per_count`` canaries per insertion count, each with its own seeded random digits."""
+    """``per_count`` canaries per insertion count, each with its own seeded random digits, all distinct (two
+    canaries with one secret would be one canary inserted their summed number of times)."""
     k = num_slots(fmt)
     if k < 1:
         raise ValueError(f"secret-sharer: format {fmt!r} has no '{SLOT}' slot")
-    out = []
+    if len(insertions) * per_count > 10 ** k:
+        raise ValueError(f"secret-sharer: format {fmt!r} has {10 ** k} fillings, fewer than the "
+                         f"{len(insertions) * per_count} canaries asked for")
+    out: list[Canary] = []
+    taken: set[tuple[int, ...]] = set()
     for n in insertions:
         for j in range(per_count):
             rng = np.random.default_rng(derive_seed(seed, "secret-sharer", n, j))
-            out.append(Canary(prompt, fmt, tuple(int(d) for d in rng.integers(0, 10, k)), int(n)))
+            s = tuple(int(d) for d in rng.integers(0, 10, k))
+            while s in taken:  # a repeat: the same stream's next draw (seeded, so still reproducible)
+                s = tuple(int(d) for d in rng.integers(0, 10, k))
+            taken.add(s)
+            out.append(Canary(prompt, fmt, s, int(n)))
     return out
 
 
@@ -181,27 +190,87 @@ def sampled_exposure(canary_nll: float, sample_nll: np.ndarray, space_bits: floa
             "exposure_sampled_rank": float(min(rank_bits, space_bits)), "samples_below": float(k)}
 
 
+def _space(canary: Canary) -> int:
+    return 10 ** len(canary.secret)
+
+
+def _index(secret: Sequence[int]) -> int:
+    return int("".join(map(str, secret))) if secret else 0
+
+
+def _result(own: float, ref: np.ndarray, canary: Canary, exact: bool) -> dict[str, Any]:
+    """One canary's exposure against its format's candidates ``ref`` (every filling when ``exact``)."""
+    if exact:
+        exp, rank = exact_exposure(own, ref)
+        return {"exposure": exp, "rank": float(rank), "space_bits": math.log2(len(ref)), "log_perplexity": own,
+                "method": "exact"}
+    est = sampled_exposure(own, ref, canary.space_bits)
+    return {"exposure": est["exposure_skewnorm"], **est, "space_bits": canary.space_bits, "log_perplexity": own,
+            "method": "skew-normal"}
+
+
+def exposure_of(model: nn.Module, task: Any, canaries: Sequence[Canary], samples: int = 2000,
+                exact_limit: int = 10_000, seed: int = 0, batch_size: int = 64) -> list[dict[str, Any]]:
+    """The exposure of each of ``canaries`` on ``model``, in order.
+
+    Canaries of one (prompt, format) are ranked against one candidate set: every filling when
+    ``10^slots <= exact_limit`` (the exact rank), else ``samples`` uniform fillings (seeded by ``seed``,
+    the format and the prompt; the group's own secrets left out) and the skew-normal fit. So a group
+    costs one pass over its candidates plus one sequence per canary, and never-inserted control
+    canaries of the same format (:func:`make_controls`) cost one sequence each."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, c in enumerate(canaries):
+        groups.setdefault((c.prompt, c.fmt), []).append(i)
+    out: list[dict[str, Any]] = [{} for _ in canaries]
+    for (prompt, fmt), idx in groups.items():
+        first = canaries[idx[0]]
+        k, space = len(first.secret), _space(first)
+        if space <= exact_limit:
+            every = [tuple(int(c) for c in f"{i:0{k}d}") for i in range(space)]
+            ref = candidate_nll(model, task, first, every, batch_size)
+            for i in idx:
+                out[i] = _result(float(ref[_index(canaries[i].secret)]), ref, canaries[i], exact=True)
+            continue
+        own = candidate_nll(model, task, first, [canaries[i].secret for i in idx], batch_size)
+        rng = np.random.default_rng(derive_seed(seed, "exposure-samples", fmt, prompt))
+        taken = {canaries[i].secret for i in idx}
+        draws = [t for t in (tuple(int(d) for d in r) for r in rng.integers(0, 10, (samples, k))) if t not in taken]
+        ref = candidate_nll(model, task, first, draws, batch_size)
+        for j, i in enumerate(idx):
+            out[i] = _result(float(own[j]), ref, canaries[i], exact=False)
+    return out
+
+
 def canary_exposure(model: nn.Module, task: Any, canary: Canary, samples: int = 2000, exact_limit: int = 10_000,
-                    seed: int = 0, batch_size: int = 64) -> dict[str, float]:
+                    seed: int = 0, batch_size: int = 64) -> dict[str, Any]:
     """The canary's exposure on ``model`` (exact when ``10^slots <= exact_limit``, else sampled + fitted).
 
     ``exposure`` is the headline figure: the exact one, or the skew-normal estimate."""
-    k = len(canary.secret)
-    space = 10 ** k
-    if space <= exact_limit:
-        secrets = [tuple(int(c) for c in f"{i:0{k}d}") for i in range(space)]
-        all_nll = candidate_nll(model, task, canary, secrets, batch_size)
-        own = float(all_nll[int("".join(map(str, canary.secret)))])
-        exp, rank = exact_exposure(own, all_nll)
-        return {"exposure": exp, "rank": float(rank), "space_bits": math.log2(space), "log_perplexity": own,
-                "method": "exact"}
-    own = float(candidate_nll(model, task, canary, [canary.secret], batch_size)[0])
-    rng = np.random.default_rng(derive_seed(seed, "exposure-samples", canary.secret))
-    draws = rng.integers(0, 10, (samples, k))
-    draws = [tuple(int(d) for d in r) for r in draws if tuple(int(d) for d in r) != canary.secret]
-    est = sampled_exposure(own, candidate_nll(model, task, canary, draws, batch_size), canary.space_bits)
-    return {"exposure": est["exposure_skewnorm"], **est, "space_bits": canary.space_bits, "log_perplexity": own,
-            "method": "skew-normal"}
+    return exposure_of(model, task, [canary], samples, exact_limit, seed, batch_size)[0]
+
+
+def make_controls(canaries: Sequence[Canary], count: int, seed: int = 0) -> list[Canary]:
+    """``count`` never-inserted canaries per (prompt, format) of ``canaries``: same format, fresh seeded
+    digits, none equal to a planted secret (``insertions = 0``). Their exposure on the trained model is
+    what a canary the model never saw scores (about log2(e) ~ 1.44 bits on average, Sec. 4)."""
+    out: list[Canary] = []
+    seen: set[tuple[str, str]] = set()
+    for c in canaries:
+        if (c.prompt, c.fmt) in seen:
+            continue
+        seen.add((c.prompt, c.fmt))
+        taken = {x.secret for x in canaries if (x.prompt, x.fmt) == (c.prompt, c.fmt)}
+        rng = np.random.default_rng(derive_seed(seed, "secret-sharer-control", c.fmt, c.prompt))
+        if _space(c) - len(taken) < count:
+            raise ValueError(f"secret-sharer: format {c.fmt!r} has too few fillings for {count} controls")
+        got: list[Canary] = []
+        while len(got) < count:
+            s = tuple(int(d) for d in rng.integers(0, 10, len(c.secret)))
+            if s not in taken:
+                taken.add(s)
+                got.append(Canary(c.prompt, c.fmt, s, 0))
+        out += got
+    return out
 
 
 # ----------------------------------------------------------------------------- the plug-in
@@ -213,18 +282,24 @@ class SecretSharer(PoisoningAdversary):
     ``pii`` / ``pii_insertions`` / ``pii_digits`` (PII records for :mod:`attacks.memorisation.extraction`), ``model``:
     the run's ``model.name`` (the tokenizer the records are encoded with; must match the run's),
     ``system_prompt`` (the run's ``data.system_prompt``), ``samples`` / ``exact_limit`` (exposure
-    estimation), ``track`` (report exposure at every evaluation round; otherwise only ``secfed audit
+    estimation), ``controls`` (never-inserted canaries of the same format, scored alongside: the
+    exposure of a secret the model never saw), ``prior`` (also score the canaries on the base model,
+    adapter off: what a canary scores before any training, so a high exposure that training did not
+    cause is told apart), ``track`` (report exposure at every evaluation round; otherwise only ``secfed audit
     --attacks exposure`` computes it, since scoring thousands of candidates is not free).
     """
+
+    honest = True  # the victim trains honestly on data that happens to hold secrets
 
     def __init__(self, ids: Sequence[int] | None = (0,), fraction: float = 0.0, format: str = DEFAULT_FORMAT,
                  prompt: str = DEFAULT_PROMPT, insertions: Sequence[int] = (1, 4, 16), per_count: int = 1,
                  pii: int = 0, pii_insertions: int = 1, pii_digits: int = 10, model: str | None = None, system_prompt: str | None = None,
-                 samples: int = 2000, exact_limit: int = 10_000, track: bool = False,
-                 num_clients: int | None = None, seed: int = 0) -> None:
+                 samples: int = 2000, exact_limit: int = 10_000, controls: int = 8, prior: bool = True,
+                 track: bool = False, num_clients: int | None = None, seed: int = 0) -> None:
         super().__init__(fraction, ids, num_clients, seed)
-        if any(int(n) < 1 for n in insertions) or per_count < 0 or pii < 0 or pii_insertions < 1:
-            raise ValueError("secret-sharer: insertions and pii_insertions must be >= 1, per_count and pii >= 0")
+        if any(int(n) < 1 for n in insertions) or per_count < 0 or pii < 0 or pii_insertions < 1 or controls < 0:
+            raise ValueError("secret-sharer: insertions and pii_insertions must be >= 1, per_count, pii and "
+                             "controls >= 0")
         self.canaries = make_canaries(format, [int(n) for n in insertions], int(per_count), prompt, seed) if per_count else []
         from attacks.memorisation.extraction import make_pii
 
@@ -232,6 +307,8 @@ class SecretSharer(PoisoningAdversary):
         self.pii_insertions = int(pii_insertions)
         self.model_name, self.system_prompt = model, system_prompt
         self.samples, self.exact_limit, self.track = int(samples), int(exact_limit), bool(track)
+        self.controls = make_controls(self.canaries, int(controls), seed) if controls and self.canaries else []
+        self.prior = bool(prior)
         self._tok: Any = None
 
     def pairs(self) -> list[tuple[str, str]]:
@@ -264,19 +341,45 @@ class SecretSharer(PoisoningAdversary):
             raise ConfigError(f"config key 'attack.adversary.model': '{self.model_name}' is not the run's model "
                               f"'{name}' (the canaries were encoded with another tokenizer)")
 
-    def exposures(self, model: nn.Module, task: Any) -> dict[str, float]:
-        """Exposure (bits) of every canary, and the mean per insertion count: ``canary_exposure_bits_x<n>``."""
+    def exposures(self, model: nn.Module, task: Any, reference: nn.Module | None = None) -> dict[str, float]:
+        """Exposure (bits) of every canary and its mean per insertion count (``canary_exposure_bits_x<n>``);
+        of the never-inserted controls (``control_exposure_bits_mean`` / ``_max``); with ``prior``, the
+        canaries' exposure on the base model (``canary_base_exposure_bits_x<n>``) and what training added
+        (``canary_gain_bits_x<n>`` = trained - base). The base is ``reference`` if given, else ``model`` with its
+        PEFT adapter disabled (no prior for a model without one)."""
         self._check_task(task)
+        if not self.canaries:
+            return {}
+        scored = exposure_of(model, task, self.canaries + self.controls, self.samples, self.exact_limit, self.seed)
+        out: dict[str, float] = {"canary_space_bits": self.canaries[0].space_bits}
+        trained = [e["exposure"] for e in scored[: len(self.canaries)]]
+        out.update(self._per_count(trained, "exposure_bits"))
+        ctrl = [e["exposure"] for e in scored[len(self.canaries):]]
+        if ctrl:
+            out["control_exposure_bits_mean"] = float(np.mean(ctrl))
+            out["control_exposure_bits_max"] = float(np.max(ctrl))
+            out["controls"] = float(len(ctrl))
+        from attacks.membership.llm import reference_model
+
+        base = reference_model(model, reference) if self.prior else None
+        if base is not None:
+            with base as b:
+                prior = [e["exposure"] for e in exposure_of(b, task, self.canaries, self.samples, self.exact_limit,
+                                                            self.seed)]
+            out.update(self._per_count(prior, "base_exposure_bits"))
+            out.update(self._per_count([t - p for t, p in zip(trained, prior)], "gain_bits", each=False))
+        return out
+
+    def _per_count(self, values: Sequence[float], what: str, each: bool = True) -> dict[str, float]:
+        """``canary<i>_x<n>_<what>`` per canary (``each``) and ``canary_<what>_x<n>``, the mean per count."""
         out: dict[str, float] = {}
         by_count: dict[int, list[float]] = {}
-        for i, c in enumerate(self.canaries):
-            e = canary_exposure(model, task, c, self.samples, self.exact_limit, self.seed)
-            by_count.setdefault(c.insertions, []).append(e["exposure"])
-            out[f"canary{i}_x{c.insertions}_exposure_bits"] = e["exposure"]
+        for i, (c, v) in enumerate(zip(self.canaries, values)):
+            by_count.setdefault(c.insertions, []).append(v)
+            if each:
+                out[f"canary{i}_x{c.insertions}_{what}"] = float(v)
         for n, v in sorted(by_count.items()):
-            out[f"canary_exposure_bits_x{n}"] = float(np.mean(v))
-        if self.canaries:
-            out["canary_space_bits"] = self.canaries[0].space_bits
+            out[f"canary_{what}_x{n}"] = float(np.mean(v))
         return out
 
     def extraction(self, model: nn.Module, task: Any) -> dict[str, float]:

@@ -23,6 +23,9 @@ class PoisoningAdversary:
     """Base class: picks the malicious clients; subclasses add ``poison_data`` / ``poison_updates``."""
 
     needs = Need.NONE  # Need.HONEST_ROWS: an omniscient attacker (secfed.needs)
+    # True: the clients it names train honestly (a secret holder whose data an audit probes later, e.g. the
+    # secret sharer); the run's accuracy is an honest run's, and reports treat it as the setup's utility.
+    honest = False
 
     def __init__(self, fraction: float = 0.2, ids: Sequence[int] | None = None, num_clients: int | None = None,
                  seed: int = 0) -> None:

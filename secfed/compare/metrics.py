@@ -7,6 +7,10 @@ reconstruction ``psnr``/``ssim`` (the curious server's best round), ``malicious_
 server's reconstructions through the secure sum, e.g. ``imprint``), ``token_recovery``,
 ``membership_auc`` (natural training vs test examples), ``canary_auc`` (planted
 mislabelled canaries, in vs out: worst-case memorisation), ``eps_lower_bound``.
+Causal-LM audits (issue 19): ``canary_exposure`` (secret-sharer bits, the most exposed insertion
+count), ``canary_gain`` (what training added over the base model), ``control_exposure`` (never-inserted
+canaries), ``extraction`` (PII recovered verbatim). An adversary plug-in that declares ``honest``
+(a secret holder) is recorded as ``planted``, not as an attack: its run is the setup's honest run.
 Robustness: ``accuracy`` of cells with an adversary is the accuracy under attack;
 ``backdoor_success``. Cost:
 ``seconds_per_round``, ``bytes_up_per_client``/``bytes_down_per_client`` (per
@@ -40,14 +44,18 @@ CANONICAL: dict[str, tuple[tuple[str, ...], str]] = {
     "canary_auc": (("canary_auc",), "max"),
     "eps_lower_bound": (("eps_lower", "epsilon_lower", "eps_lb"), "max"),
     "backdoor_success": (("backdoor_asr", "backdoor_success", "attack_success", "backdoor"), "last"),
-    # causal-LM audits (issue 19): secret-sharer exposure in bits (the largest over insertion counts), PII extracted
+    # causal-LM audits (issue 19): secret-sharer exposure in bits (the largest over insertion counts), what
+    # training added to it over the base model (the largest), the never-inserted controls' mean, PII extracted
     "canary_exposure": (("canary_exposure_bits_x",), "max"),
+    "canary_gain": (("canary_gain_bits_x",), "max"),
+    "control_exposure": (("control_exposure_bits_mean",), "max"),
     "extraction": (("extraction_fraction",), "max"),
 }
 INVERSION_OBSERVERS = ("dlg", "idlg", "inverting", "inversion", "text-inversion", "geiping", "dager")
 METRICS = ("accuracy", "loss", "epsilon", "delta", "psnr", "malicious_psnr", "ssim", "token_recovery",
            "malicious_token_recovery", "membership_auc",
-           "canary_auc", "eps_lower_bound", "backdoor_success", "canary_exposure", "extraction", "seconds_per_round",
+           "canary_auc", "eps_lower_bound", "backdoor_success", "canary_exposure", "canary_gain", "control_exposure",
+           "extraction", "seconds_per_round",
            "bytes_up_per_client", "bytes_down_per_client", "peak_rss_mb")
 
 
@@ -91,6 +99,9 @@ def cell_metrics(cell_dir: Path) -> dict[str, Any]:
     cfg = spec["config"]
     server = cfg.get("server", {})
     row["adversary"] = _plugin_name(cfg.get("attack", {}).get("adversary"))
+    row["planted"] = None  # an honest adversary (secret holder): its run is the setup's honest run
+    if row["adversary"] and _honest_adversary(row["adversary"]):
+        row["planted"], row["adversary"] = row["adversary"], None
     row["server_attack"] = _plugin_name(cfg.get("attack", {}).get("server"))  # a malicious server (issue 17)
     row["secure_sum"] = _plugin_name(server.get("secure_sum")) or "plain"
     observers = [_plugin_name(o) or "" for o in server.get("observers", [])]
@@ -150,6 +161,17 @@ def _hides_rows(name: str) -> bool:
         return name != "plain"  # a run of a plug-in this install cannot resolve: its name is all there is
 
 
+def _honest_adversary(name: str) -> bool:
+    """The named adversary plug-in declares that its clients train honestly (``honest``, attacks.poisoning.base)."""
+    from secfed import registry
+    from secfed.errors import ConfigError
+
+    try:
+        return bool(getattr(registry.resolve("adversary", name, "attack.adversary"), "honest", False))
+    except ConfigError:
+        return False  # a plug-in this install cannot resolve: count it as an attack
+
+
 def _plugin_name(v: Any) -> str | None:
     if v is None:
         return None
@@ -167,7 +189,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         g: dict[str, Any] = {"setup": setup, **{k: v for k, v in rs[0].items() if k.startswith("axis.")},
                              "seeds": len(rs), "done": len(done), "failed": sum(r["status"] == "failed" for r in rs),
                              "errors": sorted({r["error"] for r in rs if r.get("error")}),
-                             "adversary": rs[0]["adversary"], "secure_sum": rs[0]["secure_sum"],
+                             "adversary": rs[0]["adversary"], "planted": rs[0].get("planted"),
+                             "secure_sum": rs[0]["secure_sum"],
                              "server_attack": rs[0].get("server_attack"),
                              "inversion_attack": rs[0]["inversion_attack"],
                              "attack_status": next((r["attack_status"] for r in done if r.get("attack_status")), None),

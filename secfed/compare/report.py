@@ -23,10 +23,14 @@ ATTACK_AXES = ("attack", "attacks", "adversary", "threat")
 NO_ATTACK = ("none", "no-attack", "clean", None)
 USELESS_MARGIN = 0.05  # accuracy within 5 points of the majority-class baseline: learnt nothing useful
 AUC_METRICS = ("membership_auc", "canary_auc")
+LM_METRICS = ("canary_exposure", "canary_gain", "control_exposure", "extraction")  # causal-LM audits (issue 19)
+CHANCE_BITS = 1.4427  # log2(e): the mean exposure of a canary the model never saw (Carlini et al. 2019, Sec. 4)
 CURIOUS, MALICIOUS = "curious server", "malicious server"  # the two server column groups of the first screen
 LEAK_LABEL = {"psnr": "PSNR (dB)", "malicious_psnr": "PSNR (dB)", "malicious_token_recovery": "token recovery",
               "ssim": "SSIM", "token_recovery": "token recovery", "membership_auc": "MIA AUC",
-              "canary_auc": "canary MIA AUC"}
+              "canary_auc": "canary MIA AUC", "canary_exposure": "canary exposure (bits)",
+              "canary_gain": "exposure gain over base (bits)", "control_exposure": "control canaries (bits)",
+              "extraction": "PII extracted"}
 
 
 def collect(out: Path) -> list[dict[str, Any]]:
@@ -74,7 +78,7 @@ def pick_table(groups: list[dict[str, Any]], grid: dict[str, Any]) -> tuple[list
         key = tuple(g.get(f"axis.{a}") for a in setup_axes)
         rows.setdefault(key, {})[g.get(f"axis.{attack_axis}") if attack_axis else None] = g
     attacks = grid["axes"].get(attack_axis, {}) if attack_axis else {}
-    cols = ["setup", "accuracy", "epsilon", "MIA AUC", "canary MIA AUC"]
+    cols = ["setup", "accuracy", "epsilon", "MIA AUC", "canary MIA AUC"] + [LEAK_LABEL[m] for m in LM_METRICS]
     attack_cols: list[tuple[str, str, str]] = []  # (attack label, metric, column title)
     curious: list[tuple[str, str, str]] = []  # an observer on what the secure sum reveals (honest-but-curious)
     malicious: list[tuple[str, str, str]] = []  # a server that ships crafted weights (attack.server)
@@ -96,8 +100,12 @@ def pick_table(groups: list[dict[str, Any]], grid: dict[str, Any]) -> tuple[list
     cols += [c[2] for c in attack_cols] + ["s/round", "KB up/client", "KB down/client", "peak MB"]
     table, raw = [], []
     for key, by_attack in rows.items():
-        # utility, MIA and cost come only from the setup's cell without attack (an attack value may change training)
-        base = next((g for a, g in by_attack.items() if a in NO_ATTACK), None) or {}
+        # utility, MIA and cost come only from the setup's cell without attack (an attack value may change
+        # training): the attack value named "none", else the cell with no hostile client or server and no
+        # observer setting (an honest secret holder's planted cell counts: metrics.planted)
+        base = next((g for a, g in by_attack.items() if a in NO_ATTACK), None) or next(
+            (g for g in by_attack.values() if not (g.get("adversary") or g.get("server_attack")
+                                                   or g.get("inversion_attack"))), None) or {}
         mia = base
         label = ", ".join(f"{v}" for v in key) or "base"
         if not any(g.get("done") for g in by_attack.values()):
@@ -108,11 +116,12 @@ def pick_table(groups: list[dict[str, Any]], grid: dict[str, Any]) -> tuple[list
             raw.append({"setup": label, "attacks": {}})
             continue
         line = [label, _fmt("accuracy", base), _fmt("epsilon", base, sd=False), _fmt("membership_auc", mia),
-                _fmt("canary_auc", mia)]
+                _fmt("canary_auc", mia)] + [_fmt(m, base) for m in LM_METRICS]
         info = {"setup": label, "accuracy": base.get("accuracy"), "epsilon": base.get("epsilon"),
                 "membership_auc": mia.get("membership_auc"), "canary_auc": mia.get("canary_auc"),
                 "seconds_per_round": base.get("seconds_per_round"), "majority_baseline": base.get("majority_baseline"),
-                "bytes_up_per_client": base.get("bytes_up_per_client"), "attacks": {}}
+                "bytes_up_per_client": base.get("bytes_up_per_client"), **{m: base.get(m) for m in LM_METRICS},
+                "attacks": {}}
         for lab, m, title in attack_cols:
             g = by_attack.get(lab)
             if g is not None and m in ("psnr", "token_recovery") and g.get("inversion_blocked"):
@@ -215,7 +224,8 @@ def plot_utility_vs_epsilon(raw: list[dict[str, Any]], inv_title: str | None, pa
         return False
     nodp = [r for r in raw if r.get("epsilon") is None]
     panels = [("accuracy", "test accuracy")]
-    panels += [(m, LEAK_LABEL[m]) for m in AUC_METRICS if any(r.get(m) is not None for r in raw)]
+    panels += [(m, LEAK_LABEL[m]) for m in AUC_METRICS + ("canary_exposure", "canary_gain")
+               if any(r.get(m) is not None for r in raw)]
     if inv_title and any(isinstance(r["attacks"].get(inv_title), float) for r in raw):
         panels.append((inv_title, inv_title))
     plt = _plt()
@@ -242,6 +252,11 @@ def plot_utility_vs_epsilon(raw: list[dict[str, Any]], inv_title: str | None, pa
             ax.set_ylim(min(0.4, lo), max(0.9, hi))
             ax.axhline(0.5, ls=":", lw=1, color="k")
             ax.annotate("chance", (0.98, 0.5), xycoords=("axes fraction", "data"), fontsize=7, ha="right", va="bottom")
+        if m in ("canary_exposure", "canary_gain"):  # chance: a never-seen canary / nothing added by training
+            chance = CHANCE_BITS if m == "canary_exposure" else 0.0
+            ax.axhline(chance, ls=":", lw=1, color="k")
+            ax.annotate("never seen" if chance else "no gain", (0.98, chance), xycoords=("axes fraction", "data"),
+                        fontsize=7, ha="right", va="bottom")
         ax.set_xscale("log")
         ticks = sorted({float(f"{r['epsilon']:.2g}") for r in dp})
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
@@ -302,6 +317,34 @@ def _md_table(cols: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+COLUMN_NOTES: dict[str, str] = {  # what a first-screen column means, written only when the column is there
+    "accuracy": "accuracy: the task's test accuracy (causal LM: next-token accuracy on the held-out responses)",
+    "MIA AUC": "MIA AUC: membership inference on the final model, training vs held-out records "
+               "(classification: loss threshold; causal LM: the loss calibrated by the base model's, the loss, "
+               "zlib and min-k% AUCs are in the cell's audit); 0.5 = no leakage",
+    "canary MIA AUC": "canary MIA AUC: the loss attack on planted wrong-label canaries, in vs out (worst-case "
+                      "memorisation)",
+    LEAK_LABEL["canary_exposure"]: "canary exposure: the secret sharer's exposure (bits) of the most exposed "
+                                   "planted canary, of a space of log2 |R| bits",
+    LEAK_LABEL["canary_gain"]: "exposure gain: the canaries' exposure on the trained model minus on the base "
+                               "model (what training added; the largest over insertion counts)",
+    LEAK_LABEL["control_exposure"]: "control canaries: the mean exposure of never-inserted canaries of the same "
+                                    f"format (~{CHANCE_BITS:.2f} bits when the model learnt nothing about them)",
+    LEAK_LABEL["extraction"]: "PII extracted: the fraction of one client's PII records that greedy prompting "
+                              "with their prefix recovers verbatim",
+}
+
+
+def _preamble(cols: list[str]) -> str:
+    notes = [v for k, v in COLUMN_NOTES.items() if k in cols]
+    return ("Accuracy, epsilon, membership, memorisation and cost come from the setup's run without a hostile "
+            "client or server" + (" (" + "; ".join(notes) + ")" if notes else "") + "; an attack column is that "
+            f"attack's figure against the setup (`{CURIOUS} ·` columns: an honest-but-curious server's attack on "
+            "what the secure sum reveals, its best reconstruction over rounds; `blocked`: the server saw no "
+            f"per-client update; `{MALICIOUS} ·` columns: a server that ships crafted weights and reads the secure "
+            "sum, median PSNR of its reconstructions; accuracy: final accuracy under the poisoning attack).")
+
+
 def write_report(out: Path) -> Path:
     """Read every cell under ``out`` and write report.md, the plots, results.{jsonl,csv}, summary.csv."""
     out = Path(out)
@@ -324,14 +367,7 @@ def write_report(out: Path) -> Path:
     lines = [f"# Trade-offs: `{grid['name']}`", "", f"Command: `secfed compare {src}` (rerun it to complete missing or "
              "failed cells; `--report-only` rewrites this report).", "",
              f"{done} of {len(rows)} cells done, {len(failed)} failed; seeds {grid['seeds']} "
-             "(figures are mean ± sample std over seeds). Accuracy, epsilon, MIA AUC and cost come from the "
-             "setup's run without an adversary (MIA AUC: loss-threshold attack on the final model, training vs "
-             "test examples; canary MIA AUC: the same attack on planted wrong-label canaries, in vs out, i.e. "
-             "worst-case memorisation; 0.5 = no leakage); an attack column is that attack's figure against the setup "
-             f"(`{CURIOUS} ·` columns: an honest-but-curious server's attack on what the secure sum reveals, its best "
-             f"reconstruction over rounds; `{MALICIOUS} ·` columns: a server that ships crafted weights and reads the "
-             "secure sum, median PSNR of its reconstructions; accuracy: final accuracy under the poisoning "
-             "attack).", ""]
+             "(figures are mean ± sample std over seeds). " + _preamble(cols), ""]
     lines += _md_table(cols, table)
     lines.append("")
     if front:
