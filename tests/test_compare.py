@@ -418,3 +418,22 @@ def test_report_llm_grid_planted_cell_is_the_setups_run_and_lm_columns(tmp_path)
     assert "| secagg | 0.360 | 0.530 | 4.100 | - | - | - | blocked (secagg+: no per-client update) | - | - |" in text
     assert "canary exposure: the secret sharer's exposure" in text and "PII extracted: the fraction" in text
     assert "wrong-label" not in text  # the classification grid's canary column is not there, nor its note
+
+
+def test_report_of_a_folder_that_is_not_a_grid_is_one_line_and_a_damaged_cell_is_listed(tmp_path):
+    from secfed.errors import DataError
+
+    with pytest.raises(DataError, match="no grid.json"):
+        write_report(tmp_path)
+    (tmp_path / "grid.json").write_text("{not json")
+    with pytest.raises(DataError, match="grid.json: unreadable"):
+        write_report(tmp_path)
+    summ = {"final_accuracy": 0.8, "seconds_per_round": 1.0, "peak_rss_mb": 400.0}
+    rec = {"round": 1, "sampled": 4, "completed": 4, "bytes_up": 4000, "bytes_down": 4000, "seconds": 1.0}
+    for d in ("a", "b"):
+        _fake_cell(tmp_path, f"defence={d}__seed=0", {"defence": d}, {}, summ, [rec])
+    (tmp_path / "cells" / "defence=b__seed=0" / "run" / "summary.json").write_text("[1, 2")  # torn write
+    (tmp_path / "grid.json").write_text(json.dumps({"name": "g", "seeds": [0], "axes": {"defence": ["a", "b"]},
+                                                   "cells": ["defence=a__seed=0", "defence=b__seed=0"]}))
+    text = write_report(tmp_path).read_text()
+    assert "| a | 0.800 |" in text and "## Unreadable cells" in text and "`defence=b__seed=0: JSONDecodeError" in text

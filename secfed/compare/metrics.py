@@ -52,6 +52,7 @@ CANONICAL: dict[str, tuple[tuple[str, ...], str]] = {
     "extraction": (("extraction_fraction",), "max"),
 }
 INVERSION_OBSERVERS = ("dlg", "idlg", "inverting", "inversion", "text-inversion", "geiping", "dager")
+TEXT_INVERSION_OBSERVERS = ("text-inversion", "dager")
 METRICS = ("accuracy", "loss", "epsilon", "delta", "psnr", "malicious_psnr", "ssim", "token_recovery",
            "malicious_token_recovery", "membership_auc",
            "canary_auc", "eps_lower_bound", "backdoor_success", "canary_exposure", "canary_gain", "control_exposure",
@@ -105,7 +106,10 @@ def cell_metrics(cell_dir: Path) -> dict[str, Any]:
     row["server_attack"] = _plugin_name(cfg.get("attack", {}).get("server"))  # a malicious server (issue 17)
     row["secure_sum"] = _plugin_name(server.get("secure_sum")) or "plain"
     observers = [_plugin_name(o) or "" for o in server.get("observers", [])]
-    row["inversion_attack"] = any(any(p in o.lower() for p in INVERSION_OBSERVERS) for o in observers)
+    inv = [o.lower() for o in observers if any(p in o.lower() for p in INVERSION_OBSERVERS)]
+    # truthy when an inversion observer ran; "text" when it recovers tokens (its column is token recovery)
+    row["inversion_attack"] = ("text" if any(p in o for o in inv for p in TEXT_INVERSION_OBSERVERS) else "image") \
+        if inv else False
     if summary is None:
         return row
     row.update({"accuracy": _num(summary.get("final_accuracy")), "loss": _num(summary.get("final_loss")),

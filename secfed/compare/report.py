@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from secfed.compare.metrics import METRICS, aggregate, cell_metrics
+from secfed.errors import DataError
 
 ATTACK_AXES = ("attack", "attacks", "adversary", "threat")
 NO_ATTACK = ("none", "no-attack", "clean", None)
@@ -33,13 +34,34 @@ LEAK_LABEL = {"psnr": "PSNR (dB)", "malicious_psnr": "PSNR (dB)", "malicious_tok
               "extraction": "PII extracted"}
 
 
-def collect(out: Path) -> list[dict[str, Any]]:
-    grid = json.loads((out / "grid.json").read_text())
+def read_grid(out: Path) -> dict[str, Any]:
+    """``grid.json`` of a compare output folder (one DataError line if it is missing or not a grid's)."""
+    p = out / "grid.json"
+    try:
+        grid = json.loads(p.read_text())
+        if not isinstance(grid, dict) or not isinstance(grid.get("cells"), list) or "axes" not in grid:
+            raise ValueError("no 'cells' list or 'axes'")
+        return grid
+    except FileNotFoundError:
+        raise DataError(f"{out}: no grid.json, so not a `secfed compare` output folder (run the grid first, "
+                        "or pass its --out)") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{p}: unreadable ({str(e)[:120]})") from None
+
+
+def collect(out: Path, unreadable: list[str] | None = None) -> list[dict[str, Any]]:
+    """One metrics row per cell that has started; a cell whose files cannot be read is listed in
+    ``unreadable`` (id and reason) and left out, so one damaged cell never hides the others."""
+    grid = read_grid(out)
     rows = []
     for cid in grid["cells"]:
-        d = out / "cells" / cid
+        d = out / "cells" / str(cid)
         if (d / "cell.json").exists():
-            rows.append(cell_metrics(d))
+            try:
+                rows.append(cell_metrics(d))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                if unreadable is not None:
+                    unreadable.append(f"{cid}: {type(e).__name__}: {str(e)[:120]}")
     return rows
 
 
@@ -90,7 +112,8 @@ def pick_table(groups: list[dict[str, Any]], grid: dict[str, Any]) -> tuple[list
             malicious.append((lab, m, f"{MALICIOUS} · {lab}: {LEAK_LABEL[m]}"))
         elif any(g.get("inversion_attack") for g in cand):
             m = "psnr" if any(g.get("psnr") is not None for g in cand) else "token_recovery" \
-                if any(g.get("token_recovery") is not None for g in cand) else "psnr"
+                if any(g.get("token_recovery") is not None or g.get("inversion_attack") == "text" for g in cand) \
+                else "psnr"
             curious.append((lab, m, f"{CURIOUS} · {lab}: {LEAK_LABEL[m]}"))
         elif any(g.get("adversary") for g in cand):
             attack_cols.append((lab, "accuracy", f"{lab}: accuracy"))
@@ -348,8 +371,9 @@ def _preamble(cols: list[str]) -> str:
 def write_report(out: Path) -> Path:
     """Read every cell under ``out`` and write report.md, the plots, results.{jsonl,csv}, summary.csv."""
     out = Path(out)
-    grid = json.loads((out / "grid.json").read_text())
-    rows = collect(out)
+    grid = read_grid(out)
+    unreadable: list[str] = []
+    rows = collect(out, unreadable)
     groups = aggregate(rows)
     with (out / "results.jsonl").open("w") as f:
         for r in rows:
@@ -388,6 +412,8 @@ def write_report(out: Path) -> Path:
     if failed:
         lines += ["", "## Failed cells", ""]
         lines += [f"- `{r['cell']}`: {r.get('error')} (log: `cells/{r['cell']}/log.txt`)" for r in failed]
+    if unreadable:
+        lines += ["", "## Unreadable cells (left out of every table)", ""] + [f"- `{u}`" for u in unreadable]
     lines += ["", "Files: `results.jsonl` / `results.csv` (one row per cell), `summary.csv` (per setup), "
               "`cells/<cell>/run/` (each run's report, rounds.jsonl, checkpoint), `grid.json`.", ""]
     p = out / "report.md"
