@@ -9,7 +9,9 @@ Cases: ``quickstart`` = ``experiments/flower_local.toml`` (the README's "Run acr
 CNN, 3 clients, about 0.06 s of work per round, so the ratio is Flower's per-message cost), ``secagg`` = the
 same with ``server.secure_sum = "secagg+"`` (active by default: six messages per node per round, the nodes
 signing with their node keys), ``tweets`` = ``experiments/quickstart.toml`` (the README's Quickstart: MiniLM +
-LoRA on the tweets, 10 SuperNodes, cohort 5, 3 rounds: a round of real fine-tuning work). Both transports run
+LoRA on the tweets, 10 SuperNodes, cohort 5, 3 rounds: a round of real fine-tuning work), ``tweets_secagg`` =
+the same under active SecAgg+. ``--cases`` re-measures the cases named and keeps the other cases' rows of
+the existing JSON (each row records when and on what it was measured). Both transports run
 the same config and seed with ``run.threads = 1``. Per-round seconds come from each run's ``rounds.jsonl``;
 the first round is reported apart (it includes the ClientApp's first model build) and the headline uses rounds
 2.. when there are at least two. Writes benchmarks/results/deploy.json with
@@ -59,7 +61,8 @@ class Case(NamedTuple):
 
 CASES = {"quickstart": Case("flower_local.toml", {}, 4, True),
          "secagg": Case("flower_local.toml", {"server": {"secure_sum": "secagg+"}}, 4, True),
-         "tweets": Case("quickstart.toml", {}, 3, False)}
+         "tweets": Case("quickstart.toml", {}, 3, False),
+         "tweets_secagg": Case("quickstart.toml", {"server": {"secure_sum": "secagg+"}}, 3, False)}
 
 
 def config(case: str, rounds: int):
@@ -148,7 +151,10 @@ def main() -> None:
     rows = []
     try:
         for case in args.cases:
+            load = [round(x, 2) for x in os.getloadavg()]
             row = measure(case, args.rounds or CASES[case].rounds, work, args.inprocess_only, not args.no_durable)
+            row.update(measured_at=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), cpu_model=cpu.get("cpu_model"),
+                       load_average_at_start=load)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if not k.startswith("rounds_")}), flush=True)
     finally:
@@ -156,6 +162,10 @@ def main() -> None:
             print(f"work folder kept: {work}", flush=True)
         else:
             shutil.rmtree(work, ignore_errors=True)
+    old = Path(args.out)
+    if old.exists() and not args.inprocess_only:  # keep the rows of the cases not re-measured now
+        kept = [r for r in json.loads(old.read_text()).get("table", []) if r.get("case") not in args.cases]
+        rows = sorted(kept + rows, key=lambda r: list(CASES).index(r["case"]) if r.get("case") in CASES else 99)
     headline = {f"flower_over_inprocess_seconds_per_round_{r['case']}":
                 (round(r["flower_over_inprocess"], 2) if "flower_over_inprocess" in r else None) for r in rows}
     out = {

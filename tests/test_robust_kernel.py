@@ -404,9 +404,11 @@ def test_selection_path_property_every_window_matches_sort(n, d, seed, data):
 G = pytest.importorskip("defenses.robust._gram_kernel", exc_type=ImportError)
 
 
-@pytest.mark.parametrize("n, d", [(1, 5), (2, 0), (3, 2049), (4, 4096), (5, 7), (7, 3000), (13, 10007), (50, 4099)])
+@pytest.mark.parametrize("n, d", [(1, 5), (2, 0), (3, 2049), (4, 4096), (5, 7), (6, 33), (7, 3000), (9, 100),
+                                  (10, 2048), (11, 4097), (12, 50), (13, 10007), (17, 300), (50, 4099)])
 def test_gram_kernel_matches_a_float64_product(n, d):
-    """Every shape class: n below/at/above the 4-row block, remainder rows, d = 0, a partial last chunk."""
+    """Every shape class: n below/at/above the 6-row block and the 4-column block, remainder rows (n % 6 from 1
+    to 5, with and without a full 4-column group), d = 0, a partial last chunk."""
     g = torch.Generator().manual_seed(n * 1000 + d)
     X = torch.randn(n, d, generator=g) * torch.logspace(-3, 3, n)[:, None] + 0.5
     ref = X.double() @ X.double().T

@@ -27,7 +27,12 @@ skew-normal distribution (the paper's choice), and
 capped at log2 |R| (the rank is at least 1). The sampled rank
 ``-log2((k + 1) / (m + 1))`` (``k`` samples below the canary) is reported as
 well; it cannot exceed log2(m + 1), which is why the paper fits a distribution.
-Spaces up to ``exact_limit`` candidates are enumerated (the exact rank).
+Spaces up to ``exact_limit`` candidates are enumerated (the exact rank). Canaries of one (prompt,
+format) share one candidate set, so two controls cost little: never-inserted canaries of the same
+format (their exposure on the trained model is chance, ~1.44 bits, unless training taught the model
+something about the format itself), and each canary's exposure on the base model (adapter off: the
+pretrained model's own liking for that PIN), whose difference to the trained exposure is what training
+added.
 
 Planting is a plug-in on the adversary seam (``attack.adversary = "secret-sharer"``,
 ``ids = [victim]``): the engine calls ``poison_data`` on the victim's shard each
