@@ -341,7 +341,8 @@ def _md_table(cols: list[str], rows: list[list[str]]) -> list[str]:
 
 
 COLUMN_NOTES: dict[str, str] = {  # what a first-screen column means, written only when the column is there
-    "accuracy": "accuracy: the task's test accuracy (causal LM: next-token accuracy on the held-out responses)",
+    "accuracy": "accuracy: the task's test accuracy; for a causal LM, next-token accuracy on the held-out responses",
+    "epsilon": "epsilon: the privacy ledger's epsilon at the run's delta (`-`: no differential privacy)",
     "MIA AUC": "MIA AUC: membership inference on the final model, training vs held-out records "
                "(classification: loss threshold; causal LM: the loss calibrated by the base model's, the loss, "
                "zlib and min-k% AUCs are in the cell's audit); 0.5 = no leakage",
@@ -355,17 +356,24 @@ COLUMN_NOTES: dict[str, str] = {  # what a first-screen column means, written on
                                     f"format (~{CHANCE_BITS:.2f} bits when the model learnt nothing about them)",
     LEAK_LABEL["extraction"]: "PII extracted: the fraction of one client's PII records that greedy prompting "
                               "with their prefix recovers verbatim",
+    "s/round": "cost: seconds per round, KB sent up and down per participating client per round, and the "
+               "cell process's peak resident memory (MB)",
 }
 
 
-def _preamble(cols: list[str]) -> str:
-    notes = [v for k, v in COLUMN_NOTES.items() if k in cols]
-    return ("Accuracy, epsilon, membership, memorisation and cost come from the setup's run without a hostile "
-            "client or server" + (" (" + "; ".join(notes) + ")" if notes else "") + "; an attack column is that "
-            f"attack's figure against the setup (`{CURIOUS} ·` columns: an honest-but-curious server's attack on "
-            "what the secure sum reveals, its best reconstruction over rounds; `blocked`: the server saw no "
-            f"per-client update; `{MALICIOUS} ·` columns: a server that ships crafted weights and reads the secure "
-            "sum, median PSNR of its reconstructions; accuracy: final accuracy under the poisoning attack).")
+def _preamble(cols: list[str]) -> list[str]:
+    """What the first screen's columns mean: a sentence, then one bullet per kind of column shown."""
+    notes = [f"- {v}" for k, v in COLUMN_NOTES.items() if k in cols]
+    if any(c.startswith(CURIOUS) for c in cols):
+        notes.append(f"- `{CURIOUS} ·` columns: an honest-but-curious server's attack on what the secure sum "
+                     "reveals, its best reconstruction over rounds; `blocked`: the server saw no per-client update")
+    if any(c.startswith(MALICIOUS) for c in cols):
+        notes.append(f"- `{MALICIOUS} ·` columns: a server that ships crafted weights and reads the secure sum, "
+                     "median PSNR of its reconstructions")
+    if any(c.endswith(": accuracy") for c in cols):
+        notes.append("- `<attack>: accuracy`: the final accuracy under that poisoning attack")
+    return ["Accuracy, epsilon, membership, memorisation and cost come from the setup's run without a hostile "
+            "client or server; an attack column is that attack's figure against the setup.", ""] + notes
 
 
 def write_report(out: Path) -> Path:
@@ -391,7 +399,7 @@ def write_report(out: Path) -> Path:
     lines = [f"# Trade-offs: `{grid['name']}`", "", f"Command: `secfed compare {src}` (rerun it to complete missing or "
              "failed cells; `--report-only` rewrites this report).", "",
              f"{done} of {len(rows)} cells done, {len(failed)} failed; seeds {grid['seeds']} "
-             "(figures are mean ± sample std over seeds). " + _preamble(cols), ""]
+             "(figures are mean ± sample std over seeds).", ""] + _preamble(cols) + [""]
     lines += _md_table(cols, table)
     lines.append("")
     if front:
