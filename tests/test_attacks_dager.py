@@ -114,6 +114,19 @@ def test_match_sequences_and_rank_bound_golden():
     assert describe_bound(4, 6, 7).startswith("impossible") and describe_bound(6, 6, 7).startswith("tokens only")
 
 
+def test_nothing_to_recover_is_undefined_not_a_perfect_or_zero_score():
+    """A client whose trainer used no record (an empty Poisson batch under DP-SGD) has nothing to recover: its
+    recall is None (once 1.0, which a report read as 'the whole batch recovered'), and the observer's mean
+    skips it."""
+    from attacks.inversion.text import token_metrics
+
+    m = match_sequences([[1, 2]], [[5, 6]], special={1, 2})  # only special tokens: nothing to recover
+    assert (m["exact"], m["rouge1"], m["token_recall"], m["token_precision"]) == (None, None, None, 0.0)
+    assert match_sequences([], [], special=set())["token_recall"] is None
+    assert token_metrics(set(), {3}) == {"token_precision": 0.0, "token_recall": None}
+    assert token_metrics({3, 4}, set()) == {"token_precision": 0.0, "token_recall": 0.0}
+
+
 def test_dager_recovers_a_sequence_built_to_be_found(records, deep):
     """Batch 1, rank 16 (q+v stacked: 32) >= 21 prefixes: exact, in order."""
     m, res, truth, task = _one_step(records, r=16)

@@ -106,6 +106,14 @@ def test_epsilon_bound_monotone_in_true_positives(tp, fp, n):
         assert epsilon_lower_bound(tp + 1, n, fp, n, 1e-5) >= e - 1e-12
 
 
+def test_pareto_front_time_tolerance_makes_near_equal_times_a_tie():
+    pts = [(-0.36, 2.9, 54.7), (-0.36, 2.9, 54.0), (-0.36, 2.9, 40.0)]
+    assert pareto_front(pts) == [2]  # exact: the fastest dominates both
+    assert pareto_front(pts[:2]) == [1]  # 54.0 < 54.7 decides without a tolerance ...
+    assert pareto_front(pts[:2], (0.0, 0.0, 0.05)) == [0, 1]  # ... and is a tie within 5%
+    assert pareto_front(pts, (0.0, 0.0, 0.05)) == [2]  # 40 s is more than 5% faster
+
+
 def test_pareto_front_by_hand():
     pts = [(0, 0, 0), (1, 1, 1), (0, 1, -1), (0, 0, 0), (2, -1, 5)]
     assert pareto_front(pts) == [0, 2, 3, 4]  # (1,1,1) is dominated by (0,0,0)
@@ -367,7 +375,8 @@ def test_report_canary_column_and_front_leaves_out_setups_that_learnt_nothing(tm
     assert "| setup | accuracy | MIA AUC | canary MIA AUC |" in text
     assert "| none | 0.900 | 0.520 | 0.800 |" in text
     # dp-eps1 leaks least but is within 0.05 of the majority class: not recommended
-    assert "Not dominated on (accuracy, leakage, time per round): **dp-eps8, none**" in text
+    assert ("Not dominated on (accuracy, canary MIA AUC, time per round; times within 5% count as equal): "
+            "**dp-eps8, none** (setups within 0.05 of the majority-class accuracy are left out") in text
     row = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[0])
     assert row["eps_lower_bound"] == 0.7  # the largest of the audit's bounds
 
@@ -376,7 +385,7 @@ def test_report_llm_grid_planted_cell_is_the_setups_run_and_lm_columns(tmp_path)
     """Issue 19 grid shape: no attack value "none"; the secret holder's planted cell (an honest adversary)
     gives utility, membership and memorisation; DAGER's column is blocked under a secure sum; the preamble
     explains the columns that are there and no other."""
-    summ = {"final_accuracy": 0.36, "seconds_per_round": 100.0, "peak_rss_mb": 3000.0}
+    summ = {"final_accuracy": 0.36, "seconds_per_round": 100.0, "peak_rss_mb": 3000.0, "zero_shot_accuracy": 0.321}
     rec = {"round": 1, "sampled": 6, "completed": 6, "bytes_up": 6 * 1843200, "bytes_down": 6 * 1843200, "seconds": 1.0}
     planted = {"attack": {"adversary": {"name": "secret-sharer", "ids": [0]}}}
     backdoor = {"attack": {"adversary": {"name": "instruct-backdoor", "ids": [1, 2]}}}
@@ -418,6 +427,9 @@ def test_report_llm_grid_planted_cell_is_the_setups_run_and_lm_columns(tmp_path)
     assert "| secagg | 0.360 | 0.530 | 4.100 | - | - | - | blocked (secagg+: no per-client update) | - | - |" in text
     assert "canary exposure: the secret sharer's exposure" in text and "PII extracted: the fraction" in text
     assert "wrong-label" not in text  # the classification grid's canary column is not there, nor its note
+    # the Pareto front's leakage axis is the exposure gain; "learnt nothing" is measured against the base model
+    assert ("Not dominated on (accuracy, exposure gain over base (bits), time per round; times within 5% count as "
+            "equal): **none** (setups within 0.01 of the base model's zero-shot accuracy are left out") in text
 
 
 def test_report_of_a_folder_that_is_not_a_grid_is_one_line_and_a_damaged_cell_is_listed(tmp_path):

@@ -353,8 +353,11 @@ def match_sequences(truth: list[list[int]], found: list[list[int]], special: set
     """Per true sequence (content tokens, special tokens dropped): exact if some recovered sequence
     equals it, ROUGE-1/2 F1 of the best-matching recovered sequence (DAGER's per-sentence matching);
     token precision/recall of the token sets."""
-    refs = [content_tokens(t, special) for t in truth]
+    refs = [r for r in (content_tokens(t, special) for t in truth) if r]
     hyps = [content_tokens(f, special) for f in found]
+    if not refs:  # nothing to recover (the client trained on no record): undefined, not a perfect or a zero score
+        return {"exact": None, "rouge1": None, "rouge2": None, "token_recall": None,
+                "token_precision": 0.0 if any(hyps) else None}
     exact, r1, r2 = [], [], []
     for ref in refs:
         exact.append(float(any(h == ref for h in hyps)))
@@ -366,7 +369,7 @@ def match_sequences(truth: list[list[int]], found: list[list[int]], special: set
     tp = len(true_set & found_set)
     n = max(len(refs), 1)
     return {"exact": sum(exact) / n, "rouge1": sum(r1) / n, "rouge2": sum(r2) / n,
-            "token_recall": tp / len(true_set) if true_set else 1.0,
+            "token_recall": tp / len(true_set),
             "token_precision": tp / len(found_set) if found_set else 0.0}
 
 
@@ -384,7 +387,9 @@ def summarise(res: DagerResult, truth: list[list[int]], special: set[int]) -> di
     tokens = match_sequences(truth, [res.tokens], special)
     m.update(token_recall=tokens["token_recall"], token_precision=tokens["token_precision"] if res.tokens else 0.0)
     tok, pre = distinct_inputs(truth)
-    m.update(status=res.status, span_mode=res.layer0.mode, span_dim0=res.layer0.dim, span_dim1=res.layer1.dim,
+    status = res.status if m["exact"] is not None else \
+        "nothing to recover: the client trained on no record this round (e.g. an empty Poisson batch)"
+    m.update(status=status, span_mode=res.layer0.mode, span_dim0=res.layer0.dim, span_dim1=res.layer1.dim,
              span_bound=res.layer0.bound, distinct_tokens=tok, distinct_prefixes=pre, truncated=res.truncated,
              recovered=len(res.sequences))
     return m
@@ -479,7 +484,9 @@ class DagerObserver:
                                 + (f"tokens: {' '.join(tok.convert_ids_to_tokens(res.tokens))}\n" if not res.sequences else "")
                                 + "".join(f"original: {tok.decode(t)}\n" for t in truth)
                                 + f"metrics: { {k: v for k, v in m.items()} }\n", encoding="utf-8")
-        out: dict[str, Any] = {"dager_clients": len(rows), "dager_status": rows[0]["status"] if rows else "no client"}
+        scored = [r for r in rows if r.get("exact") is not None]  # clients that trained on something this round
+        out: dict[str, Any] = {"dager_clients": len(rows), "dager_clients_scored": len(scored),
+                               "dager_status": (scored or rows)[0]["status"] if rows else "no client"}
         for k in ("exact", "rouge1", "rouge2", "token_recall", "token_precision", "span_dim0", "span_dim1",
                   "span_bound", "distinct_tokens", "distinct_prefixes"):
             vals = [float(r[k]) for r in rows if r.get(k) is not None]

@@ -191,10 +191,12 @@ def rouge_n(ref: list[int], hyp: list[int], n: int) -> float:
     return 2 * p * rec / (p + rec)
 
 
-def token_metrics(true_tokens: set[int], found: set[int]) -> dict[str, float]:
+def token_metrics(true_tokens: set[int], found: set[int]) -> dict[str, float | None]:
+    """Precision (0 when nothing was found) and recall of the token sets; recall is None when there was nothing
+    to recover (the client trained on no record, e.g. an empty Poisson batch): not a perfect score."""
     tp = len(true_tokens & found)
     return {"token_precision": tp / len(found) if found else 0.0,
-            "token_recall": tp / len(true_tokens) if true_tokens else 1.0}
+            "token_recall": tp / len(true_tokens) if true_tokens else None}
 
 
 def content_tokens(ids: list[int], special: set[int]) -> list[int]:

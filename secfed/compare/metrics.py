@@ -116,7 +116,8 @@ def cell_metrics(cell_dir: Path) -> dict[str, Any]:
                 "epsilon": _num(summary.get("epsilon")), "delta": _num(summary.get("delta")),
                 "seconds_per_round": _num(summary.get("seconds_per_round")), "peak_rss_mb": _num(summary.get("peak_rss_mb")),
                 "rounds_completed": summary.get("rounds_completed"), "stopped": summary.get("stopped"),
-                "majority_baseline": _num(summary.get("majority_baseline"))})
+                "majority_baseline": _num(summary.get("majority_baseline")),
+                "zero_shot_accuracy": _num(summary.get("zero_shot_accuracy"))})
     recs = [json.loads(l) for l in (run / "rounds.jsonl").read_text().splitlines() if l.strip()] \
         if (run / "rounds.jsonl").exists() else []
     up = [r["bytes_up"] / r["completed"] for r in recs if r.get("completed")]
@@ -200,7 +201,9 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                              "attack_status": next((r["attack_status"] for r in done if r.get("attack_status")), None),
                              "inversion_blocked": bool(done) and all(r.get("inversion_blocked") for r in done),
                              "majority_baseline": next((r["majority_baseline"] for r in done
-                                                        if r.get("majority_baseline") is not None), None)}
+                                                        if r.get("majority_baseline") is not None), None),
+                             "zero_shot_accuracy": next((r["zero_shot_accuracy"] for r in done
+                                                         if r.get("zero_shot_accuracy") is not None), None)}
         for m in METRICS:
             vals = [r[m] for r in done if r.get(m) is not None]
             if vals:

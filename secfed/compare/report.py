@@ -23,6 +23,9 @@ from secfed.errors import DataError
 ATTACK_AXES = ("attack", "attacks", "adversary", "threat")
 NO_ATTACK = ("none", "no-attack", "clean", None)
 USELESS_MARGIN = 0.05  # accuracy within 5 points of the majority-class baseline: learnt nothing useful
+# a causal LM's next-token accuracy within 1 point of its base model's zero-shot accuracy: learnt nothing (the
+# held-out responses of the shipped grids hold ~4000 tokens: a standard error of ~0.007 for one accuracy)
+USELESS_MARGIN_ZERO_SHOT = 0.01
 AUC_METRICS = ("membership_auc", "canary_auc")
 LM_METRICS = ("canary_exposure", "canary_gain", "control_exposure", "extraction")  # causal-LM audits (issue 19)
 CHANCE_BITS = 1.4427  # log2(e): the mean exposure of a canary the model never saw (Carlini et al. 2019, Sec. 4)
@@ -143,6 +146,7 @@ def pick_table(groups: list[dict[str, Any]], grid: dict[str, Any]) -> tuple[list
         info = {"setup": label, "accuracy": base.get("accuracy"), "epsilon": base.get("epsilon"),
                 "membership_auc": mia.get("membership_auc"), "canary_auc": mia.get("canary_auc"),
                 "seconds_per_round": base.get("seconds_per_round"), "majority_baseline": base.get("majority_baseline"),
+                "zero_shot_accuracy": base.get("zero_shot_accuracy"),
                 "bytes_up_per_client": base.get("bytes_up_per_client"), **{m: base.get(m) for m in LM_METRICS},
                 "attacks": {}}
         for lab, m, title in attack_cols:
@@ -177,32 +181,59 @@ def _plt():
     return plt
 
 
-def pareto_front(points: list[tuple[float, ...]]) -> list[int]:
-    """Indices of the non-dominated points; every coordinate is to be minimised."""
+def pareto_front(points: list[tuple[float, ...]], rel_tol: tuple[float, ...] | None = None) -> list[int]:
+    """Indices of the non-dominated points; every coordinate is to be minimised. ``rel_tol[k]``: values of
+    coordinate k within that relative distance count as equal (timing noise must not decide the front)."""
+    tol = rel_tol or (0.0,) * (len(points[0]) if points else 0)
+
+    def better(a: float, b: float, k: int) -> bool:  # a strictly better than b on coordinate k
+        return a < b - tol[k] * abs(b)
+
+    def no_worse(a: float, b: float, k: int) -> bool:
+        return a <= b + tol[k] * abs(b)
+
     front = []
     for i, p in enumerate(points):
-        dominated = any(all(q[k] <= p[k] for k in range(len(p))) and any(q[k] < p[k] for k in range(len(p)))
+        dominated = any(all(no_worse(q[k], p[k], k) for k in range(len(p))) and any(better(q[k], p[k], k)
+                                                                                    for k in range(len(p)))
                         for j, q in enumerate(points) if j != i)
         if not dominated:
             front.append(i)
     return front
 
 
+TIME_TOLERANCE = 0.05  # seconds per round within 5% are a tie on the Pareto front (run-to-run noise)
+
+
 def _leak_metric(raw: list[dict[str, Any]]) -> str | None:
-    """The leakage axis of the Pareto plot: canary AUC (worst case) if the grid planted canaries."""
-    return next((m for m in ("canary_auc", "membership_auc") if any(r.get(m) is not None for r in raw)), None)
+    """The leakage axis of the Pareto plot: the worst-case memorisation figure the grid has (canary AUC of
+    planted wrong-label canaries, or the secret sharer's exposure gain), else the natural MIA AUC."""
+    return next((m for m in ("canary_auc", "canary_gain", "membership_auc") if any(r.get(m) is not None for r in raw)),
+                None)
+
+
+def baseline(r: dict[str, Any]) -> tuple[float, str] | None:
+    """The accuracy below which the setup learnt nothing, and its description: the majority class, else the
+    base model's zero-shot accuracy (each with its margin)."""
+    if r.get("majority_baseline") is not None:
+        return r["majority_baseline"] + USELESS_MARGIN, f"within {USELESS_MARGIN:g} of the majority-class accuracy"
+    if r.get("zero_shot_accuracy") is not None:
+        return (r["zero_shot_accuracy"] + USELESS_MARGIN_ZERO_SHOT,
+                f"within {USELESS_MARGIN_ZERO_SHOT:g} of the base model's zero-shot accuracy")
+    return None
 
 
 def useless(r: dict[str, Any]) -> bool:
-    """No better than always answering the majority class (within ``USELESS_MARGIN``): never recommended."""
-    base = r.get("majority_baseline")
-    return base is not None and r["accuracy"] < base + USELESS_MARGIN
+    """No better than its baseline (``baseline``: the majority class or the base model, with a margin): never
+    recommended."""
+    base = baseline(r)
+    return base is not None and r["accuracy"] < base[0]
 
 
 def plot_pareto(raw: list[dict[str, Any]], path: Path) -> list[str]:
     """Accuracy vs leakage (canary or natural MIA AUC), marker size = s/round; returns the Pareto-optimal setups.
 
-    Setups no better than the majority class (``useless``) leak nothing because they learnt nothing;
+    Setups no better than their baseline (``useless``) leak nothing because they learnt nothing;
     they are drawn (grey crosses) but kept out of the front.
     """
     leak = _leak_metric(raw)
@@ -213,7 +244,7 @@ def plot_pareto(raw: list[dict[str, Any]], path: Path) -> list[str]:
     xs = [r[leak] if leak else r["seconds_per_round"] for r in pts]
     ok = [i for i, r in enumerate(pts) if not useless(r)]
     objs = [(-pts[i]["accuracy"], pts[i][leak] if leak else 0.0, pts[i]["seconds_per_round"]) for i in ok]
-    front = {ok[j] for j in pareto_front(objs)}
+    front = {ok[j] for j in pareto_front(objs, (0.0, 0.0, TIME_TOLERANCE))}
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     smax = max(r["seconds_per_round"] for r in pts) or 1.0
@@ -403,9 +434,11 @@ def write_report(out: Path) -> Path:
     lines += _md_table(cols, table)
     lines.append("")
     if front:
-        lines += [f"Not dominated on (accuracy, leakage, time per round): **{', '.join(front)}** (setups within "
-                  f"{USELESS_MARGIN:g} of the majority-class accuracy are left out: they leak nothing because they "
-                  "learnt nothing).", "",
+        why = sorted({b[1] for r in raw if r.get("accuracy") is not None and (b := baseline(r)) is not None})
+        lines += [f"Not dominated on (accuracy, {LEAK_LABEL.get(_leak_metric(raw) or '', 'leakage')}, time per round; "
+                  f"times within {TIME_TOLERANCE:.0%} count as equal): **{', '.join(front)}**"
+                  + (f" (setups {' or '.join(why)} are left out: they leak nothing because they learnt nothing)"
+                     if why else "") + ".", "",
                   "![Pareto front](pareto.png)", ""]
     lines += ["## Plots", ""]
     if has_eps:
