@@ -375,8 +375,8 @@ def test_report_canary_column_and_front_leaves_out_setups_that_learnt_nothing(tm
     assert "| setup | accuracy | MIA AUC | canary MIA AUC |" in text
     assert "| none | 0.900 | 0.520 | 0.800 |" in text
     # dp-eps1 leaks least but is within 0.05 of the majority class: not recommended
-    assert ("Not dominated on (accuracy, canary MIA AUC, time per round; times within 5% count as equal): "
-            "**dp-eps8, none** (setups within 0.05 of the majority-class accuracy are left out") in text
+    assert ("Not dominated on (accuracy, canary MIA AUC, time per round; leakage within 1% and times within 5% count "
+            "as equal): **dp-eps8, none** (setups within 0.05 of the majority-class accuracy are left out") in text
     row = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[0])
     assert row["eps_lower_bound"] == 0.7  # the largest of the audit's bounds
 
@@ -428,8 +428,9 @@ def test_report_llm_grid_planted_cell_is_the_setups_run_and_lm_columns(tmp_path)
     assert "canary exposure: the secret sharer's exposure" in text and "PII extracted: the fraction" in text
     assert "wrong-label" not in text  # the classification grid's canary column is not there, nor its note
     # the Pareto front's leakage axis is the exposure gain; "learnt nothing" is measured against the base model
-    assert ("Not dominated on (accuracy, exposure gain over base (bits), time per round; times within 5% count as "
-            "equal): **none** (setups within 0.01 of the base model's zero-shot accuracy are left out") in text
+    assert ("Not dominated on (accuracy, exposure gain over base (bits), time per round; leakage within 1% and times "
+            "within 5% count as equal): **none** (setups within 0.01 of the base model's zero-shot accuracy are left "
+            "out") in text
 
 
 def test_report_of_a_folder_that_is_not_a_grid_is_one_line_and_a_damaged_cell_is_listed(tmp_path):
