@@ -129,11 +129,11 @@ def test_controls_and_base_prior_tell_memorisation_from_chance(setup, models, mo
     base, model, planted = models
     sharer = copy.copy(planted["sharer"])
     sharer.samples, sharer.exact_limit = 150, 10
-    scored: list[int] = []
+    calls: list[list[tuple[int, ...]]] = []
     real = secret_sharer.candidate_nll
 
     def counting(m, t, canary, secrets, batch_size=64):
-        scored.append(len(secrets))
+        calls.append([tuple(x) for x in secrets])
         return real(m, t, canary, secrets, batch_size)
 
     monkeypatch.setattr(secret_sharer, "candidate_nll", counting)
@@ -142,10 +142,13 @@ def test_controls_and_base_prior_tell_memorisation_from_chance(setup, models, mo
     assert out["control_exposure_bits_mean"] < 5 and out["canary_base_exposure_bits_x1"] < 5
     assert out["canary_gain_bits_x1"] == pytest.approx(out["canary_exposure_bits_x1"] - out["canary_base_exposure_bits_x1"])
     assert out["canary_gain_bits_x1"] > 5
+    scored = [len(c) for c in calls]
     n_own = len(sharer.canaries) + len(sharer.controls)
     assert scored[0] == n_own and 140 <= scored[1] <= 150  # trained: canaries + controls, then one sample set
-    assert scored[2:] == [len(sharer.canaries), scored[1]]  # the base model: the canaries and the same samples
-    assert sum(scored) == 2 * scored[1] + n_own + len(sharer.canaries)
+    # the base model scores exactly the same secrets and the same sampled candidates, so the two ranks compare
+    # (a sample set drawn for the canaries alone could keep a filling equal to a control's secret)
+    assert calls[2:] == calls[:2]
+    assert sum(scored) == 2 * (scored[1] + n_own)
     no_prior = copy.copy(sharer)
     no_prior.prior = False
     assert "canary_gain_bits_x1" not in no_prior.exposures(model, task, reference=planted["reference"])

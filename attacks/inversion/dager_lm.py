@@ -367,7 +367,7 @@ def match_sequences(truth: list[list[int]], found: list[list[int]], special: set
     true_set = {t for r in refs for t in r}
     found_set = {t for h in hyps for t in h}
     tp = len(true_set & found_set)
-    n = max(len(refs), 1)
+    n = len(refs)
     return {"exact": sum(exact) / n, "rouge1": sum(r1) / n, "rouge2": sum(r2) / n,
             "token_recall": tp / len(true_set),
             "token_precision": tp / len(found_set) if found_set else 0.0}

@@ -106,17 +106,19 @@ def make_canaries(fmt: str = DEFAULT_FORMAT, insertions: Sequence[int] = (1, 4, 
     if len(insertions) * per_count > 10 ** k:
         raise ValueError(f"secret-sharer: format {fmt!r} has {10 ** k} fillings, fewer than the "
                          f"{len(insertions) * per_count} canaries asked for")
-    out: list[Canary] = []
     taken: set[tuple[int, ...]] = set()
-    for n in insertions:
-        for j in range(per_count):
-            rng = np.random.default_rng(derive_seed(seed, "secret-sharer", n, j))
-            s = tuple(int(d) for d in rng.integers(0, 10, k))
-            while s in taken:  # a repeat: the same stream's next draw (seeded, so still reproducible)
-                s = tuple(int(d) for d in rng.integers(0, 10, k))
-            taken.add(s)
-            out.append(Canary(prompt, fmt, s, int(n)))
-    return out
+    return [Canary(prompt, fmt, _fresh_secret(np.random.default_rng(derive_seed(seed, "secret-sharer", n, j)), k, taken),
+                   int(n)) for n in insertions for j in range(per_count)]
+
+
+def _fresh_secret(rng: np.random.Generator, k: int, taken: set[tuple[int, ...]]) -> tuple[int, ...]:
+    """The stream's next ``k`` digits not in ``taken`` (a repeat: the next draw; seeded, so still reproducible);
+    added to ``taken``. The caller checks that the space has a free filling."""
+    s = tuple(int(d) for d in rng.integers(0, 10, k))
+    while s in taken:
+        s = tuple(int(d) for d in rng.integers(0, 10, k))
+    taken.add(s)
+    return s
 
 
 def records_for(pairs: Sequence[tuple[str, str]]) -> list[Any]:
@@ -195,10 +197,6 @@ def sampled_exposure(canary_nll: float, sample_nll: np.ndarray, space_bits: floa
             "exposure_sampled_rank": float(min(rank_bits, space_bits)), "samples_below": float(k)}
 
 
-def _space(canary: Canary) -> int:
-    return 10 ** len(canary.secret)
-
-
 def _index(secret: Sequence[int]) -> int:
     return int("".join(map(str, secret))) if secret else 0
 
@@ -229,7 +227,8 @@ def exposure_of(model: nn.Module, task: Any, canaries: Sequence[Canary], samples
     out: list[dict[str, Any]] = [{} for _ in canaries]
     for (prompt, fmt), idx in groups.items():
         first = canaries[idx[0]]
-        k, space = len(first.secret), _space(first)
+        k = len(first.secret)
+        space = 10 ** k
         if space <= exact_limit:
             every = [tuple(int(c) for c in f"{i:0{k}d}") for i in range(space)]
             ref = candidate_nll(model, task, first, every, batch_size)
@@ -258,23 +257,16 @@ def make_controls(canaries: Sequence[Canary], count: int, seed: int = 0) -> list
     """``count`` never-inserted canaries per (prompt, format) of ``canaries``: same format, fresh seeded
     digits, none equal to a planted secret (``insertions = 0``). Their exposure on the trained model is
     what a canary the model never saw scores (about log2(e) ~ 1.44 bits on average, Sec. 4)."""
-    out: list[Canary] = []
-    seen: set[tuple[str, str]] = set()
+    taken: dict[tuple[str, str], set[tuple[int, ...]]] = {}
     for c in canaries:
-        if (c.prompt, c.fmt) in seen:
-            continue
-        seen.add((c.prompt, c.fmt))
-        taken = {x.secret for x in canaries if (x.prompt, x.fmt) == (c.prompt, c.fmt)}
-        rng = np.random.default_rng(derive_seed(seed, "secret-sharer-control", c.fmt, c.prompt))
-        if _space(c) - len(taken) < count:
-            raise ValueError(f"secret-sharer: format {c.fmt!r} has too few fillings for {count} controls")
-        got: list[Canary] = []
-        while len(got) < count:
-            s = tuple(int(d) for d in rng.integers(0, 10, len(c.secret)))
-            if s not in taken:
-                taken.add(s)
-                got.append(Canary(c.prompt, c.fmt, s, 0))
-        out += got
+        taken.setdefault((c.prompt, c.fmt), set()).add(c.secret)
+    out: list[Canary] = []
+    for (prompt, fmt), secrets in taken.items():
+        k = num_slots(fmt)
+        if 10 ** k - len(secrets) < count:
+            raise ValueError(f"secret-sharer: format {fmt!r} has too few fillings for {count} controls")
+        rng = np.random.default_rng(derive_seed(seed, "secret-sharer-control", fmt, prompt))
+        out += [Canary(prompt, fmt, _fresh_secret(rng, k, secrets), 0) for _ in range(count)]
     return out
 
 
@@ -355,7 +347,8 @@ class SecretSharer(PoisoningAdversary):
         self._check_task(task)
         if not self.canaries:
             return {}
-        scored = exposure_of(model, task, self.canaries + self.controls, self.samples, self.exact_limit, self.seed)
+        everyone = self.canaries + self.controls  # one candidate set per format for all of them, on both models
+        scored = exposure_of(model, task, everyone, self.samples, self.exact_limit, self.seed)
         out: dict[str, float] = {"canary_space_bits": self.canaries[0].space_bits}
         trained = [e["exposure"] for e in scored[: len(self.canaries)]]
         out.update(self._per_count(trained, "exposure_bits"))
@@ -368,9 +361,9 @@ class SecretSharer(PoisoningAdversary):
 
         base = reference_model(model, reference) if self.prior else None
         if base is not None:
-            with base as b:
-                prior = [e["exposure"] for e in exposure_of(b, task, self.canaries, self.samples, self.exact_limit,
-                                                            self.seed)]
+            with base as b:  # the same secrets, so the same sampled candidates: trained and base ranks compare
+                prior = [e["exposure"] for e in exposure_of(b, task, everyone, self.samples, self.exact_limit,
+                                                            self.seed)[: len(self.canaries)]]
             out.update(self._per_count(prior, "base_exposure_bits"))
             out.update(self._per_count([t - p for t, p in zip(trained, prior)], "gain_bits", each=False))
         return out

@@ -52,10 +52,9 @@ def read_grid(out: Path) -> dict[str, Any]:
         raise DataError(f"{p}: unreadable ({str(e)[:120]})") from None
 
 
-def collect(out: Path, unreadable: list[str] | None = None) -> list[dict[str, Any]]:
-    """One metrics row per cell that has started; a cell whose files cannot be read is listed in
-    ``unreadable`` (id and reason) and left out, so one damaged cell never hides the others."""
-    grid = read_grid(out)
+def collect(out: Path, grid: dict[str, Any], unreadable: list[str] | None = None) -> list[dict[str, Any]]:
+    """One metrics row per cell of ``grid`` (``read_grid(out)``) that has started; a cell whose files cannot be
+    read is listed in ``unreadable`` (id and reason) and left out, so one damaged cell never hides the others."""
     rows = []
     for cid in grid["cells"]:
         d = out / "cells" / str(cid)
@@ -413,7 +412,7 @@ def write_report(out: Path) -> Path:
     out = Path(out)
     grid = read_grid(out)
     unreadable: list[str] = []
-    rows = collect(out, unreadable)
+    rows = collect(out, grid, unreadable)
     groups = aggregate(rows)
     with (out / "results.jsonl").open("w") as f:
         for r in rows:
