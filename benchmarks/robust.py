@@ -105,7 +105,9 @@ def kernel_description() -> dict:
         firsts[name] = round(time.perf_counter() - t0, 3)
     kernel = compiled("_select_kernel")
     return {"numba": getattr(getattr(kernel, "numba", None), "__version__", None),
-            "kernel_isa": getattr(kernel, "ISA", None), "kernel_first_call_s": firsts["_select_kernel"],
+            "kernel_isa": getattr(kernel, "ISA", None),
+            "numba_threading_layer": kernel.threading_layer() if kernel is not None else None,
+            "kernel_first_call_s": firsts["_select_kernel"],
             "kernel_first_call_s_by_kernel": firsts}
 
 
