@@ -277,6 +277,55 @@ def test_closest_to_median_mean_matches_topk(n, beta):
     assert torch.allclose(closest_to_median_mean(X, beta), ref, rtol=1e-6, atol=1e-7)
 
 
+def closest_mean_reference(X: torch.Tensor, beta: int) -> torch.Tensor:
+    """The kernel's rule column by column in Python: sort, median as coordinate_median, slide the window
+    [i, i + beta) right while the value leaving is strictly farther than the one entering, float64 sum in
+    ascending order, one rounding to the dtype."""
+    n = X.shape[0]
+    S = torch.sort(X, 0).values
+    out = torch.empty(X.shape[1], dtype=X.dtype)
+    for j in range(X.shape[1]):
+        col = S[:, j]
+        m = col[n // 2] if n % 2 else (col[n // 2 - 1] + col[n // 2]) * 0.5  # in X's dtype
+        start = sum(1 for i in range(n - beta) if abs(col[i] - m) > abs(col[i + beta] - m))
+        total = 0.0
+        for r in range(start, start + beta):
+            total += float(col[r])
+        out[j] = total / beta
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,beta,values", [(5, 2, "ties"), (7, 3, "normal"), (10, 4, "ties"), (30, 10, "normal"),
+                                           (31, 5, "ties"), (43, 21, "zeros")])
+def test_closest_to_median_mean_is_bit_identical_to_the_scalar_rule(n, beta, values, dtype):
+    g = torch.Generator().manual_seed(n * 7 + beta)
+    d = K.LANES + 13  # a full group and a ragged one
+    if values == "ties":  # few distinct values: equal distances at the window's ends
+        X = torch.randint(-3, 4, (n, d), generator=g).to(dtype)
+    elif values == "zeros":  # signed zeros and tiny values
+        X = torch.randint(-1, 2, (n, d), generator=g).to(dtype) * torch.tensor(1e-30, dtype=dtype)
+        X[X == 0] = torch.where(torch.rand(int((X == 0).sum()), generator=g) < 0.5, -0.0, 0.0).to(dtype)
+    else:
+        X = torch.randn(n, d, generator=g, dtype=dtype)
+    got = closest_to_median_mean(X, beta)
+    assert torch.equal(got, closest_mean_reference(X, beta))
+    assert torch.equal(torch.signbit(got), torch.signbit(closest_mean_reference(X, beta)))
+
+
+def test_closest_to_median_mean_reads_an_index_in_place():
+    """Bulyan's second step on the rows Krum chose: ``index`` gives exactly the result of the copied rows
+    (repeats allowed), and an index outside X is refused before the kernel reads memory."""
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(40, 3 * K.LANES + 5, generator=g)
+    idx = torch.tensor([5, 0, 39, 7, 7, 12, 3, 21, 30, 2, 11])
+    assert torch.equal(closest_to_median_mean(X, 5, idx), closest_to_median_mean(X[idx].clone(), 5))
+    assert torch.equal(K.middle_stat(X, 5, 6, "sum", idx), K.middle_stat(X[idx].clone(), 5, 6, "sum"))
+    for bad in (torch.tensor([0, 40]), torch.tensor([-1, 2])):
+        with pytest.raises(IndexError, match="row indices"):
+            closest_to_median_mean(X, 1, bad)
+
+
 def test_closest_to_median_mean_ties_keep_the_lower_value():
     X = torch.tensor([[1.0], [2.0], [3.0], [4.0], [5.0]])  # median 3; 2 and 4 are equally close
     assert float(closest_to_median_mean(X, 2)) == 2.5

@@ -825,20 +825,23 @@ def _select_group(t, n, lo, hi, mode, snet, scratch, cap, bnets, boff, bsize, br
 
 
 @numba.njit(cache=_CACHE is not None, nogil=True, inline="always")
-def _copy_group(X, flat, t, s, w, ahead):  # noqa: ANN001 - numba signature
-    """Copy columns s .. s+w-1 of X into the tile t (row r at t[r * LANES:]; a ragged last group is
-    padded with its first column); returns the bit mask of lanes holding a NaN."""
-    n, d = X.shape
+def _copy_group(X, sel, flat, t, s, w, ahead):  # noqa: ANN001 - numba signature
+    """Copy columns s .. s+w-1 of the rows ``sel`` of X into the tile t (tile row r = X row sel[r], at
+    t[r * LANES:]; a ragged last group is padded with its first column); returns the bit mask of lanes
+    holding a NaN."""
+    n = sel.shape[0]
+    d = X.shape[1]
     L = LANES
     nan = 0
     t[n * L:] = np.inf  # padding wires of a bitonic network (a pruned network leaves them mixed)
     if w == L:
         for r in range(n):
-            nan |= _copy_lanes(t, r * L, flat, r * d + s, ahead)
+            nan |= _copy_lanes(t, r * L, flat, sel[r] * d + s, ahead)
     else:  # the ragged last group: pad with the group's first column
         for r in range(n):
+            q = sel[r]
             for l in range(L):
-                v = X[r, s + l] if l < w else X[r, s]
+                v = X[q, s + l] if l < w else X[q, s]
                 t[r * L + l] = v
                 if v != v:
                     nan |= 1 << l
@@ -846,28 +849,32 @@ def _copy_group(X, flat, t, s, w, ahead):  # noqa: ANN001 - numba signature
 
 
 @numba.njit(cache=_CACHE is not None, nogil=True, inline="always")
-def _network_result(t, n, lo, hi, net, mode, acc, out, s, w, nan):  # noqa: ANN001 - numba signature
+def _network_result(t, n, lo, hi, net, mode, acc, med, start, out, s, w, nan):  # noqa: ANN001 - numba signature
     """Run the network on the tile and write the group's results out[s:s+w] (NaN where ``nan`` says).
+    ``acc``, ``med`` and ``start`` are per-lane scratch (float64, the input dtype, int64).
     Inlined (as ``_copy_group``) into the kernels: a call per group costs ~0.1 sums at n = 5."""
     L = LANES
     _run_net_inline(t, net, 0, net.shape[0])
     if mode == 3:  # Bulyan: mean of the `hi` values closest to the median (the column is sorted)
+        h = n // 2
+        for l in range(L):  # the median exactly as coordinate_median (even n: rounded to the dtype)
+            med[l] = t[h * L + l] if n % 2 else (t[(h - 1) * L + l] + t[h * L + l]) * 0.5
+        # The hi closest values are a window [i, i + hi) of the sorted column; sliding it right pays
+        # while the value leaving is farther from the median than the one entering, a prefix of i.
+        # Lane-parallel loops (vectorised): the count, then a masked sum in row order over the window.
+        start[:] = 0
+        for i in range(n - hi):
+            a = i * L
+            b = (i + hi) * L
+            for l in range(L):
+                start[l] += abs(t[a + l] - med[l]) > abs(t[b + l] - med[l])
+        acc[:] = 0.0
+        for r in range(n):  # adding +0.0 outside the window changes no sum (+0.0 + -0.0 is +0.0 either way)
+            a = r * L
+            for l in range(L):
+                acc[l] += t[a + l] if start[l] <= r < start[l] + hi else 0.0
         for l in range(w):
-            if n % 2:
-                out[s + l] = t[(n // 2) * L + l]
-            else:  # the even-n median exactly as coordinate_median: rounded to the dtype
-                out[s + l] = (t[(n // 2 - 1) * L + l] + t[(n // 2) * L + l]) * 0.5
-            m = out[s + l]
-            # The hi closest values are a window [i, i + hi) of the sorted column; sliding it right
-            # pays while the value leaving is farther from m than the one entering, a prefix of i.
-            start = 0
-            for i in range(n - hi):
-                if abs(t[i * L + l] - m) > abs(t[(i + hi) * L + l] - m):
-                    start += 1
-            total = 0.0
-            for r in range(start, start + hi):
-                total += t[r * L + l]
-            out[s + l] = total / hi
+            out[s + l] = acc[l] / hi
     elif mode == 1:
         for l in range(w):
             # a + b in the input dtype, then * 0.5 (exact; one rounding when stored)
@@ -885,48 +892,54 @@ def _network_result(t, n, lo, hi, net, mode, acc, out, s, w, nan):  # noqa: ANN0
 
 
 @numba.njit(cache=_CACHE is not None, nogil=True, parallel=True)
-def _kernel(X, lo, hi, net, rows, mode, chunk, ahead, out):  # noqa: ANN001 - numba signature
-    n, d = X.shape
+def _kernel(X, sel, lo, hi, net, rows, mode, chunk, ahead, out):  # noqa: ANN001 - numba signature
+    n = sel.shape[0]
+    d = X.shape[1]
     L = LANES
     groups = (d + L - 1) // L
     tasks = (groups + chunk - 1) // chunk
     for task in numba.prange(tasks):
         t = np.empty(rows * L, X.dtype)
         acc = np.empty(L, np.float64)
-        flat = X.reshape(n * d)
+        med = np.empty(L, X.dtype)
+        start = np.empty(L, np.int64)
+        flat = X.reshape(X.shape[0] * d)
         for g in range(task * chunk, min(groups, (task + 1) * chunk)):
             s = g * L
             w = min(L, d - s)
-            nan = _copy_group(X, flat, t, s, w, ahead)
-            _network_result(t, n, lo, hi, net, mode, acc, out, s, w, nan)
+            nan = _copy_group(X, sel, flat, t, s, w, ahead)
+            _network_result(t, n, lo, hi, net, mode, acc, med, start, out, s, w, nan)
 
 
 @numba.njit(cache=_CACHE is not None, nogil=True, parallel=True)
-def _kernel_select(X, lo, hi, net, rows, mode, chunk, ahead, out, snet, cap, bnets, boff, bsize, brows,  # noqa: ANN001
+def _kernel_select(X, sel, lo, hi, net, rows, mode, chunk, ahead, out, snet, cap, bnets, boff, bsize, brows,  # noqa: ANN001
                    fallbacks):
     """``_kernel`` with the selection path first (``_select_group``; the network where it gives up);
     a separate kernel, so that only the first call that takes this path compiles it (float32 only)."""
-    n, d = X.shape
+    n = sel.shape[0]
+    d = X.shape[1]
     L = LANES
     groups = (d + L - 1) // L
     tasks = (groups + chunk - 1) // chunk
     for task in numba.prange(tasks):
         t = np.empty(rows * L, X.dtype)
         acc = np.empty(L, np.float64)
+        med = np.empty(L, X.dtype)
+        start = np.empty(L, np.int64)
         scratch = _scratch(t, n, cap)
         res = scratch[-1]
-        flat = X.reshape(n * d)
+        flat = X.reshape(X.shape[0] * d)
         for g in range(task * chunk, min(groups, (task + 1) * chunk)):
             s = g * L
             w = min(L, d - s)
-            nan = _copy_group(X, flat, t, s, w, ahead)
+            nan = _copy_group(X, sel, flat, t, s, w, ahead)
             if nan == 0:
                 if _select_group(t, n, lo, hi, mode, snet, scratch, cap, bnets, boff, bsize, brows):
                     for l in range(w):
                         out[s + l] = res[l]
                     continue
                 fallbacks[task] += 1
-            _network_result(t, n, lo, hi, net, mode, acc, out, s, w, nan)
+            _network_result(t, n, lo, hi, net, mode, acc, med, start, out, s, w, nan)
 
 
 def threading_layer() -> str:
@@ -1064,9 +1077,17 @@ def bracket_networks(cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
             np.array([rows for _, rows in built], np.int64))
 
 
-def middle_stat(X: torch.Tensor, lo: int, hi: int, mode: str) -> torch.Tensor:
-    """See the module docstring; X must pass ``supports``. Returns a new (d,) tensor of X's dtype."""
-    n, d = X.shape
+def middle_stat(X: torch.Tensor, lo: int, hi: int, mode: str, index: torch.Tensor | None = None) -> torch.Tensor:
+    """See the module docstring; X must pass ``supports``. Returns a new (d,) tensor of X's dtype.
+    ``index`` (int row indices into X, repeats allowed): the statistic of ``X[index]``, read in place
+    (no ``(len(index), d)`` copy)."""
+    if index is None:
+        sel_rows = np.arange(X.shape[0], dtype=np.int64)
+    else:
+        sel_rows = index.detach().to("cpu", torch.int64).reshape(-1).numpy().copy()
+        if sel_rows.size and not (0 <= sel_rows.min() and sel_rows.max() < X.shape[0]):
+            raise IndexError(f"middle_stat: row indices must lie in [0, {X.shape[0]})")
+    n, d = len(sel_rows), X.shape[1]
     if mode == "pair_mean" and hi != lo + 2:
         raise ValueError("pair_mean needs hi = lo + 2")
     if mode == "closest_mean" and not (lo == 0 and 1 <= hi <= n):
@@ -1090,10 +1111,10 @@ def middle_stat(X: torch.Tensor, lo: int, hi: int, mode: str) -> torch.Tensor:
         global last_fallbacks
         if sel:
             fallbacks = np.zeros(-(-groups // chunk), np.int64)
-            _kernel_select(Xn, lo, hi, net, rows, MODES[mode], chunk, ahead, out, snet, cap, bnets, boff, bsize,
+            _kernel_select(Xn, sel_rows, lo, hi, net, rows, MODES[mode], chunk, ahead, out, snet, cap, bnets, boff, bsize,
                            brows, fallbacks)
             last_fallbacks = int(fallbacks.sum())
         else:
-            _kernel(Xn, lo, hi, net, rows, MODES[mode], chunk, ahead, out)
+            _kernel(Xn, sel_rows, lo, hi, net, rows, MODES[mode], chunk, ahead, out)
             last_fallbacks = -1
     return torch.from_numpy(out)

@@ -197,8 +197,8 @@ class Bulyan:
         n, f = X.shape[0], self.f
         if n < 4 * f + 3:
             raise ValueError(f"Bulyan: needs n >= 4f + 3 (n={n}, f={f})")
-        S = X[self.select(X)]
-        return closest_to_median_mean(S, S.shape[0] - 2 * f)  # beta = theta - 2f
+        chosen = self.select(X)  # theta = n - 2f row indices, read in place (no (theta, d) copy)
+        return closest_to_median_mean(X, len(chosen) - 2 * f, chosen)  # beta = theta - 2f
 
 
 class GeometricMedian:

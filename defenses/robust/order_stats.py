@@ -180,16 +180,19 @@ def coordinate_median(X: torch.Tensor) -> torch.Tensor:
     return _middle(X, n // 2 - 1, n // 2 + 1, "pair_mean")
 
 
-def closest_to_median_mean(X: torch.Tensor, beta: int) -> torch.Tensor:
+def closest_to_median_mean(X: torch.Tensor, beta: int, index: torch.Tensor | None = None) -> torch.Tensor:
     """Per coordinate, the mean of the ``beta`` values closest to the coordinate-wise median (Bulyan's
-    second step, El Mhamdi et al. 2018). Ties in distance at the boundary: the lower value is kept
+    second step, El Mhamdi et al. 2018), of the rows ``X[index]`` (all rows if None; the compiled
+    kernel reads them in place, no copy). Ties in distance at the boundary: the lower value is kept
     by the compiled kernel; the torch path (``torch.topk``) breaks them arbitrarily."""
-    n = X.shape[0]
+    n = X.shape[0] if index is None else int(index.numel())
     if not 1 <= beta <= n:
         raise ValueError(f"closest_to_median_mean: need 1 <= beta <= n (beta={beta}, n={n})")
     kernel = compiled("_select_kernel")  # None: the pure-torch network
     if kernel is not None and kernel.supports(X):
-        return kernel.middle_stat(X, 0, beta, "closest_mean")
+        return kernel.middle_stat(X, 0, beta, "closest_mean", index)
+    if index is not None:
+        X = X[index]
     med = coordinate_median(X)
     idx = torch.topk((X - med).abs(), beta, dim=0, largest=False, sorted=False).indices
     return torch.gather(X, 0, idx).mean(0)
