@@ -34,7 +34,9 @@ into blocks of 4 or 8 wires done in registers (an 8-wire block loads and stores 
 comparators; single comparators store 2 rows each, and the stores bound the network: the fused
 bitonic network is ~1.4x faster at n = 500-1000). Both are pruned backwards to the ops whose outputs
 reach ranks ``[lo, hi)`` (a lone comparator only one of whose outputs is needed becomes a single
-``min`` or ``max``). Columns run in parallel (``prange`` over chunks of groups), the GIL is released.
+``min`` or ``max``). The bitonic network's runs of ops that stay inside one 64-wire block are
+scheduled block by block (``block_major``: 16 KiB of float32 rows stay in L1 through the run; measured
+~5-10% at n = 200-1000). Columns run in parallel (``prange`` over chunks of groups), the GIL is released.
 While a group is copied, the same rows of a later group are prefetched (the n row streams are
 too many for the hardware prefetcher; the copy took 1.6-2x one ``X.sum(0)`` without it).
 
@@ -1012,6 +1014,25 @@ def bitonic_sort(N: int, n: int | None = None) -> list[tuple[int, ...]]:
     return ops
 
 
+def block_major(ops: list[tuple[int, ...]], block: int = 64) -> list[tuple[int, ...]]:
+    """The same network with each run of consecutive ops that stay inside one ``block``-wire block
+    reordered block by block (stable): ops in different blocks touch different wires, so results are
+    unchanged, and a block's rows (64 x 256 bytes for float32) stay in L1 through the run instead of
+    the whole tile streaming through it once per step."""
+    out: list[tuple[int, ...]] = []
+    run: list[tuple[int, ...]] = []
+    for op in ops + [None]:  # type: ignore[list-item]
+        inside = op is not None and min(op) // block == max(op) // block
+        if inside:
+            run.append(op)
+            continue
+        out.extend(sorted(run, key=lambda o: min(o) // block))  # stable: a block's ops keep their order
+        run = []
+        if op is not None:
+            out.append(op)
+    return out
+
+
 def _prune(ops: list[tuple[int, ...]], n: int, lo: int, hi: int) -> list[tuple[int, ...]]:
     """Drop, from the outputs back, every op none of whose wires reaches ranks [lo, hi)."""
     need = [lo <= r < hi for r in range(n)] + [False] * max(0, max((max(o) for o in ops), default=0) + 1 - n)
@@ -1053,7 +1074,7 @@ def selection_network(n: int, lo: int, hi: int, family: str = "auto") -> tuple[n
     if family == "oddeven":
         ops, rows = _prune([(a, b) for a, b in oddeven_merge_sort(N) if b < n], n, lo, hi), n
     elif family == "bitonic":
-        ops, rows = _prune(bitonic_sort(N, n), n, lo, hi), N
+        ops, rows = _prune(block_major(bitonic_sort(N, n)), n, lo, hi), N
     else:
         raise ValueError(f"unknown network family {family!r}")
     net = np.zeros((len(ops), 9), dtype=np.int64)
