@@ -16,7 +16,8 @@
   ``client.weighting = "uniform"``, a ``clip`` stage (``clip_norm = clip``), the
   expected-denominator mean ``{name = "mean", denominator = "expected"}`` (qN), the
   noise (``noise = "central"``: ``central-gaussian`` server stage, added by the server;
-  ``"distributed"``: a ``gaussian-share`` client stage under ``secagg+``) and the
+  ``"distributed"``: a ``ddgauss`` client stage under ``secagg+``, the distributed discrete Gaussian in the
+  ring SecAgg+ sums; ``gaussian-share`` under a homomorphic sum or adaptive clipping) and the
   ``dp-fedavg`` guard.
 
 A key the user wrote that agrees with the preset is kept; keys the preset needs and the
@@ -59,6 +60,19 @@ def _reveals_rows(spec: dict[str, Any]) -> bool:
                                     "reveals", Need.NONE)
     except ConfigError:
         return False
+
+
+def _is_secagg(spec: dict[str, Any]) -> bool:
+    """The named secure sum is SecAgg+ (any alias or subclass): it sums ring elements, so ddgauss runs under it."""
+    from secfed import registry
+
+    from defenses.secure_aggregation.secagg import SecAggPlus
+
+    try:
+        cls = registry.resolve("secure_sum", str(spec.get("name", "")), "server.secure_sum")
+    except ConfigError:
+        return False
+    return isinstance(cls, type) and issubclass(cls, SecAggPlus)
 
 
 def _spec(v: Any) -> dict[str, Any]:
@@ -196,14 +210,18 @@ def _user_level(ex: _Expander, p: dict[str, Any], clip: float) -> None:
     elif noise == "distributed":
         if central_noise:
             ex.conflicts.append("server.stages has 'central-gaussian' (privacy.noise = \"distributed\": the clients add it)")
-        if not shares:
-            pipe.append({"name": "gaussian-share"})
         ss = server.get("secure_sum")
         ss_name = _spec(ss).get("name", "").lower() if ss is not None else None
         if ss_name is None:
-            server["secure_sum"] = "secagg+"
+            server["secure_sum"] = ss = "secagg+"
         elif _reveals_rows(_spec(ss)):
             ex.conflicts.append("server.secure_sum = 'plain' (distributed noise needs 'secagg+' or 'he')")
+        if not shares:
+            # Under SecAgg+ (which sums integers mod 2^b) with a fixed clip: the distributed discrete Gaussian
+            # (Kairouz, Liu & Steinke 2021), accounted for the modular sum; otherwise (a homomorphic sum, adaptive
+            # clipping) continuous Gaussian shares on a grid.
+            fixed = all(_role("client_stage", c) == DPRole.CLIP for c in clips)
+            pipe.append({"name": "ddgauss" if fixed and _is_secagg(_spec(ss)) else "gaussian-share"})
     else:
         ex.conflicts.append(f"privacy.noise = {noise!r} (one of 'central', 'distributed')")
     client["pipeline"] = pipe

@@ -275,10 +275,58 @@ def test_engine_refuses_ddgauss_with_central_noise(tmp_path):
         Engine(cfg, tmp_path / "r", progress=False)
 
 
-def test_engine_refuses_ddgauss_over_flower(tmp_path):
-    cfg = _ddgauss_digits(deploy={"transport": "flower"})
-    with pytest.raises(ConfigError, match="in-process"):
-        Engine(cfg, tmp_path / "r", progress=False)
+@pytest.mark.parametrize("active", [False, True])
+def test_ddgauss_ring_sessions_over_flower_messages_give_the_inprocess_sum(active):
+    """Over Flower each node keeps its ring elements in its client session (saved to and restored from its own
+    ``context.state`` between messages) and the server decodes with the round's codec: the same ring sum as the
+    in-process SecAgg+ on the same ring inputs, bit for bit (the masks cancel; the noise is in the inputs)."""
+    pytest.importorskip("flwr")
+    from flwr.app import ConfigRecord, RecordDict
+
+    from secfed.flower.client import node_step, save_session
+    from secfed.flower.server import Received, SessionSum
+
+    d, c, n = 700, 1.0, 5
+    ctx = _ctx(d, {"unmask": {102}})
+    round_info(ctx).clip_norm = c
+    stage = DDGaussNoise(noise_multiplier=1.0, min_clients=3, num_clients=n, bits=32)
+    g = torch.Generator().manual_seed(1)
+    ups = [stage(ClientUpdate(100 + i, torch.randn(d, generator=g) * 0.01, 1), ctx) for i in range(n)]
+    ss = SecAggPlus(active=active, min_clients=3)
+    ref = ss.aggregate(ups, ctx)
+    states = {u.client_id: RecordDict() for u in ups}
+    received = []
+    for u in ups:
+        session = ss.client_session(u.client_id, 1, 0, u.delta, u.weight)
+        session.use_ring(u.ring.values)
+        save_session(states[u.client_id], session)
+        received.append(Received(u.client_id, b"", {}, session.reason))
+    assert all("ring" in json.loads(st["secfed-session"]["json"]) for st in states.values())
+
+    class Nodes:
+        def exchange(self, step, outgoing, ctx):
+            return {u: node_step(ss, states[u], ConfigRecord({"step": step, "round": 1, "client": u, "payload": p}), u)
+                    for u, p in outgoing.items()}, {}
+
+    got = SessionSum(ss, Nodes()).aggregate(received, ctx)
+    assert got.metrics["secagg_ring_input"] == "ddgauss" and 102 in got.client_ids
+    assert torch.equal(got.total, ref.total) and got.total_weight == ref.total_weight == n
+    clear = sum(u.delta.double() for u in ups)
+    assert float((got.total.double() - clear).abs().max()) < 8 * math.sqrt(n) * stage.mechanism(
+        round_info(ctx), c, d).sigma * round_info(ctx).ddgauss_codec.mechanism.gamma * 3
+
+
+def test_a_saved_ring_session_with_an_unknown_width_is_refused():
+    from secfed.errors import MalformedMessage
+
+    ss = SecAggPlus(active=False, min_clients=2)
+    s = ss.client_session(1, 1, 0, torch.zeros(4), 1.0)
+    s.use_ring(np.arange(5, dtype=np.uint32))
+    state = json.loads(json.dumps(s.to_state()))
+    assert np.array_equal(ss.restore_session(state).ring, np.arange(5, dtype=np.uint32))
+    state["ring_bits"] = 16
+    with pytest.raises(MalformedMessage, match="ring input"):
+        ss.restore_session(state)
 
 
 def test_resume_refuses_a_ledger_charged_with_other_noise():
@@ -292,3 +340,19 @@ def test_resume_refuses_a_ledger_charged_with_other_noise():
         g.load([{"mechanism": "dp-fedavg", "z": 1.0, "q": 0.5, "steps": 1, "noise": "distributed", "seq": 0}])
     g.load([{"mechanism": "dp-fedavg", "z": 1.0, "q": 0.5, "steps": 1, "noise": "ddgauss", "seq": 0}])
     assert g.epsilon() == pytest.approx(g.ddgauss.epsilon([(1.0, 0.5, 1)], 1e-5))
+
+
+def test_stage_refuses_a_guard_mechanism_on_another_grid():
+    """max_clients sets the encoding grid (gamma): a node whose mechanism differs from the guard's in it alone
+    would encode on another grid and the server would decode garbage; the stage refuses in one line."""
+    d, c = 50, 1.0
+    ctx = _ctx(d)
+    info = round_info(ctx)
+    info.clip_norm = c
+    stage = DDGaussNoise(min_clients=2, num_clients=8)
+    info.ddgauss = DDGaussMechanism(clip_norm=c, dim=d, noise_multiplier=1.0, shares=2, max_clients=8)
+    assert stage.mechanism(info, c, d) is info.ddgauss
+    info.ddgauss = DDGaussMechanism(clip_norm=c, dim=d, noise_multiplier=1.0, shares=2, max_clients=1000)
+    assert info.ddgauss.gamma != DDGaussMechanism(clip_norm=c, dim=d, noise_multiplier=1.0, shares=2, max_clients=8).gamma
+    with pytest.raises(ConfigError, match="max_clients"):
+        stage.mechanism(info, c, d)

@@ -62,6 +62,8 @@ FAMILIES = {
     "dp-fedavg-central": (_dp_fedavg([{"name": "clip", "clip_norm": 1.0}], ["central-gaussian"]), False),
     "dp-fedavg-distributed": (_dp_fedavg([{"name": "clip", "clip_norm": 1.0}, "gaussian-share"], [],
                                          secure_sum={"name": "secagg+", "clip_range": 64.0}, min_clients=2), False),
+    "dp-fedavg-ddgauss": (_dp_fedavg([{"name": "clip", "clip_norm": 1.0}, "ddgauss"], [],
+                                     secure_sum={"name": "secagg+", "clip_range": 64.0}, min_clients=2), False),
     "secagg+-semi-honest": ({"server": {"cohort_size": 4, "secure_sum": {"name": "secagg+", "active": False}}}, True),
     "secagg+-active": ({"server": {"cohort_size": 4, "secure_sum": "secagg+"},  # active is the default
                         "faults": {"dropouts": {"consistency": [1]}}}, True),
@@ -79,7 +81,7 @@ FAMILIES = {
 
 #: in the default suite (one per transport path: plain sum, both SecAgg+ sessions, HE, node-kept state);
 #: the other families run with ``pytest -m slow`` (each ~5 s; the default suite stays under 10 minutes)
-DEFAULT_FAMILIES = {"plain", "secagg+-active", "homomorphic-sum", "momentum-trainer"}
+DEFAULT_FAMILIES = {"plain", "secagg+-active", "homomorphic-sum", "momentum-trainer", "dp-fedavg-ddgauss"}
 
 
 @pytest.mark.parametrize("family", [f if f in DEFAULT_FAMILIES else pytest.param(f, marks=pytest.mark.slow)
@@ -124,3 +126,24 @@ def test_real_superlink_and_supernodes_give_the_inprocess_run(family, tmp_path):
     skip = ("bytes_up", "bytes_down") if family == "secagg+-active" else ()
     assert _records(tmp_path / "inprocess", skip) == _records(tmp_path / "flower", skip)
     assert _ledger(tmp_path / "inprocess") == _ledger(tmp_path / "flower")
+
+
+@pytest.mark.slow
+def test_ddgauss_on_real_superlink_and_supernodes(tmp_path):
+    """The distributed discrete Gaussian over flower-superlink and real flower-supernode processes: each node
+    encodes its ring elements with the mechanism it rebuilt from the guard's z, SecAgg+ sums them, the server
+    decodes; the ledger and the records' keys are the in-process run's (the noise is secret, so not the weights)."""
+    from secfed.flower.deploy import LocalFederation
+
+    sections, _ = FAMILIES["dp-fedavg-ddgauss"]
+    cfg = tiny_config(run={"rounds": 1, "threads": 1}, deploy={"round_timeout": 240, "connect_timeout": 120},
+                      **{k: dict(v) for k, v in sections.items()})
+    with LocalFederation(cfg, tmp_path / "work") as fed:
+        fed.run(tmp_path / "flower", timeout=600)
+    Engine(cfg, tmp_path / "inprocess", progress=False).run()
+    a, b = _records(tmp_path / "inprocess"), _records(tmp_path / "flower")
+    assert [r["status"] for r in b] == ["ok"] and b[0]["dp_mechanism"] == "ddgauss"
+    assert b[0]["secagg_ring_input"] == "ddgauss" and [sorted(r) for r in a] == [sorted(r) for r in b]
+    assert _ledger(tmp_path / "inprocess") == _ledger(tmp_path / "flower")
+    w0 = load_checkpoint(tmp_path / "flower")[0]["global"]
+    assert torch.isfinite(w0).all()

@@ -118,7 +118,9 @@ def test_guarantee_distributed_dp_under_secagg_and_robust_group_sums(tmp_path):
                         client={"local_steps": 1})
     s = Engine(cfg, tmp_path / "r", progress=False).run()
     g = s["guarantee"]
-    assert "distributed Gaussian noise" in g["sentence"] and "SecAgg+" in g["sentence"]
+    # under SecAgg+ the preset picks the distributed discrete Gaussian (ddgauss), accounted for the ring
+    assert [p.name for p in cfg.client.pipeline] == ["clip", "ddgauss"]
+    assert "distributed discrete Gaussian" in g["sentence"] and "SecAgg+" in g["sentence"]
     assert "against the server alone (no colluding organisation): epsilon = " in g["sentence"]
     assert "not against the server colluding with any organisation" in g["sentence"]
     assert any("SecAgg+" in d for d in g["defences"])
@@ -197,6 +199,17 @@ def test_presets_fill_in_a_consistent_setup_and_refuse_contradictions():
     assert "contradicts 3" in msg and "client.weighting" in msg and "server.sampling" in msg and "server.aggregator" in msg
     with pytest.raises(ConfigError, match="privacy.preset"):
         parse_config({**base, "privacy": {"preset": "both", "epsilon": 1.0}})
+    # distributed noise: the discrete Gaussian in SecAgg+'s ring (the default secure sum, or named), continuous
+    # shares under a homomorphic sum or adaptive clipping (ddgauss needs the fixed clip); a share already there stays
+    dist = {"preset": "user-level", "epsilon": 8.0, "noise": "distributed"}
+    for server, want in (({}, "ddgauss"), ({"secure_sum": "secagg+"}, "ddgauss"), ({"secure_sum": "ckks"}, "gaussian-share")):
+        c = parse_config({**base, "privacy": dist, "server": server})
+        assert [p.name for p in c.client.pipeline] == ["clip", want], server
+        assert c.server.secure_sum.name in ("secagg+", "ckks")
+    c = parse_config({**base, "privacy": dist, "client": {"pipeline": ["adaptive-clip"]}})
+    assert [p.name for p in c.client.pipeline] == ["adaptive-clip", "gaussian-share"]
+    c = parse_config({**base, "privacy": dist, "client": {"pipeline": ["clip", "gaussian-share"]}})
+    assert [p.name for p in c.client.pipeline] == ["clip", "gaussian-share"]
 
 
 def _finished_run(tmp_path: Path) -> Path:

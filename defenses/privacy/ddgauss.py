@@ -507,7 +507,10 @@ class DDGaussNoise:
             if self.noise_multiplier is not None and not math.isclose(self.noise_multiplier, mech.noise_multiplier, rel_tol=1e-9):
                 raise ConfigError(f"config key '{KEY}.noise_multiplier': {self.noise_multiplier} differs from the privacy "
                                   f"guard's {mech.noise_multiplier}; leave it out and let server.privacy set it")
-            mine = dict(clip_norm=clip_norm, dim=dim, shares=self.shares, **self.params)
+            # every parameter of the encoding (max_clients sets the grid): over Flower the node rebuilt the
+            # mechanism from its config and the guard's z, and must encode on the server's grid
+            mine = dict(clip_norm=clip_norm, dim=dim, shares=self.shares, max_clients=max(self.num_clients, self.shares),
+                        **self.params)
             theirs = {k: getattr(mech, k) for k in mine}
             if mine != theirs:
                 raise ConfigError(f"config key '{KEY}': the stage runs {mine}, server.privacy accounts for {theirs}")
@@ -534,9 +537,6 @@ class DDGaussNoise:
             if not (isinstance(cls, type) and issubclass(cls, SecAggPlus)):  # any alias or subclass of SecAgg+
                 raise ConfigError(f"config key '{KEY}': the distributed discrete Gaussian needs server.secure_sum = "
                                   f"'secagg+' (got '{cfg.server.secure_sum.name}'); it sums ring elements")
-            if cfg.deploy.transport != "inprocess":
-                raise ConfigError(f"config key '{KEY}': runs in-process only for now (deploy.transport = 'inprocess'); "
-                                  "the Flower round driver does not carry ring elements")
         if info.adaptive:
             raise ConfigError(f"config key '{KEY}': needs the fixed 'clip' stage (adaptive clipping is not supported)")
         if update.weight != 1:

@@ -297,9 +297,6 @@ def dpfedavg_violations(cfg: Any) -> list[str]:
         if ring and not _is("secure_sum", s.secure_sum.name, "server.secure_sum", secagg):
             bad.append(f"config key 'server.secure_sum': 'ddgauss' needs \"secagg+\" (got '{s.secure_sum.name}'); "
                        "it hands ring elements to the secure sum")
-        if ring and cfg.deploy.transport != "inprocess":
-            bad.append("config key 'deploy.transport': 'ddgauss' runs in-process only for now (the Flower round driver "
-                       "does not carry ring elements)")
         if ring and noise_s:
             bad.append("config key 'server.stages': 'ddgauss' already adds the noise; drop 'central-gaussian'")
     adaptive_s = any(DPRole.ADAPTIVE in r for r in server_roles)

@@ -365,8 +365,9 @@ class SecAggClientSession:
     ring: np.ndarray | None = None
 
     def use_ring(self, values: np.ndarray) -> None:
-        """Take part with ring elements encoded by a client stage (ddgauss); the float update is not used."""
-        self.ring, self.reason = values, ""
+        """Take part with ring elements encoded by a client stage (ddgauss); the float update is not used.
+        A copy: the masked-input step masks its input in place, and the update's own ring stays as encoded."""
+        self.ring, self.reason = np.array(values, copy=True), ""
 
     @property
     def finished(self) -> bool:
@@ -377,7 +378,9 @@ class SecAggClientSession:
         """JSON-able: the update, weight and protocol secrets, for the node's own storage between messages."""
         return {"client": self.client_id, "round": self.round, "seed": self.seed, "weight": self.weight,
                 "reason": self.reason, "delta": self.delta.astype("<f4").tobytes().hex(),
-                "protocol": self.protocol.to_state()}
+                "protocol": self.protocol.to_state(),
+                **({} if self.ring is None else {"ring": self.ring.astype(self.ring.dtype.newbyteorder("<")).tobytes().hex(),
+                                                 "ring_bits": self.ring.dtype.itemsize * 8})}
 
     @classmethod
     def from_state(cls, d: dict, clip_range: float, max_weight: int, active: bool, identity: Any = None,
@@ -387,4 +390,10 @@ class SecAggClientSession:
                 active, identity, roster, reason=str(d["reason"]))
         extra = {"identity": identity, "roster": roster or {}} if active else {}
         s.protocol = type(s.protocol).from_state(d["protocol"], **extra)
+        if "ring" in d:  # ddgauss: the ring elements the node encoded (uint32 or uint64, little-endian)
+            dtype = {32: "<u4", 64: "<u8"}.get(int(d["ring_bits"]))
+            raw = bytes.fromhex(d["ring"])
+            if dtype is None or len(raw) % (int(d["ring_bits"]) // 8):
+                raise MalformedMessage("secagg: the node's saved ring input is unreadable")
+            s.use_ring(np.frombuffer(raw, dtype=dtype).astype(dtype[1:]))
         return s
