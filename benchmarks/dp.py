@@ -140,14 +140,22 @@ QUICK_BASE = {"data.source": "synthetic-text", "data.max_examples": 400, "data.t
               "model.name": "tiny-bert", "run.rounds": 2, "data.num_clients": 4, "server.cohort_size": 4,
               "client.batch_size": 32, "client.local_steps": 2}
 EPSILONS = (1.0, 2.0, 4.0, 8.0, None)  # None: no DP
+# One Poisson rate for every organisation (client.record_sample_rate): 512 / 3,616, the mean shard's q. With a fixed
+# expected batch of 512, the smallest shard (846 records under this Dirichlet(1.0) split, q = 0.61) sets z for every
+# organisation (1.91 at epsilon 8); at one rate q = 0.14 the calibration gives 0.83, and each organisation's
+# expected batch is q times its records (118-895).
+RATE = 0.14
 TUNE_LR = (1e-3, 3e-3, 1e-2)
 TUNE_CLIP = (1.0,)
 VALIDATION = 2000
 MANY_CLIENTS_MIN = 80
 
 
-def sample_overrides(quick: bool, method: str, eps: float | None, lr: float, clip: float) -> dict:
+def sample_overrides(quick: bool, method: str, eps: float | None, lr: float, clip: float,
+                     rate: float | None = None) -> dict:
     o = {**SAMPLE_BASE, **(QUICK_BASE if quick else {}), "lora.aggregation": method, "client.lr": lr}
+    if rate is not None:
+        o["client.record_sample_rate"] = rate
     if eps is None:
         o.update({"client.trainer": {"name": "sgd"}, "server.privacy": None})
     else:
@@ -156,8 +164,8 @@ def sample_overrides(quick: bool, method: str, eps: float | None, lr: float, cli
     return o
 
 
-def sample_key(method: str, eps: float | None) -> str:
-    return f"sample_{method}_" + ("no_dp" if eps is None else f"eps{eps:g}")
+def sample_key(method: str, eps: float | None, rate: float | None = None) -> str:
+    return f"sample_{method}_" + ("no_dp" if eps is None else f"eps{eps:g}") + ("" if rate is None else f"_q{rate:g}")
 
 
 def utility_runs(quick: bool, lr: float = 3e-3, clip: float = 1.0, methods: tuple[str, ...] = ("ffa", "fedit"),
@@ -167,6 +175,9 @@ def utility_runs(quick: bool, lr: float = 3e-3, clip: float = 1.0, methods: tupl
     for m in methods:
         for e in (EPSILONS if m == "ffa" else fedit_eps):
             runs.append((sample_key(m, e), "experiments/quickstart.toml", sample_overrides(quick, m, e, lr, clip)))
+    for e in EPSILONS:  # FFA at one record sampling rate for every organisation (RATE)
+        runs.append((sample_key("ffa", e, RATE), "experiments/quickstart.toml",
+                     sample_overrides(quick, "ffa", e, lr, clip, RATE)))
     many = dict(QUICK_BASE, **{"data.num_clients": 40, "server.sample_rate": 0.5, "run.rounds": 2}) if quick else {}
     if quick:
         many.pop("server.cohort_size")
@@ -185,6 +196,8 @@ def utility_runs(quick: bool, lr: float = 3e-3, clip: float = 1.0, methods: tupl
 
 
 HEADLINE = {"accuracy_no_dp": "sample_ffa_no_dp", "accuracy_sample_dp_eps8": "sample_ffa_eps8",
+            "accuracy_no_dp_one_rate": sample_key("ffa", None, RATE),
+            "accuracy_sample_dp_eps8_one_rate": sample_key("ffa", 8.0, RATE),
             "accuracy_sample_dp_eps1": "sample_ffa_eps1", "accuracy_central_user_dp_eps8": "many_clients_central_eps8",
             "accuracy_distributed_dgauss_eps8": "many_clients_ddgauss_eps8"}
 
@@ -287,12 +300,18 @@ def plot_curve(doc: dict, png: Path) -> None:
 
     runs = doc.get("utility", {}).get("runs", {})
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    for m, colour in (("ffa", "C0"), ("fedit", "C1")):
-        pts = [(e, runs[sample_key(m, e)]["final_accuracy"]) for e in EPSILONS[:-1] if sample_key(m, e) in runs]
+    for m, rate, colour, what in (("ffa", None, "C0", "ffa, batch 512"), ("fedit", None, "C1", "fedit, batch 512"),
+                                  ("ffa", RATE, "C2", f"ffa, one rate q = {RATE:g}")):
+        pts = [(e, runs[sample_key(m, e, rate)]["final_accuracy"]) for e in EPSILONS[:-1]
+               if sample_key(m, e, rate) in runs]
         if pts:
-            ax.plot(*zip(*pts), "o-", color=colour, label=f"DP-SGD, {m}")
-        if sample_key(m, None) in runs:
-            ax.axhline(runs[sample_key(m, None)]["final_accuracy"], color=colour, ls="--", lw=1, label=f"no DP, {m}")
+            ax.plot(*zip(*pts), "o-", color=colour, label=f"DP-SGD, {what}")
+        if sample_key(m, None, rate) in runs:
+            ax.axhline(runs[sample_key(m, None, rate)]["final_accuracy"], color=colour, ls="--", lw=1,
+                       label=f"no DP, {what}")
+    base = next((r.get("majority_baseline") for r in runs.values() if r.get("majority_baseline")), None)
+    if base:
+        ax.axhline(base, color="grey", ls=":", lw=1, label="majority class")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("epsilon (delta = 1e-5, per record)")
     ax.set_ylabel("test accuracy")
@@ -371,6 +390,8 @@ def main() -> None:
                        **{k: runs.get(v, {}).get("final_accuracy") for k, v in HEADLINE.items()}}
     doc["curve"] = {m: {("inf" if e is None else f"{e:g}"): runs.get(sample_key(m, e), {}).get("final_accuracy")
                         for e in EPSILONS} for m in ("ffa", "fedit")}
+    doc["curve"][f"ffa_q{RATE:g}"] = {("inf" if e is None else f"{e:g}"): runs.get(sample_key("ffa", e, RATE), {}).get(
+        "final_accuracy") for e in EPSILONS}
     doc = {"headline": doc.pop("headline"), **doc}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")

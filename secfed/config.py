@@ -129,6 +129,10 @@ class ClientConfig(_Section):
     local_epochs: int = Field(1, ge=0)
     local_steps: int = Field(0, ge=0, description="if > 0, this many batches instead of epochs")
     batch_size: int = Field(16, ge=1)
+    record_sample_rate: float | None = Field(None, gt=0, le=1, description="one rate q for every organisation: "
+                                             "each step's batch is q * (its records), Poisson under DP-SGD (then "
+                                             "every shard is accounted at q, not at batch_size / its smallest size); "
+                                             "replaces batch_size")
     lr: float = Field(5e-3, gt=0)
     optimizer: Literal["sgd", "adam", "adamw"] = "adam"
     momentum: float = Field(0.0, ge=0, lt=1)

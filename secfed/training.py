@@ -28,6 +28,11 @@ def make_optimizer(params: list[nn.Parameter], kind: str, lr: float, momentum: f
     raise ValueError(f"unknown optimizer {kind}")
 
 
+def batch_size_for(n: int, batch_size: int, record_sample_rate: float | None) -> int:
+    """A client's batch: ``round(q n)`` of its n records with ``client.record_sample_rate`` q, else ``batch_size``."""
+    return max(1, round(record_sample_rate * n)) if record_sample_rate else batch_size
+
+
 def batch_schedule(n: int, batch_size: int, local_epochs: int, local_steps: int, generator: torch.Generator) -> list[torch.Tensor]:
     """Index batches for one client: ``local_steps`` batches if > 0, else ``local_epochs`` shuffled epochs."""
     out: list[torch.Tensor] = []
@@ -54,8 +59,10 @@ class SGDTrainer:
     private = False  # no per-example clipping or noise (secfed.needs.is_private)
 
     def __init__(self, local_epochs: int = 1, local_steps: int = 0, batch_size: int = 16, lr: float = 5e-3,
-                 optimizer: str = "adam", momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+                 optimizer: str = "adam", momentum: float = 0.0, weight_decay: float = 0.0,
+                 record_sample_rate: float | None = None) -> None:
         self.local_epochs, self.local_steps, self.batch_size = local_epochs, local_steps, batch_size
+        self.record_sample_rate = record_sample_rate  # a batch of round(q n) of the client's n records
         self.lr, self.optimizer, self.momentum, self.weight_decay = lr, optimizer, momentum, weight_decay
 
     def train(self, model: nn.Module, task: Any, data: TensorData, generator: torch.Generator, client_id: int = 0,
@@ -64,7 +71,8 @@ class SGDTrainer:
         opt = make_optimizer(params, self.optimizer, self.lr, self.momentum, self.weight_decay)
         model.train()
         total, steps, seen = 0.0, 0, 0
-        for idx in batch_schedule(len(data), self.batch_size, self.local_epochs, self.local_steps, generator):
+        bs = batch_size_for(len(data), self.batch_size, self.record_sample_rate)
+        for idx in batch_schedule(len(data), bs, self.local_epochs, self.local_steps, generator):
             if used is not None:
                 used.append(idx)
             batch = data.batch(idx)

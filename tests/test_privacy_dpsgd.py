@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from opacus.grad_sample import GradSampleModule
@@ -9,6 +11,7 @@ from torch import nn
 
 from defenses.privacy.dpsgd import DPSGDTrainer, client_plan, resolve_noise_multiplier
 from secfed.engine import Engine, read_rounds
+from secfed.errors import ConfigError
 from secfed.spec import ParamSpec
 from secfed.task import Task
 from secfed.training import SGDTrainer
@@ -151,6 +154,36 @@ def test_client_plan():
     assert client_plan(20, 32, 2, 0) == (1.0, 2)
     assert client_plan(100, 10, 1, 7) == (0.1, 7)
     assert client_plan(0, 10, 1, 0) == (0.0, 0)
+
+
+def test_one_record_sample_rate_accounts_every_shard_at_that_rate(tmp_path):
+    """client.record_sample_rate q: every organisation samples its records at q (expected batch q n_i), so the
+    calibration sees one plan; with batch_size, the smallest shard's rate batch_size / n_min sets z for all."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from secfed.training import batch_size_for
+
+    assert client_plan(846, 512, 1, 4, 0.14) == (0.14, 4) and client_plan(6390, 512, 1, 4, 0.14) == (0.14, 4)
+    assert client_plan(846, 512, 1, 4) == (512 / 846, 4)
+    assert batch_size_for(6390, 512, 0.14) == 895 and batch_size_for(846, 512, None) == 512
+    shards = [846, 1008, 3427, 6390]
+    base = {"trainer": {"name": "dp-sgd", "max_grad_norm": 1.0}, "local_steps": 4, "batch_size": 512}
+    priv = {"privacy": {"name": "dp-sgd", "epsilon": 8.0, "delta": 1e-5}}
+    z_rate = resolve_noise_multiplier(tiny_config(run={"rounds": 5}, client={**base, "record_sample_rate": 0.14},
+                                                  server=priv), shards)
+    z_batch = resolve_noise_multiplier(tiny_config(run={"rounds": 5}, client=base, server=priv), shards)
+    ref = get_noise_multiplier(target_epsilon=8.0, target_delta=1e-5, sample_rate=0.14, steps=20, accountant="rdp")
+    assert z_rate == pytest.approx(ref, rel=0.01) and z_rate < 0.5 * z_batch  # 0.83 against 1.91 (q = 0.605)
+    # the guard and the trainer must agree on the rate, and a run charges every client at q
+    with pytest.raises(ConfigError, match="record_sample_rate"):
+        Engine(tiny_config(client={**base, "record_sample_rate": 0.2, "trainer": {**base["trainer"],
+                                                                                   "record_sample_rate": 0.3}},
+                           server=priv), tmp_path / "x", progress=False)
+    cfg = tiny_config(run={"rounds": 1}, client={**base, "batch_size": 16, "record_sample_rate": 0.25}, server=priv)
+    eng = Engine(cfg, tmp_path / "r", progress=False)
+    eng.run()
+    entry = json.loads((tmp_path / "r" / "privacy_ledger.jsonl").read_text().splitlines()[0])
+    assert {tuple(v) for v in entry["clients"].values()} == {(0.25, 4)}  # every client charged at q, K
 
 
 def test_sample_level_guard_calibrates_and_reports(tmp_path):

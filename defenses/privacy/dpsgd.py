@@ -57,19 +57,21 @@ from secfed.training import make_optimizer
 _OPACUS_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample", "summed_grad", "_processed")
 
 
-def client_plan(n: int, batch_size: int, local_epochs: int, local_steps: int) -> tuple[float, int]:
-    """(q, K): Poisson rate and number of DP-SGD steps of a client with n examples in one round."""
+def client_plan(n: int, batch_size: int, local_epochs: int, local_steps: int,
+                record_sample_rate: float | None = None) -> tuple[float, int]:
+    """(q, K): Poisson rate and number of DP-SGD steps of a client with n examples in one round
+    (q = ``record_sample_rate`` for every client when set, else expected batch ``batch_size``)."""
     if n <= 0:
         return 0.0, 0
-    q = min(1.0, batch_size / n)
+    q = float(record_sample_rate) if record_sample_rate else min(1.0, batch_size / n)
     steps = local_steps if local_steps > 0 else max(1, math.ceil(local_epochs / q - 1e-9)) if local_epochs > 0 else 0
     return q, steps
 
 
 def sample_level_histories(z: float, shard_sizes: list[int], rounds: int, batch_size: int, local_epochs: int,
-                           local_steps: int) -> list[list[tuple[float, float, int]]]:
+                           local_steps: int, record_sample_rate: float | None = None) -> list[list[tuple[float, float, int]]]:
     """Worst-case histories, one per distinct shard plan, as if every client took part in every round."""
-    plans = {client_plan(n, batch_size, local_epochs, local_steps) for n in shard_sizes}
+    plans = {client_plan(n, batch_size, local_epochs, local_steps, record_sample_rate) for n in shard_sizes}
     return [[(z, q, k * rounds)] for q, k in sorted(plans) if k > 0]
 
 
@@ -90,7 +92,8 @@ def resolve_noise_multiplier(cfg: Any, shard_sizes: list[int]) -> float:
                           "{name = \"dp-sgd\", epsilon = ..., delta = ...} to calibrate it")
     c = cfg.client
     return calibrate_noise_for(
-        lambda z: sample_level_histories(z, shard_sizes, cfg.run.rounds, c.batch_size, c.local_epochs, c.local_steps),
+        lambda z: sample_level_histories(z, shard_sizes, cfg.run.rounds, c.batch_size, c.local_epochs, c.local_steps,
+                                         c.record_sample_rate),
         float(priv.params["epsilon"]), float(priv.params.get("delta", 1e-5)), priv.params.get("accountant", "rdp"),
         key="server.privacy")
 
@@ -136,7 +139,8 @@ class DPSGDTrainer:
 
     def __init__(self, max_grad_norm: float = 1.0, noise_multiplier: float | None = None, ghost_clipping: bool = False,
                  noise: str = "csprng", local_epochs: int = 1, local_steps: int = 0, batch_size: int = 16,
-                 lr: float = 5e-3, optimizer: str = "adam", momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+                 lr: float = 5e-3, optimizer: str = "adam", momentum: float = 0.0, weight_decay: float = 0.0,
+                 record_sample_rate: float | None = None) -> None:
         if not max_grad_norm > 0:
             raise ConfigError(f"config key 'client.trainer.max_grad_norm': must be > 0 (got {max_grad_norm})")
         if noise_multiplier is not None and noise_multiplier < 0:
@@ -145,6 +149,7 @@ class DPSGDTrainer:
             raise ConfigError(f"config key 'client.trainer.noise': one of {SOURCES} (got {noise!r})")
         self.max_grad_norm, self.noise_multiplier, self.ghost_clipping, self.noise = max_grad_norm, noise_multiplier, ghost_clipping, noise
         self.local_epochs, self.local_steps, self.batch_size = local_epochs, local_steps, batch_size
+        self.record_sample_rate = record_sample_rate
         self.lr, self.optimizer, self.momentum, self.weight_decay = lr, optimizer, momentum, weight_decay
         self._z: float | None = noise_multiplier
 
@@ -167,7 +172,8 @@ class DPSGDTrainer:
                               "carries no epsilon; it is refused with server.privacy (leave it out: \"csprng\")")
         c = cfg.client
         for k, mine, real in (("batch_size", self.batch_size, c.batch_size), ("local_epochs", self.local_epochs, c.local_epochs),
-                              ("local_steps", self.local_steps, c.local_steps)):
+                              ("local_steps", self.local_steps, c.local_steps),
+                              ("record_sample_rate", self.record_sample_rate, c.record_sample_rate)):
             if mine != real:
                 raise ConfigError(f"config key 'client.trainer': trains with {k} = {mine}, server.privacy accounts for "
                                   f"client.{k} = {real}")
@@ -185,7 +191,7 @@ class DPSGDTrainer:
         self._check_against_guard(task)
         z = self.resolved_noise_multiplier(task)
         n = len(data)
-        q, steps = client_plan(n, self.batch_size, self.local_epochs, self.local_steps)
+        q, steps = client_plan(n, self.batch_size, self.local_epochs, self.local_steps, self.record_sample_rate)
         params = [p for p in model.parameters() if p.requires_grad]
         if steps == 0 or not params:
             return {"train_loss": float("nan"), "steps": 0, "examples_seen": 0}

@@ -328,10 +328,12 @@ class DPSGDGuard:
     needs = Need.PRIVATE_TRAINER
 
     def __init__(self, epsilon: float | None = None, delta: float = 1e-5, accountant: str = "rdp",
-                 batch_size: int = 16, local_epochs: int = 1, local_steps: int = 0) -> None:
+                 batch_size: int = 16, local_epochs: int = 1, local_steps: int = 0,
+                 record_sample_rate: float | None = None) -> None:
         _check_common(epsilon, delta, accountant)
         self.budget, self.delta, self.accountant = epsilon, float(delta), accountant
         self.batch_size, self.local_epochs, self.local_steps = batch_size, local_epochs, local_steps
+        self.record_sample_rate = record_sample_rate
         self.z: float | None = None
         self.histories: dict[int, list[tuple[float, float, int]]] = {}
         self._eps: dict[int, float] = {}
@@ -342,8 +344,10 @@ class DPSGDGuard:
         """Called by the engine at build time (and on the first round): refusals that need the whole config."""
         refuse_seeded_noise(cfg)
         c = cfg.client
-        real = {"batch_size": c.batch_size, "local_epochs": c.local_epochs, "local_steps": c.local_steps}
-        mine = {"batch_size": self.batch_size, "local_epochs": self.local_epochs, "local_steps": self.local_steps}
+        real = {"batch_size": c.batch_size, "local_epochs": c.local_epochs, "local_steps": c.local_steps,
+                "record_sample_rate": c.record_sample_rate}
+        mine = {"batch_size": self.batch_size, "local_epochs": self.local_epochs, "local_steps": self.local_steps,
+                "record_sample_rate": self.record_sample_rate}
         for k, v in real.items():
             if mine[k] != v:
                 raise ConfigError(f"config key 'server.privacy': accounts for {k} = {mine[k]}, the clients train with "
@@ -368,8 +372,8 @@ class DPSGDGuard:
 
     def check(self, ctx: RoundContext) -> None:
         self._setup(ctx)
-        self._plan = {cid: client_plan(len(ctx.task.shards[cid]), self.batch_size, self.local_epochs, self.local_steps)
-                      for cid in ctx.cohort}
+        self._plan = {cid: client_plan(len(ctx.task.shards[cid]), self.batch_size, self.local_epochs, self.local_steps,
+                                       self.record_sample_rate) for cid in ctx.cohort}
         self._next = {cid: epsilon(self.histories.get(cid, []) + [(self.z, q, k)], self.delta, self.accountant)
                       for cid, (q, k) in self._plan.items()}
         worst = max(self._next.values(), default=0.0)

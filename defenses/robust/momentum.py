@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from secfed.data import TensorData
-from secfed.training import batch_schedule
+from secfed.training import batch_schedule, batch_size_for
 
 
 class MomentumTrainer:
@@ -29,11 +29,12 @@ class MomentumTrainer:
     private = False  # no per-example clipping or noise (secfed.needs.is_private)
 
     def __init__(self, beta: float = 0.9, local_epochs: int = 1, local_steps: int = 0, batch_size: int = 16,
-                 lr: float = 5e-3, weight_decay: float = 0.0) -> None:
+                 lr: float = 5e-3, weight_decay: float = 0.0, record_sample_rate: float | None = None) -> None:
         if not 0 <= beta < 1:
             raise ValueError("momentum-sgd: beta must be in [0, 1)")
         self.beta, self.local_epochs, self.local_steps = float(beta), local_epochs, local_steps
         self.batch_size, self.lr, self.weight_decay = batch_size, lr, weight_decay
+        self.record_sample_rate = record_sample_rate
         self.buffers: dict[int, torch.Tensor] = {}
 
     def train(self, model: nn.Module, task: Any, data: TensorData, generator: torch.Generator,
@@ -45,7 +46,8 @@ class MomentumTrainer:
             m = torch.zeros(d)
         model.train()
         total, steps, seen = 0.0, 0, 0
-        for idx in batch_schedule(len(data), self.batch_size, self.local_epochs, self.local_steps, generator):
+        bs = batch_size_for(len(data), self.batch_size, self.record_sample_rate)
+        for idx in batch_schedule(len(data), bs, self.local_epochs, self.local_steps, generator):
             if used is not None:  # the engine's evaluation-only ground truth (secfed.truth)
                 used.append(idx)
             batch = data.batch(idx)
