@@ -63,16 +63,14 @@ def _reveals_rows(spec: dict[str, Any]) -> bool:
 
 
 def _is_secagg(spec: dict[str, Any]) -> bool:
-    """The named secure sum is SecAgg+ (any alias or subclass): it sums ring elements, so ddgauss runs under it."""
+    """The named secure sum declares ``sums_ring_inputs`` (SecAgg+, any alias or subclass), so ddgauss runs under it."""
     from secfed import registry
-
-    from defenses.secure_aggregation.secagg import SecAggPlus
 
     try:
         cls = registry.resolve("secure_sum", str(spec.get("name", "")), "server.secure_sum")
     except ConfigError:
         return False
-    return isinstance(cls, type) and issubclass(cls, SecAggPlus)
+    return bool(getattr(cls, "sums_ring_inputs", False))
 
 
 def _spec(v: Any) -> dict[str, Any]:

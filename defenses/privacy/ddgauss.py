@@ -500,6 +500,12 @@ class DDGaussNoise:
             raise ConfigError(f"config key '{KEY}.bits': an integer in [8, 62] (got {bits!r})")
         self._own: DDGaussMechanism | None = None
 
+    @staticmethod
+    def guard_mechanism(cfg: Any, dim: int, noise_multiplier: float) -> DDGaussMechanism:
+        """The mechanism a ``dp-fedavg`` guard charges for this config at z (what a SuperNode rebuilds from the
+        round's z: the guard itself runs on the server)."""
+        return accountant_from_config(cfg, dim, cfg.data.num_clients).mechanism(float(noise_multiplier))
+
     def mechanism(self, info: Any, clip_norm: float, dim: int) -> DDGaussMechanism:
         """The guard's mechanism (``info``: the round's secfed.rounds.DPRound), checked against this stage's own."""
         mech = info.ddgauss

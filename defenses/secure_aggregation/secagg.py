@@ -78,6 +78,7 @@ class SecAggPlus:
 
     name = "secagg+"
     reveals = Need.SUM  # secfed.needs: the server learns the sum only
+    sums_ring_inputs = True  # a client stage may hand it ring elements it encoded itself (ddgauss, update.ring)
     transport_factory = InProcessTransport  # tests only: secfed.rounds.tampering_transport
 
     def __init__(self, clip_range: float = 1.0, bits: int | str = "auto", max_weight: int = 65536,

@@ -17,9 +17,9 @@ from secfed.config import ExperimentConfig
 from secfed.errors import ConfigError, MalformedMessage
 from secfed.flower import codec
 from secfed.interfaces import ClientUpdate, RoundContext
-from secfed.rounds import ClientRound, DPRoundParams, plugin_context, round_context, round_info, stage_roles
+from secfed.rounds import ClientRound, DPRoundParams, plugin_context, round_context, round_info
 from secfed.models import torch_threads
-from secfed.needs import DPRole, Need, is_private, reveals_of
+from secfed.needs import DPRole, Need, dp_role, is_private, reveals_of
 from secfed.partitions import PartitionTask
 from secfed.spec import ParamSpec
 from secfed.task import Task
@@ -74,13 +74,11 @@ class ClientRuntime:
                               "the node refuses to add noise the guard did not fix")
         if dp.noise_multiplier is not None:
             round_info(ctx).noise_multiplier = dp.noise_multiplier
-            if any(DPRole.RING_SHARE in r for r in stage_roles(cfg, "client")):
-                # ddgauss: the mechanism the server's guard charges, rebuilt from the same config and z (the stage
-                # checks its own parameters against it; the rotation seed is public and per round)
-                from defenses.privacy.ddgauss import accountant_from_config
-
-                round_info(ctx).ddgauss = accountant_from_config(cfg, self.spec.numel, cfg.data.num_clients).mechanism(
-                    dp.noise_multiplier)
+            for stage in self.client.pipeline:
+                if DPRole.RING_SHARE in dp_role(stage):
+                    # ddgauss: the mechanism the server's guard charges, rebuilt from the same config and z (the
+                    # stage checks its own parameters against it; the rotation seed is public and per round)
+                    round_info(ctx).ddgauss = stage.guard_mechanism(cfg, self.spec.numel, dp.noise_multiplier)
         if dp.dpsgd_noise_multiplier is not None:
             own, z = getattr(trainer, "noise_multiplier", None), dp.dpsgd_noise_multiplier
             if own is not None and not math.isclose(own, z, rel_tol=1e-9):
