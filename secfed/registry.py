@@ -113,6 +113,7 @@ ENGINE_OWNED: dict[str, str] = {
     "local_epochs": "client.local_epochs",
     "local_steps": "client.local_steps",
     "batch_size": "client.batch_size",
+    "record_sample_rate": "client.record_sample_rate",
     "lr": "client.lr",
     "optimizer": "client.optimizer",
     "momentum": "client.momentum",

@@ -175,10 +175,14 @@ def test_one_record_sample_rate_accounts_every_shard_at_that_rate(tmp_path):
     ref = get_noise_multiplier(target_epsilon=8.0, target_delta=1e-5, sample_rate=0.14, steps=20, accountant="rdp")
     assert z_rate == pytest.approx(ref, rel=0.01) and z_rate < 0.5 * z_batch  # 0.83 against 1.91 (q = 0.605)
     # the guard and the trainer must agree on the rate, and a run charges every client at q
-    with pytest.raises(ConfigError, match="record_sample_rate"):
+    with pytest.raises(ConfigError, match="record_sample_rate.*client.record_sample_rate"):  # engine-owned key
         Engine(tiny_config(client={**base, "record_sample_rate": 0.2, "trainer": {**base["trainer"],
                                                                                    "record_sample_rate": 0.3}},
                            server=priv), tmp_path / "x", progress=False)
+    with pytest.raises(ConfigError, match="record_sample_rate"):  # the guard accounts for another rate
+        Engine(tiny_config(client={**base, "record_sample_rate": 0.2},
+                           server={"privacy": {**priv["privacy"], "record_sample_rate": 0.3}}), tmp_path / "y",
+               progress=False)
     cfg = tiny_config(run={"rounds": 1}, client={**base, "batch_size": 16, "record_sample_rate": 0.25}, server=priv)
     eng = Engine(cfg, tmp_path / "r", progress=False)
     eng.run()
