@@ -309,7 +309,8 @@ def plot_curve(doc: dict, png: Path) -> None:
         if sample_key(m, None, rate) in runs:
             ax.axhline(runs[sample_key(m, None, rate)]["final_accuracy"], color=colour, ls="--", lw=1,
                        label=f"no DP, {what}")
-    base = next((r.get("majority_baseline") for r in runs.values() if r.get("majority_baseline")), None)
+    base = next((r.get("majority_baseline") for k, r in runs.items() if k.startswith("sample_")
+                 and r.get("majority_baseline")), None)  # the curve's own test split
     if base:
         ax.axhline(base, color="grey", ls=":", lw=1, label="majority class")
     ax.set_xscale("log", base=2)
