@@ -145,6 +145,9 @@ EPSILONS = (1.0, 2.0, 4.0, 8.0, None)  # None: no DP
 # organisation (1.91 at epsilon 8); at one rate q = 0.14 the calibration gives 0.83, and each organisation's
 # expected batch is q times its records (118-895).
 RATE = 0.14
+#: the DP-SGD curves: name in dp.json's "curve" -> (LoRA method, record rate or None for batch_size, plot colour, label)
+SERIES = {"ffa": ("ffa", None, "C0", "ffa, batch 512"), "fedit": ("fedit", None, "C1", "fedit, batch 512"),
+          f"ffa_q{RATE:g}": ("ffa", RATE, "C2", f"ffa, one rate q = {RATE:g}")}
 TUNE_LR = (1e-3, 3e-3, 1e-2)
 TUNE_CLIP = (1.0,)
 VALIDATION = 2000
@@ -300,8 +303,7 @@ def plot_curve(doc: dict, png: Path) -> None:
 
     runs = doc.get("utility", {}).get("runs", {})
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    for m, rate, colour, what in (("ffa", None, "C0", "ffa, batch 512"), ("fedit", None, "C1", "fedit, batch 512"),
-                                  ("ffa", RATE, "C2", f"ffa, one rate q = {RATE:g}")):
+    for m, rate, colour, what in SERIES.values():
         pts = [(e, runs[sample_key(m, e, rate)]["final_accuracy"]) for e in EPSILONS[:-1]
                if sample_key(m, e, rate) in runs]
         if pts:
@@ -389,10 +391,8 @@ def main() -> None:
     step, runs = doc.get("step", {}), doc.get("utility", {}).get("runs", {})
     doc["headline"] = {"dp_step_over_plain": step.get("dp_step_over_plain"),
                        **{k: runs.get(v, {}).get("final_accuracy") for k, v in HEADLINE.items()}}
-    doc["curve"] = {m: {("inf" if e is None else f"{e:g}"): runs.get(sample_key(m, e), {}).get("final_accuracy")
-                        for e in EPSILONS} for m in ("ffa", "fedit")}
-    doc["curve"][f"ffa_q{RATE:g}"] = {("inf" if e is None else f"{e:g}"): runs.get(sample_key("ffa", e, RATE), {}).get(
-        "final_accuracy") for e in EPSILONS}
+    doc["curve"] = {name: {("inf" if e is None else f"{e:g}"): runs.get(sample_key(m, e, rate), {}).get("final_accuracy")
+                           for e in EPSILONS} for name, (m, rate, _, _) in SERIES.items()}
     doc = {"headline": doc.pop("headline"), **doc}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from secfed import registry
-from secfed.errors import ConfigError, DataError
+from secfed.errors import DataError
 from secfed.needs import DPRole, Need, dp_role, is_private
 
 ACCOUNTANT_NAMES = {"rdp": "RDP accountant (Mironov 2017)", "prv": "PRV accountant (Gopi et al. 2021)"}
@@ -132,22 +132,14 @@ def _names(specs: list[Any]) -> list[str]:
     return [p.name.lower() for p in specs]
 
 
-def _resolve(kind: str, name: str) -> Any:
-    """The registry-resolved plug-in class (None if it cannot be resolved: a report of an old run)."""
-    try:
-        return registry.resolve(kind, name, kind)
-    except ConfigError:
-        return None
-
-
 def _roles(specs: list[Any], kind: str) -> list[DPRole]:
     """The declared DP role of each stage (secfed.needs.DPRole): an alias or a subclass reads as its class."""
-    return [dp_role(_resolve(kind, p.name)) for p in specs]
+    return [dp_role(registry.find(kind, p.name)) for p in specs]
 
 
 def _hides_rows(cfg: Any) -> bool:
     """The secure sum declares that the server learns the sum only (secfed.needs: Need.ROWS not in reveals)."""
-    reveals = getattr(_resolve("secure_sum", cfg.server.secure_sum.name), "reveals", Need.SUM | Need.ROWS)
+    reveals = getattr(registry.find("secure_sum", cfg.server.secure_sum.name), "reveals", Need.SUM | Need.ROWS)
     return Need.ROWS not in reveals
 
 
@@ -178,14 +170,14 @@ def defences(cfg: Any) -> list[str]:
                    "(the server sees each group's sum)")
     if s.pre_aggregators:
         out.append("robust pre-aggregation " + ", ".join(_names(s.pre_aggregators)))
-    if Need.ROWS in getattr(_resolve("aggregator", s.aggregator.name), "needs", Need.NONE):
+    if Need.ROWS in getattr(registry.find("aggregator", s.aggregator.name), "needs", Need.NONE):
         out.append(f"robust aggregation rule '{s.aggregator.name}'")
     for p, role in zip(c.pipeline, _roles(c.pipeline, "client_stage")):
         if DPRole.ADAPTIVE in role:
             out.append(f"adaptive clipping of each update (initial L2 norm {_fmt(p.params.get('initial_clip_norm', 0.1))})")
         elif DPRole.CLIP in role:
             out.append(f"clipping of each organisation's update to L2 norm {_fmt(p.params.get('clip_norm'))}")
-    if is_private(_resolve("trainer", c.trainer.name)):
+    if is_private(registry.find("trainer", c.trainer.name)):
         out.append(f"per-example gradient clipping to L2 norm {_fmt(c.trainer.params.get('max_grad_norm', 1.0))}")
     if s.max_update_norm < 1e6:
         out.append(f"updates above L2 norm {_fmt(s.max_update_norm)} are rejected")
@@ -215,7 +207,7 @@ def guarantee(cfg: Any, guard: Any = None) -> dict[str, Any]:
     if guard is None:
         g.update(mechanism=None, protected_unit=None, holds_against=None, epsilon=None, delta=None)
         dp = (" DP-SGD noise is added but no guard accounts for it, so no epsilon is claimed."
-              if is_private(_resolve("trainer", c.trainer.name)) else "")
+              if is_private(registry.find("trainer", c.trainer.name)) else "")
         g["sentence"] = ("This run claims no formal privacy guarantee (no server.privacy guard)." + dp +
                          (" Active defences: " + "; ".join(active) + "." if active else " No defence is active."))
         g["short"] = "no DP"

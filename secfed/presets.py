@@ -45,32 +45,21 @@ def _role(kind: str, spec: dict[str, Any]) -> DPRole:
     name does not resolve: the config check names it later). An alias or a subclass plays its class's role."""
     from secfed import registry
 
-    try:
-        return dp_role(registry.resolve(kind, str(spec.get("name", "")), kind))
-    except ConfigError:
-        return DPRole.NONE
+    return dp_role(registry.find(kind, str(spec.get("name", ""))))
 
 
 def _reveals_rows(spec: dict[str, Any]) -> bool:
     """The named secure sum declares that the server sees every row (the plain sum, or an alias/subclass of it)."""
     from secfed import registry
 
-    try:
-        return Need.ROWS in getattr(registry.resolve("secure_sum", str(spec.get("name", "")), "server.secure_sum"),
-                                    "reveals", Need.NONE)
-    except ConfigError:
-        return False
+    return Need.ROWS in getattr(registry.find("secure_sum", str(spec.get("name", ""))), "reveals", Need.NONE)
 
 
 def _is_secagg(spec: dict[str, Any]) -> bool:
     """The named secure sum declares ``sums_ring_inputs`` (SecAgg+, any alias or subclass), so ddgauss runs under it."""
     from secfed import registry
 
-    try:
-        cls = registry.resolve("secure_sum", str(spec.get("name", "")), "server.secure_sum")
-    except ConfigError:
-        return False
-    return bool(getattr(cls, "sums_ring_inputs", False))
+    return bool(getattr(registry.find("secure_sum", str(spec.get("name", ""))), "sums_ring_inputs", False))
 
 
 def _spec(v: Any) -> dict[str, Any]:

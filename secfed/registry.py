@@ -153,6 +153,15 @@ def resolve(kind: str, name: str, key: str) -> Any:
         raise ConfigError(f"config key '{key}': '{mod_name}' has no '{attr}'") from None
 
 
+def find(kind: str, name: str) -> Any:
+    """:func:`resolve`, or None where ``name`` does not resolve (a report of another install's run, a config
+    the check names later): for reading a plug-in's declarations (``reveals``, ``dp_role``, ...)."""
+    try:
+        return resolve(kind, name, kind)
+    except ConfigError:
+        return None
+
+
 def build(kind: str, spec: Any, key: str, **context: Any) -> Any:
     """Instantiate a plug-in from a :class:`PluginSpec`.
 

@@ -494,6 +494,7 @@ class DDGaussNoise:
                  min_clients: int = 1, num_clients: int = 1, dim: int | None = None) -> None:
         self.shares = shares_for(min_clients, colluding)
         self.min_clients, self.num_clients = int(min_clients), int(num_clients)
+        self.max_clients = max(self.num_clients, self.shares)  # N of the wrap-around bound: it sets the grid
         self.params = dict(bits=bits, beta=float(beta), rotate=bool(rotate), max_wrap_probability=float(max_wrap_probability))
         self.noise_multiplier = noise_multiplier
         if bits != int(bits) or not 8 <= int(bits) <= 62:
@@ -515,8 +516,7 @@ class DDGaussNoise:
                                   f"guard's {mech.noise_multiplier}; leave it out and let server.privacy set it")
             # every parameter of the encoding (max_clients sets the grid): over Flower the node rebuilt the
             # mechanism from its config and the guard's z, and must encode on the server's grid
-            mine = dict(clip_norm=clip_norm, dim=dim, shares=self.shares, max_clients=max(self.num_clients, self.shares),
-                        **self.params)
+            mine = dict(clip_norm=clip_norm, dim=dim, shares=self.shares, max_clients=self.max_clients, **self.params)
             theirs = {k: getattr(mech, k) for k in mine}
             if mine != theirs:
                 raise ConfigError(f"config key '{KEY}': the stage runs {mine}, server.privacy accounts for {theirs}")
@@ -526,7 +526,7 @@ class DDGaussNoise:
                               "server.privacy = {name = \"dp-fedavg\", epsilon = ..., delta = ...}")
         if self._own is None or self._own.clip_norm != clip_norm or self._own.dim != dim:
             self._own = DDGaussMechanism(clip_norm=clip_norm, dim=dim, noise_multiplier=float(self.noise_multiplier),
-                                         shares=self.shares, max_clients=max(self.num_clients, self.shares), **self.params)
+                                         shares=self.shares, max_clients=self.max_clients, **self.params)
         return self._own
 
     def __call__(self, update: Any, ctx: Any) -> Any:
@@ -537,10 +537,8 @@ class DDGaussNoise:
         if cfg is not None:
             from secfed import registry
 
-            from defenses.secure_aggregation.secagg import SecAggPlus
-
             cls = registry.resolve("secure_sum", cfg.server.secure_sum.name, "server.secure_sum")
-            if not (isinstance(cls, type) and issubclass(cls, SecAggPlus)):  # any alias or subclass of SecAgg+
+            if not getattr(cls, "sums_ring_inputs", False):  # SecAgg+ declares it (any alias or subclass)
                 raise ConfigError(f"config key '{KEY}': the distributed discrete Gaussian needs server.secure_sum = "
                                   f"'secagg+' (got '{cfg.server.secure_sum.name}'); it sums ring elements")
         if info.adaptive:

@@ -57,6 +57,17 @@ from secfed.training import make_optimizer
 _OPACUS_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample", "summed_grad", "_processed")
 
 
+#: the client.* keys that fix a DP-SGD client's plan (q_i, K_i): the trainer samples by them, the guard charges them
+PLAN_KEYS = ("batch_size", "local_epochs", "local_steps", "record_sample_rate")
+
+
+def plan_mismatch(obj: Any, client: Any) -> tuple[str, Any, Any] | None:
+    """The first :data:`PLAN_KEYS` key on which ``obj`` (a trainer or guard) differs from ``client`` (cfg.client):
+    (key, obj's value, the config's), or None."""
+    return next(((k, getattr(obj, k), getattr(client, k)) for k in PLAN_KEYS if getattr(obj, k) != getattr(client, k)),
+                None)
+
+
 def client_plan(n: int, batch_size: int, local_epochs: int, local_steps: int,
                 record_sample_rate: float | None = None) -> tuple[float, int]:
     """(q, K): Poisson rate and number of DP-SGD steps of a client with n examples in one round
@@ -170,13 +181,11 @@ class DPSGDTrainer:
         if self.noise == "seeded":
             raise ConfigError("config key 'client.trainer.noise': \"seeded\" noise can be rebuilt from the config and "
                               "carries no epsilon; it is refused with server.privacy (leave it out: \"csprng\")")
-        c = cfg.client
-        for k, mine, real in (("batch_size", self.batch_size, c.batch_size), ("local_epochs", self.local_epochs, c.local_epochs),
-                              ("local_steps", self.local_steps, c.local_steps),
-                              ("record_sample_rate", self.record_sample_rate, c.record_sample_rate)):
-            if mine != real:
-                raise ConfigError(f"config key 'client.trainer': trains with {k} = {mine}, server.privacy accounts for "
-                                  f"client.{k} = {real}")
+        bad = plan_mismatch(self, cfg.client)
+        if bad:
+            k, mine, real = bad
+            raise ConfigError(f"config key 'client.trainer': trains with {k} = {mine}, server.privacy accounts for "
+                              f"client.{k} = {real}")
 
     def _poisson_batch(self, n: int, q: float, generator: torch.Generator) -> torch.Tensor:
         """Indices of one Poisson batch: secret (os.urandom) unless the noise is seeded."""

@@ -26,7 +26,7 @@ from typing import Any
 
 from defenses.privacy.analysis import ACCOUNTANTS, calibrate_noise, calibrate_rounds, epsilon
 from defenses.privacy.clipping import round_info
-from defenses.privacy.dpsgd import client_plan, resolve_noise_multiplier
+from defenses.privacy.dpsgd import PLAN_KEYS, client_plan, plan_mismatch, resolve_noise_multiplier
 from secfed import registry
 from secfed.aggregation import Mean
 from secfed.errors import BudgetExhausted, CheckpointError, ConfigError
@@ -293,8 +293,8 @@ def dpfedavg_violations(cfg: Any) -> list[str]:
             bad.append("config key 'client.pipeline': put the clipping stage before the noise stage")
         if sum(shares) > 1:
             bad.append("config key 'client.pipeline': one distributed noise stage ('gaussian-share' or 'ddgauss')")
-        secagg = registry.resolve("secure_sum", "secagg+", "server.secure_sum")
-        if ring and not _is("secure_sum", s.secure_sum.name, "server.secure_sum", secagg):
+        sums_ring = getattr(registry.resolve("secure_sum", s.secure_sum.name, "server.secure_sum"), "sums_ring_inputs", False)
+        if ring and not sums_ring:
             bad.append(f"config key 'server.secure_sum': 'ddgauss' needs \"secagg+\" (got '{s.secure_sum.name}'); "
                        "it hands ring elements to the secure sum")
         if ring and noise_s:
@@ -343,17 +343,14 @@ class DPSGDGuard:
     def validate_config(self, cfg: Any) -> None:
         """Called by the engine at build time (and on the first round): refusals that need the whole config."""
         refuse_seeded_noise(cfg)
-        c = cfg.client
-        real = {"batch_size": c.batch_size, "local_epochs": c.local_epochs, "local_steps": c.local_steps,
-                "record_sample_rate": c.record_sample_rate}
-        mine = {"batch_size": self.batch_size, "local_epochs": self.local_epochs, "local_steps": self.local_steps,
-                "record_sample_rate": self.record_sample_rate}
-        for k, v in real.items():
-            if mine[k] != v:
-                raise ConfigError(f"config key 'server.privacy': accounts for {k} = {mine[k]}, the clients train with "
-                                  f"client.{k} = {v}")
-        trainer = c.trainer.params
-        for k, v in mine.items():
+        bad = plan_mismatch(self, cfg.client)
+        if bad:
+            k, mine, real = bad
+            raise ConfigError(f"config key 'server.privacy': accounts for {k} = {mine}, the clients train with "
+                              f"client.{k} = {real}")
+        trainer = cfg.client.trainer.params
+        for k in PLAN_KEYS:
+            v = getattr(self, k)
             if k in trainer and trainer[k] != v:
                 raise ConfigError(f"config key 'client.trainer.{k}': {trainer[k]} differs from client.{k} = {v}, "
                                   "which server.privacy accounts for")

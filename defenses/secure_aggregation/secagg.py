@@ -46,7 +46,7 @@ import torch
 from secfed.errors import ConfigError, MalformedMessage, RoundAborted
 from secfed.interfaces import ClientUpdate, RoundContext, SumResult, WireMessage, derive_seed
 from secfed.needs import Need
-from secfed.rounds import InProcessTransport, Session, drive, failure_reason
+from secfed.rounds import InProcessTransport, Session, drive, failure_reason, round_info
 
 from . import messages as msg
 from .graph import choose_degree, graph_digest, neighbour_graph, security_ok, threshold_for
@@ -224,7 +224,10 @@ class SecAggPlus:
         """The server's side of one round, as a protocol session (:mod:`secfed.rounds`) over any transport.
 
         ``candidates``: each client that trained -> ``''`` if its update can be encoded, else the
-        (one fixed) reason it cannot. Steps: advertise, share, masked_input, [consistency], unmask.
+        (one fixed) reason it cannot. ``codec``: the ddgauss ring codec the clients encoded with; by default
+        the round's (``round_info(ctx).ddgauss_codec``: set by the ddgauss stage where it ran, over Flower by
+        the server's own run of the pipeline), None without ddgauss. Steps: advertise, share, masked_input,
+        [consistency], unmask.
         """
         d = ctx.spec.numel
         need = self.min_sum(min_sum)
@@ -257,6 +260,7 @@ class SecAggPlus:
                     dropped[u] = f"malformed: {e}"
 
         q, b = choose_bits(max(len(candidates), 1), self.max_weight, self.bits)
+        codec = codec if codec is not None else round_info(ctx).ddgauss_codec
         if codec is not None:  # ddgauss: the clients' ring and dimension (rotation padding), see ring_codec
             q, b, d = codec.bits, codec.ring_bits, codec.ring_dim - 1
         quant = Quantizer(self.clip_range, q, b)

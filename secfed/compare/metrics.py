@@ -154,30 +154,22 @@ def cell_metrics(cell_dir: Path) -> dict[str, Any]:
     return row
 
 
-def _plugin_class(kind: str, name: str) -> Any:
-    """The registered plug-in a cell's config names (any alias or subclass), or None if this install cannot
-    resolve it (a run of another install's plug-in: its name is all there is)."""
-    from secfed import registry
-    from secfed.errors import ConfigError
-
-    try:
-        return registry.resolve(kind, name, kind)
-    except ConfigError:
-        return None
-
-
 def _hides_rows(name: str) -> bool:
-    """The named secure sum declares that the server learns the sum only (secfed.needs)."""
+    """The named secure sum declares that the server learns the sum only (secfed.needs); one this install
+    cannot resolve (a run of another install's plug-in) is judged by its name."""
+    from secfed import registry
     from secfed.needs import Need
 
-    reveals = getattr(_plugin_class("secure_sum", name), "reveals", None)
+    reveals = getattr(registry.find("secure_sum", name), "reveals", None)
     return name != "plain" if reveals is None else Need.ROWS not in reveals
 
 
 def _honest_adversary(name: str) -> bool:
     """The named adversary plug-in declares that its clients train honestly (``honest``, attacks.poisoning.base);
     one this install cannot resolve counts as an attack."""
-    return bool(getattr(_plugin_class("adversary", name), "honest", False))
+    from secfed import registry
+
+    return bool(getattr(registry.find("adversary", name), "honest", False))
 
 
 def _plugin_name(v: Any) -> str | None:

@@ -120,7 +120,7 @@ def node_train(rt: Any, state: Any, rec: Any, cid: int) -> dict[str, Any]:
         payload = rt.secure_sum.encode(u, ctx)
     else:  # keep the update on the node in its client session; the protocol steps follow as query messages
         session = rt.secure_sum.client_session(cid, ctx.round, ctx.seed, u.delta, u.weight)
-        if getattr(u, "ring", None) is not None:  # ddgauss: ring elements this node encoded (noise included)
+        if u.ring is not None:  # ddgauss: ring elements this node encoded (noise included)
             session.use_ring(u.ring.values)
         save_session(state, session)
         payload = b""

@@ -58,9 +58,7 @@ class SessionSum:
 
     def aggregate(self, received: list[Received], ctx: RoundContext, min_sum: int | None = None) -> SumResult:
         candidates = {r.client_id: r.reason for r in received}
-        codec = round_info(ctx).ddgauss_codec  # ddgauss: set by the server's run of the pipeline (round_params)
-        ring = {"codec": codec} if codec is not None else {}  # SecAgg+ decodes the clients' ring elements with it
-        return drive(self.secure_sum.serve(candidates, ctx, min_sum, **ring), self.transport, ctx)
+        return drive(self.secure_sum.serve(candidates, ctx, min_sum), self.transport, ctx)
 
 
 class WirePlainSum(PlainSum):
