@@ -118,6 +118,65 @@ def test_dpsgd_clips_each_example(tiny):
         torch.testing.assert_close(_train(tr, task, model, data), expected, rtol=1e-3, atol=1e-7)
 
 
+def test_group_clipping_clips_each_group_of_each_example(tiny):
+    """Hand-built expectation: per example, the head's gradient clipped to s_h C and the rest to s_r C."""
+    task, model = tiny
+    data = task.client_data(2).subset(torch.arange(8))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    g = _per_example_grads(model, task, data.batch(torch.arange(8)), params)
+    head = torch.cat([torch.full((p.numel(),), n.startswith("head."), dtype=torch.bool) for n, p in named])
+    assert head.any() and (~head).any()
+    c, s_h, s_r = 0.5 * float(g.norm(dim=1).min()), 0.6, 0.8
+    expected_rows = torch.zeros_like(g)
+    for mask, share in ((head, s_h), (~head, s_r)):
+        part = g[:, mask]
+        expected_rows[:, mask] = part * (share * c / part.norm(dim=1, keepdim=True)).clamp(max=1.0)
+    assert (expected_rows.norm(dim=1) <= c * 1.0001).all()
+    lr = 0.1
+    expected = -lr * expected_rows.sum(0) / 8
+    tr = DPSGDTrainer(max_grad_norm=c, noise_multiplier=0.0, local_steps=1, batch_size=8, lr=lr, optimizer="sgd",
+                      clip_groups={"head.*": s_h, "*": s_r})
+    got = _train(tr, task, model, data)
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-7)
+    flat = _train(DPSGDTrainer(max_grad_norm=c, noise_multiplier=0.0, local_steps=1, batch_size=8, lr=lr,
+                               optimizer="sgd"), task, model, data)
+    assert not torch.allclose(flat, got, rtol=1e-3, atol=1e-7)  # the grouping changes the step
+    # one group holding everything at share 1 is flat clipping
+    torch.testing.assert_close(_train(DPSGDTrainer(max_grad_norm=c, noise_multiplier=0.0, local_steps=1, batch_size=8,
+                                                   lr=lr, optimizer="sgd", clip_groups={"*": 1.0}), task, model, data),
+                               flat, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("groups, msg", [
+    ({"head.*": 0.9, "*": 0.9}, "squared shares sum to 1.62"),
+    ({"head.*": 0.0, "*": 1.0}, "clip_groups.head.*': a share"),
+    ({"head.*": True}, "a share"),
+    ({}, "at least one pattern"),
+    ("head", "a table"),
+])
+def test_clip_group_refusals_at_construction(groups, msg):
+    with pytest.raises(ConfigError, match="client.trainer.clip_groups") as e:
+        DPSGDTrainer(clip_groups=groups)
+    assert msg in str(e.value)
+    with pytest.raises(ConfigError, match="ghost_clipping = false"):
+        DPSGDTrainer(clip_groups={"*": 1.0}, ghost_clipping=True)
+
+
+@pytest.mark.parametrize("groups, msg", [
+    ({"head.*": 0.7}, "is in no group"),
+    ({"head.*": 0.6, "nothing.*": 0.1, "*": 0.7}, "'nothing.*' matches no trainable parameter"),
+])
+def test_clip_group_refusals_against_the_model(tiny, groups, msg):
+    task, model = tiny
+    data = task.client_data(2).subset(torch.arange(8))
+    tr = DPSGDTrainer(max_grad_norm=1.0, noise_multiplier=0.0, local_steps=1, batch_size=8, clip_groups=groups)
+    with pytest.raises(ConfigError, match="client.trainer.clip_groups") as e:
+        _train(tr, task, model, data)
+    assert msg in str(e.value)
+    assert all(not hasattr(p, "grad_sample") for p in model.parameters())  # unwrapped cleanly
+
+
 def test_dpsgd_noise_scales_with_z(tiny):
     task, model = tiny
     data = task.client_data(3).subset(torch.arange(8))
