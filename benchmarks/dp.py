@@ -162,6 +162,28 @@ VALIDATION = 2000
 MANY_CLIENTS_MIN = 80
 
 
+# The generative task (issue 18 item 4): experiments/instruct_quickstart.toml as it stands (SmolLM2-135M-Instruct, LoRA
+# r=8 on q/v, 4 organisations, 1,200 training tweets as instructions, 8 rounds x 4 steps, Adam 1e-3), record-level
+# DP-SGD (Poisson batches of expected 8, flat clip 1.0: no head) at each epsilon, per LoRA method. ~11 min per no-DP run,
+# ~20 min per DP run here (2 cores). 300 records per organisation is far less than DP-SGD needs: the curve shows it.
+LM_CONFIG = "experiments/instruct_quickstart.toml"
+LM_QUICK = {"model.name": "tiny-llama", "run.rounds": 1, "data.max_examples": 120, "data.test_size": 20,
+            "data.num_clients": 3, "server.cohort_size": 3, "run.eval_every": 1}
+LM_SERIES = {"lm_ffa": ("ffa", "C0", "ffa"), "lm_fedit": ("fedit", "C1", "fedit")}
+
+
+def lm_key(method: str, eps: float | None) -> str:
+    return f"lm_{method}_" + ("no_dp" if eps is None else f"eps{eps:g}")
+
+
+def lm_overrides(quick: bool, method: str, eps: float | None, clip: float = 1.0) -> dict:
+    o = {**(LM_QUICK if quick else {}), "lora.aggregation": method}
+    if eps is not None:
+        o.update({"client.trainer": {"name": "dp-sgd", "max_grad_norm": clip, "ghost_clipping": False},
+                  "server.privacy": {"name": "dp-sgd", "epsilon": eps, "delta": 1e-5, "accountant": "rdp"}})
+    return o
+
+
 def sample_overrides(quick: bool, method: str, eps: float | None, lr: float, clip: float,
                      rate: float | None = None, groups: dict | None = None) -> dict:
     o = {**SAMPLE_BASE, **(QUICK_BASE if quick else {}), "lora.aggregation": method, "client.lr": lr}
@@ -195,6 +217,9 @@ def utility_runs(quick: bool, lr: float = 3e-3, clip: float = 1.0, methods: tupl
     for e in EPSILONS[:-1]:  # FFA with group-wise clipping (its no-DP run is sample_ffa_no_dp)
         runs.append((sample_key("ffa", e, None, GROUPS), "experiments/quickstart.toml",
                      sample_overrides(quick, "ffa", e, lr, clip, None, GROUPS)))
+    for m, _, _ in LM_SERIES.values():
+        for e in EPSILONS:
+            runs.append((lm_key(m, e), LM_CONFIG, lm_overrides(quick, m, e)))
     many = dict(QUICK_BASE, **{"data.num_clients": 40, "server.sample_rate": 0.5, "run.rounds": 2}) if quick else {}
     if quick:
         many.pop("server.cohort_size")
@@ -248,7 +273,8 @@ def _run(key: str, path: str, overrides: dict, out: Path, validation: int = 0) -
     row = {"config": path, "overrides": overrides, "final_accuracy": s["final_accuracy"],
            "best_accuracy": s["best_accuracy"], "majority_baseline": s["majority_baseline"],
            "epsilon": s.get("epsilon"), "epsilon_vs_server": s.get("epsilon_vs_server"), "delta": s.get("delta"),
-           "rounds_completed": s["rounds_completed"], "seconds": time.perf_counter() - t0, "noise": _noise_info(out)}
+           "rounds_completed": s["rounds_completed"], "seconds": time.perf_counter() - t0, "noise": _noise_info(out),
+           **({"zero_shot_accuracy": s["zero_shot_accuracy"]} if s.get("zero_shot_accuracy") is not None else {})}
     print(f"  {key:30s} acc {s['final_accuracy']:.3f}  eps {s.get('epsilon')}  ({row['seconds']:.0f} s)", flush=True)
     return row
 
@@ -316,7 +342,9 @@ def plot_curve(doc: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = doc.get("utility", {}).get("runs", {})
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    lm = any(k.startswith("lm_") for k in runs)
+    fig, axes = plt.subplots(1, 2 if lm else 1, figsize=(10 if lm else 5, 3.2), squeeze=False)
+    ax = axes[0][0]
     for m, rate, groups, colour, what in SERIES.values():
         pts = [(e, runs[sample_key(m, e, rate, groups)]["final_accuracy"]) for e in EPSILONS[:-1]
                if sample_key(m, e, rate, groups) in runs]
@@ -332,8 +360,25 @@ def plot_curve(doc: dict, png: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("epsilon (delta = 1e-5, per record)")
     ax.set_ylabel("test accuracy")
-    ax.set_title("tweets, MiniLM-L6 + LoRA, 10 organisations")
+    ax.set_title("tweets, MiniLM-L6 + LoRA, 10 orgs")
     ax.legend(fontsize=7)
+    if lm:
+        ax = axes[0][1]
+        for m, colour, what in LM_SERIES.values():
+            pts = [(e, runs[lm_key(m, e)]["final_accuracy"]) for e in EPSILONS[:-1] if lm_key(m, e) in runs]
+            if pts:
+                ax.plot(*zip(*pts), "o-", color=colour, label=f"DP-SGD, {what}")
+            if lm_key(m, None) in runs:
+                ax.axhline(runs[lm_key(m, None)]["final_accuracy"], color=colour, ls="--", lw=1, label=f"no DP, {what}")
+        zs = next((r.get("zero_shot_accuracy") for k, r in runs.items() if k.startswith("lm_")
+                   and r.get("zero_shot_accuracy") is not None), None)
+        if zs is not None:
+            ax.axhline(zs, color="grey", ls=":", lw=1, label="zero-shot base model")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("epsilon (delta = 1e-5, per record)")
+        ax.set_ylabel("test accuracy (label likelihood)")
+        ax.set_title("tweets as instructions, SmolLM2-135M + LoRA, 4 orgs")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=120)
@@ -407,10 +452,12 @@ def main() -> None:
                        **{k: runs.get(v, {}).get("final_accuracy") for k, v in HEADLINE.items()}}
     doc["curve"] = {name: {("inf" if e is None else f"{e:g}"): runs.get(sample_key(m, e, rate, g), {}).get("final_accuracy")
                            for e in EPSILONS} for name, (m, rate, g, _, _) in SERIES.items()}
+    doc["curve_lm"] = {name: {("inf" if e is None else f"{e:g}"): runs.get(lm_key(m, e), {}).get("final_accuracy")
+                              for e in EPSILONS} for name, (m, _, _) in LM_SERIES.items()}
     doc = {"headline": doc.pop("headline"), **doc}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
-    if any(k.startswith("sample_") for k in runs):  # no curve to draw before a DP-SGD run exists
+    if any(k.startswith(("sample_", "lm_")) for k in runs):  # no curve to draw before a DP-SGD run exists
         plot_curve(doc, out.with_name("dp_quick_curve.png") if a.quick else OUT.with_name("dp_curve.png"))
     print(json.dumps(doc["headline"], indent=2))
 

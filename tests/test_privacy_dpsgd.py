@@ -273,3 +273,42 @@ def test_ghost_clipping_matches_per_sample_clipping_with_trainable_embeddings():
         out.append(_train(tr, task, model, data))
     assert out[0].abs().max() > 0
     torch.testing.assert_close(out[1], out[0], rtol=1e-4, atol=1e-8)
+
+
+def test_group_clipping_from_a_toml_config_runs_under_the_guard(tmp_path):
+    """The README's spelling (quoted fnmatch keys in TOML) reaches the trainer; the guard accounts it like flat
+    clipping (same z for the same plan), and a pattern that matches nothing stops the run with one line."""
+    from secfed.config import load_config
+
+    toml = tmp_path / "g.toml"
+    toml.write_text('''
+[run]
+name = "groups"
+rounds = 1
+[data]
+source = "synthetic-text"
+num_clients = 3
+test_size = 60
+max_length = 16
+[model]
+name = "tiny-bert"
+lora_r = 2
+[client]
+batch_size = 16
+local_steps = 2
+trainer = { name = "dp-sgd", max_grad_norm = 1.0, clip_groups = { "head.*" = 0.6, "*" = 0.8 } }
+[server]
+cohort_size = 3
+privacy = { name = "dp-sgd", epsilon = 8.0, delta = 1e-5 }
+''')
+    cfg = load_config(toml)
+    eng = Engine(cfg, tmp_path / "r", progress=False)
+    assert eng.trainer.clip_groups == {"head.*": 0.6, "*": 0.8}
+    s = eng.run()
+    assert s["rounds_completed"] == 1 and 0 < s["epsilon"] <= 8.0
+    flat = load_config(toml, {"client.trainer": {"name": "dp-sgd", "max_grad_norm": 1.0}})
+    assert eng.privacy.z == pytest.approx(resolve_noise_multiplier(flat, [len(x) for x in eng.task.shards]))
+    bad = load_config(toml, {"client.trainer.clip_groups": {"head.*": 0.6, "lora_B*": 0.8}})  # names start "encoder."
+    with pytest.raises(ConfigError, match=r"clip_groups': trainable parameter '.*' is in no group|"
+                                          r"clip_groups': pattern"):
+        Engine(bad, tmp_path / "b", progress=False).run()
