@@ -8,11 +8,18 @@ from typing import Any
 
 import torch
 
-from defenses.robust._ops import check_f, check_updates, clip_rows, pairwise_sq_dists
+from defenses.robust._ops import check_f, check_updates, clip_rows, empty_rows, pairwise_sq_dists
 from secfed.interfaces import derive_seed
 from secfed.needs import Need
 
 __all__ = ["NNM", "Bucketing", "StaticClip"]
+
+
+def _mix(M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``M @ X``, a large CPU output in huge pages (``empty_rows``: no 4 KiB page fault per page written)."""
+    if X.device.type != "cpu" or X.requires_grad or M.dtype != X.dtype:
+        return M @ X
+    return torch.matmul(M, X, out=empty_rows((M.shape[0], X.shape[1]), X.dtype))
 
 
 class NNM:
@@ -41,7 +48,7 @@ class NNM:
         idx = torch.topk(D, k, dim=1, largest=False, sorted=False).indices
         M = torch.zeros(n, n, dtype=X.dtype)
         M.scatter_(1, idx, 1.0 / k)
-        return M @ X
+        return _mix(M, X)
 
 
 class Bucketing:
@@ -72,7 +79,7 @@ class Bucketing:
         M = torch.zeros(b, n, dtype=X.dtype)
         M[bucket, torch.arange(n)] = 1.0
         M = M / M.sum(1, keepdim=True)
-        return M @ X
+        return _mix(M, X)
 
     def state_dict(self) -> dict[str, Any]:
         return {"calls": self.calls}
