@@ -334,51 +334,46 @@ def _noise_info(run_dir: Path) -> dict:
             "ddgauss": first.get("ddgauss")}
 
 
+def _panel(ax, lines: list, baseline: tuple | None, title: str, ylabel: str) -> None:
+    """One accuracy-epsilon panel: ``lines`` = (DP points [(eps, acc)], no-DP accuracy or None, colour, label)."""
+    for pts, no_dp, colour, what in lines:
+        if pts:
+            ax.plot(*zip(*pts), "o-", color=colour, label=f"DP-SGD, {what}")
+        if no_dp is not None:
+            ax.axhline(no_dp, color=colour, ls="--", lw=1, label=f"no DP, {what}")
+    if baseline and baseline[0] is not None:
+        ax.axhline(baseline[0], color="grey", ls=":", lw=1, label=baseline[1])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("epsilon (delta = 1e-5, per record)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+
+
 def plot_curve(doc: dict, png: Path) -> None:
-    """Accuracy against epsilon (DP-SGD, per LoRA method), no-DP as a dashed line: the README's figure."""
+    """Accuracy against epsilon (DP-SGD, per LoRA method), no-DP as a dashed line: the README's figure
+    (a second panel for the generative task once its runs exist)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = doc.get("utility", {}).get("runs", {})
+    acc = lambda k: runs[k]["final_accuracy"] if k in runs else None  # noqa: E731
     lm = any(k.startswith("lm_") for k in runs)
     fig, axes = plt.subplots(1, 2 if lm else 1, figsize=(10 if lm else 5, 3.2), squeeze=False)
-    ax = axes[0][0]
-    for m, rate, groups, colour, what in SERIES.values():
-        pts = [(e, runs[sample_key(m, e, rate, groups)]["final_accuracy"]) for e in EPSILONS[:-1]
-               if sample_key(m, e, rate, groups) in runs]
-        if pts:
-            ax.plot(*zip(*pts), "o-", color=colour, label=f"DP-SGD, {what}")
-        if groups is None and sample_key(m, None, rate) in runs:
-            ax.axhline(runs[sample_key(m, None, rate)]["final_accuracy"], color=colour, ls="--", lw=1,
-                       label=f"no DP, {what}")
+    lines = [([(e, acc(sample_key(m, e, r, g))) for e in EPSILONS[:-1] if sample_key(m, e, r, g) in runs],
+              None if g else acc(sample_key(m, None, r)), colour, what) for m, r, g, colour, what in SERIES.values()]
     base = next((r.get("majority_baseline") for k, r in runs.items() if k.startswith("sample_")
                  and r.get("majority_baseline")), None)  # the curve's own test split
-    if base:
-        ax.axhline(base, color="grey", ls=":", lw=1, label="majority class")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("epsilon (delta = 1e-5, per record)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("tweets, MiniLM-L6 + LoRA, 10 orgs")
-    ax.legend(fontsize=7)
+    _panel(axes[0][0], lines, (base, "majority class"), "tweets, MiniLM-L6 + LoRA, 10 orgs", "test accuracy")
     if lm:
-        ax = axes[0][1]
-        for m, colour, what in LM_SERIES.values():
-            pts = [(e, runs[lm_key(m, e)]["final_accuracy"]) for e in EPSILONS[:-1] if lm_key(m, e) in runs]
-            if pts:
-                ax.plot(*zip(*pts), "o-", color=colour, label=f"DP-SGD, {what}")
-            if lm_key(m, None) in runs:
-                ax.axhline(runs[lm_key(m, None)]["final_accuracy"], color=colour, ls="--", lw=1, label=f"no DP, {what}")
+        lines = [([(e, acc(lm_key(m, e))) for e in EPSILONS[:-1] if lm_key(m, e) in runs], acc(lm_key(m, None)),
+                  colour, what) for m, colour, what in LM_SERIES.values()]
         zs = next((r.get("zero_shot_accuracy") for k, r in runs.items() if k.startswith("lm_")
                    and r.get("zero_shot_accuracy") is not None), None)
-        if zs is not None:
-            ax.axhline(zs, color="grey", ls=":", lw=1, label="zero-shot base model")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("epsilon (delta = 1e-5, per record)")
-        ax.set_ylabel("test accuracy (label likelihood)")
-        ax.set_title("tweets as instructions, SmolLM2-135M + LoRA, 4 orgs")
-        ax.legend(fontsize=7)
+        _panel(axes[0][1], lines, (zs, "zero-shot base model"), "tweets as instructions, SmolLM2-135M, 4 orgs",
+               "test accuracy (label likelihood)")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=120)
