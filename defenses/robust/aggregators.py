@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from defenses.robust._ops import (check_f, check_updates, clip_rows, compiled, dists_to, gram64, pairwise_sq_dists,
@@ -174,22 +175,21 @@ class Bulyan:
         self.f = check_f(f, "Bulyan")
 
     def select(self, X: torch.Tensor) -> torch.Tensor:
+        """Row indices of the theta = n - 2f rounds' Krum winners, in selection order. Each round scores the
+        remaining rows over the remaining rows' distances (a numpy partition of the (r, r) sub-matrix: the
+        rounds are O(n^2) each and cost microseconds, where per-round torch calls cost ~0.3 ms: 20 ms at
+        n = 100); a tie goes to the lowest row index."""
         n, f = X.shape[0], self.f
-        D = pairwise_sq_dists(X)
-        remaining = torch.ones(n, dtype=torch.bool)
+        D = pairwise_sq_dists(X).double().numpy()
+        rem = np.arange(n)
         chosen: list[int] = []
         for _ in range(n - 2 * f):
-            r = int(remaining.sum())
+            r = len(rem)
             k = max(1, min(r - f - 2, r - 1))
-            Dm = D.masked_fill(~remaining[None, :], float("inf"))
-            if r > 1:
-                scores = torch.topk(Dm, k + 1, dim=1, largest=False, sorted=False).values.sum(1)
-            else:
-                scores = torch.zeros(n, dtype=D.dtype)
-            scores = scores.masked_fill(~remaining, float("inf"))
-            i = int(torch.argmin(scores))
-            chosen.append(i)
-            remaining[i] = False
+            scores = np.partition(D[np.ix_(rem, rem)], k, axis=1)[:, :k + 1].sum(1) if r > 1 else np.zeros(1)
+            j = int(np.argmin(scores))  # rem is ascending: the first minimum is the lowest row index
+            chosen.append(int(rem[j]))
+            rem = np.delete(rem, j)
         return torch.tensor(chosen, dtype=torch.long)
 
     def __call__(self, X: torch.Tensor, weights: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
