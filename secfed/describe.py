@@ -178,7 +178,11 @@ def defences(cfg: Any) -> list[str]:
         elif DPRole.CLIP in role:
             out.append(f"clipping of each organisation's update to L2 norm {_fmt(p.params.get('clip_norm'))}")
     if is_private(registry.find("trainer", c.trainer.name)):
-        out.append(f"per-example gradient clipping to L2 norm {_fmt(c.trainer.params.get('max_grad_norm', 1.0))}")
+        clip = c.trainer.params.get("max_grad_norm", 1.0)
+        groups = c.trainer.params.get("clip_groups")
+        out.append(f"per-example gradient clipping to L2 norm {_fmt(clip)}" + (
+            " (group-wise: " + ", ".join(f"{k} to {_fmt(float(v) * float(clip))}" for k, v in groups.items()) + ")"
+            if isinstance(groups, dict) and groups else ""))
     if s.max_update_norm < 1e6:
         out.append(f"updates above L2 norm {_fmt(s.max_update_norm)} are rejected")
     return out

@@ -302,6 +302,9 @@ cohort_size = 3
 privacy = { name = "dp-sgd", epsilon = 8.0, delta = 1e-5 }
 ''')
     cfg = load_config(toml)
+    from secfed.describe import defences
+
+    assert "per-example gradient clipping to L2 norm 1 (group-wise: head.* to 0.6, * to 0.8)" in defences(cfg)
     eng = Engine(cfg, tmp_path / "r", progress=False)
     assert eng.trainer.clip_groups == {"head.*": 0.6, "*": 0.8}
     s = eng.run()
