@@ -137,6 +137,9 @@ class ClientConfig(_Section):
     optimizer: Literal["sgd", "adam", "adamw"] = "adam"
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    optimizer_state: Literal["round", "keep"] = Field("round", description="'round': a fresh local optimizer every "
+                                                      "round; 'keep': each client keeps its own (Adam's moments and "
+                                                      "step count, SGD's momentum) from round to round, on the client")
     weighting: Literal["examples", "uniform"] = "examples"
     pipeline: list[PluginSpec] = []
     verify_model: bool = Field(False, description="clients refuse a shipped model that is not the last aggregated "

@@ -118,6 +118,7 @@ ENGINE_OWNED: dict[str, str] = {
     "optimizer": "client.optimizer",
     "momentum": "client.momentum",
     "weight_decay": "client.weight_decay",
+    "optimizer_state": "client.optimizer_state",
     "dim": "the model's trainable parameter count",
     "max_update_norm": "server.max_update_norm",
     "min_clients": "server.min_clients",

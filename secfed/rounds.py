@@ -123,7 +123,8 @@ def plugin_context(cfg: Any, dim: int) -> dict[str, Any]:
     return dict(num_clients=n, seed=cfg.run.seed, sample_rate=s.sample_rate if s.sampling == "poisson" else None,
                 rounds=cfg.run.rounds, local_epochs=c.local_epochs, local_steps=c.local_steps, batch_size=c.batch_size,
                 record_sample_rate=c.record_sample_rate,
-                lr=c.lr, optimizer=c.optimizer, momentum=c.momentum, weight_decay=c.weight_decay, dim=dim,
+                lr=c.lr, optimizer=c.optimizer, momentum=c.momentum, weight_decay=c.weight_decay,
+                optimizer_state=c.optimizer_state, dim=dim,
                 max_update_norm=s.max_update_norm, min_clients=s.min_clients, cohort_size=s.cohort_size or n)
 
 

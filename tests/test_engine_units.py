@@ -204,3 +204,51 @@ def test_malformed_client_is_dropped_round_goes_on(tmp_path):
     e.run()
     for r in read_rounds(tmp_path / "m"):
         assert r["status"] == "ok" and r["completed"] == 3 and r["rejected"] == 1
+
+
+def test_kept_optimizer_state_carries_adam_across_rounds_and_resumes(tmp_path):
+    """client.optimizer_state = "keep": a client's Adam moments and step count go on from its last round (the
+    second round's step is not a fresh Adam's), the state is checkpointed, and "round" keeps nothing."""
+    import torch
+
+    from secfed.engine import Engine
+    from secfed.task import Task
+    from secfed.training import SGDTrainer
+
+    from conftest import tiny_config
+
+    task = Task(tiny_config())
+    model = task.build_model()
+    data = task.client_data(0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    w0 = [p.detach().clone() for p in params]
+
+    def two_rounds(mode):
+        for p, w in zip(params, w0):
+            p.data.copy_(w)
+        tr = SGDTrainer(local_steps=3, batch_size=8, lr=1e-2, optimizer="adam", optimizer_state=mode)
+        tr.train(model, task, data, torch.Generator().manual_seed(0), client_id=0)
+        for p, w in zip(params, w0):
+            p.data.copy_(w)  # the server's next model: here the same start, so only the optimizer state differs
+        tr.train(model, task, data, torch.Generator().manual_seed(0), client_id=0)
+        return tr, [p.detach().clone() for p in params]
+
+    kept, w_keep = two_rounds("keep")
+    fresh, w_round = two_rounds("round")
+    assert fresh.state_dict() == {}
+    steps = {k: v for k, v in kept.state_dict().items() if k.endswith(".step")}
+    assert steps and all(float(v) == 6.0 for v in steps.values())  # 3 steps in each of the two rounds
+    assert any(not torch.equal(a, b) for a, b in zip(w_keep, w_round))
+    again = SGDTrainer(local_steps=3, batch_size=8, lr=1e-2, optimizer="adam", optimizer_state="keep")
+    again.load_state_dict(kept.state_dict())
+    assert again.state_dict().keys() == kept.state_dict().keys()
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in kept.state_dict().items())
+
+    cfg = tiny_config(run={"rounds": 2}, client={"optimizer_state": "keep", "local_steps": 2})
+    eng = Engine(cfg, tmp_path / "r", progress=False)
+    eng.run()
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "r" / "checkpoint" / "tensors.safetensors"))
+    kept_keys = [k for k in saved if k.startswith("trainer.o")]
+    assert {k.split(".")[1] for k in kept_keys} == {f"o{c}" for c in range(cfg.data.num_clients)}

@@ -103,6 +103,31 @@ def test_dpsgd_at_z0_and_huge_clip_is_exactly_plain_sgd(tiny):
     torch.testing.assert_close(_train(ghost, task, model, data), a, rtol=1e-4, atol=1e-7)
 
 
+def test_dpsgd_keeps_each_clients_adam_state_like_the_plain_trainer(tiny):
+    """optimizer_state = "keep": at z = 0 and a huge clip, two rounds of DP-SGD (q = 1) with each client's Adam
+    state carried over equal two rounds of the plain trainer doing the same; "round" differs from both."""
+    task, model = tiny
+    data = task.client_data(1).subset(torch.arange(24))
+    spec = ParamSpec.from_module(model)
+    w0 = spec.flatten(model)
+
+    def two_rounds(trainer):
+        spec.assign(model, w0)
+        for cid in (0, 1, 0):  # client 1 in between: its state must not leak into client 0's
+            torch.manual_seed(0)
+            trainer.train(model, task, data, torch.Generator().manual_seed(cid), client_id=cid)
+        out = spec.flatten(model) - w0
+        spec.assign(model, w0)
+        return out
+
+    kw = dict(local_steps=2, batch_size=64, lr=0.01, optimizer="adam")
+    plain = two_rounds(SGDTrainer(**kw, optimizer_state="keep"))
+    dp = two_rounds(DPSGDTrainer(max_grad_norm=1e9, noise_multiplier=0.0, **kw, optimizer_state="keep"))
+    torch.testing.assert_close(dp, plain, rtol=1e-4, atol=1e-7)
+    fresh = two_rounds(DPSGDTrainer(max_grad_norm=1e9, noise_multiplier=0.0, **kw))
+    assert not torch.allclose(fresh, plain, rtol=1e-4, atol=1e-7)
+
+
 def test_dpsgd_clips_each_example(tiny):
     task, model = tiny
     data = task.client_data(2).subset(torch.arange(8))

@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -22,7 +23,8 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from conftest import tiny_config
     from secfed.engine import Engine
-    cfg = tiny_config(run={{"rounds": 4}}, server={{"optimizer": "fedadam", "lr": 0.05, "cohort_size": 3}})
+    cfg = tiny_config(run={{"rounds": 4}}, server={{"optimizer": "fedadam", "lr": 0.05, "cohort_size": 3}},
+                      client={{"optimizer_state": {keep!r}}})
     def die(t):
         if t == {kill_after}:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -30,21 +32,24 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run(out: Path, kill_after: int, resume: bool) -> int:
-    code = SCRIPT.format(tests=str(Path(__file__).parent), kill_after=kill_after, out=str(out), resume=resume)
+def _run(out: Path, kill_after: int, resume: bool, keep: str = "round") -> int:
+    code = SCRIPT.format(tests=str(Path(__file__).parent), kill_after=kill_after, out=str(out), resume=resume, keep=keep)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300).returncode
 
 
-def test_sigkill_and_resume_is_bit_identical(tmp_path):
-    cfg = tiny_config(run={"rounds": 4}, server={"optimizer": "fedadam", "lr": 0.05, "cohort_size": 3})
+@pytest.mark.parametrize("keep", ["round", "keep"])  # "keep": each client's Adam state is checkpointed too
+def test_sigkill_and_resume_is_bit_identical(tmp_path, keep):
+    cfg = tiny_config(run={"rounds": 4}, server={"optimizer": "fedadam", "lr": 0.05, "cohort_size": 3},
+                      client={"optimizer_state": keep})
     Engine(cfg, tmp_path / "ref", progress=False).run()
     ref = load_file(str(tmp_path / "ref" / "checkpoint" / "tensors.safetensors"))
+    assert any(k.startswith("trainer.o") for k in ref) == (keep == "keep")
 
-    rc = _run(tmp_path / "killed", kill_after=2, resume=False)
+    rc = _run(tmp_path / "killed", kill_after=2, resume=False, keep=keep)
     assert rc == -signal.SIGKILL
     state = json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())
     assert state["round"] == 2
-    assert _run(tmp_path / "killed", kill_after=-1, resume=True) == 0
+    assert _run(tmp_path / "killed", kill_after=-1, resume=True, keep=keep) == 0
     got = load_file(str(tmp_path / "killed" / "checkpoint" / "tensors.safetensors"))
     assert set(got) == set(ref)
     for k in ref:

@@ -53,7 +53,7 @@ from defenses.privacy.noise import SOURCES, _urandom_uniform, gaussian_like
 from secfed import registry
 from secfed.errors import ConfigError
 from secfed.needs import Need, needs_of
-from secfed.training import make_optimizer
+from secfed.training import KeptOptimizerState, make_optimizer
 
 _OPACUS_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample", "summed_grad", "_processed")
 
@@ -217,7 +217,8 @@ class DPSGDTrainer:
     def __init__(self, max_grad_norm: float = 1.0, noise_multiplier: float | None = None, ghost_clipping: bool = False,
                  noise: str = "csprng", local_epochs: int = 1, local_steps: int = 0, batch_size: int = 16,
                  lr: float = 5e-3, optimizer: str = "adam", momentum: float = 0.0, weight_decay: float = 0.0,
-                 record_sample_rate: float | None = None, clip_groups: dict[str, float] | None = None) -> None:
+                 record_sample_rate: float | None = None, clip_groups: dict[str, float] | None = None,
+                 optimizer_state: str = "round") -> None:
         if not max_grad_norm > 0:
             raise ConfigError(f"config key 'client.trainer.max_grad_norm': must be > 0 (got {max_grad_norm})")
         if noise_multiplier is not None and noise_multiplier < 0:
@@ -234,6 +235,7 @@ class DPSGDTrainer:
             check_clip_shares(clip_groups)
         self.max_grad_norm, self.noise_multiplier, self.ghost_clipping, self.noise = max_grad_norm, noise_multiplier, ghost_clipping, noise
         self.clip_groups = dict(clip_groups) if clip_groups is not None else None
+        self.kept = KeptOptimizerState(optimizer_state)
         self.local_epochs, self.local_steps, self.batch_size = local_epochs, local_steps, batch_size
         self.record_sample_rate = record_sample_rate
         self.lr, self.optimizer, self.momentum, self.weight_decay = lr, optimizer, momentum, weight_decay
@@ -283,6 +285,7 @@ class DPSGDTrainer:
             names = {id(p): n for n, p in model.named_parameters()}
             group_of = clip_group_index([names[id(p)] for p in params], self.clip_groups)
         base = make_optimizer(params, self.optimizer, self.lr, self.momentum, self.weight_decay)
+        self.kept.restore(base, client_id)  # the client's own state from its last round ("keep"): post-processing
         expected = q * n
         if self.ghost_clipping:
             gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean", strict=False,
@@ -328,6 +331,7 @@ class DPSGDTrainer:
                 opt.step()
                 total += float(loss.item()) * len(idx)
                 seen += len(idx)
+            self.kept.save(base, client_id)
         finally:
             opt.zero_grad(set_to_none=True)
             gsm._close()
@@ -338,6 +342,12 @@ class DPSGDTrainer:
                 p.grad = None
         return {"train_loss": total / max(seen, 1), "steps": steps, "examples_seen": seen,
                 "noise_multiplier": z, "sample_rate": q}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.kept.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kept.load_state_dict(state)
 
     def _noise_only_step(self, params: list[nn.Parameter], base: torch.optim.Optimizer, z: float, expected: float, opt: Any) -> None:
         std = z * self.max_grad_norm
