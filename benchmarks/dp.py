@@ -151,11 +151,15 @@ RATE = 0.14
 # ~0.43 for all 12 LoRA B matrices together; measured on these tweets) takes ~99% of C, so the adapters' 36,864
 # coordinates got ~14% of the signal under the same per-coordinate noise as the head.
 GROUPS = {"head.*": 0.5 ** 0.5, "*": 0.5 ** 0.5}
+# client.optimizer_state = "keep": each organisation's Adam state carried across rounds (a fresh Adam with 4 local steps
+# a round is close to lr * sign(g), which under DP noise moves every coordinate by ~lr whatever its signal). It changes
+# the training, not the privacy, so its series has its own no-DP run (sample_ffa_no_dp_keep).
 #: the DP-SGD curves: name in dp.json's "curve" -> (LoRA method, record rate or None for batch_size, clip groups or
 #: None for flat clipping, plot colour, label)
 SERIES = {"ffa": ("ffa", None, None, "C0", "ffa, batch 512"), "fedit": ("fedit", None, None, "C1", "fedit, batch 512"),
           f"ffa_q{RATE:g}": ("ffa", RATE, None, "C2", f"ffa, one rate q = {RATE:g}"),
-          "ffa_groups": ("ffa", None, GROUPS, "C3", "ffa, batch 512, head / adapter clipped apart")}
+          "ffa_groups": ("ffa", None, GROUPS, "C3", "ffa, batch 512, head / adapter clipped apart"),
+          "ffa_groups_keep": ("ffa", None, {**GROUPS, "keep": True}, "C4", "ffa, batch 512, groups, Adam state kept")}
 TUNE_LR = (1e-3, 3e-3, 1e-2)
 TUNE_CLIP = (1.0,)
 VALIDATION = 2000
@@ -186,7 +190,11 @@ def lm_overrides(quick: bool, method: str, eps: float | None, clip: float = 1.0)
 
 def sample_overrides(quick: bool, method: str, eps: float | None, lr: float, clip: float,
                      rate: float | None = None, groups: dict | None = None) -> dict:
+    groups = dict(groups or {})
+    keep = bool(groups.pop("keep", False))
     o = {**SAMPLE_BASE, **(QUICK_BASE if quick else {}), "lora.aggregation": method, "client.lr": lr}
+    if keep:
+        o["client.optimizer_state"] = "keep"
     if rate is not None:
         o["client.record_sample_rate"] = rate
     if eps is None:
@@ -199,9 +207,12 @@ def sample_overrides(quick: bool, method: str, eps: float | None, lr: float, cli
 
 
 def sample_key(method: str, eps: float | None, rate: float | None = None, groups: dict | None = None) -> str:
-    """A run's key; without DP there is no clipping, so a grouped series shares its no-DP run with the flat one."""
+    """A run's key; without DP there is no clipping, so a grouped series shares its no-DP run with the flat one
+    (``groups`` may also hold ``keep``: the kept optimizer state, which the no-DP run shares)."""
+    groups = dict(groups or {})
+    keep = groups.pop("keep", False)
     return (f"sample_{method}_" + ("no_dp" if eps is None else f"eps{eps:g}") + ("" if rate is None else f"_q{rate:g}")
-            + ("_groups" if groups and eps is not None else ""))
+            + ("_groups" if groups and eps is not None else "") + ("_keep" if keep else ""))
 
 
 def utility_runs(quick: bool, lr: float = 3e-3, clip: float = 1.0, methods: tuple[str, ...] = ("ffa", "fedit"),
@@ -217,6 +228,10 @@ def utility_runs(quick: bool, lr: float = 3e-3, clip: float = 1.0, methods: tupl
     for e in EPSILONS[:-1]:  # FFA with group-wise clipping (its no-DP run is sample_ffa_no_dp)
         runs.append((sample_key("ffa", e, None, GROUPS), "experiments/quickstart.toml",
                      sample_overrides(quick, "ffa", e, lr, clip, None, GROUPS)))
+    keep = {**GROUPS, "keep": True}
+    for e in EPSILONS:  # ... and each organisation's Adam state kept across rounds (its own no-DP run)
+        runs.append((sample_key("ffa", e, None, keep), "experiments/quickstart.toml",
+                     sample_overrides(quick, "ffa", e, lr, clip, None, keep)))
     for m, _, _ in LM_SERIES.values():
         for e in EPSILONS:
             runs.append((lm_key(m, e), LM_CONFIG, lm_overrides(quick, m, e)))
@@ -363,7 +378,8 @@ def plot_curve(doc: dict, png: Path) -> None:
     lm = any(k.startswith("lm_") for k in runs)
     fig, axes = plt.subplots(1, 2 if lm else 1, figsize=(10 if lm else 5, 3.2), squeeze=False)
     lines = [([(e, acc(sample_key(m, e, r, g))) for e in EPSILONS[:-1] if sample_key(m, e, r, g) in runs],
-              None if g else acc(sample_key(m, None, r)), colour, what) for m, r, g, colour, what in SERIES.values()]
+              acc(sample_key(m, None, r, g)) if not g or g.get("keep") else None, colour, what)
+             for m, r, g, colour, what in SERIES.values()]
     base = next((r.get("majority_baseline") for k, r in runs.items() if k.startswith("sample_")
                  and r.get("majority_baseline")), None)  # the curve's own test split
     _panel(axes[0][0], lines, (base, "majority class"), "tweets, MiniLM-L6 + LoRA, 10 orgs", "test accuracy")
