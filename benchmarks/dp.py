@@ -280,6 +280,7 @@ EXTRA: dict = {}
 
 def _run(key: str, path: str, overrides: dict, out: Path, validation: int = 0) -> dict:
     from secfed.config import load_config
+    from secfed.engine import read_rounds
 
     overrides = {**overrides, **EXTRA}
     cfg = load_config(ROOT / path, overrides)
@@ -289,6 +290,7 @@ def _run(key: str, path: str, overrides: dict, out: Path, validation: int = 0) -
            "best_accuracy": s["best_accuracy"], "majority_baseline": s["majority_baseline"],
            "epsilon": s.get("epsilon"), "epsilon_vs_server": s.get("epsilon_vs_server"), "delta": s.get("delta"),
            "rounds_completed": s["rounds_completed"], "seconds": time.perf_counter() - t0, "noise": _noise_info(out),
+           "accuracy_per_round": [r.get("accuracy") for r in read_rounds(out)],
            **({"zero_shot_accuracy": s["zero_shot_accuracy"]} if s.get("zero_shot_accuracy") is not None else {})}
     print(f"  {key:30s} acc {s['final_accuracy']:.3f}  eps {s.get('epsilon')}  ({row['seconds']:.0f} s)", flush=True)
     return row
