@@ -252,10 +252,16 @@ def utility_runs(quick: bool, lr: float = 3e-3, clip: float = 1.0, methods: tupl
     return runs
 
 
-HEADLINE = {"accuracy_no_dp": "sample_ffa_no_dp", "accuracy_sample_dp_eps8": "sample_ffa_eps8",
+#: the headline's record-level pair: group-wise clipping (GROUPS), the setup the README recommends; flat clipping and
+#: one record rate kept beside it. The no-DP run is the same configuration with plain SGD (no clipping, no noise).
+HEADLINE = {"accuracy_no_dp": "sample_ffa_no_dp", "accuracy_sample_dp_eps8": sample_key("ffa", 8.0, None, GROUPS),
+            "accuracy_sample_dp_eps1": sample_key("ffa", 1.0, None, GROUPS),
+            "accuracy_sample_dp_eps8_flat_clip": "sample_ffa_eps8",
             "accuracy_no_dp_one_rate": sample_key("ffa", None, RATE),
             "accuracy_sample_dp_eps8_one_rate": sample_key("ffa", 8.0, RATE),
-            "accuracy_sample_dp_eps1": "sample_ffa_eps1", "accuracy_central_user_dp_eps8": "many_clients_central_eps8",
+            "accuracy_no_dp_adam_kept": sample_key("ffa", None, None, {**GROUPS, "keep": True}),
+            "accuracy_sample_dp_eps8_adam_kept": sample_key("ffa", 8.0, None, {**GROUPS, "keep": True}),
+            "accuracy_central_user_dp_eps8": "many_clients_central_eps8",
             "accuracy_distributed_dgauss_eps8": "many_clients_ddgauss_eps8"}
 
 
