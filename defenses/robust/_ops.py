@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import mmap
 import types
 
@@ -31,10 +32,8 @@ def empty_rows(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> to
     copy into a warm buffer, and 45-70 ms with 2 MiB pages (issue 20: StaticClip's and NNM's outputs).
     The memory is returned when the tensor is freed (the mapping lives as long as the tensor's storage).
     Below ``HUGE_MIN_BYTES``, or where ``madvise`` is missing, this is ``torch.empty``."""
-    numel = 1
-    for s in shape:
-        numel *= int(s)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    numel = math.prod(int(s) for s in shape)
+    nbytes = numel * dtype.itemsize
     if nbytes < HUGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(shape, dtype=dtype)
     size = -(-nbytes // _HUGE) * _HUGE
@@ -44,6 +43,15 @@ def empty_rows(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> to
     except (OSError, ValueError):
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(m, dtype=dtype, count=numel).view(shape)
+
+
+def rows_out(shape: tuple[int, ...], *inputs: torch.Tensor) -> torch.Tensor | None:
+    """An ``out=`` tensor from :func:`empty_rows` for an op on ``inputs`` (plain CPU tensors of one dtype, no
+    autograd), else None: the op then allocates its own result as usual."""
+    dtype = inputs[0].dtype
+    if any(t.device.type != "cpu" or t.requires_grad or t.dtype != dtype for t in inputs):
+        return None
+    return empty_rows(tuple(shape), dtype)
 
 
 def check_updates(X: torch.Tensor, name: str) -> torch.Tensor:
@@ -139,7 +147,5 @@ def clip_rows(X: torch.Tensor, max_norm: float | torch.Tensor) -> torch.Tensor:
     """Scale each row to norm at most ``max_norm``: ``x * min(1, C / ||x||)`` (a large output in huge pages)."""
     norms = row_norms(X)
     scale = torch.clamp(max_norm / norms.clamp_min(1e-12), max=1.0)
-    if X.device.type != "cpu" or X.requires_grad or scale.dtype != X.dtype:
-        return X * scale[:, None]
-    return torch.mul(X, scale[:, None], out=empty_rows(tuple(X.shape), X.dtype))
+    return torch.mul(X, scale[:, None], out=rows_out(X.shape, X, scale))
 

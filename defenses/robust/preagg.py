@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from defenses.robust._ops import check_f, check_updates, clip_rows, empty_rows, pairwise_sq_dists
+from defenses.robust._ops import check_f, check_updates, clip_rows, pairwise_sq_dists, rows_out
 from secfed.interfaces import derive_seed
 from secfed.needs import Need
 
@@ -16,10 +16,8 @@ __all__ = ["NNM", "Bucketing", "StaticClip"]
 
 
 def _mix(M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """``M @ X``, a large CPU output in huge pages (``empty_rows``: no 4 KiB page fault per page written)."""
-    if X.device.type != "cpu" or X.requires_grad or M.dtype != X.dtype:
-        return M @ X
-    return torch.matmul(M, X, out=empty_rows((M.shape[0], X.shape[1]), X.dtype))
+    """``M @ X``, a large CPU output in huge pages (``rows_out``: no 4 KiB page fault per page written)."""
+    return torch.matmul(M, X, out=rows_out((M.shape[0], X.shape[1]), M, X))
 
 
 class NNM:
