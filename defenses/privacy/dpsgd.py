@@ -151,9 +151,8 @@ def check_clip_shares(groups: dict[str, float], key: str = "client.trainer.clip_
 def clip_group_index(names: list[str], groups: dict[str, float], key: str = "client.trainer.clip_groups") -> list[int]:
     """Group of each trainable parameter: the first pattern of ``groups`` (``fnmatch``, in order) its name matches.
 
-    Every parameter must fall in a group and every group must hold a parameter; the squared shares may sum to at
-    most 1 (the sensitivity is ``C * sqrt(sum share^2)`` <= C, and the noise stays ``z C``)."""
-    check_clip_shares(groups, key)
+    Every parameter must fall in a group and every group must hold a parameter (the shares themselves are
+    :func:`check_clip_shares`' business, checked when the trainer is built)."""
     pats = list(groups)
     index = []
     for name in names:
@@ -171,10 +170,12 @@ class _DPGroupOptimizer(_DPOptimizer):
     """Group-wise clipping (McMahan et al. 2018, per-layer; He et al., ICLR 2023, "Exploring the limits of DP deep
     learning with group-wise clipping"): each example's gradient restricted to group g is clipped to C_g = share_g C,
     so its whole gradient has norm <= C sqrt(sum share_g^2) <= C and the Gaussian noise z C keeps the guarantee of
-    flat clipping. ``group_of[i]`` is the group of ``self.params[i]``."""
+    flat clipping. ``group_of[i]`` is the group of ``self.params[i]``, ``group_norms[g]`` its C_g."""
 
-    group_of: list[int]
-    group_norms: list[float]
+    def __init__(self, optimizer: torch.optim.Optimizer, *, group_of: list[int], group_norms: list[float],
+                 **kw: Any) -> None:
+        super().__init__(optimizer, **kw)
+        self.group_of, self.group_norms = group_of, group_norms
 
     def clip_and_accumulate(self) -> None:
         samples = self.grad_samples
@@ -225,13 +226,13 @@ class DPSGDTrainer:
             raise ConfigError(f"config key 'client.trainer.noise_multiplier': must be >= 0 (got {noise_multiplier})")
         if noise not in SOURCES:
             raise ConfigError(f"config key 'client.trainer.noise': one of {SOURCES} (got {noise!r})")
-        if clip_groups is not None and not isinstance(clip_groups, dict):
-            raise ConfigError("config key 'client.trainer.clip_groups': a table {pattern = share, ...}, e.g. "
-                              "{\"head.*\" = 0.7071, \"*\" = 0.7071}")
-        if clip_groups is not None and ghost_clipping:
-            raise ConfigError("config key 'client.trainer.clip_groups': group-wise clipping needs per-example "
-                              "gradients; set ghost_clipping = false")
         if clip_groups is not None:
+            if not isinstance(clip_groups, dict):
+                raise ConfigError("config key 'client.trainer.clip_groups': a table {pattern = share, ...}, e.g. "
+                                  "{\"head.*\" = 0.7071, \"*\" = 0.7071}")
+            if ghost_clipping:
+                raise ConfigError("config key 'client.trainer.clip_groups': group-wise clipping needs per-example "
+                                  "gradients; set ghost_clipping = false")
             check_clip_shares(clip_groups)
         self.max_grad_norm, self.noise_multiplier, self.ghost_clipping, self.noise = max_grad_norm, noise_multiplier, ghost_clipping, noise
         self.clip_groups = dict(clip_groups) if clip_groups is not None else None
@@ -281,9 +282,11 @@ class DPSGDTrainer:
         params = [p for p in model.parameters() if p.requires_grad]
         if steps == 0 or not params:
             return {"train_loss": float("nan"), "steps": 0, "examples_seen": 0}
+        groups: dict[str, Any] = {}
         if self.clip_groups is not None:  # checked before Opacus wraps the model: a refusal leaves no hooks behind
             names = {id(p): n for n, p in model.named_parameters()}
-            group_of = clip_group_index([names[id(p)] for p in params], self.clip_groups)
+            groups = {"group_of": clip_group_index([names[id(p)] for p in params], self.clip_groups),
+                      "group_norms": [float(v) * self.max_grad_norm for v in self.clip_groups.values()]}
         base = make_optimizer(params, self.optimizer, self.lr, self.momentum, self.weight_decay)
         self.kept.restore(base, client_id)  # the client's own state from its last round ("keep"): post-processing
         expected = q * n
@@ -294,11 +297,9 @@ class DPSGDTrainer:
                                     expected_batch_size=expected, loss_reduction="mean")
         else:
             gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
-            cls = _DPOptimizer if self.clip_groups is None else _DPGroupOptimizer
+            cls = _DPGroupOptimizer if groups else _DPOptimizer
             opt = cls(base, noise_multiplier=z, max_grad_norm=self.max_grad_norm, expected_batch_size=expected,
-                      loss_reduction="mean")
-            if self.clip_groups is not None:
-                opt.group_of, opt.group_norms = group_of, [float(v) * self.max_grad_norm for v in self.clip_groups.values()]
+                      loss_reduction="mean", **groups)
         opt.noise_source = self.noise
         if self.noise == "seeded":
             opt.noise_generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
