@@ -155,11 +155,12 @@ GROUPS = {"head.*": 0.5 ** 0.5, "*": 0.5 ** 0.5}
 # a round is close to lr * sign(g), which under DP noise moves every coordinate by ~lr whatever its signal). It changes
 # the training, not the privacy, so its series has its own no-DP run (sample_ffa_no_dp_keep).
 #: the DP-SGD curves: name in dp.json's "curve" -> (LoRA method, record rate or None for batch_size, clip groups or
-#: None for flat clipping, plot colour, label)
-SERIES = {"ffa": ("ffa", None, None, "C0", "ffa, batch 512"), "fedit": ("fedit", None, None, "C1", "fedit, batch 512"),
-          f"ffa_q{RATE:g}": ("ffa", RATE, None, "C2", f"ffa, one rate q = {RATE:g}"),
-          "ffa_groups": ("ffa", None, GROUPS, "C3", "ffa, batch 512, head / adapter clipped apart"),
-          "ffa_groups_keep": ("ffa", None, {**GROUPS, "keep": True}, "C4", "ffa, batch 512, groups, Adam state kept")}
+#: None for flat clipping, optimizer state kept, plot colour, label)
+SERIES = {"ffa": ("ffa", None, None, False, "C0", "ffa, batch 512"),
+          "fedit": ("fedit", None, None, False, "C1", "fedit, batch 512"),
+          f"ffa_q{RATE:g}": ("ffa", RATE, None, False, "C2", f"ffa, one rate q = {RATE:g}"),
+          "ffa_groups": ("ffa", None, GROUPS, False, "C3", "ffa, batch 512, head / adapter clipped apart"),
+          "ffa_groups_keep": ("ffa", None, GROUPS, True, "C4", "ffa, batch 512, groups, Adam state kept")}
 TUNE_LR = (1e-3, 3e-3, 1e-2)
 TUNE_CLIP = (1.0,)
 VALIDATION = 2000
@@ -180,18 +181,20 @@ def lm_key(method: str, eps: float | None) -> str:
     return f"lm_{method}_" + ("no_dp" if eps is None else f"eps{eps:g}")
 
 
+def dp_sgd_overrides(eps: float, clip: float, groups: dict | None = None) -> dict:
+    """Record-level DP-SGD at (eps, 1e-5): the trainer (flat or group-wise clipping) and its guard."""
+    return {"client.trainer": {"name": "dp-sgd", "max_grad_norm": clip, "ghost_clipping": False,
+                               **({"clip_groups": dict(groups)} if groups else {})},
+            "server.privacy": {"name": "dp-sgd", "epsilon": eps, "delta": 1e-5, "accountant": "rdp"}}
+
+
 def lm_overrides(quick: bool, method: str, eps: float | None, clip: float = 1.0) -> dict:
     o = {**(LM_QUICK if quick else {}), "lora.aggregation": method}
-    if eps is not None:
-        o.update({"client.trainer": {"name": "dp-sgd", "max_grad_norm": clip, "ghost_clipping": False},
-                  "server.privacy": {"name": "dp-sgd", "epsilon": eps, "delta": 1e-5, "accountant": "rdp"}})
-    return o
+    return o if eps is None else {**o, **dp_sgd_overrides(eps, clip)}
 
 
 def sample_overrides(quick: bool, method: str, eps: float | None, lr: float, clip: float,
-                     rate: float | None = None, groups: dict | None = None) -> dict:
-    groups = dict(groups or {})
-    keep = bool(groups.pop("keep", False))
+                     rate: float | None = None, groups: dict | None = None, keep: bool = False) -> dict:
     o = {**SAMPLE_BASE, **(QUICK_BASE if quick else {}), "lora.aggregation": method, "client.lr": lr}
     if keep:
         o["client.optimizer_state"] = "keep"
@@ -200,17 +203,14 @@ def sample_overrides(quick: bool, method: str, eps: float | None, lr: float, cli
     if eps is None:
         o.update({"client.trainer": {"name": "sgd"}, "server.privacy": None})
     else:
-        o.update({"client.trainer": {"name": "dp-sgd", "max_grad_norm": clip, "ghost_clipping": False,
-                                     **({"clip_groups": dict(groups)} if groups else {})},
-                  "server.privacy": {"name": "dp-sgd", "epsilon": eps, "delta": 1e-5, "accountant": "rdp"}})
+        o.update(dp_sgd_overrides(eps, clip, groups))
     return o
 
 
-def sample_key(method: str, eps: float | None, rate: float | None = None, groups: dict | None = None) -> str:
+def sample_key(method: str, eps: float | None, rate: float | None = None, groups: dict | None = None,
+               keep: bool = False) -> str:
     """A run's key; without DP there is no clipping, so a grouped series shares its no-DP run with the flat one
-    (``groups`` may also hold ``keep``: the kept optimizer state, which the no-DP run shares)."""
-    groups = dict(groups or {})
-    keep = groups.pop("keep", False)
+    (a kept optimizer state changes the training: that series has its own no-DP run)."""
     return (f"sample_{method}_" + ("no_dp" if eps is None else f"eps{eps:g}") + ("" if rate is None else f"_q{rate:g}")
             + ("_groups" if groups and eps is not None else "") + ("_keep" if keep else ""))
 
@@ -228,10 +228,9 @@ def utility_runs(quick: bool, lr: float = 3e-3, clip: float = 1.0, methods: tupl
     for e in EPSILONS[:-1]:  # FFA with group-wise clipping (its no-DP run is sample_ffa_no_dp)
         runs.append((sample_key("ffa", e, None, GROUPS), "experiments/quickstart.toml",
                      sample_overrides(quick, "ffa", e, lr, clip, None, GROUPS)))
-    keep = {**GROUPS, "keep": True}
     for e in EPSILONS:  # ... and each organisation's Adam state kept across rounds (its own no-DP run)
-        runs.append((sample_key("ffa", e, None, keep), "experiments/quickstart.toml",
-                     sample_overrides(quick, "ffa", e, lr, clip, None, keep)))
+        runs.append((sample_key("ffa", e, None, GROUPS, keep=True), "experiments/quickstart.toml",
+                     sample_overrides(quick, "ffa", e, lr, clip, None, GROUPS, keep=True)))
     for m, _, _ in LM_SERIES.values():
         for e in EPSILONS:
             runs.append((lm_key(m, e), LM_CONFIG, lm_overrides(quick, m, e)))
@@ -259,8 +258,8 @@ HEADLINE = {"accuracy_no_dp": "sample_ffa_no_dp", "accuracy_sample_dp_eps8": sam
             "accuracy_sample_dp_eps8_flat_clip": "sample_ffa_eps8",
             "accuracy_no_dp_one_rate": sample_key("ffa", None, RATE),
             "accuracy_sample_dp_eps8_one_rate": sample_key("ffa", 8.0, RATE),
-            "accuracy_no_dp_adam_kept": sample_key("ffa", None, None, {**GROUPS, "keep": True}),
-            "accuracy_sample_dp_eps8_adam_kept": sample_key("ffa", 8.0, None, {**GROUPS, "keep": True}),
+            "accuracy_no_dp_adam_kept": sample_key("ffa", None, None, GROUPS, keep=True),
+            "accuracy_sample_dp_eps8_adam_kept": sample_key("ffa", 8.0, None, GROUPS, keep=True),
             "accuracy_central_user_dp_eps8": "many_clients_central_eps8",
             "accuracy_distributed_dgauss_eps8": "many_clients_ddgauss_eps8"}
 
@@ -385,9 +384,9 @@ def plot_curve(doc: dict, png: Path) -> None:
     acc = lambda k: runs[k]["final_accuracy"] if k in runs else None  # noqa: E731
     lm = any(k.startswith("lm_") for k in runs)
     fig, axes = plt.subplots(1, 2 if lm else 1, figsize=(10 if lm else 5, 3.2), squeeze=False)
-    lines = [([(e, acc(sample_key(m, e, r, g))) for e in EPSILONS[:-1] if sample_key(m, e, r, g) in runs],
-              acc(sample_key(m, None, r, g)) if not g or g.get("keep") else None, colour, what)
-             for m, r, g, colour, what in SERIES.values()]
+    lines = [([(e, acc(sample_key(m, e, r, g, kp))) for e in EPSILONS[:-1] if sample_key(m, e, r, g, kp) in runs],
+              acc(sample_key(m, None, r, g, kp)) if not g or kp else None, colour, what)  # a shared no-DP line once
+             for m, r, g, kp, colour, what in SERIES.values()]
     base = next((r.get("majority_baseline") for k, r in runs.items() if k.startswith("sample_")
                  and r.get("majority_baseline")), None)  # the curve's own test split
     _panel(axes[0][0], lines, (base, "majority class"), "tweets, MiniLM-L6 + LoRA, 10 orgs", "test accuracy")
@@ -469,8 +468,8 @@ def main() -> None:
     step, runs = doc.get("step", {}), doc.get("utility", {}).get("runs", {})
     doc["headline"] = {"dp_step_over_plain": step.get("dp_step_over_plain"),
                        **{k: runs.get(v, {}).get("final_accuracy") for k, v in HEADLINE.items()}}
-    doc["curve"] = {name: {("inf" if e is None else f"{e:g}"): runs.get(sample_key(m, e, rate, g), {}).get("final_accuracy")
-                           for e in EPSILONS} for name, (m, rate, g, _, _) in SERIES.items()}
+    doc["curve"] = {name: {("inf" if e is None else f"{e:g}"): runs.get(sample_key(m, e, rate, g, kp), {}).get("final_accuracy")
+                           for e in EPSILONS} for name, (m, rate, g, kp, _, _) in SERIES.items()}
     doc["curve_lm"] = {name: {("inf" if e is None else f"{e:g}"): runs.get(lm_key(m, e), {}).get("final_accuracy")
                               for e in EPSILONS} for name, (m, _, _) in LM_SERIES.items()}
     doc = {"headline": doc.pop("headline"), **doc}
