@@ -268,7 +268,8 @@ def guarantee(cfg: Any, guard: Any = None) -> dict[str, Any]:
     eps_s = f"epsilon = {eps:.3g}" if isinstance(eps, (int, float)) else "epsilon = ?"
     if isinstance(budget, (int, float)):
         eps_s += f" (of a budget of {budget:g})"
-    parts = [f"z = {z:.4g}" if isinstance(z, (int, float)) else "noise multiplier calibrated at the first round"]
+    parts = [f"z = {z:.4g}" if isinstance(z, (int, float)) else z if isinstance(z, str)
+             else "noise multiplier calibrated at the first round"]
     if facts.get("sample_rate") is not None and g["level"] == "user-level":
         parts.append(f"client sampling rate q = {facts['sample_rate']:g}")
     parts.append(acc)

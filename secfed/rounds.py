@@ -247,9 +247,10 @@ class DPRoundParams:
     distributed: bool = False  # noise placement: shares on the clients
     dpsgd_noise_multiplier: float | None = None  # DP-SGD's z (the guard's calibration over all shards)
     max_grad_norm: float | None = None  # DP-SGD's per-example clip
+    dpsgd_per_client: bool = False  # DP-SGD's z calibrated per client: each node computes its own from the config
 
     KINDS: ClassVar[dict[str, type]] = {"noise_multiplier": float, "clip_norm": float, "share_divisor": int, "distributed": bool,
-             "dpsgd_noise_multiplier": float, "max_grad_norm": float}
+             "dpsgd_noise_multiplier": float, "max_grad_norm": float, "dpsgd_per_client": bool}
 
     @classmethod
     def of(cls, values: "DPRoundParams | dict[str, Any] | None") -> "DPRoundParams":

@@ -340,3 +340,92 @@ privacy = { name = "dp-sgd", epsilon = 8.0, delta = 1e-5 }
     with pytest.raises(ConfigError, match=r"clip_groups': trainable parameter '.*' is in no group|"
                                           r"clip_groups': pattern"):
         Engine(bad, tmp_path / "b", progress=False).run()
+
+
+def test_per_client_calibration_meets_epsilon_for_each_plan_alone():
+    """server.privacy.calibration = "per-client": each client's z_i is the smallest meeting epsilon for its own plan
+    (q_i = B / n_i, K_i steps a round); the shared z is the worst plan's, so the smallest shard keeps it and a large
+    shard gets Opacus's own calibration for its rate (0.83 against 1.91 on the tweets split's extremes)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from defenses.privacy.analysis import epsilon
+    from defenses.privacy.dpsgd import noise_multipliers
+
+    shards = [6390, 846, 3427, 1008, 846]
+    base = {"trainer": {"name": "dp-sgd", "max_grad_norm": 1.0}, "local_steps": 4, "batch_size": 512}
+    priv = {"name": "dp-sgd", "epsilon": 8.0, "delta": 1e-5}
+    per = tiny_config(run={"rounds": 5}, client=base, server={"privacy": {**priv, "calibration": "per-client"}})
+    shared = tiny_config(run={"rounds": 5}, client=base, server={"privacy": priv})
+    zs = noise_multipliers(per, shards)
+    z_shared = resolve_noise_multiplier(shared, shards)
+    assert noise_multipliers(shared, shards) == [z_shared] * 5
+    assert zs[1] == zs[4] == pytest.approx(z_shared, rel=2e-3) and zs[0] < zs[2] < zs[3] < zs[1]
+    for n, z in zip(shards, zs):  # each plan within epsilon, and 1% less noise would not be
+        assert epsilon([(z, 512 / n, 20)], 1e-5, "rdp") <= 8.0 < epsilon([(0.99 * z, 512 / n, 20)], 1e-5, "rdp")
+    ref = get_noise_multiplier(target_epsilon=8.0, target_delta=1e-5, sample_rate=512 / 6390, steps=20, accountant="rdp")
+    assert zs[0] == pytest.approx(ref, rel=0.01) and zs[0] < 0.5 * z_shared
+
+
+def test_per_client_calibration_runs_accounts_and_resumes(tmp_path):
+    """In a run: the trainer adds each client's own z_i (the guard's), the ledger records [q_i, K_i, z_i], every
+    client ends within epsilon and a resumed guard reads the same epsilons back from the ledger."""
+    from defenses.privacy.guard import DPSGDGuard
+    from secfed.describe import guarantee
+
+    cfg = tiny_config(run={"rounds": 2}, data={"partition": "dirichlet", "alpha": 0.5},
+                      client={"trainer": {"name": "dp-sgd", "max_grad_norm": 1.0}, "local_steps": 2},
+                      server={"privacy": {"name": "dp-sgd", "epsilon": 4.0, "delta": 1e-5, "calibration": "per-client"}})
+    eng = Engine(cfg, tmp_path / "r", progress=False)
+    s = eng.run()
+    sizes = [len(x) for x in eng.task.shards]
+    assert len(set(sizes)) == 4 and s["rounds_completed"] == 2 and 0 < s["epsilon"] <= 4.0
+    g = eng.privacy
+    assert g.z is None and len(set(g.z_of.values())) == 4
+    assert {n: z for n, z in eng.trainer._z_of_n.items()} == {n: g.z_of[c] for c, n in enumerate(sizes)}
+    assert max(g.z_of, key=lambda c: sizes[c]) == min(g.z_of, key=g.z_of.get)  # the largest shard, the least noise
+    assert all(3.9 < e <= 4.0 for e in g._eps.values())  # each client spends its budget, none more
+    entries = [json.loads(x) for x in (tmp_path / "r" / "privacy_ledger.jsonl").read_text().splitlines()]
+    assert entries[0]["z"] is None
+    assert {int(c): v[2] for c, v in entries[0]["clients"].items()} == g.z_of
+    again = DPSGDGuard(epsilon=4.0, batch_size=16, local_steps=2, calibration="per-client")
+    again.load(entries)
+    assert again._eps == pytest.approx(g._eps)
+    assert "each organisation's own z_i" in guarantee(cfg, g)["sentence"]
+
+
+def test_per_client_calibration_refusals(tmp_path):
+    base = {"trainer": {"name": "dp-sgd", "max_grad_norm": 1.0}, "local_steps": 2}
+    priv = {"name": "dp-sgd", "epsilon": 4.0, "delta": 1e-5}
+    with pytest.raises(ConfigError, match=r"server.privacy.calibration': 'per-organisation' is not one of"):
+        Engine(tiny_config(client=base, server={"privacy": {**priv, "calibration": "per-organisation"}}),
+               tmp_path / "a", progress=False).run()
+    with pytest.raises(ConfigError, match=r"calibration': \"per-client\" calibrates each client's z from epsilon; drop "
+                                          r"client.trainer.noise_multiplier"):
+        Engine(tiny_config(client={**base, "trainer": {**base["trainer"], "noise_multiplier": 1.0}},
+                           server={"privacy": {**priv, "calibration": "per-client"}}), tmp_path / "b",
+               progress=False).run()
+
+
+def test_per_client_calibration_over_flower_each_node_calibrates_its_own_z(tmp_path):
+    """Over Flower the server sends no z under per-client calibration, only the flag: each node computes its z_i
+    from the fingerprinted config and its shard, the same the server's guard charges; a node whose config does not
+    calibrate per client refuses the flag (and a shared-z message is refused the other way by the fingerprint)."""
+    pytest.importorskip("flwr")
+    from _flower_fake import run_flower
+
+    from secfed.flower.runtime import ClientRuntime
+
+    priv = {"name": "dp-sgd", "epsilon": 4.0, "delta": 1e-5, "calibration": "per-client"}
+    cfg = tiny_config(run={"rounds": 1}, data={"partition": "dirichlet", "alpha": 0.5},
+                      client={"trainer": {"name": "dp-sgd", "max_grad_norm": 1.0}, "local_steps": 2},
+                      server={"privacy": priv})
+    eng, grid = run_flower(cfg, tmp_path / "f")
+    sizes = [len(x) for x in eng.task.shards]
+    assert eng.privacy.z is None and len(set(eng.privacy.z_of.values())) == 4
+    assert grid.rt.trainer._z_of_n == {n: eng.privacy.z_of[c] for c, n in enumerate(sizes)}
+    assert 3.9 < eng.privacy.epsilon() <= 4.0
+    shared = tiny_config(client={"trainer": {"name": "dp-sgd", "max_grad_norm": 1.0}},
+                         server={"privacy": {**priv, "calibration": "shared"}})
+    rt = ClientRuntime(shared, Task(shared))
+    with pytest.raises(ConfigError, match="calibration: the server's guard calibrates DP-SGD per client"):
+        rt.apply_dp({"dpsgd_per_client": True, "max_grad_norm": 1.0}, rt.context(1, [0, 1]))

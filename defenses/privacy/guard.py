@@ -26,7 +26,7 @@ from typing import Any
 
 from defenses.privacy.analysis import ACCOUNTANTS, calibrate_noise, calibrate_rounds, epsilon
 from defenses.privacy.clipping import round_info
-from defenses.privacy.dpsgd import PLAN_KEYS, client_plan, plan_mismatch, resolve_noise_multiplier
+from defenses.privacy.dpsgd import PLAN_KEYS, check_calibration, client_plan, noise_multipliers, plan_mismatch
 from secfed import registry
 from secfed.aggregation import Mean
 from secfed.errors import BudgetExhausted, CheckpointError, ConfigError
@@ -319,8 +319,10 @@ class DPSGDGuard:
 
     The noise multiplier is the trainer's (``client.trainer.noise_multiplier``) or
     calibrated from this guard's epsilon for run.rounds, assuming every client trains
-    every round (:func:`defenses.privacy.dpsgd.resolve_noise_multiplier`). Each round
-    charges every client of the cohort (dropped ones too) K_i steps at rate q_i.
+    every round (:func:`defenses.privacy.dpsgd.resolve_noise_multiplier`): one z for every
+    client (``calibration = "shared"``, the worst plan's), or each client's own
+    (``"per-client"``). Each round charges every client of the cohort (dropped ones too)
+    K_i steps at rate q_i with its z_i.
     """
 
     mechanism = "dp-sgd"  # the ledger's name of what it charges
@@ -329,12 +331,14 @@ class DPSGDGuard:
 
     def __init__(self, epsilon: float | None = None, delta: float = 1e-5, accountant: str = "rdp",
                  batch_size: int = 16, local_epochs: int = 1, local_steps: int = 0,
-                 record_sample_rate: float | None = None) -> None:
+                 record_sample_rate: float | None = None, calibration: str = "shared") -> None:
         _check_common(epsilon, delta, accountant)
+        self.calibration = check_calibration(calibration)
         self.budget, self.delta, self.accountant = epsilon, float(delta), accountant
         self.batch_size, self.local_epochs, self.local_steps = batch_size, local_epochs, local_steps
         self.record_sample_rate = record_sample_rate
-        self.z: float | None = None
+        self.z: float | None = None  # the shared z (None before the first round and under per-client calibration)
+        self.z_of: dict[int, float] = {}  # client id -> z_i
         self.histories: dict[int, list[tuple[float, float, int]]] = {}
         self._eps: dict[int, float] = {}
         self._next: dict[int, float] = {}
@@ -359,19 +363,21 @@ class DPSGDGuard:
         task = ctx.task
         if task is None:
             raise ConfigError(f"config key '{KEY}': dp-sgd needs the task (shard sizes) to account")
-        if self.z is None:
+        if not self.z_of:
             self.validate_config(task.cfg)
             if not trainer_is_private(task.cfg):
                 raise ConfigError("config key 'client.trainer': server.privacy = \"dp-sgd\" needs client.trainer = \"dp-sgd\"")
-            self.z = resolve_noise_multiplier(task.cfg, [len(s) for s in task.shards])
-            if not self.z > 0:
+            zs = noise_multipliers(task.cfg, [len(s) for s in task.shards])
+            if not all(z > 0 for z in zs):
                 raise ConfigError("config key 'client.trainer.noise_multiplier': must be > 0 for a privacy guarantee")
+            self.z_of = dict(enumerate(zs))
+            self.z = zs[0] if zs and self.calibration == "shared" else None
 
     def check(self, ctx: RoundContext) -> None:
         self._setup(ctx)
         self._plan = {cid: client_plan(len(ctx.task.shards[cid]), self.batch_size, self.local_epochs, self.local_steps,
                                        self.record_sample_rate) for cid in ctx.cohort}
-        self._next = {cid: epsilon(self.histories.get(cid, []) + [(self.z, q, k)], self.delta, self.accountant)
+        self._next = {cid: epsilon(self.histories.get(cid, []) + [(self.z_of[cid], q, k)], self.delta, self.accountant)
                       for cid, (q, k) in self._plan.items()}
         worst = max(self._next.values(), default=0.0)
         if self.budget is not None and worst > self.budget * (1 + 1e-9):
@@ -382,9 +388,10 @@ class DPSGDGuard:
         if not self._plan:
             self.check(ctx)
         for cid, (q, k) in self._plan.items():
-            self.histories.setdefault(cid, []).append((self.z, q, k))
+            self.histories.setdefault(cid, []).append((self.z_of[cid], q, k))
             self._eps[cid] = self._next[cid]
-        clients = {str(cid): [q, k] for cid, (q, k) in self._plan.items()}
+        # shared: [q_i, K_i] under the entry's z; per-client: [q_i, K_i, z_i] (z = None)
+        clients = {str(cid): [q, k] if self.z is not None else [q, k, self.z_of[cid]] for cid, (q, k) in self._plan.items()}
         self._plan, self._next = {}, {}
         return {"mechanism": self.mechanism, "accountant": self.accountant, "z": self.z, "clients": clients,
                 "delta": self.delta, "epsilon": self.epsilon(), "adversary": self.ADVERSARY,
@@ -395,8 +402,13 @@ class DPSGDGuard:
     ADVERSARY = "anyone seeing a client's updates (the server included) or the released models"
 
     def describe(self) -> dict[str, Any]:
-        return {"epsilon_adversary": self.ADVERSARY, "epsilon_vs_server": self.epsilon(),
-                "epsilon_vs_server_note": "per record; the server sees each update but not the secret Poisson batches"}
+        out = {"epsilon_adversary": self.ADVERSARY, "epsilon_vs_server": self.epsilon(),
+               "epsilon_vs_server_note": "per record; the server sees each update but not the secret Poisson batches"}
+        if self.calibration == "per-client":
+            zs = sorted(set(self.z_of.values()))
+            out["noise_multiplier"] = ("each organisation's own z_i, " + (f"{zs[0]:.4g} to {zs[-1]:.4g}" if zs else
+                                                                         "calibrated at the first round"))
+        return out
 
     def load(self, entries: list[dict[str, Any]]) -> None:
         self.histories = {}
@@ -404,8 +416,9 @@ class DPSGDGuard:
             if e.get("mechanism") != self.mechanism:
                 raise CheckpointError(f"privacy ledger: entry {e.get('seq')} is for mechanism {e.get('mechanism')!r}, "
                                       f"this run uses {self.mechanism!r}")
-            for cid, (q, k) in e["clients"].items():
-                self.histories.setdefault(int(cid), []).append((float(e["z"]), float(q), int(k)))
+            for cid, plan in e["clients"].items():
+                q, k, z = (plan[0], plan[1], plan[2] if len(plan) == 3 else e["z"])
+                self.histories.setdefault(int(cid), []).append((float(z), float(q), int(k)))
         self._eps = {cid: epsilon(h, self.delta, self.accountant) for cid, h in self.histories.items()}
 
     def epsilon(self) -> float:

@@ -63,7 +63,8 @@ class ClientRuntime:
         """Seed this round's DP bookkeeping with the server guard's parameters (review finding 2).
 
         The node's noise stages read z from here as in-process (a stage's own other z fails the same way);
-        DP-SGD takes the guard's z (calibrated over every shard; a node holds one).
+        DP-SGD takes the guard's z (calibrated over every shard; a node holds one), or, under per-client
+        calibration, calibrates its own from the config and its shard size as the guard did.
         """
         dp = DPRoundParams.of(dp)
         trainer = self.client.trainer
@@ -87,6 +88,12 @@ class ClientRuntime:
             if not is_private(trainer):
                 raise ConfigError("config key 'client.trainer': the server's guard runs dp-sgd, this node's trainer does not")
             trainer.use_noise_multiplier(z)  # the guard's z, calibrated over every shard
+        if dp.dpsgd_per_client:
+            priv = cfg.server.privacy
+            if not is_private(trainer) or priv is None or priv.params.get("calibration") != "per-client":
+                raise ConfigError("server.privacy.calibration: the server's guard calibrates DP-SGD per client, this "
+                                  "node's config or trainer does not")
+            # the trainer calibrates z_i for this node's shard from the same config, as the server's guard did
         if dp.max_grad_norm is not None and not math.isclose(getattr(trainer, "max_grad_norm", -1.0), dp.max_grad_norm,
                                                              rel_tol=1e-9):
             raise ConfigError(f"config key 'client.trainer.max_grad_norm': "
