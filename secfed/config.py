@@ -223,6 +223,9 @@ class PrivacyConfig(_Section):
     noise_multiplier: float | None = Field(None, gt=0)
     sample_rate: float | None = Field(None, gt=0, le=1, description="user-level: Poisson client sampling rate q")
     noise: Literal["central", "distributed"] | None = None
+    calibration: Literal["shared", "per-client"] | None = Field(
+        None, description="record-level: each organisation's z for its own plan (per-client, the default) or the "
+                          "smallest shard's for all (shared)")
 
 
 class LoraConfig(_Section):

@@ -9,8 +9,9 @@
 
 * ``"record-level"`` -- DP-SGD on every client (Abadi et al. 2016): protects one record
   of one organisation. Sets ``client.trainer = {name = "dp-sgd", max_grad_norm = clip}``
-  and ``server.privacy = {name = "dp-sgd", epsilon, delta, accountant}`` (the noise
-  multiplier is calibrated for the smallest shard, or ``noise_multiplier``).
+  and ``server.privacy = {name = "dp-sgd", epsilon, delta, accountant, calibration}`` (each
+  organisation's noise multiplier calibrated for its own plan: ``calibration = "per-client"``, the
+  default here; ``"shared"`` gives every organisation the smallest shard's; or a fixed ``noise_multiplier``).
 * ``"user-level"`` -- DP-FedAvg (McMahan et al. 2018): protects one organisation's whole
   data. Sets Poisson client sampling (``server.sampling = "poisson"``, ``sample_rate``),
   ``client.weighting = "uniform"``, a ``clip`` stage (``clip_norm = clip``), the
@@ -36,7 +37,7 @@ from secfed.errors import ConfigError
 from secfed.needs import DPRole, Need, dp_role
 
 PRESETS = ("record-level", "user-level")
-KEYS = ("preset", "epsilon", "delta", "accountant", "clip", "noise_multiplier", "sample_rate", "noise")
+KEYS = ("preset", "epsilon", "delta", "accountant", "clip", "noise_multiplier", "sample_rate", "noise", "calibration")
 DEFAULT_CLIP = {"record-level": 1.0, "user-level": 0.5}
 
 
@@ -151,8 +152,15 @@ def expand_privacy(data: Any) -> Any:
         trainer = {"name": "dp-sgd", "max_grad_norm": clip}
         if z is not None:
             trainer["noise_multiplier"] = z
+            if p.get("calibration") is not None:
+                ex.conflicts.append(f"privacy.calibration = {p['calibration']!r} (a fixed noise_multiplier is not "
+                                    "calibrated)")
+        else:  # each organisation's z for its own plan (defenses.privacy.dpsgd.resolve_noise_multiplier)
+            guard["calibration"] = p.get("calibration") or "per-client"
         ex.plugin("client", "trainer", trainer)
     else:
+        if p.get("calibration") is not None:
+            ex.conflicts.append(f"privacy.calibration = {p['calibration']!r} (applies to preset \"record-level\" only)")
         _user_level(ex, p, clip)
         if z is not None:
             guard["noise_multiplier"] = z

@@ -185,7 +185,15 @@ def test_presets_fill_in_a_consistent_setup_and_refuse_contradictions():
     assert u.server.privacy.params["delta"] == 1e-6
     r = parse_config({**base, "privacy": {"preset": "record-level", "epsilon": 8.0, "clip": 0.7}})
     assert r.client.trainer.name == "dp-sgd" and r.client.trainer.params["max_grad_norm"] == 0.7
-    assert r.server.privacy.name == "dp-sgd"
+    assert r.server.privacy.name == "dp-sgd" and r.server.privacy.params["calibration"] == "per-client"
+    shared = parse_config({**base, "privacy": {"preset": "record-level", "epsilon": 8.0, "calibration": "shared"}})
+    assert shared.server.privacy.params["calibration"] == "shared"
+    fixed = parse_config({**base, "privacy": {"preset": "record-level", "noise_multiplier": 1.1}})
+    assert "calibration" not in fixed.server.privacy.params and fixed.client.trainer.params["noise_multiplier"] == 1.1
+    for bad, what in (({"preset": "record-level", "noise_multiplier": 1.1, "calibration": "per-client"}, "a fixed noise_multiplier"),
+                      ({"preset": "user-level", "epsilon": 8.0, "calibration": "per-client"}, "applies to preset")):
+        with pytest.raises(ConfigError, match=f"privacy.calibration = 'per-client' \\({what}"):
+            parse_config({**base, "privacy": bad})
     # re-reading the expanded config (config.json, --resume, audit) changes nothing
     for c in (u, r):
         again = parse_config(json.loads(json.dumps(c.model_dump(mode="json"))))
