@@ -384,7 +384,9 @@ def _noise_info(run_dir: Path) -> dict:
     recs = [json.loads(l) for l in (run_dir / "rounds.jsonl").read_text().splitlines() if l.strip()]
     return {"noise_multiplier": first.get("z"), "dp_noise_std_per_coordinate": recs[0].get("dp_noise_std"),
             "mechanism": recs[0].get("dp_mechanism"), "share_std_per_coordinate": recs[0].get("dp_share_std"),
-            "ddgauss": first.get("ddgauss")}
+            "ddgauss": first.get("ddgauss"),
+            **({"noise_multiplier_per_client": {c: v[2] for c, v in first["clients"].items()}}
+               if any(len(v) == 3 for v in first.get("clients", {}).values()) else {})}
 
 
 def _panel(ax, lines: list, baseline: tuple | None, title: str, ylabel: str) -> None:
