@@ -281,7 +281,7 @@ def test_sample_level_guard_calibrates_and_reports(tmp_path):
     s = eng.run()
     assert s["rounds_completed"] == 2 and 0 < s["epsilon"] <= 4.0
     z = resolve_noise_multiplier(cfg, [len(x) for x in eng.task.shards])
-    assert eng.trainer._z == pytest.approx(z) and eng.privacy.z == pytest.approx(z)
+    assert eng.trainer._own[None] == pytest.approx(z) and eng.privacy.z == pytest.approx(z)
     eps = [r["epsilon"] for r in read_rounds(tmp_path / "r")]
     assert eps[0] < eps[1] <= 4.0
 
@@ -381,7 +381,7 @@ def test_per_client_calibration_runs_accounts_and_resumes(tmp_path):
     assert len(set(sizes)) == 4 and s["rounds_completed"] == 2 and 0 < s["epsilon"] <= 4.0
     g = eng.privacy
     assert g.z is None and len(set(g.z_of.values())) == 4
-    assert {n: z for n, z in eng.trainer._z_of_n.items()} == {n: g.z_of[c] for c, n in enumerate(sizes)}
+    assert eng.trainer._own == {n: g.z_of[c] for c, n in enumerate(sizes)}
     assert max(g.z_of, key=lambda c: sizes[c]) == min(g.z_of, key=g.z_of.get)  # the largest shard, the least noise
     assert all(3.9 < e <= 4.0 for e in g._eps.values())  # each client spends its budget, none more
     entries = [json.loads(x) for x in (tmp_path / "r" / "privacy_ledger.jsonl").read_text().splitlines()]
@@ -409,7 +409,8 @@ def test_per_client_calibration_refusals(tmp_path):
 def test_per_client_calibration_over_flower_each_node_calibrates_its_own_z(tmp_path):
     """Over Flower the server sends no z under per-client calibration, only the flag: each node computes its z_i
     from the fingerprinted config and its shard, the same the server's guard charges; a node whose config does not
-    calibrate per client refuses the flag (and a shared-z message is refused the other way by the fingerprint)."""
+    calibrate per client refuses the flag, a per-client node refuses a shared z, and no node trains with a z below
+    what its own config needs (a malicious server asking for less noise)."""
     pytest.importorskip("flwr")
     from _flower_fake import run_flower
 
@@ -422,10 +423,18 @@ def test_per_client_calibration_over_flower_each_node_calibrates_its_own_z(tmp_p
     eng, grid = run_flower(cfg, tmp_path / "f")
     sizes = [len(x) for x in eng.task.shards]
     assert eng.privacy.z is None and len(set(eng.privacy.z_of.values())) == 4
-    assert grid.rt.trainer._z_of_n == {n: eng.privacy.z_of[c] for c, n in enumerate(sizes)}
+    assert grid.rt.trainer._own == {n: eng.privacy.z_of[c] for c, n in enumerate(sizes)}
     assert 3.9 < eng.privacy.epsilon() <= 4.0
     shared = tiny_config(client={"trainer": {"name": "dp-sgd", "max_grad_norm": 1.0}},
                          server={"privacy": {**priv, "calibration": "shared"}})
     rt = ClientRuntime(shared, Task(shared))
     with pytest.raises(ConfigError, match="calibration: the server's guard calibrates DP-SGD per client"):
         rt.apply_dp({"dpsgd_per_client": True, "max_grad_norm": 1.0}, rt.context(1, [0, 1]))
+    # a server asking for less noise than the node's own config needs is refused, per client or shared
+    with pytest.raises(ConfigError, match="the server's DP-SGD z = 0.01 is below the"):
+        rt.apply_dp({"dpsgd_noise_multiplier": 0.01, "max_grad_norm": 1.0}, rt.context(1, [0, 1]))
+    rt.apply_dp({"dpsgd_noise_multiplier": 5.0, "max_grad_norm": 1.0}, rt.context(1, [0, 1]))  # more noise: fine
+    assert rt.trainer.resolved_noise_multiplier(rt.task) == 5.0
+    per = ClientRuntime(cfg, Task(cfg))
+    with pytest.raises(ConfigError, match="this node calibrates its own z .*the server sent a shared z = 5"):
+        per.apply_dp({"dpsgd_noise_multiplier": 5.0, "max_grad_norm": 1.0}, per.context(1, [0, 1]))

@@ -278,24 +278,26 @@ class DPSGDTrainer:
         self.local_epochs, self.local_steps, self.batch_size = local_epochs, local_steps, batch_size
         self.record_sample_rate = record_sample_rate
         self.lr, self.optimizer, self.momentum, self.weight_decay = lr, optimizer, momentum, weight_decay
-        self._z: float | None = noise_multiplier
-        self._z_of_n: dict[int, float] = {}  # per-client calibration: z by shard size
+        self._z: float | None = noise_multiplier  # given, or the guard's (use_noise_multiplier, over Flower)
+        self._own: dict[int | None, float] = {}  # calibrated from the config: None -> the shared z, n -> z for n records
 
     def use_noise_multiplier(self, z: float) -> None:
         """Train with the privacy guard's z (a SuperNode holds one shard; the guard calibrates over all of them)."""
         self._z = float(z)
 
+    def calibrated_noise_multiplier(self, task: Any, n: int | None = None) -> float:
+        """The z this client's own config requires (:func:`resolve_noise_multiplier`): the shared one over
+        ``task.shards``, or, under per-client calibration, the one for a client with ``n`` records."""
+        key = n if per_client_calibration(task.cfg) else None
+        if key is None and per_client_calibration(task.cfg):
+            raise ValueError("per-client calibration: the z depends on the client's shard size n")
+        if key not in self._own:
+            self._own[key] = resolve_noise_multiplier(task.cfg, [len(s) for s in task.shards], key)
+        return self._own[key]
+
     def resolved_noise_multiplier(self, task: Any, n: int | None = None) -> float:
         """The z this trainer adds for a client with ``n`` records (``n`` matters under per-client calibration)."""
-        if self._z is None and per_client_calibration(task.cfg):
-            if n is None:
-                raise ValueError("per-client calibration: the z depends on the client's shard size n")
-            if n not in self._z_of_n:
-                self._z_of_n[n] = resolve_noise_multiplier(task.cfg, [len(s) for s in task.shards], n)
-            return self._z_of_n[n]
-        if self._z is None:
-            self._z = resolve_noise_multiplier(task.cfg, [len(s) for s in task.shards])
-        return self._z
+        return self._z if self._z is not None else self.calibrated_noise_multiplier(task, n)
 
     def _check_against_guard(self, task: Any) -> None:
         """Findings 1 and 9: under a privacy guard the batches are secret and the plan is the accounted one."""

@@ -87,6 +87,13 @@ class ClientRuntime:
                                   f"guard's {z}; leave it out and let server.privacy set it")
             if not is_private(trainer):
                 raise ConfigError("config key 'client.trainer': the server's guard runs dp-sgd, this node's trainer does not")
+            if cfg.server.privacy is not None and cfg.server.privacy.params.get("calibration") == "per-client":
+                raise ConfigError(f"server.privacy.calibration: this node calibrates its own z (\"per-client\"); the "
+                                  f"server sent a shared z = {z:.4g}")
+            need = trainer.calibrated_noise_multiplier(self.task)  # what this node's own config needs
+            if z < need * (1 - 1e-9):  # a server asking for less noise than the guarantee needs
+                raise ConfigError(f"server.privacy: the server's DP-SGD z = {z:.4g} is below the {need:.4g} this node's "
+                                  "config needs for its epsilon; the node refuses to train with less noise")
             trainer.use_noise_multiplier(z)  # the guard's z, calibrated over every shard
         if dp.dpsgd_per_client:
             priv = cfg.server.privacy
