@@ -319,6 +319,13 @@ def trainer_is_private(cfg: Any) -> bool:
     return is_private(registry.resolve("trainer", cfg.client.trainer.name, "client.trainer"))
 
 
+def dpsgd_per_client(cfg: Any) -> bool:
+    """True when the privacy guard calibrates DP-SGD's z per client (``server.privacy.calibration = "per-client"``;
+    the value is validated by the guard: :func:`defenses.privacy.dpsgd.check_calibration`)."""
+    priv = cfg.server.privacy
+    return priv is not None and priv.params.get("calibration") == "per-client"
+
+
 def pipeline_is_dp(cfg: Any) -> bool:
     """True when a client stage adds DP noise or clips adaptively (its parameters come from the guard)."""
     return any(r & DP_ROLES for r in stage_roles(cfg, "client"))

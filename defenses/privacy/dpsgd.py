@@ -53,6 +53,7 @@ from defenses.privacy.noise import SOURCES, _urandom_uniform, gaussian_like
 from secfed import registry
 from secfed.errors import ConfigError
 from secfed.needs import Need, needs_of
+from secfed.rounds import dpsgd_per_client
 from secfed.training import KeptOptimizerState, make_optimizer
 
 _OPACUS_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample", "summed_grad", "_processed")
@@ -100,7 +101,9 @@ def check_calibration(value: Any, key: str = "server.privacy.calibration") -> st
 def per_client_calibration(cfg: Any) -> bool:
     """Whether each DP-SGD client's z is calibrated for its own plan (``server.privacy.calibration = "per-client"``)."""
     priv = cfg.server.privacy
-    return priv is not None and check_calibration(priv.params.get("calibration", "shared")) == "per-client"
+    if priv is not None:
+        check_calibration(priv.params.get("calibration", "shared"))
+    return dpsgd_per_client(cfg)
 
 
 def resolve_noise_multiplier(cfg: Any, shard_sizes: list[int], n: int | None = None) -> float:

@@ -17,7 +17,7 @@ from secfed.config import ExperimentConfig
 from secfed.errors import ConfigError, MalformedMessage
 from secfed.flower import codec
 from secfed.interfaces import ClientUpdate, RoundContext
-from secfed.rounds import ClientRound, DPRoundParams, plugin_context, round_context, round_info
+from secfed.rounds import ClientRound, DPRoundParams, dpsgd_per_client, plugin_context, round_context, round_info
 from secfed.models import torch_threads
 from secfed.needs import DPRole, Need, dp_role, is_private, reveals_of
 from secfed.partitions import PartitionTask
@@ -87,7 +87,7 @@ class ClientRuntime:
                                   f"guard's {z}; leave it out and let server.privacy set it")
             if not is_private(trainer):
                 raise ConfigError("config key 'client.trainer': the server's guard runs dp-sgd, this node's trainer does not")
-            if cfg.server.privacy is not None and cfg.server.privacy.params.get("calibration") == "per-client":
+            if dpsgd_per_client(cfg):
                 raise ConfigError(f"server.privacy.calibration: this node calibrates its own z (\"per-client\"); the "
                                   f"server sent a shared z = {z:.4g}")
             need = trainer.calibrated_noise_multiplier(self.task)  # what this node's own config needs
@@ -96,8 +96,7 @@ class ClientRuntime:
                                   "config needs for its epsilon; the node refuses to train with less noise")
             trainer.use_noise_multiplier(z)  # the guard's z, calibrated over every shard
         if dp.dpsgd_per_client:
-            priv = cfg.server.privacy
-            if not is_private(trainer) or priv is None or priv.params.get("calibration") != "per-client":
+            if not is_private(trainer) or not dpsgd_per_client(cfg):
                 raise ConfigError("server.privacy.calibration: the server's guard calibrates DP-SGD per client, this "
                                   "node's config or trainer does not")
             # the trainer calibrates z_i for this node's shard from the same config, as the server's guard did

@@ -32,7 +32,7 @@ from secfed.errors import ConfigError, MalformedMessage
 from secfed.flower import codec
 from secfed.interfaces import ClientUpdate, RoundContext, SumResult
 from secfed.needs import DPRole, Need, is_private, needs_of
-from secfed.rounds import DPRoundParams, drive, round_info, stage_roles
+from secfed.rounds import DPRoundParams, dpsgd_per_client, drive, round_info, stage_roles
 from secfed.secure_sum import PlainSum
 
 POLL_START, POLL_MAX = 0.02, 0.2  # seconds between pulls for replies (FlowerEngine._exchange)
@@ -181,8 +181,7 @@ class FlowerEngine(Engine):
             probe = stage(probe, ctx)
         info = round_info(ctx)
         params = {k: getattr(info, k) for k in ("noise_multiplier", "clip_norm", "share_divisor", "distributed")}
-        priv = self.cfg.server.privacy
-        if is_private(self.trainer) and priv is not None and priv.params.get("calibration") == "per-client":
+        if is_private(self.trainer) and dpsgd_per_client(self.cfg):
             # each node calibrates its z_i from the (fingerprinted) config and its own shard size, as the guard did
             params["dpsgd_per_client"] = True
             params["max_grad_norm"] = getattr(self.trainer, "max_grad_norm", None)
