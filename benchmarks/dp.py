@@ -190,8 +190,9 @@ MANY_CLIENTS_MIN = 80
 
 # The generative task (issue 18 item 4): experiments/instruct_quickstart.toml as it stands (SmolLM2-135M-Instruct, LoRA
 # r=8 on q/v, 4 organisations, 1,200 training tweets as instructions, 8 rounds x 4 steps, Adam 1e-3), record-level
-# DP-SGD (Poisson batches of expected 8, flat clip 1.0: no head; z per organisation) at each epsilon, per LoRA method. ~11 min per no-DP run,
-# ~20 min per DP run here (2 cores). 300 records per organisation is far less than DP-SGD needs: the curve shows it.
+# DP-SGD (Poisson batches of expected 8, flat clip 1.0: no head; z per organisation) at each epsilon, per LoRA
+# method. ~11 min per no-DP run, ~20 min per DP run here (2 cores). 300 records per organisation is far less than
+# DP-SGD needs: the curve shows it.
 LM_CONFIG = "experiments/instruct_quickstart.toml"
 LM_QUICK = {"model.name": "tiny-llama", "run.rounds": 1, "data.max_examples": 120, "data.test_size": 20,
             "data.num_clients": 3, "server.cohort_size": 3, "run.eval_every": 1}
