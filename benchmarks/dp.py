@@ -486,9 +486,9 @@ def main() -> None:
         runs, machines = dict(doc.get("utility", {}).get("runs", {})), []
         for f in a.merge_rows:
             d = json.loads(Path(f).read_text())
-            runs.update(d["runs"])
+            runs.update({k: {**row, "machine": d["machine"]} for k, row in d["runs"].items()})
             machines.append(d["machine"])
-        doc["utility"] = {"runs": runs, "machines": machines}
+        doc["utility"] = {**doc.get("utility", {}), "runs": runs, "machines": machines}
     elif a.part in ("all", "step") and not a.merge_step:
         print("step time and peak memory:", flush=True)
         doc["step"] = step_part(a.quick, a.model_path)
