@@ -203,21 +203,19 @@ def lm_key(method: str, eps: float | None) -> str:
     return f"lm_{method}_" + ("no_dp" if eps is None else f"eps{eps:g}")
 
 
-def dp_sgd_overrides(eps: float, clip: float, groups: dict | None = None) -> dict:
-    """Record-level DP-SGD at (eps, 1e-5): the trainer (flat or group-wise clipping) and its guard."""
+def dp_sgd_overrides(eps: float, clip: float, groups: dict | None = None, per_client: bool = False) -> dict:
+    """Record-level DP-SGD at (eps, 1e-5): the trainer (flat or group-wise clipping) and its guard (one shared z, or
+    each organisation's own)."""
     return {"client.trainer": {"name": "dp-sgd", "max_grad_norm": clip, "ghost_clipping": False,
                                **({"clip_groups": dict(groups)} if groups else {})},
-            "server.privacy": {"name": "dp-sgd", "epsilon": eps, "delta": 1e-5, "accountant": "rdp"}}
+            "server.privacy": {"name": "dp-sgd", "epsilon": eps, "delta": 1e-5, "accountant": "rdp",
+                               **({"calibration": "per-client"} if per_client else {})}}
 
 
 def lm_overrides(quick: bool, method: str, eps: float | None, clip: float = 1.0) -> dict:
     """The generative task at epsilon (None: no DP), with each organisation's z calibrated for its own plan."""
     o = {**(LM_QUICK if quick else {}), "lora.aggregation": method}
-    if eps is None:
-        return o
-    o.update(dp_sgd_overrides(eps, clip))
-    o["server.privacy"]["calibration"] = "per-client"
-    return o
+    return o if eps is None else {**o, **dp_sgd_overrides(eps, clip, per_client=True)}
 
 
 def sample_overrides(quick: bool, method: str, eps: float | None, lr: float, clip: float,
@@ -231,9 +229,7 @@ def sample_overrides(quick: bool, method: str, eps: float | None, lr: float, cli
     if eps is None:
         o.update({"client.trainer": {"name": "sgd"}, "server.privacy": None})
     else:
-        o.update(dp_sgd_overrides(eps, clip, groups))
-        if per_client:
-            o["server.privacy"]["calibration"] = "per-client"
+        o.update(dp_sgd_overrides(eps, clip, groups, per_client))
     return o
 
 

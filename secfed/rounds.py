@@ -321,7 +321,7 @@ def trainer_is_private(cfg: Any) -> bool:
 
 def dpsgd_per_client(cfg: Any) -> bool:
     """True when the privacy guard calibrates DP-SGD's z per client (``server.privacy.calibration = "per-client"``;
-    the value is validated by the guard: :func:`defenses.privacy.dpsgd.check_calibration`)."""
+    the value is checked when the guard is built: :func:`defenses.privacy.dpsgd.check_calibration`)."""
     priv = cfg.server.privacy
     return priv is not None and priv.params.get("calibration") == "per-client"
 

@@ -98,14 +98,6 @@ def check_calibration(value: Any, key: str = "server.privacy.calibration") -> st
     return value
 
 
-def per_client_calibration(cfg: Any) -> bool:
-    """Whether each DP-SGD client's z is calibrated for its own plan (``server.privacy.calibration = "per-client"``)."""
-    priv = cfg.server.privacy
-    if priv is not None:
-        check_calibration(priv.params.get("calibration", "shared"))
-    return dpsgd_per_client(cfg)
-
-
 def resolve_noise_multiplier(cfg: Any, shard_sizes: list[int], n: int | None = None) -> float:
     """z of the run's DP-SGD: ``client.trainer.noise_multiplier`` or calibrated from ``server.privacy``.
 
@@ -119,7 +111,7 @@ def resolve_noise_multiplier(cfg: Any, shard_sizes: list[int], n: int | None = N
     needs (here: z 1.91 -> 0.83 for the mean shard of the tweets split at epsilon 8).
     """
     params = cfg.client.trainer.params
-    per_client = per_client_calibration(cfg)
+    per_client = dpsgd_per_client(cfg)  # the value was checked when the guard was built
     if params.get("noise_multiplier") is not None:
         if per_client:
             raise ConfigError("config key 'server.privacy.calibration': \"per-client\" calibrates each client's z "
@@ -145,7 +137,7 @@ def resolve_noise_multiplier(cfg: Any, shard_sizes: list[int], n: int | None = N
 
 def noise_multipliers(cfg: Any, shard_sizes: list[int]) -> list[float]:
     """z of each shard's client (:func:`resolve_noise_multiplier`; one calibration per distinct shard size)."""
-    if not per_client_calibration(cfg):
+    if not dpsgd_per_client(cfg):
         return [resolve_noise_multiplier(cfg, shard_sizes)] * len(shard_sizes)
     by_n = {n: resolve_noise_multiplier(cfg, shard_sizes, n) for n in sorted(set(shard_sizes))}
     return [by_n[n] for n in shard_sizes]
@@ -291,9 +283,10 @@ class DPSGDTrainer:
     def calibrated_noise_multiplier(self, task: Any, n: int | None = None) -> float:
         """The z this client's own config requires (:func:`resolve_noise_multiplier`): the shared one over
         ``task.shards``, or, under per-client calibration, the one for a client with ``n`` records."""
-        key = n if per_client_calibration(task.cfg) else None
-        if key is None and per_client_calibration(task.cfg):
+        per_client = dpsgd_per_client(task.cfg)
+        if per_client and n is None:
             raise ValueError("per-client calibration: the z depends on the client's shard size n")
+        key = n if per_client else None
         if key not in self._own:
             self._own[key] = resolve_noise_multiplier(task.cfg, [len(s) for s in task.shards], key)
         return self._own[key]

@@ -181,13 +181,13 @@ class FlowerEngine(Engine):
             probe = stage(probe, ctx)
         info = round_info(ctx)
         params = {k: getattr(info, k) for k in ("noise_multiplier", "clip_norm", "share_divisor", "distributed")}
-        if is_private(self.trainer) and dpsgd_per_client(self.cfg):
-            # each node calibrates its z_i from the (fingerprinted) config and its own shard size, as the guard did
-            params["dpsgd_per_client"] = True
-            params["max_grad_norm"] = getattr(self.trainer, "max_grad_norm", None)
-        elif is_private(self.trainer):  # DP-SGD: the z the guard charges (or the trainer's own)
-            guard_z = self.privacy.z if Need.PRIVATE_TRAINER in needs_of(self.privacy) else None
-            params["dpsgd_noise_multiplier"] = guard_z if guard_z is not None else self.trainer.resolved_noise_multiplier(self.task)
+        if is_private(self.trainer):  # DP-SGD
+            if dpsgd_per_client(self.cfg):  # each node calibrates its z_i from the (fingerprinted) config and its shard
+                params["dpsgd_per_client"] = True
+            else:  # the z the guard charges (or the trainer's own)
+                guard_z = self.privacy.z if Need.PRIVATE_TRAINER in needs_of(self.privacy) else None
+                params["dpsgd_noise_multiplier"] = (guard_z if guard_z is not None
+                                                    else self.trainer.resolved_noise_multiplier(self.task))
             params["max_grad_norm"] = getattr(self.trainer, "max_grad_norm", None)
         return DPRoundParams.of(params)
 
