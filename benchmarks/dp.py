@@ -156,7 +156,7 @@ GROUPS = {"head.*": 0.5 ** 0.5, "*": 0.5 ** 0.5}
 # a round is close to lr * sign(g), which under DP noise moves every coordinate by ~lr whatever its signal). It changes
 # the training, not the privacy, so its series has its own no-DP run (sample_ffa_no_dp_keep).
 # server.privacy.calibration = "per-client": each organisation's z for its own plan (q_i = 512 / n_i) instead of the
-# smallest shard's for all (z 1.91 at epsilon 8 with a shared z; 0.83 to 1.91 per organisation here). Every
+# smallest shard's for all (z 1.91 at epsilon 8 with a shared z; 0.69 to 1.91 per organisation here). Every
 # organisation still gets (epsilon, delta) for its records; the no-DP run is unchanged (sample_ffa_no_dp).
 
 
