@@ -162,7 +162,8 @@ GROUPS = {"head.*": 0.5 ** 0.5, "*": 0.5 ** 0.5}
 
 class Series(NamedTuple):
     """One DP-SGD curve: LoRA method, record rate (None: expected batch client.batch_size), clip groups (None: flat),
-    optimizer state kept, z calibrated per client, plot colour, label."""
+    optimizer state kept, z calibrated per client, plot colour, label; its own clip norm C (None: the run's, 1.0
+    unless chosen on the validation split)."""
     method: str
     rate: float | None
     groups: dict | None
@@ -170,6 +171,7 @@ class Series(NamedTuple):
     per_client: bool
     colour: str
     label: str
+    clip: float | None = None
 
 
 #: the DP-SGD curves by their name in dp.json's "curve"
@@ -234,12 +236,14 @@ def sample_overrides(quick: bool, method: str, eps: float | None, lr: float, cli
 
 
 def sample_key(method: str, eps: float | None, rate: float | None = None, groups: dict | None = None,
-               keep: bool = False, per_client: bool = False) -> str:
+               keep: bool = False, per_client: bool = False, clip: float | None = None) -> str:
     """A run's key; without DP there is no clipping, so a grouped series shares its no-DP run with the flat one
-    (a kept optimizer state changes the training: that series has its own no-DP run)."""
+    (a kept optimizer state changes the training: that series has its own no-DP run), and a series with its own
+    clip norm its no-DP run with the others."""
     return (f"sample_{method}_" + ("no_dp" if eps is None else f"eps{eps:g}") + ("" if rate is None else f"_q{rate:g}")
             + ("_groups" if groups and eps is not None else "") + ("_keep" if keep else "")
-            + ("_pc" if per_client and eps is not None else ""))
+            + ("_pc" if per_client and eps is not None else "")
+            + (f"_clip{clip:g}" if clip is not None and eps is not None else ""))
 
 
 def clip_only_overrides(quick: bool, lr: float, clip: float) -> dict:
@@ -255,11 +259,12 @@ CLIP_ONLY = "sample_ffa_clip_only_groups"
 
 
 def series_key(s: Series, eps: float | None) -> str:
-    return sample_key(s.method, eps, s.rate, s.groups, s.keep, s.per_client)
+    return sample_key(s.method, eps, s.rate, s.groups, s.keep, s.per_client, s.clip)
 
 
 def series_overrides(s: Series, quick: bool, eps: float | None, lr: float, clip: float) -> dict:
-    return sample_overrides(quick, s.method, eps, lr, clip, s.rate, s.groups, s.keep, s.per_client)
+    return sample_overrides(quick, s.method, eps, lr, clip if s.clip is None else s.clip, s.rate, s.groups, s.keep,
+                            s.per_client)
 
 
 def utility_runs(quick: bool, lr: float = 3e-3, clip: float = 1.0, methods: tuple[str, ...] = ("ffa", "fedit"),
