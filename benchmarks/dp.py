@@ -5,6 +5,8 @@
     python benchmarks/dp.py --part tune     # DP-SGD lr x clip grid on the validation split (6 full-data runs)
     python benchmarks/dp.py --part utility  # the utility runs, with the tuned lr/clip of the results file
     python benchmarks/dp.py --part utility --only sample_ffa_eps8,sample_ffa_no_dp   # some runs, merged in
+    python benchmarks/dp.py --part tune --only tune_lr0.003_clip0.5 --rows-out r.json   # one grid point
+    python benchmarks/dp.py --merge-rows r.json ...   # rows (utility or tune_*) written elsewhere, merged in
     python benchmarks/dp.py --quick         # small smoke version (tiny-bert, synthetic text)
 
 Step part: the default LoRA model (MiniLM-L6, LoRA r=8 on query/value + head), batch 32,
@@ -18,11 +20,17 @@ Utility part (the design is in the comment block above SAMPLE_BASE): accuracy ag
 and inf), and the many-clients user-level experiment with central DP-FedAvg vs SecAgg+ with the
 distributed discrete Gaussian at epsilon 8. Headline: accuracy_no_dp, accuracy_sample_dp_eps8,
 accuracy_sample_dp_eps1, accuracy_central_user_dp_eps8, accuracy_distributed_dgauss_eps8; the curve
-is also drawn to benchmarks/results/dp_curve.png.
+is also drawn to benchmarks/results/dp_curve.png. accuracy_clip_only_no_noise (CLIP_ONLY: the recommended
+setup's clipping with z = 0, no privacy) splits the gap to no-DP into the clipping's share and the noise's.
+
+Tune part: the recommended setup (BEST) at epsilon 8 for each (lr, clip) of TUNE_LR x TUNE_CLIP, trained without
+2,000 held-out training records and evaluated on them; the utility part takes the best only once the grid is
+complete (``tune.complete``), and a series with its own clip norm is keyed ``..._clip<C>``.
 
 Runtime estimate: a full-data DP-SGD run processes 10 x 20 x 512 ~ 100k examples plus 5 evaluations of
 2,000: about 15-20 min on a 16-core CPU (4 threads; the old 4,000-example quickstart took ~3 min for ~15k),
-a few minutes on a GPU (run.device = "auto"). Tune (3) + curve (5) + FedIT (2) = 10 such runs; the three
+a few minutes on a GPU (run.device = "auto"); 75-95 min on this project's 2-core VM with one thread while
+another run shares it (18 min a round). Tune (6) + curve (5) + FedIT (2) = 10 such runs; the three
 many-clients runs take ~3-5 min each (SecAgg+ over ~100 clients per round adds ~1 s per round). CPU total
 ~3 h sequential; with --rows-out/--merge-rows several processes can share a big machine.
 
