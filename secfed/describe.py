@@ -180,9 +180,12 @@ def defences(cfg: Any) -> list[str]:
     if is_private(registry.find("trainer", c.trainer.name)):
         clip = c.trainer.params.get("max_grad_norm", 1.0)
         groups = c.trainer.params.get("clip_groups")
+        prop = c.trainer.params.get("group_noise") == "proportional" and isinstance(groups, dict) and groups
+        scales = ("; noise per group proportional to its bound, z C x "
+                  + ", ".join(_fmt(round(float(v) * len(groups) ** 0.5, 3)) for v in groups.values()) if prop else "")
         out.append(f"per-example gradient clipping to L2 norm {_fmt(clip)}" + (
-            " (group-wise: " + ", ".join(f"{k} to {_fmt(float(v) * float(clip))}" for k, v in groups.items()) + ")"
-            if isinstance(groups, dict) and groups else ""))
+            " (group-wise: " + ", ".join(f"{k} to {_fmt(float(v) * float(clip))}" for k, v in groups.items())
+            + scales + ")" if isinstance(groups, dict) and groups else ""))
     if s.max_update_norm < 1e6:
         out.append(f"updates above L2 norm {_fmt(s.max_update_norm)} are rejected")
     return out

@@ -9,7 +9,10 @@ import torch
 from opacus.grad_sample import GradSampleModule
 from torch import nn
 
-from defenses.privacy.dpsgd import DPSGDTrainer, client_plan, resolve_noise_multiplier
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from defenses.privacy.dpsgd import DPSGDTrainer, client_plan, group_noise_scales, resolve_noise_multiplier
 from secfed.engine import Engine, read_rounds
 from secfed.errors import ConfigError
 from secfed.spec import ParamSpec
@@ -188,6 +191,64 @@ def test_clip_group_refusals_at_construction(groups, msg):
         DPSGDTrainer(clip_groups={"*": 1.0}, ghost_clipping=True)
 
 
+@settings(max_examples=200, deadline=None)
+@given(shares=st.lists(st.floats(1e-3, 50.0), min_size=1, max_size=6), z=st.floats(0.05, 50.0),
+       clip=st.floats(1e-3, 100.0))
+def test_proportional_group_noise_is_the_gaussian_mechanism_with_multiplier_z(shares, z, clip):
+    # whiten each group by its noise std: an example clipped to its groups' bounds has norm exactly 1 / z at most
+    stds = [z * clip * s for s in group_noise_scales(shares, "proportional")]
+    whitened = sum((s * clip / std) ** 2 for s, std in zip(shares, stds)) ** 0.5
+    assert whitened == pytest.approx(1 / z, rel=1e-9)
+    # uniform: z C everywhere, and the shares' squares sum to <= 1, so the same bound holds
+    assert group_noise_scales(shares, "uniform") == [1.0] * len(shares)
+    g = len(shares)  # equal shares 1/sqrt(G): proportional is uniform
+    assert group_noise_scales([g ** -0.5] * g, "proportional") == pytest.approx([1.0] * g, rel=1e-12)
+
+
+def test_proportional_group_noise_by_hand():
+    # G = 2, shares 3 and 0.5: stds z C 3 sqrt 2 and z C 0.5 sqrt 2; whitened bound sqrt(1/2 + 1/2) / z
+    assert group_noise_scales([3.0, 0.5], "proportional") == pytest.approx([4.242640687, 0.707106781])
+    with pytest.raises(ValueError):
+        group_noise_scales([1.0], "per-layer")
+
+
+def test_proportional_group_noise_puts_each_groups_std_on_it(tiny):
+    # z huge: the step is noise; SGD lr 1 over one step moves each coordinate by its noise / expected batch
+    task, model = tiny
+    data = task.client_data(1).subset(torch.arange(16))
+    head = torch.cat([torch.full((p.numel(),), n.startswith("head."), dtype=torch.bool)
+                      for n, p in model.named_parameters() if p.requires_grad])
+    z, c, b = 1e4, 0.5, 16
+    for shares, mode in (((3.0, 0.5), "proportional"), ((0.6, 0.8), "uniform")):
+        tr = DPSGDTrainer(max_grad_norm=c, noise_multiplier=z, local_steps=1, batch_size=64, lr=1.0, optimizer="sgd",
+                          noise="seeded", clip_groups={"head.*": shares[0], "*": shares[1]}, group_noise=mode)
+        delta = _train(tr, task, model, data)
+        scales = group_noise_scales(list(shares), mode)
+        for mask, scale in ((head, scales[0]), (~head, scales[1])):
+            want = z * c * scale / b
+            assert delta[mask].std().item() == pytest.approx(want, rel=0.15), (mode, scale)
+    # equal shares: proportional and uniform draw the same noise, bit for bit
+    eq = {"head.*": 0.5 ** 0.5, "*": 0.5 ** 0.5}
+    runs = [_train(DPSGDTrainer(max_grad_norm=c, noise_multiplier=2.0, local_steps=2, batch_size=8, lr=0.1,
+                                optimizer="sgd", noise="seeded", clip_groups=eq, group_noise=m), task, model, data)
+            for m in ("uniform", "proportional")]
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-6, atol=0.0)
+
+
+def test_group_noise_refusals():
+    with pytest.raises(ConfigError, match="client.trainer.group_noise': one of"):
+        DPSGDTrainer(clip_groups={"*": 1.0}, group_noise="per-layer")
+    with pytest.raises(ConfigError, match="set client.trainer.clip_groups"):
+        DPSGDTrainer(group_noise="proportional")
+    with pytest.raises(ConfigError, match=r"head.\*': a share .* \(got 3.0\); a share above 1 needs .*group_noise"):
+        DPSGDTrainer(clip_groups={"head.*": 3.0, "*": 0.5})
+    with pytest.raises(ConfigError, match="squared shares sum to 1.1100.*group_noise"):
+        DPSGDTrainer(clip_groups={"head.*": 1.0, "*": 0.1 * 11 ** 0.5})
+    DPSGDTrainer(clip_groups={"head.*": 3.0, "*": 0.5}, group_noise="proportional")  # any shares: the noise follows
+    with pytest.raises(ConfigError, match=r"a share of max_grad_norm in \(0, 1000\]"):
+        DPSGDTrainer(clip_groups={"head.*": 0.0, "*": 0.5}, group_noise="proportional")
+
+
 @pytest.mark.parametrize("groups, msg", [
     ({"head.*": 0.7}, "is in no group"),
     ({"head.*": 0.6, "nothing.*": 0.1, "*": 0.7}, "'nothing.*' matches no trainable parameter"),
@@ -340,6 +401,14 @@ privacy = { name = "dp-sgd", epsilon = 8.0, delta = 1e-5 }
     with pytest.raises(ConfigError, match=r"clip_groups': trainable parameter '.*' is in no group|"
                                           r"clip_groups': pattern"):
         Engine(bad, tmp_path / "b", progress=False).run()
+    prop = load_config(toml, {"client.trainer.clip_groups": {"head.*": 3.0, "*": 0.5},
+                              "client.trainer.group_noise": "proportional"})
+    assert ("per-example gradient clipping to L2 norm 1 (group-wise: head.* to 3, * to 0.5; noise per group "
+            "proportional to its bound, z C x 4.243, 0.707)") in defences(prop)
+    eng = Engine(prop, tmp_path / "p", progress=False)
+    s = eng.run()  # the same z as the flat guard: the guarantee does not change
+    assert s["rounds_completed"] == 1 and 0 < s["epsilon"] <= 8.0
+    assert eng.privacy.z == pytest.approx(resolve_noise_multiplier(flat, [len(x) for x in eng.task.shards]))
 
 
 def test_per_client_calibration_meets_epsilon_for_each_plan_alone():

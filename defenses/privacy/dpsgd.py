@@ -166,19 +166,48 @@ class _DPOptimizerGhost(_NoiseMixin, DPOptimizerFastGradientClipping):
     pass
 
 
-def check_clip_shares(groups: dict[str, float], key: str = "client.trainer.clip_groups") -> None:
-    """Shares in (0, 1] whose squares sum to at most 1, one per ``fnmatch`` pattern (string keys)."""
+#: how DP-SGD's noise is spread over clip groups (:func:`group_noise_scales`)
+GROUP_NOISE = ("uniform", "proportional")
+
+
+def check_clip_shares(groups: dict[str, float], key: str = "client.trainer.clip_groups",
+                      group_noise: str = "uniform") -> None:
+    """One positive share per ``fnmatch`` pattern (string keys). Uniform noise: shares in (0, 1] whose squares sum
+    to at most 1; proportional noise: any shares in (0, 1000] (each group's noise follows its own bound)."""
     if not groups:
         raise ConfigError(f"config key '{key}': give at least one pattern, e.g. {{\"head.*\" = 0.7071, \"*\" = 0.7071}}")
+    top = 1 if group_noise == "uniform" else 1000
     for pat, share in groups.items():
         if not isinstance(pat, str) or not pat:
             raise ConfigError(f"config key '{key}': patterns are non-empty strings (got {pat!r})")
-        if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 < share <= 1:
-            raise ConfigError(f"config key '{key}.{pat}': a share of max_grad_norm in (0, 1] (got {share!r})")
+        if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 < share <= top:
+            hint = ("; a share above 1 needs client.trainer.group_noise = \"proportional\"" if top == 1 and
+                    isinstance(share, (int, float)) and not isinstance(share, bool) and share > 1 else "")
+            raise ConfigError(f"config key '{key}.{pat}': a share of max_grad_norm in (0, {top}] (got {share!r}){hint}")
     total = sum(float(v) ** 2 for v in groups.values())
-    if total > 1 + 1e-6:
+    if group_noise == "uniform" and total > 1 + 1e-6:
         raise ConfigError(f"config key '{key}': the squared shares sum to {total:.4f} > 1 (each example's clipped "
-                          "gradient must keep norm <= max_grad_norm)")
+                          "gradient must keep norm <= max_grad_norm; or set client.trainer.group_noise = "
+                          "\"proportional\")")
+
+
+def group_noise_scales(shares: list[float], group_noise: str) -> list[float]:
+    """Each clip group's noise std as a multiple of z C, for the Gaussian mechanism with multiplier z.
+
+    ``uniform``: 1 for every group (the shares' squares sum to <= 1, so an example's clipped gradient has norm
+    <= C: McMahan et al. 2018's per-layer clipping, noise z C). ``proportional``: s_g sqrt(G) for group g of G
+    (share s_g, bound c_g = s_g C), any shares. Dividing group g by its std sigma_g = z C s_g sqrt(G) (a fixed
+    invertible map: post-processing either way) leaves unit Gaussian noise on a sum whose per-example term has
+    norm <= sqrt(sum_g (c_g / sigma_g)^2) = sqrt(G / (z^2 G)) = 1 / z: the Gaussian mechanism with multiplier z, so
+    the accountant's z and epsilon hold unchanged. Equal shares 1/sqrt(G) give z C for every group (uniform); with
+    unequal shares a group with a large bound (a fresh classifier head) no longer sets the noise of a group with a
+    small one (the adapters)."""
+    if group_noise == "uniform":
+        return [1.0] * len(shares)
+    if group_noise == "proportional":
+        root = math.sqrt(len(shares))
+        return [float(s) * root for s in shares]
+    raise ValueError(f"group_noise must be one of {GROUP_NOISE} (got {group_noise!r})")
 
 
 def clip_group_index(names: list[str], groups: dict[str, float], key: str = "client.trainer.clip_groups") -> list[int]:
@@ -203,12 +232,23 @@ class _DPGroupOptimizer(_DPOptimizer):
     """Group-wise clipping (McMahan et al. 2018, per-layer; He et al., ICLR 2023, "Exploring the limits of DP deep
     learning with group-wise clipping"): each example's gradient restricted to group g is clipped to C_g = share_g C,
     so its whole gradient has norm <= C sqrt(sum share_g^2) <= C and the Gaussian noise z C keeps the guarantee of
-    flat clipping. ``group_of[i]`` is the group of ``self.params[i]``, ``group_norms[g]`` its C_g."""
+    flat clipping; or, with proportional noise, group g gets z C share_g sqrt(G) (:func:`group_noise_scales`).
+    ``group_of[i]`` is the group of ``self.params[i]``, ``group_norms[g]`` its C_g, ``noise_scales[g]`` its noise
+    std over z C."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, group_of: list[int], group_norms: list[float],
-                 **kw: Any) -> None:
+                 noise_scales: list[float], **kw: Any) -> None:
         super().__init__(optimizer, **kw)
-        self.group_of, self.group_norms = group_of, group_norms
+        self.group_of, self.group_norms, self.noise_scales = group_of, group_norms, noise_scales
+
+    def add_noise(self) -> None:
+        """Noise z C x ``noise_scales[g]`` on group g (:func:`group_noise_scales`)."""
+        for g, p in zip(self.group_of, self.params):
+            _check_processed_flag(p.summed_grad)
+            std = self.noise_multiplier * self.max_grad_norm * self.noise_scales[g]
+            noise = gaussian_like(p.summed_grad, std, self.noise_source, self.noise_generator)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
 
     def clip_and_accumulate(self) -> None:
         samples = self.grad_samples
@@ -241,6 +281,9 @@ class DPSGDTrainer:
             (:func:`clip_group_index`). Flat clipping lets the largest gradients take the whole budget (a text
             classifier's fresh head: per-example norm ~3 against ~0.4 for all LoRA B matrices at initialisation,
             so the adapters got ~14% of C and the same per-coordinate noise as the head). Not with ghost clipping.
+        group_noise: ``"uniform"`` (default: noise z C everywhere, squared shares summing to <= 1) or
+            ``"proportional"`` (group g's noise z C share_g sqrt(G), any shares: the same epsilon;
+            :func:`group_noise_scales`). Needs ``clip_groups``.
 
     Declares ``private = True`` (secfed.needs.is_private): it clips per example and adds noise, so the
     ``dp-sgd`` guard accepts it, and every subclass or alias of it.
@@ -252,13 +295,19 @@ class DPSGDTrainer:
                  noise: str = "csprng", local_epochs: int = 1, local_steps: int = 0, batch_size: int = 16,
                  lr: float = 5e-3, optimizer: str = "adam", momentum: float = 0.0, weight_decay: float = 0.0,
                  record_sample_rate: float | None = None, clip_groups: dict[str, float] | None = None,
-                 optimizer_state: str = "round") -> None:
+                 optimizer_state: str = "round", group_noise: str = "uniform") -> None:
         if not max_grad_norm > 0:
             raise ConfigError(f"config key 'client.trainer.max_grad_norm': must be > 0 (got {max_grad_norm})")
         if noise_multiplier is not None and noise_multiplier < 0:
             raise ConfigError(f"config key 'client.trainer.noise_multiplier': must be >= 0 (got {noise_multiplier})")
         if noise not in SOURCES:
             raise ConfigError(f"config key 'client.trainer.noise': one of {SOURCES} (got {noise!r})")
+        if group_noise not in GROUP_NOISE:
+            raise ConfigError(f"config key 'client.trainer.group_noise': one of {', '.join(map(repr, GROUP_NOISE))} "
+                              f"(got {group_noise!r})")
+        if group_noise != "uniform" and clip_groups is None:
+            raise ConfigError("config key 'client.trainer.group_noise': \"proportional\" spreads the noise over "
+                              "clip groups; set client.trainer.clip_groups")
         if clip_groups is not None:
             if not isinstance(clip_groups, dict):
                 raise ConfigError("config key 'client.trainer.clip_groups': a table {pattern = share, ...}, e.g. "
@@ -266,7 +315,8 @@ class DPSGDTrainer:
             if ghost_clipping:
                 raise ConfigError("config key 'client.trainer.clip_groups': group-wise clipping needs per-example "
                                   "gradients; set ghost_clipping = false")
-            check_clip_shares(clip_groups)
+            check_clip_shares(clip_groups, group_noise=group_noise)
+        self.group_noise = group_noise
         self.max_grad_norm, self.noise_multiplier, self.ghost_clipping, self.noise = max_grad_norm, noise_multiplier, ghost_clipping, noise
         self.clip_groups = dict(clip_groups) if clip_groups is not None else None
         self.kept = KeptOptimizerState(optimizer_state)
@@ -330,7 +380,8 @@ class DPSGDTrainer:
         if self.clip_groups is not None:  # checked before Opacus wraps the model: a refusal leaves no hooks behind
             names = {id(p): n for n, p in model.named_parameters()}
             groups = {"group_of": clip_group_index([names[id(p)] for p in params], self.clip_groups),
-                      "group_norms": [float(v) * self.max_grad_norm for v in self.clip_groups.values()]}
+                      "group_norms": [float(v) * self.max_grad_norm for v in self.clip_groups.values()],
+                      "noise_scales": group_noise_scales(list(self.clip_groups.values()), self.group_noise)}
         base = make_optimizer(params, self.optimizer, self.lr, self.momentum, self.weight_decay)
         self.kept.restore(base, client_id)  # the client's own state from its last round ("keep"): post-processing
         expected = q * n
@@ -356,7 +407,7 @@ class DPSGDTrainer:
                     used.append(idx)
                 opt.zero_grad(set_to_none=True)
                 if len(idx) == 0:  # empty Poisson batch: the step releases noise only
-                    self._noise_only_step(params, base, z, expected, opt)
+                    self._noise_only_step(params, base, z, expected, opt, groups)
                     continue
                 batch = data.batch(idx)
                 # one loss term per example (task.per_example_loss), then the mean: Opacus'
@@ -394,9 +445,11 @@ class DPSGDTrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.kept.load_state_dict(state)
 
-    def _noise_only_step(self, params: list[nn.Parameter], base: torch.optim.Optimizer, z: float, expected: float, opt: Any) -> None:
-        std = z * self.max_grad_norm
-        for p in params:
+    def _noise_only_step(self, params: list[nn.Parameter], base: torch.optim.Optimizer, z: float, expected: float,
+                         opt: Any, groups: dict[str, Any]) -> None:
+        scales = ([groups["noise_scales"][g] for g in groups["group_of"]] if groups else [1.0] * len(params))
+        for p, scale in zip(params, scales):
+            std = z * self.max_grad_norm * scale
             p.grad = gaussian_like(torch.zeros_like(p), std, self.noise, opt.noise_generator) / expected
         base.step()
         base.zero_grad(set_to_none=True)
