@@ -227,7 +227,7 @@ def test_proportional_group_noise_puts_each_groups_std_on_it(tiny):
         for mask, scale in ((head, scales[0]), (~head, scales[1])):
             want = z * c * scale / b
             assert delta[mask].std().item() == pytest.approx(want, rel=0.15), (mode, scale)
-    # equal shares: proportional and uniform draw the same noise, bit for bit
+    # equal shares: proportional and uniform draw the same noise (the scale s sqrt(G) = 1 to one rounding)
     eq = {"head.*": 0.5 ** 0.5, "*": 0.5 ** 0.5}
     runs = [_train(DPSGDTrainer(max_grad_norm=c, noise_multiplier=2.0, local_steps=2, batch_size=8, lr=0.1,
                                 optimizer="sgd", noise="seeded", clip_groups=eq, group_noise=m), task, model, data)
