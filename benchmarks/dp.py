@@ -481,6 +481,10 @@ def plot_curve(doc: dict, png: Path) -> None:
     base = next((r.get("majority_baseline") for k, r in runs.items() if k.startswith("sample_")
                  and r.get("majority_baseline")), None)  # the curve's own test split
     _panel(axes[0][0], lines, (base, "majority class"), "tweets, MiniLM-L6 + LoRA, 10 orgs", "test accuracy")
+    if acc(CLIP_ONLY) is not None:  # the recommended clipping without noise: what the clipping alone costs
+        axes[0][0].axhline(acc(CLIP_ONLY), color=BEST.colour, ls="-.", lw=1,
+                           label="clipping only (z = 0, no privacy), groups")
+        axes[0][0].legend(fontsize=7)
     if lm:
         lines = [([(e, acc(lm_key(m, e))) for e in EPSILONS[:-1] if lm_key(m, e) in runs], acc(lm_key(m, None)),
                   colour, what) for m, colour, what in LM_SERIES.values()]
@@ -536,7 +540,7 @@ def main() -> None:
     if a.merge_step:
         doc["step"] = json.loads(Path(a.merge_step).read_text())
     if a.merge_rows is not None:
-        runs, machines = dict(doc.get("utility", {}).get("runs", {})), []
+        runs, machines = dict(doc.get("utility", {}).get("runs", {})), list(doc.get("utility", {}).get("machines", []))
         tuned = dict(doc.get("tune", {}).get("runs", {}))
         for f in a.merge_rows:
             d = json.loads(Path(f).read_text())
