@@ -333,6 +333,7 @@ HEADLINE = {"accuracy_no_dp": "sample_ffa_no_dp", "accuracy_sample_dp_eps8": ser
             "accuracy_no_dp_adam_kept": sample_key("ffa", None, None, GROUPS, keep=True),
             "accuracy_sample_dp_eps8_adam_kept": sample_key("ffa", 8.0, None, GROUPS, keep=True),
             "accuracy_clip_only_no_noise": CLIP_ONLY,
+            "accuracy_sample_dp_eps8_proportional_noise": series_key(SERIES["ffa_groups_pc_prop"], 8.0),
             "accuracy_central_user_dp_eps8": "many_clients_central_eps8",
             "accuracy_distributed_dgauss_eps8": "many_clients_ddgauss_eps8"}
 
