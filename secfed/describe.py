@@ -31,6 +31,7 @@ import torch
 from secfed import registry
 from secfed.errors import DataError
 from secfed.needs import DPRole, Need, dp_role, is_private
+from secfed.rounds import group_noise_scales
 
 ACCOUNTANT_NAMES = {"rdp": "RDP accountant (Mironov 2017)", "prv": "PRV accountant (Gopi et al. 2021)"}
 SECURE_SUMS = {"secagg+": "SecAgg+ secure sum (Bell et al. 2020)", "secagg": "SecAgg+ secure sum (Bell et al. 2020)",
@@ -180,12 +181,14 @@ def defences(cfg: Any) -> list[str]:
     if is_private(registry.find("trainer", c.trainer.name)):
         clip = c.trainer.params.get("max_grad_norm", 1.0)
         groups = c.trainer.params.get("clip_groups")
-        prop = c.trainer.params.get("group_noise") == "proportional" and isinstance(groups, dict) and groups
-        scales = ("; noise per group proportional to its bound, z C x "
-                  + ", ".join(_fmt(round(float(v) * len(groups) ** 0.5, 3)) for v in groups.values()) if prop else "")
-        out.append(f"per-example gradient clipping to L2 norm {_fmt(clip)}" + (
-            " (group-wise: " + ", ".join(f"{k} to {_fmt(float(v) * float(clip))}" for k, v in groups.items())
-            + scales + ")" if isinstance(groups, dict) and groups else ""))
+        text = f"per-example gradient clipping to L2 norm {_fmt(clip)}"
+        if isinstance(groups, dict) and groups:
+            text += " (group-wise: " + ", ".join(f"{k} to {_fmt(float(v) * float(clip))}" for k, v in groups.items())
+            if c.trainer.params.get("group_noise") == "proportional":
+                scales = group_noise_scales([float(v) for v in groups.values()], "proportional")
+                text += "; noise per group proportional to its bound, z C x " + ", ".join(_fmt(round(v, 3)) for v in scales)
+            text += ")"
+        out.append(text)
     if s.max_update_norm < 1e6:
         out.append(f"updates above L2 norm {_fmt(s.max_update_norm)} are rejected")
     return out

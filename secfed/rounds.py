@@ -326,6 +326,29 @@ def dpsgd_per_client(cfg: Any) -> bool:
     return priv is not None and priv.params.get("calibration") == "per-client"
 
 
+#: how DP-SGD's noise is spread over clip groups (``client.trainer.group_noise``; :func:`group_noise_scales`)
+GROUP_NOISE = ("uniform", "proportional")
+
+
+def group_noise_scales(shares: list[float], group_noise: str) -> list[float]:
+    """Each clip group's noise std as a multiple of z C, for the Gaussian mechanism with multiplier z.
+
+    ``uniform``: 1 for every group (the shares' squares sum to <= 1, so an example's clipped gradient has norm
+    <= C: McMahan et al. 2018's per-layer clipping, noise z C). ``proportional``: s_g sqrt(G) for group g of G
+    (share s_g, bound c_g = s_g C), any shares. Dividing group g by its std sigma_g = z C s_g sqrt(G) (a fixed
+    invertible map: post-processing either way) leaves unit Gaussian noise on a sum whose per-example term has
+    norm <= sqrt(sum_g (c_g / sigma_g)^2) = sqrt(G / (z^2 G)) = 1 / z: the Gaussian mechanism with multiplier z, so
+    the accountant's z and epsilon hold unchanged. Equal shares 1/sqrt(G) give z C for every group (uniform); with
+    unequal shares a group with a large bound (a fresh classifier head) no longer sets the noise of a group with a
+    small one (the adapters)."""
+    if group_noise == "uniform":
+        return [1.0] * len(shares)
+    if group_noise == "proportional":
+        root = math.sqrt(len(shares))
+        return [float(s) * root for s in shares]
+    raise ValueError(f"group_noise must be one of {GROUP_NOISE} (got {group_noise!r})")
+
+
 def pipeline_is_dp(cfg: Any) -> bool:
     """True when a client stage adds DP noise or clips adaptively (its parameters come from the guard)."""
     return any(r & DP_ROLES for r in stage_roles(cfg, "client"))

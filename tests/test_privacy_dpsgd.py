@@ -227,6 +227,12 @@ def test_proportional_group_noise_puts_each_groups_std_on_it(tiny):
         for mask, scale in ((head, scales[0]), (~head, scales[1])):
             want = z * c * scale / b
             assert delta[mask].std().item() == pytest.approx(want, rel=0.15), (mode, scale)
+    # an empty Poisson batch (q n ~ 1e-5) releases noise only: the same per-group stds
+    tr = DPSGDTrainer(max_grad_norm=c, noise_multiplier=1.0, local_steps=1, lr=1.0, optimizer="sgd", noise="seeded",
+                      record_sample_rate=1e-6, clip_groups={"head.*": 3.0, "*": 0.5}, group_noise="proportional")
+    delta = _train(tr, task, model, data)
+    ratio = delta[head].std().item() / delta[~head].std().item()
+    assert ratio == pytest.approx(3.0 / 0.5, rel=0.15)
     # equal shares: proportional and uniform draw the same noise (the scale s sqrt(G) = 1 to one rounding)
     eq = {"head.*": 0.5 ** 0.5, "*": 0.5 ** 0.5}
     runs = [_train(DPSGDTrainer(max_grad_norm=c, noise_multiplier=2.0, local_steps=2, batch_size=8, lr=0.1,

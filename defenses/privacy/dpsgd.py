@@ -53,7 +53,7 @@ from defenses.privacy.noise import SOURCES, _urandom_uniform, gaussian_like
 from secfed import registry
 from secfed.errors import ConfigError
 from secfed.needs import Need, needs_of
-from secfed.rounds import dpsgd_per_client
+from secfed.rounds import GROUP_NOISE, dpsgd_per_client, group_noise_scales
 from secfed.training import KeptOptimizerState, make_optimizer
 
 _OPACUS_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample", "summed_grad", "_processed")
@@ -149,10 +149,14 @@ class _NoiseMixin:
     noise_source: str = "csprng"
     noise_generator: torch.Generator | None = None
 
+    def param_noise_scales(self) -> list[float]:
+        """Each parameter's noise std over z C (1: flat clipping; clip groups: :func:`group_noise_scales`)."""
+        return [1.0] * len(self.params)
+
     def add_noise(self) -> None:
-        std = self.noise_multiplier * self.max_grad_norm
-        for p in self.params:
+        for p, scale in zip(self.params, self.param_noise_scales()):
             _check_processed_flag(p.summed_grad)
+            std = self.noise_multiplier * self.max_grad_norm * scale
             noise = gaussian_like(p.summed_grad, std, self.noise_source, self.noise_generator)
             p.grad = (p.summed_grad + noise).view_as(p)
             _mark_as_processed(p.summed_grad)
@@ -166,10 +170,6 @@ class _DPOptimizerGhost(_NoiseMixin, DPOptimizerFastGradientClipping):
     pass
 
 
-#: how DP-SGD's noise is spread over clip groups (:func:`group_noise_scales`)
-GROUP_NOISE = ("uniform", "proportional")
-
-
 def check_clip_shares(groups: dict[str, float], key: str = "client.trainer.clip_groups",
                       group_noise: str = "uniform") -> None:
     """One positive share per ``fnmatch`` pattern (string keys). Uniform noise: shares in (0, 1] whose squares sum
@@ -180,34 +180,15 @@ def check_clip_shares(groups: dict[str, float], key: str = "client.trainer.clip_
     for pat, share in groups.items():
         if not isinstance(pat, str) or not pat:
             raise ConfigError(f"config key '{key}': patterns are non-empty strings (got {pat!r})")
-        if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 < share <= top:
-            hint = ("; a share above 1 needs client.trainer.group_noise = \"proportional\"" if top == 1 and
-                    isinstance(share, (int, float)) and not isinstance(share, bool) and share > 1 else "")
+        number = isinstance(share, (int, float)) and not isinstance(share, bool)
+        if not (number and 0 < share <= top):
+            hint = "; a share above 1 needs client.trainer.group_noise = \"proportional\"" if number and share > top == 1 else ""
             raise ConfigError(f"config key '{key}.{pat}': a share of max_grad_norm in (0, {top}] (got {share!r}){hint}")
     total = sum(float(v) ** 2 for v in groups.values())
     if group_noise == "uniform" and total > 1 + 1e-6:
         raise ConfigError(f"config key '{key}': the squared shares sum to {total:.4f} > 1 (each example's clipped "
                           "gradient must keep norm <= max_grad_norm; or set client.trainer.group_noise = "
                           "\"proportional\")")
-
-
-def group_noise_scales(shares: list[float], group_noise: str) -> list[float]:
-    """Each clip group's noise std as a multiple of z C, for the Gaussian mechanism with multiplier z.
-
-    ``uniform``: 1 for every group (the shares' squares sum to <= 1, so an example's clipped gradient has norm
-    <= C: McMahan et al. 2018's per-layer clipping, noise z C). ``proportional``: s_g sqrt(G) for group g of G
-    (share s_g, bound c_g = s_g C), any shares. Dividing group g by its std sigma_g = z C s_g sqrt(G) (a fixed
-    invertible map: post-processing either way) leaves unit Gaussian noise on a sum whose per-example term has
-    norm <= sqrt(sum_g (c_g / sigma_g)^2) = sqrt(G / (z^2 G)) = 1 / z: the Gaussian mechanism with multiplier z, so
-    the accountant's z and epsilon hold unchanged. Equal shares 1/sqrt(G) give z C for every group (uniform); with
-    unequal shares a group with a large bound (a fresh classifier head) no longer sets the noise of a group with a
-    small one (the adapters)."""
-    if group_noise == "uniform":
-        return [1.0] * len(shares)
-    if group_noise == "proportional":
-        root = math.sqrt(len(shares))
-        return [float(s) * root for s in shares]
-    raise ValueError(f"group_noise must be one of {GROUP_NOISE} (got {group_noise!r})")
 
 
 def clip_group_index(names: list[str], groups: dict[str, float], key: str = "client.trainer.clip_groups") -> list[int]:
@@ -241,14 +222,8 @@ class _DPGroupOptimizer(_DPOptimizer):
         super().__init__(optimizer, **kw)
         self.group_of, self.group_norms, self.noise_scales = group_of, group_norms, noise_scales
 
-    def add_noise(self) -> None:
-        """Noise z C x ``noise_scales[g]`` on group g (:func:`group_noise_scales`)."""
-        for g, p in zip(self.group_of, self.params):
-            _check_processed_flag(p.summed_grad)
-            std = self.noise_multiplier * self.max_grad_norm * self.noise_scales[g]
-            noise = gaussian_like(p.summed_grad, std, self.noise_source, self.noise_generator)
-            p.grad = (p.summed_grad + noise).view_as(p)
-            _mark_as_processed(p.summed_grad)
+    def param_noise_scales(self) -> list[float]:
+        return [self.noise_scales[g] for g in self.group_of]
 
     def clip_and_accumulate(self) -> None:
         samples = self.grad_samples
@@ -407,7 +382,7 @@ class DPSGDTrainer:
                     used.append(idx)
                 opt.zero_grad(set_to_none=True)
                 if len(idx) == 0:  # empty Poisson batch: the step releases noise only
-                    self._noise_only_step(params, base, z, expected, opt, groups)
+                    self._noise_only_step(params, base, z, expected, opt)
                     continue
                 batch = data.batch(idx)
                 # one loss term per example (task.per_example_loss), then the mean: Opacus'
@@ -446,9 +421,8 @@ class DPSGDTrainer:
         self.kept.load_state_dict(state)
 
     def _noise_only_step(self, params: list[nn.Parameter], base: torch.optim.Optimizer, z: float, expected: float,
-                         opt: Any, groups: dict[str, Any]) -> None:
-        scales = ([groups["noise_scales"][g] for g in groups["group_of"]] if groups else [1.0] * len(params))
-        for p, scale in zip(params, scales):
+                         opt: Any) -> None:
+        for p, scale in zip(params, opt.param_noise_scales()):  # opt.params are these params, in this order
             std = z * self.max_grad_norm * scale
             p.grad = gaussian_like(torch.zeros_like(p), std, self.noise, opt.noise_generator) / expected
         base.step()
