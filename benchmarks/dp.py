@@ -25,7 +25,7 @@ setup's clipping with z = 0, no privacy) splits the gap to no-DP into the clippi
 
 Tune part: the recommended setup (BEST) at epsilon 8 for each (lr, clip) of TUNE_LR x TUNE_CLIP, trained without
 2,000 held-out training records and evaluated on them; the utility part takes the best only once the grid is
-complete (``tune.complete``), and a series with its own clip norm is keyed ``..._clip<C>``.
+complete (``tune.complete``).
 
 Runtime estimate: a full-data DP-SGD run processes 10 x 20 x 512 ~ 100k examples plus 5 evaluations of
 2,000: about 15-20 min on a 16-core CPU (4 threads; the old 4,000-example quickstart took ~3 min for ~15k),
@@ -175,8 +175,8 @@ GROUPS_PROP = {"head.*": 3.0, "*": 0.5}
 
 class Series(NamedTuple):
     """One DP-SGD curve: LoRA method, record rate (None: expected batch client.batch_size), clip groups (None: flat),
-    optimizer state kept, z calibrated per client, plot colour, label; its own clip norm C (None: the run's, 1.0
-    unless chosen on the validation split); the noise over clip groups (client.trainer.group_noise)."""
+    optimizer state kept, z calibrated per client, plot colour, label, the noise over clip groups
+    (client.trainer.group_noise)."""
     method: str
     rate: float | None
     groups: dict | None
@@ -184,7 +184,6 @@ class Series(NamedTuple):
     per_client: bool
     colour: str
     label: str
-    clip: float | None = None
     group_noise: str = "uniform"
 
 
@@ -255,15 +254,12 @@ def sample_overrides(quick: bool, method: str, eps: float | None, lr: float, cli
 
 
 def sample_key(method: str, eps: float | None, rate: float | None = None, groups: dict | None = None,
-               keep: bool = False, per_client: bool = False, clip: float | None = None,
-               group_noise: str = "uniform") -> str:
+               keep: bool = False, per_client: bool = False, group_noise: str = "uniform") -> str:
     """A run's key; without DP there is no clipping, so a grouped series shares its no-DP run with the flat one
-    (a kept optimizer state changes the training: that series has its own no-DP run), and a series with its own
-    clip norm its no-DP run with the others."""
+    (a kept optimizer state changes the training: that series has its own no-DP run)."""
     return (f"sample_{method}_" + ("no_dp" if eps is None else f"eps{eps:g}") + ("" if rate is None else f"_q{rate:g}")
             + ("_groups" if groups and eps is not None else "") + ("_keep" if keep else "")
             + ("_pc" if per_client and eps is not None else "")
-            + (f"_clip{clip:g}" if clip is not None and eps is not None else "")
             + ("_prop" if group_noise == "proportional" and eps is not None else ""))
 
 
@@ -280,12 +276,11 @@ CLIP_ONLY = "sample_ffa_clip_only_groups"
 
 
 def series_key(s: Series, eps: float | None) -> str:
-    return sample_key(s.method, eps, s.rate, s.groups, s.keep, s.per_client, s.clip, s.group_noise)
+    return sample_key(s.method, eps, s.rate, s.groups, s.keep, s.per_client, s.group_noise)
 
 
 def series_overrides(s: Series, quick: bool, eps: float | None, lr: float, clip: float) -> dict:
-    return sample_overrides(quick, s.method, eps, lr, clip if s.clip is None else s.clip, s.rate, s.groups, s.keep,
-                            s.per_client, s.group_noise)
+    return sample_overrides(quick, s.method, eps, lr, clip, s.rate, s.groups, s.keep, s.per_client, s.group_noise)
 
 
 def utility_runs(quick: bool, lr: float = 3e-3, clip: float = 1.0, methods: tuple[str, ...] = ("ffa", "fedit"),
@@ -379,19 +374,17 @@ def tune_key(lr: float, clip: float) -> str:
     return f"tune_lr{lr:g}_clip{clip:g}"
 
 
-def tune_runs(quick: bool) -> list[tuple[str, float, float, dict]]:
-    """(key, lr, clip, overrides) of the validation grid: the recommended setup (BEST) at epsilon 8."""
-    return [(tune_key(lr, clip), lr, clip, series_overrides(BEST, quick, 8.0, lr, clip))
-            for lr in TUNE_LR for clip in TUNE_CLIP]
+#: the validation grid's keys in grid order, with their (lr, clip)
+TUNE_GRID = {tune_key(lr, clip): (lr, clip) for lr in TUNE_LR for clip in TUNE_CLIP}
 
 
 def tune_choice(rows: dict, quick: bool) -> dict:
     """The grid's best validation accuracy (ties: the first in grid order) and what the choice costs."""
-    order = [k for k, *_ in tune_runs(quick) if k in rows] or list(rows)
+    order = [k for k in TUNE_GRID if k in rows] or list(rows)
     best = max(order, key=lambda k: rows[k]["final_accuracy"])
     return {"runs": rows, "chosen": {"lr": rows[best]["lr"], "clip": rows[best]["clip"], "run": best},
             "validation_records": 100 if quick else VALIDATION,
-            "complete": all(k in rows for k, *_ in tune_runs(quick)),
+            "complete": all(k in rows for k in TUNE_GRID),
             "privacy_of_the_choice": "not accounted: the validation records are training records held out of the tuning "
                                      "runs; choosing the best of the grid leaks about them (stated, not charged; "
                                      "Papernot & Steinke, ICLR 2022, bound the cost of a private selection at ~3x epsilon)"}
@@ -402,15 +395,24 @@ def tune(quick: bool, model_path: str | None = None, threads: int = 0, only: str
     of training and evaluated instead of the test (the test split is never used for a choice)."""
     sys.path.insert(0, str(ROOT))
     rows = {}
-    for key, lr, clip, o in tune_runs(quick):
-        if only and key not in only.split(","):
-            continue
-        o.update({"model.name": model_path} if model_path else {})
-        o.update({"run.threads": threads} if threads else {})
-        rows[key] = _run(key, "experiments/quickstart.toml", o, Path("/tmp") / f"secfed_dp_bench_{key}",
-                         validation=100 if quick else VALIDATION)
-        rows[key].update(lr=lr, clip=clip)
+    for key, (lr, clip) in TUNE_GRID.items():
+        if _chosen(key, only):
+            o = _local(series_overrides(BEST, quick, 8.0, lr, clip), model_path, threads)
+            rows[key] = _run(key, "experiments/quickstart.toml", o, Path("/tmp") / f"secfed_dp_bench_{key}",
+                             validation=100 if quick else VALIDATION)
+            rows[key].update(lr=lr, clip=clip)
     return rows
+
+
+def _chosen(key: str, only: str | None) -> bool:
+    """Whether ``--only`` (comma-separated keys, or none: every run) selects ``key``."""
+    return not only or key in only.split(",")
+
+
+def _local(overrides: dict, model_path: str | None, threads: int) -> dict:
+    """This machine's additions to a run: a local MiniLM copy, a torch thread count."""
+    return {**overrides, **({"model.name": model_path} if model_path else {}),
+            **({"run.threads": threads} if threads else {})}
 
 
 def utility_part(quick: bool, only: str | None = None, model_path: str | None = None, threads: int = 0,
@@ -420,19 +422,15 @@ def utility_part(quick: bool, only: str | None = None, model_path: str | None = 
     sys.path.insert(0, str(ROOT))
     rows = {}
     for key, path, overrides in utility_runs(quick, lr, clip):
-        if only and key not in only.split(","):
-            continue
-        if model_path:
-            overrides = {**overrides, "model.name": model_path}
-        if threads:
-            overrides = {**overrides, "run.threads": threads}
-        rows[key] = _run(key, path, overrides, Path("/tmp") / f"secfed_dp_bench_{key}{'_quick' if quick else ''}")
+        if _chosen(key, only):
+            rows[key] = _run(key, path, _local(overrides, model_path, threads),
+                             Path("/tmp") / f"secfed_dp_bench_{key}{'_quick' if quick else ''}")
     return {"runs": rows}
 
 
 def utility_part_keys(only: str | None) -> list[str]:
     """The run keys a --part utility call runs (each row records the machine it ran on)."""
-    return [k for k, _, _ in utility_runs(False) if not only or k in only.split(",")]
+    return [k for k, _, _ in utility_runs(False) if _chosen(k, only)]
 
 
 def _noise_info(run_dir: Path) -> dict:
