@@ -30,7 +30,7 @@ complete (``tune.complete``).
 Runtime estimate: a full-data DP-SGD run processes 10 x 20 x 512 ~ 100k examples plus 5 evaluations of
 2,000: about 15-20 min on a 16-core CPU (4 threads; the old 4,000-example quickstart took ~3 min for ~15k),
 a few minutes on a GPU (run.device = "auto"); 75-95 min on this project's 2-core VM with one thread while
-another run shares it (18 min a round). Tune (6) + curve (5) + FedIT (2) = 10 such runs; the three
+another run shares it (16-18 min a round). Tune (6) + curve (5) + FedIT (2) = 13 such runs; the three
 many-clients runs take ~3-5 min each (SecAgg+ over ~100 clients per round adds ~1 s per round). CPU total
 ~3 h sequential; with --rows-out/--merge-rows several processes can share a big machine.
 
