@@ -2,7 +2,7 @@
 
     python benchmarks/dp.py                 # step + tune + utility (see the runtime estimate below)
     python benchmarks/dp.py --part step     # step time + peak memory only (a few minutes)
-    python benchmarks/dp.py --part tune     # DP-SGD lr x clip grid on the validation split (6 full-data runs)
+    python benchmarks/dp.py --part tune     # DP-SGD setup x lr x clip grid on the validation split (12 full-data runs)
     python benchmarks/dp.py --part utility  # the utility runs, with the tuned lr/clip of the results file
     python benchmarks/dp.py --part utility --only sample_ffa_eps8,sample_ffa_no_dp   # some runs, merged in
     python benchmarks/dp.py --part tune --only tune_lr0.003_clip0.5 --rows-out r.json   # one grid point
@@ -23,16 +23,18 @@ accuracy_sample_dp_eps1, accuracy_central_user_dp_eps8, accuracy_distributed_dga
 is also drawn to benchmarks/results/dp_curve.png. accuracy_clip_only_no_noise (CLIP_ONLY: the recommended
 setup's clipping with z = 0, no privacy) splits the gap to no-DP into the clipping's share and the noise's.
 
-Tune part: the recommended setup (BEST) at epsilon 8 for each (lr, clip) of TUNE_LR x TUNE_CLIP, trained without
-2,000 held-out training records and evaluated on them; the utility part takes the best only once the grid is
-complete (``tune.complete``).
+Tune part: each candidate setup of TUNE_SETUPS (group-wise clipping with uniform noise, BEST; the same with noise
+proportional to each group's bound) at epsilon 8 for each (lr, clip) of TUNE_LR x TUNE_CLIP, trained without 2,000
+held-out training records and evaluated on them. Only a complete grid chooses (``tune.complete``): the utility part
+then runs at its lr and clip, and the headline's DP pair is the chosen setup (``recommended_setup``); until then
+BEST at lr 3e-3, clip 1.
 
 Runtime estimate: a full-data DP-SGD run processes 10 x 20 x 512 ~ 100k examples plus 5 evaluations of
 2,000: about 15-20 min on a 16-core CPU (4 threads; the old 4,000-example quickstart took ~3 min for ~15k),
 a few minutes on a GPU (run.device = "auto"); 75-95 min on this project's 2-core VM with one thread while
-another run shares it (16-18 min a round). Tune (6) + curve (5) + FedIT (2) = 13 such runs; the three
+another run shares it (16-18 min a round). Tune (12) + curve (5) + FedIT (2) = 19 such runs; the three
 many-clients runs take ~3-5 min each (SecAgg+ over ~100 clients per round adds ~1 s per round). CPU total
-~3 h sequential; with --rows-out/--merge-rows several processes can share a big machine.
+~4-5 h sequential; with --rows-out/--merge-rows several processes can share a big machine.
 
 Writes benchmarks/results/dp.json (a part run alone keeps the other part's last figures).
 """
@@ -316,21 +318,33 @@ def utility_runs(quick: bool, lr: float = 3e-3, clip: float = 1.0, methods: tupl
     return runs
 
 
-#: the headline's record-level pair: group-wise clipping (GROUPS), the setup the README recommends; flat clipping and
-#: one record rate kept beside it. The no-DP run is the same configuration with plain SGD (no clipping, no noise).
-HEADLINE = {"accuracy_no_dp": "sample_ffa_no_dp", "accuracy_sample_dp_eps8": series_key(BEST, 8.0),
-            "accuracy_sample_dp_eps1": series_key(BEST, 1.0),
-            "accuracy_sample_dp_eps8_shared_z": sample_key("ffa", 8.0, None, GROUPS),
-            "accuracy_sample_dp_eps1_shared_z": sample_key("ffa", 1.0, None, GROUPS),
-            "accuracy_sample_dp_eps8_flat_clip": "sample_ffa_eps8",
-            "accuracy_no_dp_one_rate": sample_key("ffa", None, RATE),
-            "accuracy_sample_dp_eps8_one_rate": sample_key("ffa", 8.0, RATE),
-            "accuracy_no_dp_adam_kept": sample_key("ffa", None, None, GROUPS, keep=True),
-            "accuracy_sample_dp_eps8_adam_kept": sample_key("ffa", 8.0, None, GROUPS, keep=True),
-            "accuracy_clip_only_no_noise": CLIP_ONLY,
-            "accuracy_sample_dp_eps8_proportional_noise": series_key(SERIES["ffa_groups_pc_prop"], 8.0),
-            "accuracy_central_user_dp_eps8": "many_clients_central_eps8",
-            "accuracy_distributed_dgauss_eps8": "many_clients_ddgauss_eps8"}
+#: the headline's figures beside the record-level pair: group-wise clipping with one shared z, flat clipping, one record
+#: rate, a kept Adam state, the clipping alone, proportional group noise, and the many-clients user-level pair.
+_HEADLINE_REST = {"accuracy_sample_dp_eps8_shared_z": sample_key("ffa", 8.0, None, GROUPS),
+                  "accuracy_sample_dp_eps1_shared_z": sample_key("ffa", 1.0, None, GROUPS),
+                  "accuracy_sample_dp_eps8_flat_clip": "sample_ffa_eps8",
+                  "accuracy_no_dp_one_rate": sample_key("ffa", None, RATE),
+                  "accuracy_sample_dp_eps8_one_rate": sample_key("ffa", 8.0, RATE),
+                  "accuracy_no_dp_adam_kept": sample_key("ffa", None, None, GROUPS, keep=True),
+                  "accuracy_sample_dp_eps8_adam_kept": sample_key("ffa", 8.0, None, GROUPS, keep=True),
+                  "accuracy_clip_only_no_noise": CLIP_ONLY,
+                  "accuracy_sample_dp_eps8_proportional_noise": series_key(SERIES["ffa_groups_pc_prop"], 8.0),
+                  "accuracy_central_user_dp_eps8": "many_clients_central_eps8",
+                  "accuracy_distributed_dgauss_eps8": "many_clients_ddgauss_eps8"}
+
+
+def headline_runs(best: Series = BEST) -> dict:
+    """Headline key -> run key. The record-level pair is the recommended setup ``best`` against the same configuration
+    with plain SGD (no clipping, no noise)."""
+    return {"accuracy_no_dp": "sample_ffa_no_dp", "accuracy_sample_dp_eps8": series_key(best, 8.0),
+            "accuracy_sample_dp_eps1": series_key(best, 1.0), **_HEADLINE_REST}
+
+
+def recommended(doc: dict) -> str:
+    """The recommended record-level setup (a SERIES name): the validation grid's choice once the grid is complete,
+    else BEST (a partial grid chooses nothing)."""
+    tune = doc.get("tune", {})
+    return tune["chosen"].get("setup", "ffa_groups_pc") if tune.get("complete") else "ffa_groups_pc"
 
 
 def _engine(cfg, out: Path, validation: int = 0):
@@ -370,19 +384,25 @@ def _run(key: str, path: str, overrides: dict, out: Path, validation: int = 0) -
     return row
 
 
-def tune_key(lr: float, clip: float) -> str:
-    return f"tune_lr{lr:g}_clip{clip:g}"
+#: the candidate setups of the validation grid by their series name (uniform noise over the clip groups, the README's
+#: recommendation so far, and noise proportional to each group's bound)
+TUNE_SETUPS = ("ffa_groups_pc", "ffa_groups_pc_prop")
 
 
-#: the validation grid's keys in grid order, with their (lr, clip)
-TUNE_GRID = {tune_key(lr, clip): (lr, clip) for lr in TUNE_LR for clip in TUNE_CLIP}
+def tune_key(lr: float, clip: float, setup: str = "ffa_groups_pc") -> str:
+    return f"tune_lr{lr:g}_clip{clip:g}" + ("" if setup == "ffa_groups_pc" else "_" + setup.rsplit("_", 1)[1])
+
+
+#: the validation grid's keys in grid order, with their (lr, clip, setup)
+TUNE_GRID = {tune_key(lr, clip, s): (lr, clip, s) for s in TUNE_SETUPS for lr in TUNE_LR for clip in TUNE_CLIP}
 
 
 def tune_choice(rows: dict, quick: bool) -> dict:
     """The grid's best validation accuracy (ties: the first in grid order) and what the choice costs."""
     order = [k for k in TUNE_GRID if k in rows] or list(rows)
     best = max(order, key=lambda k: rows[k]["final_accuracy"])
-    return {"runs": rows, "chosen": {"lr": rows[best]["lr"], "clip": rows[best]["clip"], "run": best},
+    return {"runs": rows, "chosen": {"lr": rows[best]["lr"], "clip": rows[best]["clip"],
+                                     "setup": rows[best].get("setup", "ffa_groups_pc"), "run": best},
             "validation_records": 100 if quick else VALIDATION,
             "complete": all(k in rows for k in TUNE_GRID),
             "privacy_of_the_choice": "not accounted: the validation records are training records held out of the tuning "
@@ -391,16 +411,16 @@ def tune_choice(rows: dict, quick: bool) -> dict:
 
 
 def tune(quick: bool, model_path: str | None = None, threads: int = 0, only: str | None = None) -> dict:
-    """lr x clip grid for DP-SGD (the recommended setup, epsilon 8) on the validation split: training records held out
-    of training and evaluated instead of the test (the test split is never used for a choice)."""
+    """setup x lr x clip grid for DP-SGD (epsilon 8) on the validation split: training records held out of training and
+    evaluated instead of the test (the test split is never used for a choice)."""
     sys.path.insert(0, str(ROOT))
     rows = {}
-    for key, (lr, clip) in TUNE_GRID.items():
+    for key, (lr, clip, setup) in TUNE_GRID.items():
         if _chosen(key, only):
-            o = _local(series_overrides(BEST, quick, 8.0, lr, clip), model_path, threads)
+            o = _local(series_overrides(SERIES[setup], quick, 8.0, lr, clip), model_path, threads)
             rows[key] = _run(key, "experiments/quickstart.toml", o, Path("/tmp") / f"secfed_dp_bench_{key}",
                              validation=100 if quick else VALIDATION)
-            rows[key].update(lr=lr, clip=clip)
+            rows[key].update(lr=lr, clip=clip, setup=setup)
     return rows
 
 
@@ -565,8 +585,10 @@ def main() -> None:
             runs[k]["machine"] = machine(a.loaded)
         doc["utility"] = {"runs": runs, "lr": lr, "clip": clip}
     step, runs = doc.get("step", {}), doc.get("utility", {}).get("runs", {})
+    doc["recommended_setup"] = recommended(doc)
     doc["headline"] = {"dp_step_over_plain": step.get("dp_step_over_plain"),
-                       **{k: runs.get(v, {}).get("final_accuracy") for k, v in HEADLINE.items()}}
+                       **{k: runs.get(v, {}).get("final_accuracy")
+                          for k, v in headline_runs(SERIES[doc["recommended_setup"]]).items()}}
     doc["curve"] = {name: {("inf" if e is None else f"{e:g}"): runs.get(series_key(s, e), {}).get("final_accuracy")
                            for e in EPSILONS} for name, s in SERIES.items()}
     doc["curve_lm"] = {name: {("inf" if e is None else f"{e:g}"): runs.get(lm_key(m, e), {}).get("final_accuracy")
