@@ -17,7 +17,7 @@ peak RSS growth over the process's RSS after loading the model and the batch.
 
 Utility part (the design is in the comment block above SAMPLE_BASE): accuracy against epsilon in
 {1, 2, 4, 8, inf} for record-level DP-SGD on all 38,157 tweets (10 organisations, FFA-LoRA; FedIT at 8
-and inf), and the many-clients user-level experiment with central DP-FedAvg vs SecAgg+ with the
+and inf, flat and under the recommended setup), and the many-clients user-level experiment with central DP-FedAvg vs SecAgg+ with the
 distributed discrete Gaussian at epsilon 8. Headline: accuracy_no_dp, accuracy_sample_dp_eps8,
 accuracy_sample_dp_eps1, accuracy_central_user_dp_eps8, accuracy_distributed_dgauss_eps8; the curve
 is also drawn to benchmarks/results/dp_curve.png. accuracy_clip_only_no_noise (CLIP_ONLY: the recommended
@@ -199,7 +199,11 @@ SERIES = {"ffa": Series("ffa", None, None, False, False, "C0", "ffa, batch 512")
                                   "ffa, batch 512, groups, z per organisation"),
           "ffa_groups_pc_prop": Series("ffa", None, GROUPS_PROP, False, True, "C6",
                                        "ffa, batch 512, head 3 C / adapters 0.5 C, noise per group, z per org",
-                                       group_noise="proportional")}
+                                       group_noise="proportional"),
+          # FedIT under the recommended setup: A and B both trained, noised and averaged (twice FFA's noised adapter
+          # coordinates), against FFA's curve at the same epsilon; its no-DP run is sample_fedit_no_dp
+          "fedit_groups_pc": Series("fedit", None, GROUPS, False, True, "C7",
+                                    "fedit, batch 512, groups, z per organisation")}
 #: the recommended record-level setup (README): group-wise clipping, z per organisation
 BEST = SERIES["ffa_groups_pc"]
 TUNE_LR = (1e-3, 3e-3, 1e-2)
