@@ -140,6 +140,10 @@ class ClientConfig(_Section):
     optimizer_state: Literal["round", "keep"] = Field("round", description="'round': a fresh local optimizer every "
                                                       "round; 'keep': each client keeps its own (Adam's moments and "
                                                       "step count, SGD's momentum) from round to round, on the client")
+    physical_batch_size: int = Field(0, ge=0, description="0: each batch in one forward/backward pass; > 0: in "
+                                     "passes of at most this many examples, shortest rows first (each pass's padding "
+                                     "trimmed to its own longest row): the same gradient and, under DP-SGD, the same "
+                                     "clipping, noise and privacy, in less memory and less padding compute")
     weighting: Literal["examples", "uniform"] = "examples"
     pipeline: list[PluginSpec] = []
     verify_model: bool = Field(False, description="clients refuse a shipped model that is not the last aggregated "

@@ -119,6 +119,7 @@ ENGINE_OWNED: dict[str, str] = {
     "momentum": "client.momentum",
     "weight_decay": "client.weight_decay",
     "optimizer_state": "client.optimizer_state",
+    "physical_batch_size": "client.physical_batch_size",
     "dim": "the model's trainable parameter count",
     "max_update_norm": "server.max_update_norm",
     "min_clients": "server.min_clients",

@@ -124,7 +124,7 @@ def plugin_context(cfg: Any, dim: int) -> dict[str, Any]:
                 rounds=cfg.run.rounds, local_epochs=c.local_epochs, local_steps=c.local_steps, batch_size=c.batch_size,
                 record_sample_rate=c.record_sample_rate,
                 lr=c.lr, optimizer=c.optimizer, momentum=c.momentum, weight_decay=c.weight_decay,
-                optimizer_state=c.optimizer_state, dim=dim,
+                optimizer_state=c.optimizer_state, physical_batch_size=c.physical_batch_size, dim=dim,
                 max_update_norm=s.max_update_norm, min_clients=s.min_clients, cohort_size=s.cohort_size or n)
 
 

@@ -104,6 +104,20 @@ def batch_schedule(n: int, batch_size: int, local_epochs: int, local_steps: int,
     return out
 
 
+def physical_batches(data: TensorData, idx: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """One logical batch ``idx`` as the index chunks of its forward/backward passes (``client.physical_batch_size``;
+    0 or a batch no larger: one pass). With an attention mask the rows go shortest first (stable), so each pass's
+    padding is trimmed to its own longest row (``ClassificationTask.inputs``, the causal LM's ``token_nll``): the
+    per-example losses and gradients are those of the one-pass batch, the padding compute is not. Opacus'
+    ``BatchMemoryManager`` splits a Poisson batch the same way (a logical step over several physical ones)."""
+    if size <= 0 or len(idx) <= size:
+        return [idx]
+    mask = data.tensors.get("attention_mask")
+    if mask is not None:
+        idx = idx[torch.argsort(mask[idx].sum(1), stable=True)]
+    return list(idx.split(size))
+
+
 class SGDTrainer:
     """Minibatch training on the task's loss (``task.loss``); a fresh optimizer per client and round, or each
     client's own kept from round to round (``optimizer_state = "keep"``, :class:`KeptOptimizerState`)."""
@@ -112,8 +126,10 @@ class SGDTrainer:
 
     def __init__(self, local_epochs: int = 1, local_steps: int = 0, batch_size: int = 16, lr: float = 5e-3,
                  optimizer: str = "adam", momentum: float = 0.0, weight_decay: float = 0.0,
-                 record_sample_rate: float | None = None, optimizer_state: str = "round") -> None:
+                 record_sample_rate: float | None = None, optimizer_state: str = "round",
+                 physical_batch_size: int = 0) -> None:
         self.local_epochs, self.local_steps, self.batch_size = local_epochs, local_steps, batch_size
+        self.physical_batch_size = physical_batch_size  # passes of at most this many examples (0: one pass)
         self.record_sample_rate = record_sample_rate  # a batch of round(q n) of the client's n records
         self.lr, self.optimizer, self.momentum, self.weight_decay = lr, optimizer, momentum, weight_decay
         self.kept = KeptOptimizerState(optimizer_state)
@@ -129,12 +145,14 @@ class SGDTrainer:
         for idx in batch_schedule(len(data), bs, self.local_epochs, self.local_steps, generator):
             if used is not None:
                 used.append(idx)
-            batch = data.batch(idx)
             opt.zero_grad(set_to_none=True)
-            loss = task.loss(model, batch)
-            loss.backward()
+            loss = 0.0
+            for part in physical_batches(data, idx, self.physical_batch_size):  # the batch mean, pass by pass
+                part_loss = task.loss(model, data.batch(part)) * (len(part) / len(idx))
+                part_loss.backward()
+                loss += part_loss.item()
             opt.step()
-            total += loss.item() * len(idx)
+            total += loss * len(idx)
             seen += len(idx)
             steps += 1
         self.kept.save(opt, client_id)

@@ -54,7 +54,7 @@ from secfed import registry
 from secfed.errors import ConfigError
 from secfed.needs import Need, needs_of
 from secfed.rounds import GROUP_NOISE, dpsgd_per_client, group_noise_scales
-from secfed.training import KeptOptimizerState, make_optimizer
+from secfed.training import KeptOptimizerState, make_optimizer, physical_batches
 
 _OPACUS_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample", "summed_grad", "_processed")
 
@@ -163,7 +163,12 @@ class _NoiseMixin:
 
 
 class _DPOptimizer(_NoiseMixin, DPOptimizer):
-    pass
+    def scale_grad(self) -> None:
+        """Divide by the expected batch size only: one logical Poisson batch per step, however many physical passes
+        its per-example gradients came from (Opacus divides by expected size x passes, its virtual-step convention)."""
+        if self.loss_reduction == "mean":
+            for p in self.params:
+                p.grad /= self.expected_batch_size
 
 
 class _DPOptimizerGhost(_NoiseMixin, DPOptimizerFastGradientClipping):
@@ -270,7 +275,7 @@ class DPSGDTrainer:
                  noise: str = "csprng", local_epochs: int = 1, local_steps: int = 0, batch_size: int = 16,
                  lr: float = 5e-3, optimizer: str = "adam", momentum: float = 0.0, weight_decay: float = 0.0,
                  record_sample_rate: float | None = None, clip_groups: dict[str, float] | None = None,
-                 optimizer_state: str = "round", group_noise: str = "uniform") -> None:
+                 optimizer_state: str = "round", group_noise: str = "uniform", physical_batch_size: int = 0) -> None:
         if not max_grad_norm > 0:
             raise ConfigError(f"config key 'client.trainer.max_grad_norm': must be > 0 (got {max_grad_norm})")
         if noise_multiplier is not None and noise_multiplier < 0:
@@ -291,6 +296,10 @@ class DPSGDTrainer:
                 raise ConfigError("config key 'client.trainer.clip_groups': group-wise clipping needs per-example "
                                   "gradients; set ghost_clipping = false")
             check_clip_shares(clip_groups, group_noise=group_noise)
+        if physical_batch_size and ghost_clipping:
+            raise ConfigError("config key 'client.physical_batch_size': ghost clipping keeps no per-example gradients "
+                              "to gather over passes; set it to 0 or client.trainer.ghost_clipping = false")
+        self.physical_batch_size = physical_batch_size  # passes of at most this many examples (0: one pass)
         self.group_noise = group_noise
         self.max_grad_norm, self.noise_multiplier, self.ghost_clipping, self.noise = max_grad_norm, noise_multiplier, ghost_clipping, noise
         self.clip_groups = dict(clip_groups) if clip_groups is not None else None
@@ -384,15 +393,19 @@ class DPSGDTrainer:
                 if len(idx) == 0:  # empty Poisson batch: the step releases noise only
                     self._noise_only_step(params, base, z, expected, opt)
                     continue
-                batch = data.batch(idx)
-                # one loss term per example (task.per_example_loss), then the mean: Opacus'
-                # loss_reduction = "mean" convention (a causal LM's token losses are reduced per example first)
-                per_example = task.per_example_loss(gsm, batch)
-                if self.ghost_clipping:  # two backward passes inside loss.backward()
-                    loss = DPTensorFastGradientClipping(gsm, opt, per_example, "mean")
-                else:
-                    loss = per_example.mean()
-                loss.backward()
+                # one loss term per example (task.per_example_loss), then the mean over the pass: Opacus'
+                # loss_reduction = "mean" convention (a causal LM's token losses are reduced per example first); its
+                # per-example gradients gather over the passes, and the step clips each and divides by the expected
+                # batch size once (_DPOptimizer.scale_grad)
+                step_loss = 0.0
+                for part in physical_batches(data, idx, self.physical_batch_size):
+                    per_example = task.per_example_loss(gsm, data.batch(part))
+                    if self.ghost_clipping:  # two backward passes inside loss.backward()
+                        loss = DPTensorFastGradientClipping(gsm, opt, per_example, "mean")
+                    else:
+                        loss = per_example.mean()
+                    loss.backward()
+                    step_loss += float(loss.item()) * len(part)
                 if not checked and not self.ghost_clipping:
                     missing = [i for i, p in enumerate(params) if getattr(p, "grad_sample", None) is None]
                     if missing:  # opacus #732: fail loudly rather than train some parameters without DP
@@ -400,7 +413,7 @@ class DPSGDTrainer:
                                           "per-sample gradient (a layer Opacus does not support, or unused parameters)")
                     checked = True
                 opt.step()
-                total += float(loss.item()) * len(idx)
+                total += step_loss
                 seen += len(idx)
             self.kept.save(base, client_id)
         finally:
