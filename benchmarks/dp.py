@@ -488,7 +488,12 @@ def _panel(ax, lines: list, baseline: tuple | None, title: str, ylabel: str) -> 
     ax.set_xlabel("epsilon (delta = 1e-5, per record)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    _legend(ax)
+
+
+def _legend(ax) -> None:
+    """The panel's legend below its axes (a dozen series would hide the points)."""
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
 
 
 def plot_curve(doc: dict, png: Path) -> None:
@@ -502,7 +507,7 @@ def plot_curve(doc: dict, png: Path) -> None:
     runs = doc.get("utility", {}).get("runs", {})
     acc = lambda k: runs[k]["final_accuracy"] if k in runs else None  # noqa: E731
     lm = any(k.startswith("lm_") for k in runs)
-    fig, axes = plt.subplots(1, 2 if lm else 1, figsize=(10 if lm else 5, 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if lm else 1, figsize=(12 if lm else 6, 7), squeeze=False)
     lines = [([(e, acc(series_key(s, e))) for e in EPSILONS[:-1] if series_key(s, e) in runs],
               acc(series_key(s, None)) if not s.groups or s.keep else None, s.colour, s.label)  # one shared no-DP line
              for s in SERIES.values()]
@@ -512,7 +517,7 @@ def plot_curve(doc: dict, png: Path) -> None:
     if acc(CLIP_ONLY) is not None:  # the recommended clipping without noise: what the clipping alone costs
         axes[0][0].axhline(acc(CLIP_ONLY), color=BEST.colour, ls="-.", lw=1,
                            label="clipping only (z = 0, no privacy), groups")
-        axes[0][0].legend(fontsize=7)
+        _legend(axes[0][0])
     if lm:
         lines = [([(e, acc(lm_key(m, e))) for e in EPSILONS[:-1] if lm_key(m, e) in runs], acc(lm_key(m, None)),
                   colour, what) for m, colour, what in LM_SERIES.values()]
