@@ -17,8 +17,8 @@ peak RSS growth over the process's RSS after loading the model and the batch.
 
 Utility part (the design is in the comment block above SAMPLE_BASE): accuracy against epsilon in
 {1, 2, 4, 8, inf} for record-level DP-SGD on all 38,157 tweets (10 organisations, FFA-LoRA; FedIT at 8
-and inf, flat and under the recommended setup), and the many-clients user-level experiment with central DP-FedAvg vs SecAgg+ with the
-distributed discrete Gaussian at epsilon 8. Headline: accuracy_no_dp, accuracy_sample_dp_eps8,
+and inf, flat and under the recommended setup), and the many-clients user-level experiment with central
+DP-FedAvg vs SecAgg+ with the distributed discrete Gaussian at epsilon 8. Headline: accuracy_no_dp, accuracy_sample_dp_eps8,
 accuracy_sample_dp_eps1, accuracy_central_user_dp_eps8, accuracy_distributed_dgauss_eps8; the curve
 is also drawn to benchmarks/results/dp_curve.png. accuracy_clip_only_no_noise (CLIP_ONLY: the recommended
 setup's clipping with z = 0, no privacy) splits the gap to no-DP into the clipping's share and the noise's.
@@ -210,7 +210,8 @@ SERIES = {"ffa": Series("ffa", None, None, False, False, "C0", "ffa, batch 512")
           "fedit_groups_pc": Series("fedit", None, GROUPS, False, True, "C7",
                                     "fedit, batch 512, groups, z per organisation")}
 #: the recommended record-level setup (README): group-wise clipping, z per organisation
-BEST = SERIES["ffa_groups_pc"]
+BEST_NAME = "ffa_groups_pc"
+BEST = SERIES[BEST_NAME]
 TUNE_LR = (1e-3, 3e-3, 1e-2)
 TUNE_CLIP = (1.0, 0.5)
 VALIDATION = 2000
@@ -349,11 +350,15 @@ def headline_runs(best: Series = BEST) -> dict:
             "accuracy_sample_dp_eps1": series_key(best, 1.0), **_HEADLINE_REST}
 
 
+def choice(doc: dict) -> dict:
+    """The validation grid's choice in a results document ({} until the grid is complete: a partial grid chooses
+    nothing)."""
+    return doc.get("tune", {}).get("chosen") or {}
+
+
 def recommended(doc: dict) -> str:
-    """The recommended record-level setup (a SERIES name): the validation grid's choice once the grid is complete,
-    else BEST (a partial grid chooses nothing)."""
-    tune = doc.get("tune", {})
-    return tune["chosen"].get("setup", "ffa_groups_pc") if tune.get("complete") else "ffa_groups_pc"
+    """The recommended record-level setup (a SERIES name): the complete validation grid's choice, else BEST."""
+    return choice(doc).get("setup", BEST_NAME)
 
 
 def _engine(cfg, out: Path, validation: int = 0):
@@ -395,11 +400,11 @@ def _run(key: str, path: str, overrides: dict, out: Path, validation: int = 0) -
 
 #: the candidate setups of the validation grid by their series name (uniform noise over the clip groups, the README's
 #: recommendation so far, and noise proportional to each group's bound)
-TUNE_SETUPS = ("ffa_groups_pc", "ffa_groups_pc_prop")
+TUNE_SETUPS = (BEST_NAME, "ffa_groups_pc_prop")
 
 
-def tune_key(lr: float, clip: float, setup: str = "ffa_groups_pc") -> str:
-    return f"tune_lr{lr:g}_clip{clip:g}" + ("" if setup == "ffa_groups_pc" else "_" + setup.rsplit("_", 1)[1])
+def tune_key(lr: float, clip: float, setup: str = BEST_NAME) -> str:
+    return f"tune_lr{lr:g}_clip{clip:g}" + ("_prop" if SERIES[setup].group_noise == "proportional" else "")
 
 
 #: the validation grid's keys in grid order, with their (lr, clip, setup)
@@ -407,13 +412,16 @@ TUNE_GRID = {tune_key(lr, clip, s): (lr, clip, s) for s in TUNE_SETUPS for lr in
 
 
 def tune_choice(rows: dict, quick: bool) -> dict:
-    """The grid's best validation accuracy (ties: the first in grid order) and what the choice costs."""
+    """The grid's best validation accuracy (ties: the first in grid order) and what the choice costs; ``chosen`` is
+    None until every grid point has run (``leading``: the best run so far, a reading aid, never used)."""
     order = [k for k in TUNE_GRID if k in rows] or list(rows)
     best = max(order, key=lambda k: rows[k]["final_accuracy"])
-    return {"runs": rows, "chosen": {"lr": rows[best]["lr"], "clip": rows[best]["clip"],
-                                     "setup": rows[best].get("setup", "ffa_groups_pc"), "run": best},
+    complete = all(k in rows for k in TUNE_GRID)
+    return {"runs": rows, "leading": best,
+            "chosen": ({"lr": rows[best]["lr"], "clip": rows[best]["clip"],
+                        "setup": rows[best].get("setup", BEST_NAME), "run": best} if complete else None),
             "validation_records": 100 if quick else VALIDATION,
-            "complete": all(k in rows for k in TUNE_GRID),
+            "complete": complete,
             "privacy_of_the_choice": "not accounted: the validation records are training records held out of the tuning "
                                      "runs; choosing the best of the grid leaks about them (stated, not charged; "
                                      "Papernot & Steinke, ICLR 2022, bound the cost of a private selection at ~3x epsilon)"}
@@ -488,12 +496,7 @@ def _panel(ax, lines: list, baseline: tuple | None, title: str, ylabel: str) -> 
     ax.set_xlabel("epsilon (delta = 1e-5, per record)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    _legend(ax)
-
-
-def _legend(ax) -> None:
-    """The panel's legend below its axes (a dozen series would hide the points)."""
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)  # below: a dozen series
 
 
 def plot_curve(doc: dict, png: Path) -> None:
@@ -513,11 +516,10 @@ def plot_curve(doc: dict, png: Path) -> None:
              for s in SERIES.values()]
     base = next((r.get("majority_baseline") for k, r in runs.items() if k.startswith("sample_")
                  and r.get("majority_baseline")), None)  # the curve's own test split
-    _panel(axes[0][0], lines, (base, "majority class"), "tweets, MiniLM-L6 + LoRA, 10 orgs", "test accuracy")
     if acc(CLIP_ONLY) is not None:  # the recommended clipping without noise: what the clipping alone costs
         axes[0][0].axhline(acc(CLIP_ONLY), color=BEST.colour, ls="-.", lw=1,
                            label="clipping only (z = 0, no privacy), groups")
-        _legend(axes[0][0])
+    _panel(axes[0][0], lines, (base, "majority class"), "tweets, MiniLM-L6 + LoRA, 10 orgs", "test accuracy")
     if lm:
         lines = [([(e, acc(lm_key(m, e))) for e in EPSILONS[:-1] if lm_key(m, e) in runs], acc(lm_key(m, None)),
                   colour, what) for m, colour, what in LM_SERIES.values()]
@@ -561,9 +563,8 @@ def main() -> None:
         return
     out = Path("/tmp/dp_quick.json") if a.quick else OUT  # quick results stay out of results/ (headlines.py)
     doc = json.loads(out.read_text()) if out.exists() else {}
-    chosen = doc.get("tune", {}).get("chosen", {}) if doc.get("tune", {}).get("complete") else {}  # a partial grid chooses nothing
-    lr = a.lr if a.lr is not None else chosen.get("lr", 3e-3)
-    clip = a.clip if a.clip is not None else chosen.get("clip", 1.0)
+    lr = a.lr if a.lr is not None else choice(doc).get("lr", 3e-3)
+    clip = a.clip if a.clip is not None else choice(doc).get("clip", 1.0)
     if a.rows_out:
         rows = (tune(a.quick, a.model_path, a.threads, a.only) if a.part == "tune"
                 else utility_part(a.quick, a.only, a.model_path, a.threads, lr, clip)["runs"])
@@ -590,7 +591,7 @@ def main() -> None:
     if a.merge_rows is None and not a.merge_step and a.part in ("all", "tune"):
         print("tuning DP-SGD on the validation split:", flush=True)
         doc["tune"] = tune_choice(tune(a.quick, a.model_path, a.threads, a.only), a.quick)
-        lr, clip = doc["tune"]["chosen"]["lr"], doc["tune"]["chosen"]["clip"]
+        lr, clip = choice(doc).get("lr", lr), choice(doc).get("clip", clip)  # a partial grid (--only) keeps them
     if a.merge_rows is None and not a.merge_step and a.part in ("all", "utility"):
         print(f"utility (lr {lr:g}, clip {clip:g}):", flush=True)
         runs = dict(doc.get("utility", {}).get("runs", {})) if a.only else {}
