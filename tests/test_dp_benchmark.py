@@ -30,17 +30,75 @@ def test_a_partial_grid_chooses_nothing():
     assert dp.headline_runs(dp.SERIES[dp.recommended(doc)])["accuracy_sample_dp_eps8"] == "sample_ffa_eps8_groups_pc"
 
 
-def test_a_complete_grid_chooses_its_best_setup_lr_and_clip():
-    acc = {k: 0.5 for k in dp.TUNE_GRID}
-    acc["tune_lr0.01_clip0.5_prop"] = 0.62
-    acc["tune_lr0.001_clip1"] = 0.62  # a tie: the first in grid order (uniform noise is listed first) wins
-    doc = {"tune": dp.tune_choice(_rows(acc), False)}
+def _search(acc: dict) -> dict:
+    """Every run the plan asks for, given the accuracies: the lr lines, then the clips at each line's best lr."""
+    rows = {}
+    while missing := [k for k in dp.tune_plan(rows) if k not in rows]:
+        rows.update(_rows({k: acc.get(k, 0.5) for k in missing}))
+    return rows
+
+
+def test_the_search_runs_each_lr_line_then_the_clips_at_its_best_lr():
+    assert dp.tune_plan({}) == [dp.tune_key(lr, 1.0, s) for s in dp.TUNE_SETUPS for lr in dp.TUNE_LR]
+    acc = {"tune_lr0.01_clip1": 0.60, "tune_lr0.003_clip1": 0.61, "tune_lr0.001_clip1": 0.55,
+           "tune_lr0.003_clip1_prop": 0.58, "tune_lr0.01_clip1_prop": 0.58}  # a tie on the prop line: the first lr
+    rows = _search(acc)
+    assert set(rows) == set(dp.tune_plan(rows))
+    assert len(rows) == 8
+    assert "tune_lr0.003_clip0.5" in rows and "tune_lr0.003_clip0.5_prop" in rows  # the tie: 3e-3 precedes 1e-2
+    assert "tune_lr0.01_clip0.5" not in rows
+    doc = {"tune": dp.tune_choice(rows, False)}
+    assert doc["tune"]["complete"] is True and doc["tune"]["missing"] == []
+    assert doc["tune"]["chosen"] == {"lr": 3e-3, "clip": 1.0, "setup": "ffa_groups_pc", "run": "tune_lr0.003_clip1"}
+
+
+def test_a_half_done_search_names_its_missing_runs_and_chooses_nothing():
+    rows = _rows({k: 0.5 for k in dp.tune_plan({})})  # both lr lines done, no clip run yet
+    t = dp.tune_choice(rows, False)
+    assert t["chosen"] is None and t["complete"] is False
+    assert t["missing"] == ["tune_lr0.001_clip0.5", "tune_lr0.001_clip0.5_prop"]
+
+
+def test_a_complete_search_chooses_its_best_setup_lr_and_clip():
+    acc = {"tune_lr0.001_clip1_prop": 0.60, "tune_lr0.001_clip0.5_prop": 0.62,
+           "tune_lr0.001_clip1": 0.60, "tune_lr0.001_clip0.5": 0.62}  # a tie: the first in plan order (uniform) wins
+    doc = {"tune": dp.tune_choice(_search(acc), False)}
     assert doc["tune"]["complete"] is True
-    assert doc["tune"]["chosen"] == {"lr": 1e-3, "clip": 1.0, "setup": "ffa_groups_pc", "run": "tune_lr0.001_clip1"}
-    acc["tune_lr0.001_clip1"] = 0.61
-    doc = {"tune": dp.tune_choice(_rows(acc), False)}
+    assert doc["tune"]["chosen"] == {"lr": 1e-3, "clip": 0.5, "setup": "ffa_groups_pc", "run": "tune_lr0.001_clip0.5"}
+    acc["tune_lr0.001_clip0.5"] = 0.61
+    doc = {"tune": dp.tune_choice(_search(acc), False)}
     assert dp.recommended(doc) == "ffa_groups_pc_prop"
     runs = dp.headline_runs(dp.SERIES[dp.recommended(doc)])
     assert runs["accuracy_sample_dp_eps8"] == "sample_ffa_eps8_groups_pc_prop"
     assert runs["accuracy_sample_dp_eps1"] == "sample_ffa_eps1_groups_pc_prop"
     assert runs["accuracy_no_dp"] == "sample_ffa_no_dp"  # the same configuration with plain SGD
+
+
+def test_a_run_off_the_plan_is_kept_and_never_chosen():
+    rows = _search({})
+    rows.update(_rows({"tune_lr0.01_clip0.5": 0.99}))  # better, but the plan never asked for it
+    t = dp.tune_choice(rows, False)
+    assert t["off_plan"] == ["tune_lr0.01_clip0.5"]
+    assert t["chosen"]["run"] == "tune_lr0.001_clip1"  # all tied at 0.5: the first of the plan
+
+
+def test_the_headline_reports_only_runs_at_the_chosen_lr_and_clip():
+    o = dp.sample_overrides(False, "ffa", 8.0, 3e-3, 1.0, None, dp.GROUPS, per_client=True)
+    row = {"final_accuracy": 0.6, "overrides": o}
+    assert dp.figure({"k": row}, "k", 3e-3, 1.0) == 0.6
+    assert dp.figure({"k": row}, "k", 1e-2, 1.0) is None  # left from before the search chose lr 1e-2
+    assert dp.figure({"k": row}, "k", 3e-3, 0.5) is None
+    no_dp = {"final_accuracy": 0.67, "overrides": dp.sample_overrides(False, "ffa", None, 3e-3, 1.0)}
+    assert dp.figure({"k": no_dp}, "k", 3e-3, 0.5) == 0.67  # no clipping without DP: only the lr matters
+    many = {"final_accuracy": 0.3, "overrides": {"server.privacy.epsilon": 8.0}}
+    assert dp.figure({"k": many}, "k", 1e-2, 0.5) == 0.3  # the many-clients runs take neither
+    assert dp.figure({}, "k", 3e-3, 1.0) is None
+
+
+def test_an_unknown_grid_point_is_one_line():
+    import subprocess
+
+    r = subprocess.run([sys.executable, str(Path(dp.__file__)), "--part", "tune", "--only", "tune_lr0.5_clip1",
+                        "--rows-out", "/dev/null"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "'tune_lr0.5_clip1' is not a grid point" in r.stderr and "Traceback" not in r.stderr
