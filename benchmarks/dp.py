@@ -2,7 +2,7 @@
 
     python benchmarks/dp.py                 # step + tune + utility (see the runtime estimate below)
     python benchmarks/dp.py --part step     # step time + peak memory only (a few minutes)
-    python benchmarks/dp.py --part tune     # DP-SGD setup / lr / clip search on the validation split (8 full-data runs)
+    python benchmarks/dp.py --part tune     # DP-SGD setup / lr / clip search on the validation split (8-10 full-data runs)
     python benchmarks/dp.py --part utility  # the utility runs, with the tuned lr/clip of the results file
     python benchmarks/dp.py --part utility --only sample_ffa_eps8,sample_ffa_no_dp   # some runs, merged in
     python benchmarks/dp.py --part tune --only tune_lr0.003_clip0.5 --rows-out r.json   # one grid point
@@ -25,8 +25,8 @@ setup's clipping with z = 0, no privacy) splits the gap to no-DP into the clippi
 
 Tune part: a coordinate search on the validation split (``tune_plan``): each candidate setup of TUNE_SETUPS
 (group-wise clipping with uniform noise, BEST; the same with noise proportional to each group's bound) at epsilon 8
-over TUNE_LR at clip TUNE_CLIP[0], then the other clips at each setup's best lr (8 runs; the full 12-point grid would
-take another ~3.5 h here), each trained without 2,000 held-out training records and evaluated on them. Only a complete
+along TUNE_LR at clip TUNE_CLIP[0] (a hill climb from 3e-3: ``lr_line``), then the other clips at each setup's best lr
+(8-10 runs; the full 16-point grid would take twice as long), each trained without 2,000 held-out training records and evaluated on them. Only a complete
 search chooses (``tune.complete``): the utility part then runs at its lr and clip, and the headline's DP pair is the
 chosen setup (``recommended_setup``); until then BEST at lr 3e-3, clip 1. The headline and the curve report a tweets
 run only if it ran at the chosen lr and clip (``not_at_choice`` lists the others).
@@ -34,7 +34,7 @@ run only if it ran at the chosen lr and clip (``not_at_choice`` lists the others
 Runtime estimate: a full-data DP-SGD run processes 10 x 20 x 512 ~ 100k examples plus 5 evaluations of
 2,000: about 15-20 min on a 16-core CPU (4 threads; the old 4,000-example quickstart took ~3 min for ~15k),
 a few minutes on a GPU (run.device = "auto"); ~50 min on this project's 2-core VM with one thread while
-another run shares it (~10 min a round, passes of 32). Tune (8) + curve (5) + FedIT (2) = 15 such runs; the three
+another run shares it (~10 min a round, passes of 32). Tune (8-10) + curve (5) + FedIT (2) = 15 such runs; the three
 many-clients runs take ~3-5 min each (SecAgg+ over ~100 clients per round adds ~1 s per round). CPU total
 ~4-5 h sequential; with --rows-out/--merge-rows several processes can share a big machine.
 
@@ -214,7 +214,8 @@ SERIES = {"ffa": Series("ffa", None, None, False, False, "C0", "ffa, batch 512")
 #: the recommended record-level setup (README): group-wise clipping, z per organisation
 BEST_NAME = "ffa_groups_pc"
 BEST = SERIES[BEST_NAME]
-TUNE_LR = (1e-3, 3e-3, 1e-2)
+TUNE_LR = (1e-3, 3e-3, 1e-2, 3e-2)
+TUNE_LR_START = 3e-3  # the default before any search (Adam on LoRA)
 TUNE_CLIP = (1.0, 0.5)
 VALIDATION = 2000
 MANY_CLIENTS_MIN = 80
@@ -430,18 +431,42 @@ def tune_key(lr: float, clip: float, setup: str = BEST_NAME) -> str:
 TUNE_GRID = {tune_key(lr, clip, s): (lr, clip, s) for s in TUNE_SETUPS for lr in TUNE_LR for clip in TUNE_CLIP}
 
 
+def lr_line(rows: dict, setup: str) -> tuple[list[str], float | None]:
+    """One setup's learning-rate line at clip TUNE_CLIP[0]: a hill climb over TUNE_LR from TUNE_LR_START, up while the
+    validation accuracy rises, else (the first step up did not rise) down while it rises; a tie is no rise. Returns the
+    run keys the climb has asked for so far and its best lr once it has stopped (None while a run it needs is
+    missing)."""
+    def key(i: int) -> str:
+        return tune_key(TUNE_LR[i], TUNE_CLIP[0], setup)
+
+    def acc(i: int) -> float:
+        return rows[key(i)]["final_accuracy"]
+
+    i0 = TUNE_LR.index(TUNE_LR_START)
+    asked = [key(i0)]
+    for step in (1, -1):
+        i = i0
+        while 0 <= i + step < len(TUNE_LR):
+            asked.append(key(i + step))
+            if any(k not in rows for k in asked):
+                return asked, None
+            if acc(i + step) <= acc(i):
+                break
+            i += step
+        if i != i0 or step == -1:
+            return asked, (TUNE_LR[i] if all(k in rows for k in asked) else None)
+    return asked, None  # not reached: the downward pass always returns
+
+
 def tune_plan(rows: dict) -> list[str]:
     """The validation search's run keys given the runs so far: a coordinate search, not the full grid (each point is a
-    full-data run, ~50 min on this project's 2-core VM): every setup of TUNE_SETUPS at clip TUNE_CLIP[0] over TUNE_LR;
-    then, for each setup whose learning-rate line has run, the other clips at that line's best lr (ties: the first lr
-    in TUNE_LR). 2 x 3 + 2 x 1 = 8 runs instead of 12."""
+    full-data run, ~50 min on this project's 2-core VM): each setup of TUNE_SETUPS along its learning-rate line
+    (``lr_line``), then the other clips of TUNE_CLIP at the line's best lr. Here 2 x (3 or 4) + 2 x 1 runs instead of
+    the grid's 16."""
     plan = []
     for s in TUNE_SETUPS:
-        line = [tune_key(lr, TUNE_CLIP[0], s) for lr in TUNE_LR]
-        plan += line
-        if all(k in rows for k in line):
-            i = max(range(len(line)), key=lambda j: (rows[line[j]]["final_accuracy"], -j))
-            plan += [tune_key(TUNE_LR[i], c, s) for c in TUNE_CLIP[1:]]
+        asked, best = lr_line(rows, s)
+        plan += asked + ([tune_key(best, c, s) for c in TUNE_CLIP[1:]] if best is not None else [])
     return plan
 
 

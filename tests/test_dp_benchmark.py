@@ -38,30 +38,38 @@ def _search(acc: dict) -> dict:
     return rows
 
 
-def test_the_search_runs_each_lr_line_then_the_clips_at_its_best_lr():
-    assert dp.tune_plan({}) == [dp.tune_key(lr, 1.0, s) for s in dp.TUNE_SETUPS for lr in dp.TUNE_LR]
-    acc = {"tune_lr0.01_clip1": 0.60, "tune_lr0.003_clip1": 0.61, "tune_lr0.001_clip1": 0.55,
-           "tune_lr0.003_clip1_prop": 0.58, "tune_lr0.01_clip1_prop": 0.58}  # a tie on the prop line: the first lr
+def test_the_lr_line_climbs_up_while_accuracy_rises():
+    assert dp.tune_plan({}) == [dp.tune_key(lr, 1.0, s) for s in dp.TUNE_SETUPS for lr in (3e-3, 1e-2)]
+    acc = {"tune_lr0.003_clip1": 0.60, "tune_lr0.01_clip1": 0.62, "tune_lr0.03_clip1": 0.61}
+    rows = _rows({k: acc[k] for k in ("tune_lr0.003_clip1", "tune_lr0.01_clip1")})
+    assert dp.lr_line(rows, dp.BEST_NAME) == (["tune_lr0.003_clip1", "tune_lr0.01_clip1", "tune_lr0.03_clip1"], None)
     rows = _search(acc)
+    assert dp.lr_line(rows, dp.BEST_NAME)[1] == 1e-2  # 3e-2 fell: the climb stops at 1e-2, 1e-3 never runs
+    assert "tune_lr0.001_clip1" not in rows and "tune_lr0.01_clip0.5" in rows
     assert set(rows) == set(dp.tune_plan(rows))
-    assert len(rows) == 8
-    assert "tune_lr0.003_clip0.5" in rows and "tune_lr0.003_clip0.5_prop" in rows  # the tie: 3e-3 precedes 1e-2
-    assert "tune_lr0.01_clip0.5" not in rows
-    doc = {"tune": dp.tune_choice(rows, False)}
-    assert doc["tune"]["complete"] is True and doc["tune"]["missing"] == []
-    assert doc["tune"]["chosen"] == {"lr": 3e-3, "clip": 1.0, "setup": "ffa_groups_pc", "run": "tune_lr0.003_clip1"}
+
+
+def test_the_lr_line_turns_down_when_the_first_step_up_does_not_rise():
+    acc = {"tune_lr0.003_clip1_prop": 0.60, "tune_lr0.01_clip1_prop": 0.60, "tune_lr0.001_clip1_prop": 0.61}
+    rows = _search(acc)  # a tie is no rise: down to 1e-3, which rose, and the line ends there
+    assert dp.lr_line(rows, "ffa_groups_pc_prop") == (
+        ["tune_lr0.003_clip1_prop", "tune_lr0.01_clip1_prop", "tune_lr0.001_clip1_prop"], 1e-3)
+    assert "tune_lr0.001_clip0.5_prop" in rows and "tune_lr0.03_clip1_prop" not in rows
+    acc = {"tune_lr0.003_clip1": 0.60, "tune_lr0.01_clip1": 0.61, "tune_lr0.03_clip1": 0.62}
+    assert dp.lr_line(_search(acc), dp.BEST_NAME)[1] == 3e-2  # rising to the end of TUNE_LR: the end
 
 
 def test_a_half_done_search_names_its_missing_runs_and_chooses_nothing():
-    rows = _rows({k: 0.5 for k in dp.tune_plan({})})  # both lr lines done, no clip run yet
+    rows = _rows({k: 0.5 for k in dp.tune_plan({})})  # the first steps up: both tied, so the lines turn down
     t = dp.tune_choice(rows, False)
     assert t["chosen"] is None and t["complete"] is False
-    assert t["missing"] == ["tune_lr0.001_clip0.5", "tune_lr0.001_clip0.5_prop"]
+    assert t["missing"] == ["tune_lr0.001_clip1", "tune_lr0.001_clip1_prop"]
 
 
 def test_a_complete_search_chooses_its_best_setup_lr_and_clip():
     acc = {"tune_lr0.001_clip1_prop": 0.60, "tune_lr0.001_clip0.5_prop": 0.62,
-           "tune_lr0.001_clip1": 0.60, "tune_lr0.001_clip0.5": 0.62}  # a tie: the first in plan order (uniform) wins
+           "tune_lr0.001_clip1": 0.60, "tune_lr0.001_clip0.5": 0.62}  # both lines turn down to 1e-3; a tie: the
+    # first in plan order (uniform noise) wins
     doc = {"tune": dp.tune_choice(_search(acc), False)}
     assert doc["tune"]["complete"] is True
     assert doc["tune"]["chosen"] == {"lr": 1e-3, "clip": 0.5, "setup": "ffa_groups_pc", "run": "tune_lr0.001_clip0.5"}
@@ -76,10 +84,10 @@ def test_a_complete_search_chooses_its_best_setup_lr_and_clip():
 
 def test_a_run_off_the_plan_is_kept_and_never_chosen():
     rows = _search({})
-    rows.update(_rows({"tune_lr0.01_clip0.5": 0.99}))  # better, but the plan never asked for it
+    rows.update(_rows({"tune_lr0.03_clip0.5": 0.99}))  # better, but the plan never asked for it
     t = dp.tune_choice(rows, False)
-    assert t["off_plan"] == ["tune_lr0.01_clip0.5"]
-    assert t["chosen"]["run"] == "tune_lr0.001_clip1"  # all tied at 0.5: the first of the plan
+    assert t["off_plan"] == ["tune_lr0.03_clip0.5"]
+    assert t["chosen"]["run"] == "tune_lr0.003_clip1"  # all tied at 0.5: the first of the plan
 
 
 def test_the_headline_reports_only_runs_at_the_chosen_lr_and_clip():
