@@ -2,7 +2,7 @@
 
     python benchmarks/dp.py                 # step + tune + utility (see the runtime estimate below)
     python benchmarks/dp.py --part step     # step time + peak memory only (a few minutes)
-    python benchmarks/dp.py --part tune     # DP-SGD setup / lr / clip search on the validation split (8-10 full-data runs)
+    python benchmarks/dp.py --part tune     # DP-SGD setup / lr / clip search on the validation split (8-12 full-data runs)
     python benchmarks/dp.py --part utility  # the utility runs, with the tuned lr/clip of the results file
     python benchmarks/dp.py --part utility --only sample_ffa_eps8,sample_ffa_no_dp   # some runs, merged in
     python benchmarks/dp.py --part tune --only tune_lr0.003_clip0.5 --rows-out r.json   # one grid point
@@ -26,7 +26,7 @@ setup's clipping with z = 0, no privacy) splits the gap to no-DP into the clippi
 Tune part: a coordinate search on the validation split (``tune_plan``): each candidate setup of TUNE_SETUPS
 (group-wise clipping with uniform noise, BEST; the same with noise proportional to each group's bound) at epsilon 8
 along TUNE_LR at clip TUNE_CLIP[0] (a hill climb from 3e-3: ``lr_line``), then the other clips at each setup's best lr
-(8-10 runs; the full 16-point grid would take twice as long), each trained without 2,000 held-out training records and evaluated on them. Only a complete
+(8-12 runs; the full 20-point grid would take about twice as long), each trained without 2,000 held-out training records and evaluated on them. Only a complete
 search chooses (``tune.complete``): the utility part then runs at its lr and clip, and the headline's DP pair is the
 chosen setup (``recommended_setup``); until then BEST at lr 3e-3, clip 1. The headline and the curve report a tweets
 run only if it ran at the chosen lr and clip (``not_at_choice`` lists the others).
@@ -34,7 +34,7 @@ run only if it ran at the chosen lr and clip (``not_at_choice`` lists the others
 Runtime estimate: a full-data DP-SGD run processes 10 x 20 x 512 ~ 100k examples plus 5 evaluations of
 2,000: about 15-20 min on a 16-core CPU (4 threads; the old 4,000-example quickstart took ~3 min for ~15k),
 a few minutes on a GPU (run.device = "auto"); ~50 min on this project's 2-core VM with one thread while
-another run shares it (~10 min a round, passes of 32). Tune (8-10) + curve (5) + FedIT (2) = 15 such runs; the three
+another run shares it (~10 min a round, passes of 32). Tune (8-12) + curve (5) + FedIT (2) = 15 such runs; the three
 many-clients runs take ~3-5 min each (SecAgg+ over ~100 clients per round adds ~1 s per round). CPU total
 ~4-5 h sequential; with --rows-out/--merge-rows several processes can share a big machine.
 
@@ -214,7 +214,7 @@ SERIES = {"ffa": Series("ffa", None, None, False, False, "C0", "ffa, batch 512")
 #: the recommended record-level setup (README): group-wise clipping, z per organisation
 BEST_NAME = "ffa_groups_pc"
 BEST = SERIES[BEST_NAME]
-TUNE_LR = (1e-3, 3e-3, 1e-2, 3e-2)
+TUNE_LR = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 TUNE_LR_START = 3e-3  # the default before any search (Adam on LoRA)
 TUNE_CLIP = (1.0, 0.5)
 VALIDATION = 2000
@@ -461,8 +461,8 @@ def lr_line(rows: dict, setup: str) -> tuple[list[str], float | None]:
 def tune_plan(rows: dict) -> list[str]:
     """The validation search's run keys given the runs so far: a coordinate search, not the full grid (each point is a
     full-data run, ~50 min on this project's 2-core VM): each setup of TUNE_SETUPS along its learning-rate line
-    (``lr_line``), then the other clips of TUNE_CLIP at the line's best lr. Here 2 x (3 or 4) + 2 x 1 runs instead of
-    the grid's 16."""
+    (``lr_line``), then the other clips of TUNE_CLIP at the line's best lr. Here 2 x (3 to 5) + 2 x 1 runs instead of
+    the grid's 20."""
     plan = []
     for s in TUNE_SETUPS:
         asked, best = lr_line(rows, s)

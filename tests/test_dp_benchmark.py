@@ -55,8 +55,8 @@ def test_the_lr_line_turns_down_when_the_first_step_up_does_not_rise():
     assert dp.lr_line(rows, "ffa_groups_pc_prop") == (
         ["tune_lr0.003_clip1_prop", "tune_lr0.01_clip1_prop", "tune_lr0.001_clip1_prop"], 1e-3)
     assert "tune_lr0.001_clip0.5_prop" in rows and "tune_lr0.03_clip1_prop" not in rows
-    acc = {"tune_lr0.003_clip1": 0.60, "tune_lr0.01_clip1": 0.61, "tune_lr0.03_clip1": 0.62}
-    assert dp.lr_line(_search(acc), dp.BEST_NAME)[1] == 3e-2  # rising to the end of TUNE_LR: the end
+    acc = {"tune_lr0.003_clip1": 0.60, "tune_lr0.01_clip1": 0.61, "tune_lr0.03_clip1": 0.62, "tune_lr0.1_clip1": 0.63}
+    assert dp.lr_line(_search(acc), dp.BEST_NAME)[1] == dp.TUNE_LR[-1]  # rising to the end of TUNE_LR: the end
 
 
 def test_a_half_done_search_names_its_missing_runs_and_chooses_nothing():
