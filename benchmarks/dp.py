@@ -2,7 +2,7 @@
 
     python benchmarks/dp.py                 # step + tune + utility (see the runtime estimate below)
     python benchmarks/dp.py --part step     # step time + peak memory only (a few minutes)
-    python benchmarks/dp.py --part tune     # DP-SGD setup / lr / clip search on the validation split (8-12 full-data runs)
+    python benchmarks/dp.py --part tune     # setup / lr / clip search on the validation split (8-12 full runs)
     python benchmarks/dp.py --part utility  # the utility runs, with the tuned lr/clip of the results file
     python benchmarks/dp.py --part utility --only sample_ffa_eps8,sample_ffa_no_dp   # some runs, merged in
     python benchmarks/dp.py --part tune --only tune_lr0.003_clip0.5 --rows-out r.json   # one grid point
@@ -18,18 +18,20 @@ peak RSS growth over the process's RSS after loading the model and the batch.
 Utility part (the design is in the comment block above SAMPLE_BASE): accuracy against epsilon in
 {1, 2, 4, 8, inf} for record-level DP-SGD on all 38,157 tweets (10 organisations, FFA-LoRA; FedIT at 8
 and inf, flat and under the recommended setup), and the many-clients user-level experiment with central
-DP-FedAvg vs SecAgg+ with the distributed discrete Gaussian at epsilon 8. Headline: accuracy_no_dp, accuracy_sample_dp_eps8,
-accuracy_sample_dp_eps1, accuracy_central_user_dp_eps8, accuracy_distributed_dgauss_eps8; the curve
-is also drawn to benchmarks/results/dp_curve.png. accuracy_clip_only_no_noise (CLIP_ONLY: the recommended
-setup's clipping with z = 0, no privacy) splits the gap to no-DP into the clipping's share and the noise's.
+DP-FedAvg vs SecAgg+ with the distributed discrete Gaussian at epsilon 8. Headline: accuracy_no_dp,
+accuracy_sample_dp_eps8, accuracy_sample_dp_eps1, accuracy_central_user_dp_eps8,
+accuracy_distributed_dgauss_eps8; the curve is also drawn to benchmarks/results/dp_curve.png.
+accuracy_clip_only_no_noise (CLIP_ONLY: the recommended setup's clipping with z = 0, no privacy) splits the gap
+to no-DP into the clipping's share and the noise's.
 
 Tune part: a coordinate search on the validation split (``tune_plan``): each candidate setup of TUNE_SETUPS
 (group-wise clipping with uniform noise, BEST; the same with noise proportional to each group's bound) at epsilon 8
 along TUNE_LR at clip TUNE_CLIP[0] (a hill climb from 3e-3: ``lr_line``), then the other clips at each setup's best lr
-(8-12 runs; the full 20-point grid would take about twice as long), each trained without 2,000 held-out training records and evaluated on them. Only a complete
-search chooses (``tune.complete``): the utility part then runs at its lr and clip, and the headline's DP pair is the
-chosen setup (``recommended_setup``); until then BEST at lr 3e-3, clip 1. The headline and the curve report a tweets
-run only if it ran at the chosen lr and clip (``not_at_choice`` lists the others).
+(8-12 runs; the full 20-point grid would take about twice as long), each trained without 2,000 held-out training
+records and evaluated on them. Only a complete search chooses (``tune.complete``): the utility part then runs at its
+lr and clip, and the headline's DP pair is the chosen setup (``recommended_setup``); until then UNTUNED (BEST at lr
+3e-3, clip 1). The headline, the curve and the plot report a tweets run only if it ran at the chosen lr and clip
+(``not_at_choice`` lists the others).
 
 Runtime estimate: a full-data DP-SGD run processes 10 x 20 x 512 ~ 100k examples plus 5 evaluations of
 2,000: about 15-20 min on a 16-core CPU (4 threads; the old 4,000-example quickstart took ~3 min for ~15k),
@@ -353,15 +355,19 @@ def headline_runs(best: Series = BEST) -> dict:
             "accuracy_sample_dp_eps1": series_key(best, 1.0), **_HEADLINE_REST}
 
 
+#: what the headline runs at before the validation search has chosen
+UNTUNED = {"lr": TUNE_LR_START, "clip": TUNE_CLIP[0], "setup": BEST_NAME}
+
+
 def choice(doc: dict) -> dict:
-    """The validation grid's choice in a results document ({} until the grid is complete: a partial grid chooses
-    nothing)."""
-    return doc.get("tune", {}).get("chosen") or {}
+    """lr, clip and setup: the complete validation search's choice in a results document, else UNTUNED (a partial
+    search chooses nothing)."""
+    return {**UNTUNED, **(doc.get("tune", {}).get("chosen") or {})}
 
 
 def recommended(doc: dict) -> str:
-    """The recommended record-level setup (a SERIES name): the complete validation grid's choice, else BEST."""
-    return choice(doc).get("setup", BEST_NAME)
+    """The recommended record-level setup (a SERIES name): the complete validation search's choice, else BEST."""
+    return choice(doc)["setup"]
 
 
 def at_choice(row: dict, lr: float, clip: float) -> bool:
@@ -453,9 +459,9 @@ def lr_line(rows: dict, setup: str) -> tuple[list[str], float | None]:
             if acc(i + step) <= acc(i):
                 break
             i += step
-        if i != i0 or step == -1:
-            return asked, (TUNE_LR[i] if all(k in rows for k in asked) else None)
-    return asked, None  # not reached: the downward pass always returns
+        if i != i0:
+            return asked, TUNE_LR[i]
+    return asked, (TUNE_LR_START if all(k in rows for k in asked) else None)  # neither neighbour rose
 
 
 def tune_plan(rows: dict) -> list[str]:
@@ -475,19 +481,19 @@ def tune_choice(rows: dict, quick: bool) -> dict:
     None until every run of the plan has run (``leading``: the plan's best run so far, a reading aid, never used).
     Runs outside the plan (``off_plan``) are kept for reading and never chosen: the rule is fixed before the results."""
     plan = tune_plan(rows)
-    order = [k for k in plan if k in rows]
-    best = max(order, key=lambda k: rows[k]["final_accuracy"]) if order else None
-    complete = all(k in rows for k in plan)
-    return {"runs": rows, "plan": plan, "missing": [k for k in plan if k not in rows],
-            "off_plan": [k for k in rows if k not in plan], "leading": best,
-            "chosen": ({"lr": rows[best]["lr"], "clip": rows[best]["clip"],
-                        "setup": rows[best].get("setup", BEST_NAME), "run": best} if complete else None),
+    done = [k for k in plan if k in rows]
+    missing = [k for k in plan if k not in rows]
+    best = max(done, key=lambda k: rows[k]["final_accuracy"]) if done else None
+    return {"runs": rows, "plan": plan, "missing": missing, "off_plan": [k for k in rows if k not in plan],
+            "leading": best,
+            "chosen": (None if missing else
+                       {"lr": rows[best]["lr"], "clip": rows[best]["clip"], "setup": rows[best]["setup"], "run": best}),
             "validation_records": 100 if quick else VALIDATION,
-            "complete": complete,
-            "privacy_of_the_choice": "not accounted: the validation records are training records held out of the tuning "
-                                     "runs; choosing the best of the search leaks about them (stated, not charged; "
-                                     "Papernot & Steinke, ICLR 2022, bound the cost of a private selection at ~3x "
-                                     "epsilon)"}
+            "complete": not missing,
+            "privacy_of_the_choice": "not accounted: the validation records are training records held out of the "
+                                     "tuning runs; choosing the best of the search leaks about them (stated, not "
+                                     "charged; Papernot & Steinke, ICLR 2022, bound the cost of a private selection "
+                                     "at ~3x epsilon)"}
 
 
 def tune(quick: bool, model_path: str | None = None, threads: int = 0, only: str | None = None) -> dict:
@@ -571,11 +577,11 @@ def plot_curve(doc: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = doc.get("utility", {}).get("runs", {})
-    acc = lambda k: runs[k]["final_accuracy"] if k in runs else None  # noqa: E731
+    runs, c = doc.get("utility", {}).get("runs", {}), choice(doc)
+    acc = lambda k: figure(runs, k, c["lr"], c["clip"])  # noqa: E731  the runs the headline would report
     lm = any(k.startswith("lm_") for k in runs)
     fig, axes = plt.subplots(1, 2 if lm else 1, figsize=(12 if lm else 6, 7), squeeze=False)
-    lines = [([(e, acc(series_key(s, e))) for e in EPSILONS[:-1] if series_key(s, e) in runs],
+    lines = [([(e, acc(series_key(s, e))) for e in EPSILONS[:-1] if acc(series_key(s, e)) is not None],
               acc(series_key(s, None)) if not s.groups or s.keep else None, s.colour, s.label)  # one shared no-DP line
              for s in SERIES.values()]
     base = next((r.get("majority_baseline") for k, r in runs.items() if k.startswith("sample_")
@@ -585,8 +591,8 @@ def plot_curve(doc: dict, png: Path) -> None:
                            label="clipping only (z = 0, no privacy), groups")
     _panel(axes[0][0], lines, (base, "majority class"), "tweets, MiniLM-L6 + LoRA, 10 orgs", "test accuracy")
     if lm:
-        lines = [([(e, acc(lm_key(m, e))) for e in EPSILONS[:-1] if lm_key(m, e) in runs], acc(lm_key(m, None)),
-                  colour, what) for m, colour, what in LM_SERIES.values()]
+        lines = [([(e, acc(lm_key(m, e))) for e in EPSILONS[:-1] if acc(lm_key(m, e)) is not None],
+                  acc(lm_key(m, None)), colour, what) for m, colour, what in LM_SERIES.values()]
         zs = next((r.get("zero_shot_accuracy") for k, r in runs.items() if k.startswith("lm_")
                    and r.get("zero_shot_accuracy") is not None), None)
         _panel(axes[0][1], lines, (zs, "zero-shot base model"), "tweets as instructions, SmolLM2-135M, 4 orgs",
@@ -622,17 +628,17 @@ def main() -> None:
     a = ap.parse_args()
     if a.device:
         EXTRA["run.device"] = a.device
-    for k in (a.only or "").split(",") if a.part == "tune" else ():
-        if k and k not in TUNE_GRID:
-            ap.error(f"--only: {k!r} is not a grid point (tune_lr<lr>_clip<C>[_prop], lr in {TUNE_LR}, C in "
-                     f"{TUNE_CLIP})")
+    unknown = [k for k in a.only.split(",") if k not in TUNE_GRID] if a.part == "tune" and a.only else []
+    if unknown:
+        ap.error(f"--only: {unknown[0]!r} is not a grid point (tune_lr<lr>_clip<C>[_prop], lr in {TUNE_LR}, C in "
+                 f"{TUNE_CLIP})")
     if a.worker:
         print(json.dumps(worker(a.worker, a.model, a.batch, a.seq, a.warmup, a.steps)))
         return
     out = Path("/tmp/dp_quick.json") if a.quick else OUT  # quick results stay out of results/ (headlines.py)
     doc = json.loads(out.read_text()) if out.exists() else {}
-    lr = a.lr if a.lr is not None else choice(doc).get("lr", 3e-3)
-    clip = a.clip if a.clip is not None else choice(doc).get("clip", 1.0)
+    lr = a.lr if a.lr is not None else choice(doc)["lr"]
+    clip = a.clip if a.clip is not None else choice(doc)["clip"]
     if a.rows_out:
         rows = (tune(a.quick, a.model_path, a.threads, a.only) if a.part == "tune"
                 else utility_part(a.quick, a.only, a.model_path, a.threads, lr, clip)["runs"])
@@ -659,7 +665,8 @@ def main() -> None:
     if a.merge_rows is None and not a.merge_step and a.part in ("all", "tune"):
         print("tuning DP-SGD on the validation split:", flush=True)
         doc["tune"] = tune_choice(tune(a.quick, a.model_path, a.threads, a.only), a.quick)
-        lr, clip = choice(doc).get("lr", lr), choice(doc).get("clip", clip)  # a partial grid (--only) keeps them
+        if doc["tune"]["chosen"]:  # a partial search (--only) keeps --lr / --clip
+            lr, clip = choice(doc)["lr"], choice(doc)["clip"]
     if a.merge_rows is None and not a.merge_step and a.part in ("all", "utility"):
         print(f"utility (lr {lr:g}, clip {clip:g}):", flush=True)
         runs = dict(doc.get("utility", {}).get("runs", {})) if a.only else {}
@@ -669,14 +676,14 @@ def main() -> None:
         doc["utility"] = {"runs": runs, "lr": lr, "clip": clip}
     step, runs = doc.get("step", {}), doc.get("utility", {}).get("runs", {})
     doc["recommended_setup"] = recommended(doc)
-    lr, clip = choice(doc).get("lr", 3e-3), choice(doc).get("clip", 1.0)
+    lr, clip = choice(doc)["lr"], choice(doc)["clip"]
     doc["headline"] = {"dp_step_over_plain": step.get("dp_step_over_plain"),
                        **{k: figure(runs, v, lr, clip)
                           for k, v in headline_runs(SERIES[doc["recommended_setup"]]).items()}}
     doc["not_at_choice"] = sorted(k for k, row in runs.items() if not at_choice(row, lr, clip))
     doc["curve"] = {name: {("inf" if e is None else f"{e:g}"): figure(runs, series_key(s, e), lr, clip)
                            for e in EPSILONS} for name, s in SERIES.items()}
-    doc["curve_lm"] = {name: {("inf" if e is None else f"{e:g}"): runs.get(lm_key(m, e), {}).get("final_accuracy")
+    doc["curve_lm"] = {name: {("inf" if e is None else f"{e:g}"): figure(runs, lm_key(m, e), lr, clip)
                               for e in EPSILONS} for name, (m, _, _) in LM_SERIES.items()}
     doc = {"headline": doc.pop("headline"), **doc}
     out.parent.mkdir(parents=True, exist_ok=True)
