@@ -584,20 +584,23 @@ def plot_curve(doc: dict, png: Path) -> None:
     runs, c = doc.get("utility", {}).get("runs", {}), choice(doc)
     acc = lambda k: figure(runs, k, c["lr"], c["clip"])  # noqa: E731  the runs the headline would report
     lm = any(k.startswith("lm_") for k in runs)
+
+    def points(key) -> list:  # (epsilon, accuracy) of a curve's DP runs that the headline would report
+        return [(e, a) for e in EPSILONS[:-1] if (a := acc(key(e))) is not None]
+
     fig, axes = plt.subplots(1, 2 if lm else 1, figsize=(12 if lm else 6, 7), squeeze=False)
-    lines = [([(e, acc(series_key(s, e))) for e in EPSILONS[:-1] if acc(series_key(s, e)) is not None],
-              acc(series_key(s, None)) if not s.groups or s.keep else None, s.colour, s.label)  # one shared no-DP line
-             for s in SERIES.values()]
+    lines = [(points(lambda e, s=s: series_key(s, e)), acc(series_key(s, None)) if not s.groups or s.keep else None,
+              s.colour, s.label) for s in SERIES.values()]  # a grouped series shares the flat one's no-DP line
     base = next((r.get("majority_baseline") for k, r in runs.items() if k.startswith("sample_")
                  and r.get("majority_baseline")), None)  # the curve's own test split
     best = SERIES[c["setup"]]
-    if acc(clip_only_key(best)) is not None:  # the recommended clipping without noise: what the clipping alone costs
-        axes[0][0].axhline(acc(clip_only_key(best)), color=best.colour, ls="-.", lw=1,
+    if (clipped := acc(clip_only_key(best))) is not None:  # the recommended clipping without noise
+        axes[0][0].axhline(clipped, color=best.colour, ls="-.", lw=1,
                            label=f"clipping only (z = 0, no privacy): {best.label}")
     _panel(axes[0][0], lines, (base, "majority class"), "tweets, MiniLM-L6 + LoRA, 10 orgs", "test accuracy")
     if lm:
-        lines = [([(e, acc(lm_key(m, e))) for e in EPSILONS[:-1] if acc(lm_key(m, e)) is not None],
-                  acc(lm_key(m, None)), colour, what) for m, colour, what in LM_SERIES.values()]
+        lines = [(points(lambda e, m=m: lm_key(m, e)), acc(lm_key(m, None)), colour, what)
+                 for m, colour, what in LM_SERIES.values()]
         zs = next((r.get("zero_shot_accuracy") for k, r in runs.items() if k.startswith("lm_")
                    and r.get("zero_shot_accuracy") is not None), None)
         _panel(axes[0][1], lines, (zs, "zero-shot base model"), "tweets as instructions, SmolLM2-135M, 4 orgs",
@@ -642,9 +645,10 @@ def main() -> None:
         return
     out = Path("/tmp/dp_quick.json") if a.quick else OUT  # quick results stay out of results/ (headlines.py)
     doc = json.loads(out.read_text()) if out.exists() else {}
-    lr = a.lr if a.lr is not None else choice(doc)["lr"]
-    clip = a.clip if a.clip is not None else choice(doc)["clip"]
-    best = SERIES[recommended(doc)]
+    c = choice(doc)
+    lr = a.lr if a.lr is not None else c["lr"]
+    clip = a.clip if a.clip is not None else c["clip"]
+    best = SERIES[c["setup"]]
     if a.rows_out:
         rows = (tune(a.quick, a.model_path, a.threads, a.only) if a.part == "tune"
                 else utility_part(a.quick, a.only, a.model_path, a.threads, lr, clip, best)["runs"])
@@ -672,7 +676,8 @@ def main() -> None:
         print("tuning DP-SGD on the validation split:", flush=True)
         doc["tune"] = tune_choice(tune(a.quick, a.model_path, a.threads, a.only), a.quick)
         if doc["tune"]["chosen"]:  # a partial search (--only) keeps --lr / --clip
-            lr, clip, best = choice(doc)["lr"], choice(doc)["clip"], SERIES[recommended(doc)]
+            c = choice(doc)
+            lr, clip, best = c["lr"], c["clip"], SERIES[c["setup"]]
     if a.merge_rows is None and not a.merge_step and a.part in ("all", "utility"):
         print(f"utility (lr {lr:g}, clip {clip:g}):", flush=True)
         runs = dict(doc.get("utility", {}).get("runs", {})) if a.only else {}
@@ -681,11 +686,10 @@ def main() -> None:
             runs[k]["machine"] = machine(a.loaded)
         doc["utility"] = {"runs": runs, "lr": lr, "clip": clip}
     step, runs = doc.get("step", {}), doc.get("utility", {}).get("runs", {})
-    doc["recommended_setup"] = recommended(doc)
-    lr, clip = choice(doc)["lr"], choice(doc)["clip"]
+    c = choice(doc)
+    doc["recommended_setup"], lr, clip = c["setup"], c["lr"], c["clip"]
     doc["headline"] = {"dp_step_over_plain": step.get("dp_step_over_plain"),
-                       **{k: figure(runs, v, lr, clip)
-                          for k, v in headline_runs(SERIES[doc["recommended_setup"]]).items()}}
+                       **{k: figure(runs, v, lr, clip) for k, v in headline_runs(SERIES[c["setup"]]).items()}}
     doc["not_at_choice"] = sorted(k for k, row in runs.items() if not at_choice(row, lr, clip))
     doc["curve"] = {name: {("inf" if e is None else f"{e:g}"): figure(runs, series_key(s, e), lr, clip)
                            for e in EPSILONS} for name, s in SERIES.items()}
