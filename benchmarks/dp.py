@@ -336,27 +336,39 @@ def utility_runs(quick: bool, lr: float = 3e-3, clip: float = 1.0, methods: tupl
     return runs
 
 
-#: the headline's figures beside the record-level pair: group-wise clipping with one shared z, flat clipping, one record
-#: rate, a kept Adam state, proportional group noise, and the many-clients user-level pair (the clipping alone
-#: follows the recommended setup: headline_runs).
-_HEADLINE_REST = {"accuracy_sample_dp_eps8_shared_z": sample_key("ffa", 8.0, None, GROUPS),
-                  "accuracy_sample_dp_eps1_shared_z": sample_key("ffa", 1.0, None, GROUPS),
-                  "accuracy_sample_dp_eps8_flat_clip": "sample_ffa_eps8",
-                  "accuracy_no_dp_one_rate": sample_key("ffa", None, RATE),
-                  "accuracy_sample_dp_eps8_one_rate": sample_key("ffa", 8.0, RATE),
-                  "accuracy_no_dp_adam_kept": sample_key("ffa", None, None, GROUPS, keep=True),
-                  "accuracy_sample_dp_eps8_adam_kept": sample_key("ffa", 8.0, None, GROUPS, keep=True),
-                  "accuracy_sample_dp_eps8_proportional_noise": series_key(SERIES["ffa_groups_pc_prop"], 8.0),
-                  "accuracy_central_user_dp_eps8": "many_clients_central_eps8",
-                  "accuracy_distributed_dgauss_eps8": "many_clients_ddgauss_eps8"}
+#: the ablations of the recommended setup, each a run key: group-wise clipping with one shared z, flat clipping, one
+#: record rate, a kept Adam state, proportional group noise. They ran at the untuned lr (UNTUNED), so they are reported
+#: in their own section beside the recommended setup's runs at that lr (ablation_runs), never in the headline.
+_ABLATIONS = {"accuracy_sample_dp_eps8_shared_z": sample_key("ffa", 8.0, None, GROUPS),
+              "accuracy_sample_dp_eps1_shared_z": sample_key("ffa", 1.0, None, GROUPS),
+              "accuracy_sample_dp_eps8_flat_clip": "sample_ffa_eps8",
+              "accuracy_no_dp_one_rate": sample_key("ffa", None, RATE),
+              "accuracy_sample_dp_eps8_one_rate": sample_key("ffa", 8.0, RATE),
+              "accuracy_no_dp_adam_kept": sample_key("ffa", None, None, GROUPS, keep=True),
+              "accuracy_sample_dp_eps8_adam_kept": sample_key("ffa", 8.0, None, GROUPS, keep=True),
+              "accuracy_sample_dp_eps8_proportional_noise": series_key(SERIES["ffa_groups_pc_prop"], 8.0)}
 
 
 def headline_runs(best: Series = BEST) -> dict:
     """Headline key -> run key. The record-level pair is the recommended setup ``best`` against the same configuration
-    with plain SGD (no clipping, no noise)."""
+    with plain SGD (no clipping, no noise), then its clipping alone and the many-clients user-level pair."""
     return {"accuracy_no_dp": "sample_ffa_no_dp", "accuracy_sample_dp_eps8": series_key(best, 8.0),
             "accuracy_sample_dp_eps1": series_key(best, 1.0), "accuracy_clip_only_no_noise": clip_only_key(best),
-            **_HEADLINE_REST}
+            "accuracy_central_user_dp_eps8": "many_clients_central_eps8",
+            "accuracy_distributed_dgauss_eps8": "many_clients_ddgauss_eps8"}
+
+
+def ablation_runs() -> dict:
+    """Ablation key -> run key: the uniform setup's record-level runs (their baseline: no DP, epsilon 8 and 1, the
+    clipping alone) and each ablation of it."""
+    return {**dict(list(headline_runs(BEST).items())[:4]), **_ABLATIONS}
+
+
+def keep_row(runs: dict, earlier: dict, key: str, row: dict) -> None:
+    """Record a run's row; a row it replaces (a rerun, or a run at another lr) moves to ``earlier[key]``, not lost."""
+    if key in runs:
+        earlier[key] = [*earlier.get(key, []), runs[key]]
+    runs[key] = row
 
 
 #: what the headline runs at before the validation search has chosen
@@ -384,11 +396,22 @@ def at_choice(row: dict, lr: float, clip: float) -> bool:
     return o["client.lr"] == lr and (trainer.get("name") != "dp-sgd" or trainer.get("max_grad_norm") == clip)
 
 
-def figure(runs: dict, key: str, lr: float, clip: float) -> float | None:
+def figure(runs: dict, key: str, lr: float, clip: float, earlier: dict | None = None) -> float | None:
     """A run's final accuracy for the headline and the curve: None if it has not run or ran at another lr / clip (a
-    row left from before the search chose is never reported as the chosen setup's)."""
-    row = runs.get(key)
-    return row["final_accuracy"] if row and at_choice(row, lr, clip) else None
+    row left from before the search chose is never reported as the chosen setup's). With ``earlier`` (key -> the
+    rows a later run of that key replaced, oldest first), the latest row at this lr / clip wherever it is kept."""
+    rows = [runs[key]] if key in runs else []
+    rows += reversed((earlier or {}).get(key, []))
+    return next((r["final_accuracy"] for r in rows if at_choice(r, lr, clip)), None)
+
+
+def ablations(runs: dict, earlier: dict) -> dict:
+    """The ablations at the lr and clip they ran at (UNTUNED), beside the uniform setup's runs at the same lr and clip
+    (kept in ``earlier`` once the runs at the choice replaced them); ``not_measured`` names the keys with no run."""
+    lr, clip = UNTUNED["lr"], UNTUNED["clip"]
+    figs = {k: figure(runs, v, lr, clip, earlier) for k, v in ablation_runs().items()}
+    return {"lr": lr, "clip": clip, **{k: v for k, v in figs.items() if v is not None},
+            "not_measured": [k for k, v in figs.items() if v is None]}
 
 
 def _engine(cfg, out: Path, validation: int = 0):
@@ -539,11 +562,6 @@ def utility_part(quick: bool, only: str | None = None, model_path: str | None = 
     return {"runs": rows}
 
 
-def utility_part_keys(only: str | None, best: Series = BEST) -> list[str]:
-    """The run keys a --part utility call runs (each row records the machine it ran on)."""
-    return [k for k, _, _ in utility_runs(False, best=best) if _chosen(k, only)]
-
-
 def _noise_info(run_dir: Path) -> dict:
     led = run_dir / "privacy_ledger.jsonl"
     if not led.exists():
@@ -582,18 +600,23 @@ def plot_curve(doc: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs, c = doc.get("utility", {}).get("runs", {}), choice(doc)
+    earlier = doc.get("utility", {}).get("earlier", {})
     acc = lambda k: figure(runs, k, c["lr"], c["clip"])  # noqa: E731  the runs the headline would report
     lm = any(k.startswith("lm_") for k in runs)
 
-    def points(key) -> list:  # (epsilon, accuracy) of a curve's DP runs that the headline would report
-        return [(e, a) for e in EPSILONS[:-1] if (a := acc(key(e))) is not None]
+    def points(key, get=acc) -> list:  # (epsilon, accuracy) of a curve's DP runs that the headline would report
+        return [(e, a) for e in EPSILONS[:-1] if (a := get(key(e))) is not None]
 
     fig, axes = plt.subplots(1, 2 if lm else 1, figsize=(12 if lm else 6, 7), squeeze=False)
     lines = [(points(lambda e, s=s: series_key(s, e)), acc(series_key(s, None)) if not s.groups or s.keep else None,
               s.colour, s.label) for s in SERIES.values()]  # a grouped series shares the flat one's no-DP line
+    best = SERIES[c["setup"]]
+    if (c["lr"], c["clip"]) != (UNTUNED["lr"], UNTUNED["clip"]):  # what the search gained: the untuned runs
+        untuned = lambda k: figure(runs, k, UNTUNED["lr"], UNTUNED["clip"], earlier)  # noqa: E731
+        lines.append((points(lambda e: series_key(best, e), untuned), untuned(series_key(best, None)), "C9",
+                      f"{best.label}, untuned lr {UNTUNED['lr']:g}"))
     base = next((r.get("majority_baseline") for k, r in runs.items() if k.startswith("sample_")
                  and r.get("majority_baseline")), None)  # the curve's own test split
-    best = SERIES[c["setup"]]
     if (clipped := acc(clip_only_key(best))) is not None:  # the recommended clipping without noise
         axes[0][0].axhline(clipped, color=best.colour, ls="-.", lw=1,
                            label=f"clipping only (z = 0, no privacy): {best.label}")
@@ -658,14 +681,18 @@ def main() -> None:
     if a.merge_step:
         doc["step"] = json.loads(Path(a.merge_step).read_text())
     if a.merge_rows is not None:
-        runs, machines = dict(doc.get("utility", {}).get("runs", {})), list(doc.get("utility", {}).get("machines", []))
+        u = doc.get("utility", {})
+        runs, machines, earlier = dict(u.get("runs", {})), list(u.get("machines", [])), dict(u.get("earlier", {}))
         tuned = dict(doc.get("tune", {}).get("runs", {}))
         for f in a.merge_rows:
             d = json.loads(Path(f).read_text())
             for k, row in d["runs"].items():
-                (tuned if k.startswith("tune_") else runs)[k] = {**row, "machine": d["machine"]}
+                if k.startswith("tune_"):
+                    tuned[k] = {**row, "machine": d["machine"]}
+                else:
+                    keep_row(runs, earlier, k, {**row, "machine": d["machine"]})
             machines.append(d["machine"])
-        doc["utility"] = {**doc.get("utility", {}), "runs": runs, "machines": machines}
+        doc["utility"] = {**u, "runs": runs, "machines": machines, "earlier": earlier}
         if tuned:
             doc["tune"] = tune_choice(tuned, a.quick)
     elif a.part in ("all", "step") and not a.merge_step:
@@ -680,17 +707,21 @@ def main() -> None:
             lr, clip, best = c["lr"], c["clip"], SERIES[c["setup"]]
     if a.merge_rows is None and not a.merge_step and a.part in ("all", "utility"):
         print(f"utility (lr {lr:g}, clip {clip:g}):", flush=True)
-        runs = dict(doc.get("utility", {}).get("runs", {})) if a.only else {}
-        runs.update(utility_part(a.quick, a.only, a.model_path, a.threads, lr, clip, best)["runs"])
-        for k in utility_part_keys(a.only, best):
-            runs[k]["machine"] = machine(a.loaded)
-        doc["utility"] = {"runs": runs, "lr": lr, "clip": clip}
+        u = doc.get("utility", {})
+        runs, earlier = dict(u.get("runs", {})) if a.only else {}, dict(u.get("earlier", {}))
+        if not a.only:  # a full run replaces every row: the old ones are kept as earlier rows
+            for k, row in u.get("runs", {}).items():
+                earlier[k] = [*earlier.get(k, []), row]
+        for k, row in utility_part(a.quick, a.only, a.model_path, a.threads, lr, clip, best)["runs"].items():
+            keep_row(runs, earlier, k, {**row, "machine": machine(a.loaded)})
+        doc["utility"] = {**u, "runs": runs, "lr": lr, "clip": clip, "earlier": earlier}
     step, runs = doc.get("step", {}), doc.get("utility", {}).get("runs", {})
     c = choice(doc)
     doc["recommended_setup"], lr, clip = c["setup"], c["lr"], c["clip"]
     doc["headline"] = {"dp_step_over_plain": step.get("dp_step_over_plain"),
                        **{k: figure(runs, v, lr, clip) for k, v in headline_runs(SERIES[c["setup"]]).items()}}
     doc["not_at_choice"] = sorted(k for k, row in runs.items() if not at_choice(row, lr, clip))
+    doc["ablations"] = ablations(runs, doc.get("utility", {}).get("earlier", {}))
     doc["curve"] = {name: {("inf" if e is None else f"{e:g}"): figure(runs, series_key(s, e), lr, clip)
                            for e in EPSILONS} for name, s in SERIES.items()}
     doc["curve_lm"] = {name: {("inf" if e is None else f"{e:g}"): figure(runs, lm_key(m, e), lr, clip)

@@ -121,3 +121,29 @@ def test_the_clip_only_run_follows_the_recommended_setup():
     assert o["client.trainer"]["group_noise"] == "proportional" and o["server.privacy"] is None
     keys = [k for k, _, _ in dp.utility_runs(False, 3e-2, 1.0, best=prop)]
     assert dp.clip_only_key(prop) in keys and dp.clip_only_key(dp.BEST) not in keys
+
+
+def test_a_replaced_row_is_kept_and_the_ablations_read_it_at_their_own_lr():
+    untuned = {"final_accuracy": 0.603, "overrides": dp.series_overrides(dp.BEST, False, 8.0, 3e-3, 1.0)}
+    tuned = {"final_accuracy": 0.70, "overrides": dp.series_overrides(dp.BEST, False, 8.0, 3e-2, 1.0)}
+    ablation = {"final_accuracy": 0.587, "overrides": dp.sample_overrides(False, "ffa", 8.0, 3e-3, 1.0)}
+    runs, earlier = {}, {}
+    dp.keep_row(runs, earlier, "sample_ffa_eps8_groups_pc", untuned)
+    dp.keep_row(runs, earlier, "sample_ffa_eps8", ablation)
+    assert earlier == {}
+    dp.keep_row(runs, earlier, "sample_ffa_eps8_groups_pc", tuned)  # the run at the choice replaces the untuned one
+    assert runs["sample_ffa_eps8_groups_pc"] is tuned and earlier["sample_ffa_eps8_groups_pc"] == [untuned]
+    assert dp.figure(runs, "sample_ffa_eps8_groups_pc", 3e-2, 1.0, earlier) == 0.70
+    assert dp.figure(runs, "sample_ffa_eps8_groups_pc", 3e-3, 1.0) is None  # the headline never reads earlier rows
+    assert dp.figure(runs, "sample_ffa_eps8_groups_pc", 3e-3, 1.0, earlier) == 0.603
+    ab = dp.ablations(runs, earlier)
+    assert (ab["lr"], ab["clip"]) == (3e-3, 1.0)
+    assert ab["accuracy_sample_dp_eps8"] == 0.603 and ab["accuracy_sample_dp_eps8_flat_clip"] == 0.587
+    assert "accuracy_no_dp" in ab["not_measured"] and "accuracy_sample_dp_eps8_flat_clip" not in ab["not_measured"]
+
+
+def test_the_headline_holds_the_recommended_setup_and_the_many_clients_pair_only():
+    assert set(dp.headline_runs()) == {"accuracy_no_dp", "accuracy_sample_dp_eps8", "accuracy_sample_dp_eps1",
+                                       "accuracy_clip_only_no_noise", "accuracy_central_user_dp_eps8",
+                                       "accuracy_distributed_dgauss_eps8"}
+    assert not set(dp.headline_runs()) & set(dp._ABLATIONS)
