@@ -620,7 +620,8 @@ def plot_curve(doc: dict, png: Path) -> None:
     if (clipped := acc(clip_only_key(best))) is not None:  # the recommended clipping without noise
         axes[0][0].axhline(clipped, color=best.colour, ls="-.", lw=1,
                            label=f"clipping only (z = 0, no privacy): {best.label}")
-    _panel(axes[0][0], lines, (base, "majority class"), "tweets, MiniLM-L6 + LoRA, 10 orgs", "test accuracy")
+    _panel(axes[0][0], lines, (base, "majority class"), f"tweets, MiniLM-L6 + LoRA, 10 orgs, Adam lr {c['lr']:g}",
+           "test accuracy")
     if lm:
         lines = [(points(lambda e, m=m: lm_key(m, e)), acc(lm_key(m, None)), colour, what)
                  for m, colour, what in LM_SERIES.values()]
