@@ -1,12 +1,12 @@
 """LoRA-aware aggregation side by side (issue 18): aggregation error and accuracy per method.
 
-    python benchmarks/lora.py             # MiniLM on the tweets, 9 runs (about 15-20 min on an idle 2-core machine)
+    python benchmarks/lora.py             # MiniLM on the tweets, 9 runs (about 40 min on an idle 2-core machine)
     python benchmarks/lora.py --quick     # tiny-bert on generated text, 2 rounds (smoke test, about a minute)
     python benchmarks/lora.py --cases fedit-dir,ffa-dir   # a subset
 
 Cases (all from experiments/quickstart.toml: MiniLM-L6, LoRA on query/value + a linear head, 10
-organisations, a cohort of 5 per round, Adam; one seed, the same settings for every method; nothing is
-tuned on the test split):
+organisations, all 10 in every round (the cross-silo setting), Adam; one seed, the same settings for every
+method; nothing is tuned on the test split):
 
 - ``fedit`` / ``ffa`` / ``stack`` (secfed.lora) x partition IID and Dirichlet(alpha = 0.1) label skew,
   model.lora_r = 8;
@@ -20,7 +20,9 @@ the update size, seconds. Writes benchmarks/results/lora.json; headline (Dirichl
 ``fedit_aggregation_rel_error``, ``ffa_aggregation_rel_error`` (means over rounds), ``accuracy_fedit``,
 ``accuracy_ffa``, ``accuracy_hetero_ranks`` (stack with ranks {4, 8, 16}, chosen before the run as the method
 that supports different ranks exactly), plus ``stack_aggregation_rel_error`` and ``accuracy_stack``.
-One seed per cell: differences of a point or two in accuracy are within run-to-run noise.
+One seed per cell: differences of a point or two in accuracy are within run-to-run noise. A stored case whose
+settings differ from this script's (the cohort of 5 used before 2026-12-04) moves to ``earlier`` when its case
+is rerun, so no figure is overwritten silently.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from secfed.config import load_config  # noqa: E402
 from secfed.engine import Engine, read_rounds  # noqa: E402
 
 BASE = ["run.rounds=5", "run.eval_every=5", "data.max_examples=4000", "data.test_size=600", "client.local_steps=6",
-        "client.local_epochs=1", "server.cohort_size=5"]
+        "client.local_epochs=1", "server.cohort_size=10"]
 QUICK = ["data.source='synthetic-text'", "model.name='tiny-bert'", "model.lora_r=4", "data.max_length=16",
          "data.max_examples=0", "data.test_size=100", "data.num_clients=6", "server.cohort_size=3",
          "client.local_steps=2", "client.batch_size=8", "run.rounds=2", "run.eval_every=1"]
@@ -70,10 +72,15 @@ def parse_override(s: str) -> tuple[str, object]:
     return key, json.loads(raw.replace("'", '"'))
 
 
-def run_case(name: str, quick: bool, out: Path) -> dict:
+def case_overrides(name: str, quick: bool) -> list[str]:
     overrides = list(QUICK if quick else BASE)
     for o in CASES[name]:
         overrides += (QUICK_HETERO if quick else HETERO) if o == "HETERO" else [o]
+    return overrides
+
+
+def run_case(name: str, quick: bool, out: Path) -> dict:
+    overrides = case_overrides(name, quick)
     cfg = load_config(ROOT / "experiments/quickstart.toml", dict(parse_override(o) for o in overrides))
     cfg.run.name = f"lora-{name}"
     t0 = time.perf_counter()
@@ -97,7 +104,7 @@ def run_case(name: str, quick: bool, out: Path) -> dict:
     return row
 
 
-def _result(by: dict[str, dict], quick: bool, wall: float) -> dict:
+def _result(by: dict[str, dict], quick: bool, wall: float, earlier: list[dict]) -> dict:
     get = lambda case, key: by[case][key] if case in by else None  # noqa: E731
     return {
         "quick": quick,
@@ -116,6 +123,7 @@ def _result(by: dict[str, dict], quick: bool, wall: float) -> dict:
             "partition": "dirichlet alpha=0.1",
         },
         "wall_seconds_last_invocation": wall,
+        "earlier": earlier,
     }
 
 
@@ -136,12 +144,15 @@ def main() -> None:
     note = "other work shared the machine: accuracy and errors hold, seconds do not" if args.loaded else ""
     old = json.loads(out_json.read_text()) if out_json.exists() else {}
     by = {r["case"]: r for r in old.get("cases", [])}  # earlier runs' cases are kept; a rerun case replaces its row
+    earlier = list(old.get("earlier", []))  # ... and one run with other settings moves here instead of vanishing
     with tempfile.TemporaryDirectory(prefix="secfed-lora-") as tmp:
         for n in names:
             row = run_case(n, args.quick, Path(tmp))
             row["machine"] = machine(args.loaded, note)
+            if n in by and by[n].get("overrides") != row["overrides"]:
+                earlier.append(by[n])
             by[n] = row
-            result = _result(by, args.quick, time.perf_counter() - t0)
+            result = _result(by, args.quick, time.perf_counter() - t0, earlier)
             out_json.parent.mkdir(parents=True, exist_ok=True)
             out_json.write_text(json.dumps(result, indent=2))  # after every case: a long run loses nothing
     print(json.dumps(result["headline"], indent=2))
