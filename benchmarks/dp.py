@@ -59,6 +59,7 @@ from typing import NamedTuple
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _machine import machine  # noqa: E402
+from _results import keep_row  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "dp.json"
 VARIANTS = ("plain", "dp-sgd", "dp-sgd-ghost")
@@ -364,13 +365,6 @@ def ablation_runs() -> dict:
     base = headline_runs(BEST)
     return {**{k: base[k] for k in ("accuracy_no_dp", "accuracy_sample_dp_eps8", "accuracy_sample_dp_eps1",
                                      "accuracy_clip_only_no_noise")}, **_ABLATIONS}
-
-
-def keep_row(runs: dict, earlier: dict, key: str, row: dict) -> None:
-    """Record a run's row; a row it replaces (a rerun, or a run at another lr) moves to ``earlier[key]``, not lost."""
-    if key in runs:
-        earlier[key] = [*earlier.get(key, []), runs[key]]
-    runs[key] = row
 
 
 #: what the headline runs at before the validation search has chosen

@@ -20,9 +20,9 @@ the update size, seconds. Writes benchmarks/results/lora.json; headline (Dirichl
 ``fedit_aggregation_rel_error``, ``ffa_aggregation_rel_error`` (means over rounds), ``accuracy_fedit``,
 ``accuracy_ffa``, ``accuracy_hetero_ranks`` (stack with ranks {4, 8, 16}, chosen before the run as the method
 that supports different ranks exactly), plus ``stack_aggregation_rel_error`` and ``accuracy_stack``.
-One seed per cell: differences of a point or two in accuracy are within run-to-run noise. A stored case whose
-settings differ from this script's (the cohort of 5 used before 2026-12-04) moves to ``earlier`` when its case
-is rerun, so no figure is overwritten silently.
+One seed per cell: differences of a point or two in accuracy are within run-to-run noise. A rerun case's
+stored row moves to ``earlier[case]`` (``_results.keep_row``, as in benchmarks/dp.py): the cohort-of-5 rows
+of 2026-12-01 are kept there.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _machine import machine  # noqa: E402
+from _results import keep_row  # noqa: E402
 
 from secfed.config import load_config  # noqa: E402
 from secfed.engine import Engine, read_rounds  # noqa: E402
@@ -72,15 +73,10 @@ def parse_override(s: str) -> tuple[str, object]:
     return key, json.loads(raw.replace("'", '"'))
 
 
-def case_overrides(name: str, quick: bool) -> list[str]:
+def run_case(name: str, quick: bool, out: Path) -> dict:
     overrides = list(QUICK if quick else BASE)
     for o in CASES[name]:
         overrides += (QUICK_HETERO if quick else HETERO) if o == "HETERO" else [o]
-    return overrides
-
-
-def run_case(name: str, quick: bool, out: Path) -> dict:
-    overrides = case_overrides(name, quick)
     cfg = load_config(ROOT / "experiments/quickstart.toml", dict(parse_override(o) for o in overrides))
     cfg.run.name = f"lora-{name}"
     t0 = time.perf_counter()
@@ -104,7 +100,7 @@ def run_case(name: str, quick: bool, out: Path) -> dict:
     return row
 
 
-def _result(by: dict[str, dict], quick: bool, wall: float, earlier: list[dict]) -> dict:
+def _result(by: dict[str, dict], quick: bool, wall: float, earlier: dict[str, list[dict]]) -> dict:
     get = lambda case, key: by[case][key] if case in by else None  # noqa: E731
     return {
         "quick": quick,
@@ -144,14 +140,12 @@ def main() -> None:
     note = "other work shared the machine: accuracy and errors hold, seconds do not" if args.loaded else ""
     old = json.loads(out_json.read_text()) if out_json.exists() else {}
     by = {r["case"]: r for r in old.get("cases", [])}  # earlier runs' cases are kept; a rerun case replaces its row
-    earlier = list(old.get("earlier", []))  # ... and one run with other settings moves here instead of vanishing
+    earlier = old.get("earlier", {})  # ... and the row a rerun replaces moves here (keep_row), never lost
     with tempfile.TemporaryDirectory(prefix="secfed-lora-") as tmp:
         for n in names:
             row = run_case(n, args.quick, Path(tmp))
             row["machine"] = machine(args.loaded, note)
-            if n in by and by[n].get("overrides") != row["overrides"]:
-                earlier.append(by[n])
-            by[n] = row
+            keep_row(by, earlier, n, row)
             result = _result(by, args.quick, time.perf_counter() - t0, earlier)
             out_json.parent.mkdir(parents=True, exist_ok=True)
             out_json.write_text(json.dumps(result, indent=2))  # after every case: a long run loses nothing
